@@ -1,0 +1,8 @@
+"""kdpipe: offline knowledge distillation for LLMs."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("kdpipe")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0.0.0+unknown"

@@ -1,0 +1,52 @@
+"""Reading a cache without loading it whole: shard by shard, a record batch at a time."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from kdpipe.cache.format import ENCODINGS, CachedExample, read_manifest
+from kdpipe.errors import KdpipeError
+
+
+class Cache:
+    """A cache folder: its manifest and an iterator over decoded examples."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.manifest: dict[str, Any] = read_manifest(self.path)
+        encoding = self.manifest["encoding"]
+        if encoding not in ENCODINGS:
+            raise KdpipeError(f"{self.path}: unknown cache encoding '{encoding}' (known: {', '.join(ENCODINGS)})")
+        self._decode = ENCODINGS[encoding][1]
+
+    @property
+    def k(self) -> int:
+        return int(self.manifest["sparse"]["k"])
+
+    @property
+    def shards(self) -> list[dict[str, Any]]:
+        return sorted(self.manifest["shards"], key=lambda s: s["index"])
+
+    def __len__(self) -> int:
+        return sum(s["rows"] for s in self.shards)
+
+    def iter_examples(self, batch_rows: int = 64) -> Iterator[CachedExample]:
+        """Every example, shard by shard, decoded `batch_rows` at a time (memory-mapped reads)."""
+        for shard in self.shards:
+            yield from self.iter_shard(shard, batch_rows)
+
+    def iter_shard(self, shard: dict[str, Any], batch_rows: int = 64) -> Iterator[CachedExample]:
+        path = self.path / shard["file"]
+        if not path.is_file():
+            raise KdpipeError(f"{path} is missing (listed in the manifest); run `kdpipe cache verify {self.path}`")
+        for batch in pq.ParquetFile(path, memory_map=True).iter_batches(batch_size=batch_rows):
+            yield from self._decode(batch)
+
+
+def open_cache(path: str | Path) -> Cache:
+    """Open a cache folder for reading (see `Cache`)."""
+    return Cache(path)

@@ -1,0 +1,141 @@
+"""`kdpipe cache info | verify | merge`: what a cache holds, whether it is intact, joining split runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from kdpipe.cache.format import ENCODINGS, METADATA_KEY, read_manifest, write_manifest
+from kdpipe.cache.writer import file_sha256, now, totals
+from kdpipe.errors import KdpipeError
+
+
+def info(path: str | Path) -> dict[str, Any]:
+    """A summary of a cache: teacher, data, sparse mode, encoding, sizes, completeness."""
+    m = read_manifest(path)
+    t = m["totals"]
+    return {
+        "path": str(path),
+        "complete": m["complete"],
+        "teacher": m["teacher"]["model"],
+        "teacher_dtype": m["teacher"]["dtype"],
+        "backend": m["teacher"].get("backend"),
+        "tokenizer": m["tokenizer"]["name"],
+        "dataset": f"{m['dataset']['source']} [{m['dataset']['split']}, part {m['dataset']['part']}]",
+        "template": m["template"]["name"],
+        "sparse_mode": m["sparse"]["mode"],
+        "k": m["sparse"]["k"],
+        "encoding": m["encoding"],
+        "shards": f"{t['shards']} of {m['sharding']['total_shards']}",
+        "examples": t["rows"],
+        "tokens": t["tokens"],
+        "target_tokens": t["target_tokens"],
+        "mean_target_tokens_per_example": round(t["target_tokens"] / t["rows"], 1) if t["rows"] else 0,
+        "bytes": t["bytes"],
+        "bytes_per_target_token": t["bytes_per_target_token"],
+        "tokenize_report": m["dataset"].get("report", {}),
+        "kdpipe_version": m["kdpipe_version"],
+        "command": m["command"],
+    }
+
+
+def verify(path: str | Path, values: bool = True) -> list[str]:
+    """Every problem found (empty when the cache is intact): checksums, schema, counts, value sanity."""
+    folder = Path(path)
+    m = read_manifest(folder)
+    problems = []
+    if not m["complete"]:
+        missing = m["sharding"]["total_shards"] - len(m["shards"])
+        problems.append(f"{folder}: incomplete, {missing} shard(s) not written yet (rerun the same command to resume)")
+    for shard in m["shards"]:
+        problems += _verify_shard(folder / shard["file"], shard, m, values)
+    return problems
+
+
+def _verify_shard(file: Path, shard: dict[str, Any], m: dict[str, Any], values: bool) -> list[str]:
+    if not file.is_file():
+        return [f"{file}: missing"]
+    if file.stat().st_size != shard["bytes"]:
+        return [f"{file}: size {file.stat().st_size} bytes, the manifest says {shard['bytes']} (truncated or replaced)"]
+    if file_sha256(file) != shard["sha256"]:
+        return [f"{file}: sha256 checksum mismatch (the file is damaged)"]
+    try:
+        table = pq.read_table(file)
+        meta = json.loads(table.schema.metadata[METADATA_KEY])
+    except Exception as e:
+        return [f"{file}: unreadable Parquet ({str(e).splitlines()[0][:200]})"]
+    problems = []
+    if meta.get("settings_hash") != m["settings_hash"]:
+        problems.append(f"{file}: written by another run (settings hash differs from the manifest's)")
+    if table.num_rows != shard["rows"]:
+        problems.append(f"{file}: {table.num_rows} rows, the manifest says {shard['rows']}")
+    if values and not problems:
+        problems += [f"{file}: {p}" for p in check_values(table, m)]
+    return problems
+
+
+def check_values(table: Any, m: dict[str, Any]) -> list[str]:
+    """Decoded values are sane: log-probs <= 0, top-k sorted, tail mass in [0, 1], ids in the vocabulary."""
+    decode = ENCODINGS[m["encoding"]][1]
+    vocab = m["teacher"].get("vocab_size") or np.iinfo(np.int32).max
+    problems = []
+    for e in decode(table):
+        t, where = e.targets, f"example '{e.id}'"
+        if len(e.positions) != len(t.target_logprob) or (len(e.positions) and e.positions.max() + 1 >= len(e.input_ids)):
+            problems.append(f"{where}: positions do not fit input_ids")
+        elif np.any(t.topk_logprobs > 0) or np.any(t.target_logprob > 1e-6) or np.isnan(t.topk_logprobs).any():
+            problems.append(f"{where}: a log-prob is positive or NaN")
+        elif np.any(np.diff(t.topk_logprobs, axis=1) > 0):
+            problems.append(f"{where}: top-k log-probs are not sorted, most likely first")
+        elif np.any((t.tail_mass < 0) | (t.tail_mass > 1)):
+            problems.append(f"{where}: tail mass outside [0, 1]")
+        elif np.any((t.topk_ids < 0) | (t.topk_ids >= vocab)):
+            problems.append(f"{where}: token id outside the teacher's vocabulary")
+        if len(problems) >= 5:
+            break
+    return problems
+
+
+def merge(parts: list[str | Path], output: str | Path) -> dict[str, Any]:
+    """Join the caches of a `--num-shards/--shard-index` split into one folder (hard links where possible)."""
+    out = Path(output)
+    manifests = [read_manifest(p) for p in parts]
+    first = manifests[0]
+    for path, m in zip(parts, manifests):
+        if m["settings_hash"] != first["settings_hash"] or m["sharding"]["rows_per_shard"] != first["sharding"]["rows_per_shard"]:
+            raise KdpipeError(f"{path} is not a part of the same run as {parts[0]} (different settings); cannot merge")
+    shards: dict[int, tuple[Path, dict[str, Any]]] = {}
+    for path, m in zip(parts, manifests):
+        for s in m["shards"]:
+            if s["index"] in shards:
+                raise KdpipeError(f"shard {s['index']} is in both {shards[s['index']][0]} and {path}")
+            shards[s["index"]] = (Path(path), s)
+    total = first["sharding"]["total_shards"]
+    missing = sorted(set(range(total)) - set(shards))
+    if missing:
+        raise KdpipeError(f"the parts lack shard(s) {missing[:10]} of {total}: finish those parts first (rerun them)")
+    if out.exists() and any(out.iterdir()):
+        raise KdpipeError(f"{out} is not empty; merge into a new folder")
+    out.mkdir(parents=True, exist_ok=True)
+    for index, (folder, s) in sorted(shards.items()):
+        _link_or_copy(folder / s["file"], out / s["file"])
+    entries = [s for _, (_, s) in sorted(shards.items())]
+    merged = {**first, "shards": entries, "totals": totals(entries), "complete": True, "updated": now(),
+              "sharding": {**first["sharding"], "num_shards": 1, "shard_index": 0},
+              "merged_from": [{"path": str(p), "command": m["command"]} for p, m in zip(parts, manifests)]}
+    merged["dataset"] = {**first["dataset"], "examples": merged["totals"]["rows"]}
+    write_manifest(out, merged)
+    return merged
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)

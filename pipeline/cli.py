@@ -1,0 +1,180 @@
+"""The `kdpipe` command line. Each stage's options are generated from its config dataclass."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shlex
+import sys
+import typing
+from collections.abc import Callable
+from typing import Any, Literal
+
+import click
+
+import kdpipe
+from kdpipe.config import load_config
+from kdpipe.errors import KdpipeError
+
+
+def config_options(cls: type) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Add one click option per field of `cls` (``top_k`` -> ``--top-k``), plus ``--config FILE``.
+
+    Every option defaults to None, so only what the user typed overrides the config file.
+    """
+    hints = typing.get_type_hints(cls)
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        for f in reversed(dataclasses.fields(cls)):
+            fn = _field_option(f, hints[f.name])(fn)
+        return click.option("--config", "config_file", type=click.Path(dir_okay=False),
+                            help="YAML file with any of these options as keys (options given here win).")(fn)
+
+    return decorate
+
+
+def _field_option(f: dataclasses.Field, hint: Any) -> Callable[..., Any]:
+    flag = f.metadata.get("flag")
+    name = f.name.replace("_", "-")
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    help_text = f.metadata.get("help", "")
+    if default not in (None, [], {}, "") and not isinstance(default, bool):
+        shown = ",".join(default) if isinstance(default, list) else default
+        help_text += f"  [default: {shown}]"
+    if hint is bool:
+        return click.option(flag or f"--{name}/--no-{name}", f.name, default=None, help=help_text)
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is Literal:
+        return click.option(f"--{name}", f.name, type=click.Choice([str(a) for a in args]), default=None, help=help_text)
+    return click.option(f"--{name}", f.name, type=str, default=None, help=help_text)
+
+
+def command_line() -> str:
+    return shlex.join(["kdpipe", *sys.argv[1:]])
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(kdpipe.__version__, prog_name="kdpipe")
+def main() -> None:
+    """kdpipe: offline knowledge distillation for LLMs.
+
+    \b
+    1. cache-teacher  run the teacher once, cache its sparse distributions (Parquet)
+    2. train-student  train a student (LoRA or full) against the cache
+    3. evaluate       task metrics, fidelity to the teacher, benchmarks
+    """
+
+
+from kdpipe.stages.cache_teacher import CacheTeacherConfig  # noqa: E402
+
+
+@main.command("cache-teacher")
+@config_options(CacheTeacherConfig)
+def cache_teacher_cmd(config_file: str | None, **options: Any) -> None:
+    """Run the teacher once over a dataset and cache each target token's top-k distribution.
+
+    \b
+    Example:
+      kdpipe cache-teacher --model Qwen3-4B --dataset imdb --top-k 32 --cache cache/imdb
+    Rerunning the same command resumes after the last complete shard.
+    """
+    from kdpipe.stages import cache_teacher
+
+    cfg = load_config(CacheTeacherConfig, config_file, options)
+    manifest = cache_teacher.run(cfg, command_line())
+    click.echo(f"cached {cache_teacher.summary(manifest)} -> {cfg.cache_folder()}")
+
+
+@main.group("cache")
+def cache_group() -> None:
+    """Inspect, check and join caches."""
+
+
+@cache_group.command("info")
+@click.argument("path", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def cache_info_cmd(path: str, as_json: bool) -> None:
+    """Summarise a cache: teacher, data, k, encoding, sizes, bytes per target token."""
+    from kdpipe.cache.tools import info
+
+    summary = info(path)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    width = max(map(len, summary))
+    for key, value in summary.items():
+        click.echo(f"{key:<{width}}  {value:,}" if isinstance(value, int) and not isinstance(value, bool) else f"{key:<{width}}  {value}")
+
+
+@cache_group.command("verify")
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@click.option("--no-values", is_flag=True, help="Skip the decoded-value sanity checks (checksums, schema and counts only).")
+def cache_verify_cmd(paths: tuple[str, ...], no_values: bool) -> None:
+    """Check checksums, schema, row counts and value sanity; non-zero exit naming what is broken."""
+    from kdpipe.cache.tools import verify
+
+    failed = False
+    for path in paths:
+        problems = verify(path, values=not no_values)
+        for problem in problems:
+            click.echo(f"FAIL {problem}", err=True)
+        if not problems:
+            click.echo(f"ok   {path}")
+        failed |= bool(problems)
+    if failed:
+        raise KdpipeError("cache verification failed (see above)")
+
+
+@cache_group.command("merge")
+@click.argument("parts", nargs=-1, required=True, type=click.Path())
+@click.option("--output", "-o", required=True, type=click.Path(), help="New folder for the merged cache.")
+def cache_merge_cmd(parts: tuple[str, ...], output: str) -> None:
+    """Join the caches written with --num-shards/--shard-index into one."""
+    from kdpipe.cache.tools import merge
+
+    merged = merge(list(parts), output)
+    click.echo(f"merged {len(parts)} part(s): {merged['totals']['rows']} examples in {merged['totals']['shards']} shards -> {output}")
+
+
+@main.command("init-model")
+@click.option("--output", "-o", required=True, type=click.Path(), help="Folder for the new model and tokenizer.")
+@click.option("--tokenizer", default=None, help="Use this model's tokenizer (hub id or path) ...")
+@click.option("--train-tokenizer-on", "corpus", default=None,
+              help="... or train a byte-level BPE on this dataset's rendered examples (e.g. kdpipe:arithmetic).")
+@click.option("--template", default="auto", show_default=True, help="Template used to render the tokenizer corpus.")
+@click.option("--vocab-size", type=int, default=512, show_default=True, help="Vocabulary of a trained tokenizer.")
+@click.option("--hidden-size", type=int, default=64, show_default=True)
+@click.option("--layers", type=int, default=2, show_default=True)
+@click.option("--heads", type=int, default=4, show_default=True)
+@click.option("--kv-heads", type=int, default=2, show_default=True)
+@click.option("--head-dim", type=int, default=32, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def init_model_cmd(output: str, tokenizer: str | None, corpus: str | None, template: str, vocab_size: int,
+                   hidden_size: int, layers: int, heads: int, kv_heads: int, head_dim: int, seed: int) -> None:
+    """Build a randomly initialised Qwen3-architecture model (a custom student, or the offline demo's teacher)."""
+    from kdpipe import tiny
+    from kdpipe.models import load_tokenizer
+
+    if bool(tokenizer) == bool(corpus):
+        raise KdpipeError("pass exactly one of --tokenizer or --train-tokenizer-on")
+    if tokenizer:
+        tok = load_tokenizer(tokenizer)
+    else:
+        tok = tiny.train_tokenizer(_corpus(corpus, template), vocab_size)
+    if heads % kv_heads:
+        raise KdpipeError(f"--heads ({heads}) must be a multiple of --kv-heads ({kv_heads})")
+    model = tiny.init_model(output, tok, hidden_size, layers, heads, kv_heads, head_dim, seed=seed)
+    click.echo(f"initialised a {sum(p.numel() for p in model.parameters()):,}-parameter model -> {output}")
+
+
+def _corpus(dataset: str, template_name: str) -> list[str]:
+    from kdpipe.data import DataConfig, load_examples
+    from kdpipe.templates import get_template
+
+    cfg = DataConfig(dataset=dataset, template=template_name)
+    template = get_template(cfg.resolved_template(), cfg.label_names)
+    return ["".join(s.text for s in template.render(e.fields, e.id)) for e in load_examples(cfg).examples]
+
+
+if __name__ == "__main__":
+    main()

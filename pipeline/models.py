@@ -1,0 +1,92 @@
+"""Model and tokenizer loading: hub ids, local paths and the short names people type."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kdpipe.errors import KdpipeError
+
+DTYPES = {"auto": "auto", "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+_SHORT = {
+    **{f"qwen3-{s}": f"Qwen/Qwen3-{s.upper()}" for s in ("0.6b", "1.7b", "4b", "8b", "14b", "32b")},
+    **{f"qwen2.5-{s}": f"Qwen/Qwen2.5-{s.upper()}" for s in ("0.5b", "1.5b", "3b", "7b", "14b", "32b", "72b")},
+    **{f"qwen2.5-{s}-instruct": f"Qwen/Qwen2.5-{s.upper()}-Instruct" for s in ("0.5b", "1.5b", "3b", "7b", "14b", "32b", "72b")},
+    "gpt2": "openai-community/gpt2",
+    "gpt2-medium": "openai-community/gpt2-medium",
+}
+
+
+def resolve_model_name(name: str) -> str:
+    """A local path as it is; ``Qwen3-4B`` -> ``Qwen/Qwen3-4B``; other hub ids unchanged."""
+    if Path(name).expanduser().exists():
+        return str(Path(name).expanduser())
+    short = _SHORT.get(name.lower())
+    if short:
+        return short
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or re.search(r"[\\]", name):
+        raise KdpipeError(f"model path {name} does not exist")
+    return name
+
+
+def load_tokenizer(name: str, revision: str | None = None) -> Any:
+    """The tokenizer, with a pad token (EOS when it has none)."""
+    from transformers import AutoTokenizer
+
+    resolved = resolve_model_name(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolved, revision=revision)
+    except Exception as e:
+        raise KdpipeError(_load_error("tokenizer", name, resolved, e)) from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(name: str, dtype: str = "auto", device: str = "auto", revision: str | None = None) -> Any:
+    """A causal LM in eval mode on `device` ("auto": CUDA if there is one, else CPU)."""
+    from transformers import AutoModelForCausalLM
+
+    resolved = resolve_model_name(name)
+    kwargs: dict[str, Any] = {"dtype": DTYPES[dtype], "revision": revision}
+    if device == "auto" and torch.cuda.is_available() and torch.cuda.device_count() > 1:
+        kwargs["device_map"] = "auto"
+    try:
+        model = AutoModelForCausalLM.from_pretrained(resolved, **kwargs)
+    except Exception as e:
+        raise KdpipeError(_load_error("model", name, resolved, e)) from None
+    if "device_map" not in kwargs:
+        model.to(pick_device(device))
+    return model.eval()
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def vocab_hash(tokenizer: Any) -> str:
+    """sha256 of the token -> id table (added tokens included): equal hashes, interchangeable ids."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: (kv[1], kv[0]))
+    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()
+
+
+def model_revision(model: Any) -> str | None:
+    """The hub commit a model was loaded from, where transformers recorded it."""
+    return getattr(model.config, "_commit_hash", None)
+
+
+def _load_error(what: str, name: str, resolved: str, error: Exception) -> str:
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
+    shown = name if resolved == name else f"{name} ({resolved})"
+    reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+    hint = "offline mode is on (HF_HUB_OFFLINE)" if offline else "check the name or path and your network"
+    return f"could not load the {what} {shown}: {reason}. {hint}"

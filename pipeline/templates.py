@@ -1,0 +1,189 @@
+"""Prompt templates: an example's fields -> text segments, each marked as trained (completion) or not.
+
+Built in: alpaca, sentiment, sentiment-think, guanaco, chat (the tokenizer's chat template), text,
+arithmetic; or a user template file (YAML with ``prompt`` and ``completion`` format strings).
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kdpipe.config import read_yaml
+from kdpipe.errors import KdpipeError
+
+
+@dataclass(frozen=True)
+class Segment:
+    text: str
+    trained: bool
+
+
+Fields = dict[str, Any]
+
+ALPACA_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+SENTIMENT = "Classify the sentiment of this review as {choices}.\n\nReview: {text}\nSentiment:"
+SENTIMENT_THINK = (
+    "Classify the sentiment of this review as {choices}. Think step by step inside <think></think>, "
+    "then give the answer.\n\nReview: {text}\n"
+)
+ARITHMETIC = "Write {instruction} as a sum of two positive numbers.\nAnswer:"
+
+
+@dataclass
+class Template:
+    """Renders examples to segments. `required` fields must be present and non-empty."""
+
+    name: str
+    required: tuple[str, ...]
+    render_fn: Callable[[Fields, Any], list[Segment]]
+    add_eos: bool = True
+    label_names: tuple[str, ...] = ("negative", "positive")
+
+    def render(self, fields: Fields, example_id: str, tokenizer: Any = None) -> list[Segment]:
+        for name in self.required:
+            value = fields.get(name)
+            if value is None or (isinstance(value, str) and not value.strip()):
+                state = "missing" if name not in fields else "empty"
+                raise KdpipeError(f"example '{example_id}': field '{name}' required by template {self.name} is {state}")
+        return self.render_fn({**fields, "_labels": self.label_names}, tokenizer)
+
+
+def label_text(value: Any, names: tuple[str, ...]) -> str:
+    """An integer label as its name (``1`` -> ``positive``); a string label as it is."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        return str(value).strip()
+    if not 0 <= value < len(names):
+        raise KdpipeError(f"label {value} has no name; label_names are {list(names)} (set label_names)")
+    return names[value]
+
+
+def _alpaca(f: Fields, _tok: Any) -> list[Segment]:
+    prompt = ALPACA_INPUT if str(f.get("input") or "").strip() else ALPACA_NO_INPUT
+    return [Segment(prompt.format(instruction=f["instruction"], input=f.get("input") or ""), False), Segment(str(f["output"]), True)]
+
+
+def _choices(names: tuple[str, ...]) -> str:
+    return " or ".join(names)
+
+
+def _sentiment(f: Fields, _tok: Any) -> list[Segment]:
+    prompt = SENTIMENT.format(choices=_choices(f["_labels"]), text=f["text"])
+    return [Segment(prompt, False), Segment(" " + label_text(f["label"], f["_labels"]), True)]
+
+
+def _sentiment_think(f: Fields, _tok: Any) -> list[Segment]:
+    prompt = SENTIMENT_THINK.format(choices=_choices(f["_labels"]), text=f["text"])
+    answer = f"<think>\n{str(f['rationale']).strip()}\n</think>\nSentiment: {label_text(f['label'], f['_labels'])}"
+    return [Segment(prompt, False), Segment(answer, True)]
+
+
+_TURN = re.compile(r"(### (?:Human|Assistant):)")
+
+
+def _guanaco(f: Fields, _tok: Any) -> list[Segment]:
+    """``### Human: ... ### Assistant: ...`` text: every assistant reply is trained, the rest is prompt."""
+    parts = _TURN.split(str(f["text"]))
+    segments, speaker = [Segment(parts[0], False)] if parts[0] else [], None
+    for part in parts[1:]:
+        if _TURN.fullmatch(part):
+            speaker = part
+            segments.append(Segment(part, False))
+        elif part:
+            segments.append(Segment(part, speaker == "### Assistant:"))
+    if not any(s.trained for s in segments):
+        raise KdpipeError(f"guanaco text has no '### Assistant:' reply: {str(f['text'])[:80]!r}")
+    return segments
+
+
+def _text(f: Fields, _tok: Any) -> list[Segment]:
+    return [Segment(str(f["text"]), True)]
+
+
+def _arithmetic(f: Fields, _tok: Any) -> list[Segment]:
+    return [Segment(ARITHMETIC.format(instruction=f["instruction"]), False), Segment(" " + str(f["output"]), True)]
+
+
+def _messages(f: Fields) -> list[dict[str, str]]:
+    if f.get("messages"):
+        return [{"role": m["role"], "content": m["content"]} for m in f["messages"]]
+    user = str(f["instruction"]) + (f"\n\n{f['input']}" if str(f.get("input") or "").strip() else "")
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": str(f["output"])}]
+
+
+def _chat(f: Fields, tokenizer: Any) -> list[Segment]:
+    """The tokenizer's own chat template; each assistant turn is trained (found by rendering prefixes)."""
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise KdpipeError("template 'chat' needs a tokenizer with a chat template; this tokenizer has none")
+    messages, segments, done = _messages(f), [], ""
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+        through = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        if not before.startswith(done) or not through.startswith(before):
+            raise KdpipeError("this tokenizer's chat template does not render conversations as growing prefixes")
+        segments += [Segment(before[len(done):], False), Segment(through[len(before):], True)]
+        done = through
+    if not segments:
+        raise KdpipeError("template 'chat': the conversation has no assistant message")
+    return segments
+
+
+BUILTIN: dict[str, tuple[tuple[str, ...], Callable[[Fields, Any], list[Segment]], bool]] = {
+    "alpaca": (("instruction", "output"), _alpaca, True),
+    "sentiment": (("text", "label"), _sentiment, True),
+    "sentiment-think": (("text", "label", "rationale"), _sentiment_think, True),
+    "guanaco": (("text",), _guanaco, True),
+    "chat": ((), _chat, False),
+    "text": (("text",), _text, True),
+    "arithmetic": (("instruction", "output"), _arithmetic, True),
+}
+
+
+def get_template(name: str, label_names: tuple[str, ...] | list[str] = ("negative", "positive")) -> Template:
+    """A built-in template by name, or a user template from a .yaml/.yml/.json file."""
+    if name in BUILTIN:
+        required, fn, add_eos = BUILTIN[name]
+        return Template(name, required, fn, add_eos, tuple(label_names))
+    if Path(name).suffix in (".yaml", ".yml", ".json"):
+        return _user_template(Path(name), tuple(label_names))
+    raise KdpipeError(f"unknown template '{name}'; use one of {', '.join(BUILTIN)} or a template .yaml file")
+
+
+def _user_template(path: Path, label_names: tuple[str, ...]) -> Template:
+    spec = read_yaml(path)
+    unknown = set(spec) - {"prompt", "completion", "add_eos", "description"}
+    if unknown or "prompt" not in spec or "completion" not in spec:
+        raise KdpipeError(
+            f"template file {path} must have 'prompt' and 'completion' (optional: add_eos, description); "
+            f"unknown keys: {', '.join(sorted(unknown)) or 'none'}"
+        )
+    prompt, completion = str(spec["prompt"]), str(spec["completion"])
+    required = []
+    for text in (prompt, completion):
+        try:
+            names = [name for _, name, _, _ in string.Formatter().parse(text) if name is not None]
+        except ValueError as e:
+            raise KdpipeError(f"template file {path}: bad format string ({e}); write literal braces as {{{{ }}}}") from None
+        if any(not n.isidentifier() for n in names):
+            raise KdpipeError(f"template file {path}: fields must be plain names like {{instruction}}, got {names}")
+        required += [n for n in names if n not in required]
+
+    def render(f: Fields, _tok: Any) -> list[Segment]:
+        values = {k: label_text(v, label_names) if k == "label" else v for k, v in f.items()}
+        return [Segment(prompt.format(**values), False), Segment(completion.format(**values), True)]
+
+    return Template(str(path), tuple(required), render, bool(spec.get("add_eos", True)), label_names)

@@ -1,0 +1,188 @@
+"""Stage one: run the teacher once over a dataset and cache each target token's sparse distribution.
+
+Recipe: load the tokenizer and data, tokenize with the loss mask, load the teacher alone, then
+shard by shard: batch by length, score, encode, write (atomically), update the manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from tqdm.auto import tqdm
+
+import kdpipe
+from kdpipe.cache.format import ENCODINGS, FORMAT, FORMAT_VERSION
+from kdpipe.cache.writer import CacheWriter, now
+from kdpipe.config import option
+from kdpipe.data import DataConfig, load_examples
+from kdpipe.errors import KdpipeError
+from kdpipe.models import load_model, load_tokenizer, model_revision, resolve_model_name, vocab_hash
+from kdpipe.teacher import HFTeacher, TeacherBackend, make_batches
+from kdpipe.templates import get_template
+from kdpipe.tokenize import tokenize_examples
+
+
+@dataclass
+class CacheTeacherConfig(DataConfig):
+    """Options of `kdpipe cache-teacher` (YAML keys; CLI options with dashes)."""
+
+    model: str | None = option(None, "Teacher: hub id, local path or short name (Qwen3-4B).")
+    revision: str | None = option(None, "Hub revision (branch, tag or commit) of the teacher.")
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = option("auto", "Teacher weights dtype (auto keeps the checkpoint's).")
+    device: str = option("auto", "Device: auto (CUDA if present), cpu, cuda, cuda:1 ...")
+    backend: Literal["hf", "vllm"] = option("hf", "Teacher runtime: hf (transformers) or vllm.")
+    cache: str | None = option(None, "Cache folder (default: cache/<dataset name>).")
+    top_k: int = option(32, "Teacher token ids and log-probs kept per position.")
+    sparse_mode: Literal["topk"] = option("topk", "What is stored per position: topk.")
+    encoding: Literal["plain"] = option("plain", "Column encoding of the shards: plain.")
+    rows_per_shard: int = option(1000, "Examples per shard (the unit of resume and of multi-machine splits).")
+    batch_size: int = option(32, "Most examples in one teacher batch.")
+    max_batch_tokens: int = option(16384, "Most tokens (rows × longest row, padding included) in one batch.")
+    chunk_size: int = option(2048, "Positions per LM-head chunk (bounds the fp32 full-vocabulary scratch).")
+    num_shards: int = option(1, "Split the work across this many machines ...")
+    shard_index: int = option(0, "... and do this machine's part (0-based); join the parts with `kdpipe cache merge`.")
+    overwrite: bool = option(False, "Replace an existing cache of another run in the folder.")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        positive = ("top_k", "rows_per_shard", "batch_size", "max_batch_tokens", "chunk_size", "num_shards")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
+        if not 0 <= self.shard_index < self.num_shards:
+            raise ValueError(f"shard_index must be in [0, num_shards={self.num_shards}), not {self.shard_index}")
+
+    def cache_folder(self) -> Path:
+        if self.cache:
+            return Path(self.cache)
+        source = self.dataset or "data"
+        stem = Path(source).stem if Path(source).suffix else re.split(r"[/:]", source)[-1]
+        return Path("cache") / re.sub(r"[^A-Za-z0-9_.-]+", "-", stem).strip("-")
+
+
+def run(cfg: CacheTeacherConfig, command: str = "") -> dict[str, Any]:
+    """Cache the teacher's targets for `cfg`; returns the final manifest."""
+    if not cfg.model:
+        raise KdpipeError("no teacher given: pass --model (or 'model:' in the config file)")
+    tokenizer = load_tokenizer(cfg.model, cfg.revision)
+    template = get_template(cfg.resolved_template(), cfg.label_names)
+    selection = load_examples(cfg)
+    examples, report = tokenize_examples(selection.examples, template, tokenizer, cfg)
+    _check_top_k(cfg, tokenizer)
+
+    total_shards = -(-len(examples) // cfg.rows_per_shard)
+    assigned = [i for i in range(total_shards) if i % cfg.num_shards == cfg.shard_index]
+    teacher = _load_teacher(cfg)
+    header = _manifest_header(cfg, command, tokenizer, template, selection, report, teacher, total_shards)
+    encode = ENCODINGS[cfg.encoding][0]
+    meta = _file_metadata(header)
+    start = time.perf_counter()
+    with CacheWriter(cfg.cache_folder(), header, assigned, cfg.overwrite) as writer:
+        todo = writer.pending()
+        todo_rows = [examples[i * cfg.rows_per_shard : (i + 1) * cfg.rows_per_shard] for i in todo]
+        bar = tqdm(total=sum(map(len, todo_rows)), unit="ex", desc=f"caching {cfg.model}", dynamic_ncols=True, mininterval=1.0)
+        tokens = 0
+        for index, rows in zip(todo, todo_rows):
+            targets = [None] * len(rows)
+            for batch in make_batches(rows, cfg.max_batch_tokens, cfg.batch_size):
+                for i, t in zip(batch, teacher.score([rows[i] for i in batch])):
+                    targets[i] = t
+                tokens += sum(len(rows[i].input_ids) for i in batch)
+                bar.update(len(batch))
+                bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - start, 1e-9):,.0f}")
+            table = encode([(e.id, e.input_ids, e.positions, t) for e, t in zip(rows, targets)], cfg.top_k, meta)
+            writer.write(index, table)
+        bar.close()
+        manifest = writer.manifest
+    manifest["elapsed_s"] = round(time.perf_counter() - start, 2)
+    return manifest
+
+
+def _check_top_k(cfg: CacheTeacherConfig, tokenizer: Any) -> None:
+    from transformers import AutoConfig
+
+    try:
+        vocab = AutoConfig.from_pretrained(resolve_model_name(cfg.model), revision=cfg.revision).vocab_size
+    except Exception:  # the model load right after reports it clearly
+        return
+    if cfg.top_k > vocab:
+        raise KdpipeError(f"top_k={cfg.top_k} is larger than the teacher's vocabulary ({vocab} tokens)")
+
+
+def _load_teacher(cfg: CacheTeacherConfig) -> TeacherBackend:
+    if cfg.backend == "vllm":
+        raise KdpipeError("--backend vllm is not available in this version; use --backend hf")
+    return HFTeacher(load_model(cfg.model, cfg.dtype, cfg.device, cfg.revision), cfg.top_k, cfg.chunk_size)
+
+
+def _manifest_header(cfg: CacheTeacherConfig, command: str, tokenizer: Any, template: Any, selection: Any,
+                     report: Any, teacher: Any, total_shards: int) -> dict[str, Any]:
+    model = getattr(teacher, "model", None)
+    config = getattr(model, "config", None)
+    header = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "kdpipe_version": kdpipe.__version__,
+        "command": command,
+        "created": now(),
+        "updated": now(),
+        "teacher": {
+            "model": resolve_model_name(cfg.model),
+            "revision": cfg.revision,
+            "commit": model_revision(model) if model is not None else None,
+            "dtype": str(getattr(model, "dtype", cfg.dtype)).removeprefix("torch."),
+            "vocab_size": getattr(config, "vocab_size", None),
+            **teacher.info(),
+        },
+        "tokenizer": {
+            "name": getattr(tokenizer, "name_or_path", cfg.model),
+            "vocab_hash": vocab_hash(tokenizer),
+            "vocab_size": len(tokenizer),
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+        },
+        "template": {"name": template.name, "add_eos": template.add_eos, "distill_prompt": cfg.distill_prompt,
+                     "label_names": list(cfg.label_names)},
+        "dataset": {
+            "source": selection.source, "split": cfg.split, "part": cfg.part, "heldout_fraction": cfg.heldout_fraction,
+            "seed": cfg.seed, "limit": cfg.limit, "columns": cfg.resolved_columns(), "fingerprint": selection.fingerprint,
+            "max_length": cfg.max_length, "truncation": cfg.truncation,
+            "examples": report.examples, "report": dict(report.counts),
+        },
+        "sparse": {"mode": cfg.sparse_mode, "k": cfg.top_k},
+        "encoding": cfg.encoding,
+        "sharding": {"rows_per_shard": cfg.rows_per_shard, "total_shards": total_shards,
+                     "num_shards": cfg.num_shards, "shard_index": cfg.shard_index},
+    }
+    content = {key: header[key] for key in ("teacher", "tokenizer", "template", "dataset", "sparse", "encoding")}
+    content["teacher"] = {k: v for k, v in content["teacher"].items() if k != "backend_version"}
+    content["dataset"] = {k: v for k, v in content["dataset"].items() if k not in ("examples", "report")}
+    content["rows_per_shard"] = cfg.rows_per_shard
+    header["settings_hash"] = hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
+    return header
+
+
+def _file_metadata(header: dict[str, Any]) -> dict[str, Any]:
+    """The key facts repeated in every Parquet file (identical across machines of a split run)."""
+    return {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "settings_hash": header["settings_hash"],
+        "teacher": header["teacher"]["model"], "teacher_dtype": header["teacher"]["dtype"],
+        "vocab_hash": header["tokenizer"]["vocab_hash"], "template": header["template"]["name"],
+        "dataset": header["dataset"]["source"], "split": header["dataset"]["split"],
+        "sparse_mode": header["sparse"]["mode"], "k": header["sparse"]["k"], "encoding": header["encoding"],
+    }
+
+
+def summary(manifest: dict[str, Any]) -> str:
+    t = manifest["totals"]
+    return (
+        f"{t['rows']} examples, {t['target_tokens']:,} target tokens ({t['tokens']:,} tokens) in {t['shards']} shard(s), "
+        f"{t['bytes'] / 1e6:.2f} MB on disk, {t['bytes_per_target_token']} bytes per target token, "
+        f"{manifest.get('elapsed_s', 0):.1f} s"
+    )
