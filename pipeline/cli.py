@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shlex
-import sys
 import typing
 from collections.abc import Callable
 from typing import Any, Literal
@@ -49,8 +48,17 @@ def _field_option(f: dataclasses.Field, hint: Any) -> Callable[..., Any]:
     return click.option(f"--{name}", f.name, type=str, default=None, help=help_text)
 
 
-def command_line() -> str:
-    return shlex.join(["kdpipe", *sys.argv[1:]])
+def command_line(config_file: str | None, options: dict[str, Any]) -> str:
+    """The command as the user gave it, rebuilt from its parsed options (for the manifest)."""
+    path = click.get_current_context().command_path.split()[1:]
+    words = ["kdpipe", *path] + (["--config", config_file] if config_file else [])
+    for name, value in options.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            words.append(flag if value else f"--no-{name.replace('_', '-')}")
+        elif value is not None:
+            words += [flag, str(value)]
+    return shlex.join(words)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -81,7 +89,7 @@ def cache_teacher_cmd(config_file: str | None, **options: Any) -> None:
     from kdpipe.stages import cache_teacher
 
     cfg = load_config(CacheTeacherConfig, config_file, options)
-    manifest = cache_teacher.run(cfg, command_line())
+    manifest = cache_teacher.run(cfg, command_line(config_file, options))
     click.echo(f"cached {cache_teacher.summary(manifest)} -> {cfg.cache_folder()}")
 
 

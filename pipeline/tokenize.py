@@ -88,15 +88,19 @@ def _fit(
         if cfg.truncation == "skip":
             report.counts["skipped (too long)"] += 1
             return None
-        report.counts["truncated"] += 1
         if cfg.truncation == "truncate-prompt":
             prompt_len = trained.index(True) if True in trained else len(trained)
             drop = min(len(tokens) - cfg.max_length, prompt_len)
             tokens, trained = tokens[drop:], trained[drop:]
         tokens, trained = tokens[: cfg.max_length], trained[: cfg.max_length]
+        truncated = True
+    else:
+        truncated = False
     mask = np.ones(len(tokens) - 1, bool) if cfg.distill_prompt else np.asarray(trained[1:], bool)
     positions = np.flatnonzero(mask).astype(np.int32)
     if positions.size == 0:
-        report.counts["skipped (no target token left)"] += 1
+        report.counts["skipped (completion truncated away)" if truncated else "skipped (no target token)"] += 1
         return None
+    if truncated:
+        report.counts["truncated"] += 1
     return TokenizedExample(example_id, np.asarray(tokens, np.int32), positions)

@@ -121,7 +121,7 @@ def _split(column: pa.ListArray, width: int | None = None) -> list[np.ndarray]:
     values = column.values
     if width:
         values = values.values.slice(values.offset * width, len(values) * width)
-    flat = values.to_numpy(zero_copy_only=False)
+    flat = np.array(values.to_numpy(zero_copy_only=False))  # writable, owned by the caller
     base = offsets[0]
     rows = []
     for start, end in zip(offsets[:-1] - base, offsets[1:] - base):
