@@ -184,5 +184,55 @@ def _corpus(dataset: str, template_name: str) -> list[str]:
     return ["".join(s.text for s in template.render(e.fields, e.id)) for e in load_examples(cfg).examples]
 
 
+# ---- stage two: train-student, finetune, merge-lora ----
+from kdpipe.stages.finetune import FinetuneConfig  # noqa: E402
+from kdpipe.stages.train_student import TrainStudentConfig  # noqa: E402
+
+
+@main.command("train-student")
+@config_options(TrainStudentConfig)
+def train_student_cmd(config_file: str | None, **options: Any) -> None:
+    """Train a student (LoRA or full) against a teacher cache with a sparse distillation loss.
+
+    \b
+    Example:
+      kdpipe train-student --cache cache/imdb --model Qwen3-0.6B --output runs/imdb-0.6b --loss fkl --alpha 0.5
+    Multi-GPU: accelerate launch -m kdpipe.cli train-student ...   (or torchrun --nproc-per-node N -m kdpipe.cli ...)
+    """
+    from kdpipe.stages import train_student
+
+    cfg = load_config(TrainStudentConfig, config_file, options)
+    record = train_student.run(cfg, command_line(config_file, options))
+    if record:
+        click.echo(train_student.summary(record, cfg.output))
+
+
+@main.command("finetune")
+@config_options(FinetuneConfig)
+def finetune_cmd(config_file: str | None, **options: Any) -> None:
+    """Supervised fine-tuning (cross-entropy only, LoRA or full): a teacher before caching, or the SFT baseline.
+
+    \b
+    Example:
+      kdpipe finetune --model Qwen3-4B --dataset imdb --lora --merge --output runs/imdb-teacher
+    """
+    from kdpipe.stages import finetune
+
+    cfg = load_config(FinetuneConfig, config_file, options)
+    record = finetune.run(cfg, command_line(config_file, options))
+    if record:
+        click.echo(finetune.summary(record, cfg.output))
+
+
+@main.command("merge-lora")
+@click.argument("adapter", type=click.Path())
+@click.option("--output", "-o", required=True, type=click.Path(), help="New folder for the merged model and its tokenizer.")
+def merge_lora_cmd(adapter: str, output: str) -> None:
+    """Merge a LoRA adapter folder into its base model (loadable by AutoModelForCausalLM)."""
+    from kdpipe.training import merge_lora
+
+    click.echo(f"merged {adapter} -> {merge_lora(adapter, output)}")
+
+
 if __name__ == "__main__":
     main()

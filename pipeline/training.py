@@ -1,0 +1,433 @@
+"""What train-student and finetune share: options, LoRA setup, the Trainer, the run folder, saving and merging.
+
+Training runs on `transformers.Trainer`, so gradient accumulation, mixed precision, LR schedules,
+checkpoints and resume, logging (`report_to`) and multi-GPU runs (`accelerate launch` / `torchrun`,
+DDP) come from the ecosystem. `DistillTrainer` only replaces `compute_loss`.
+
+The run folder (`--output`) holds Trainer's ``checkpoint-N/`` folders, ``kdpipe_run.json`` (options,
+command, status, log history) and, at the end, the trained model with its tokenizer: a LoRA adapter
+(``AutoPeftModelForCausalLM``), or a full / merged model (``AutoModelForCausalLM``); with
+``--lora --merge`` the merged model is at the top and the adapter in ``adapter/``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+import kdpipe
+from kdpipe.config import option, to_dict
+from kdpipe.errors import KdpipeError
+from kdpipe.losses import DistillLossConfig, SparseTargets, distill_loss
+from kdpipe.models import load_model, resolve_model_name
+
+RUN_FILE = "kdpipe_run.json"
+
+# LoRA target modules per model type: every linear projection of the blocks (not the LM head).
+_DECODER_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LORA_TARGETS: dict[str, list[str]] = {
+    **{t: _DECODER_PROJ for t in ("llama", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mistral", "mixtral",
+                                  "gemma", "gemma2", "gemma3_text", "olmo", "olmo2", "granite", "smollm3")},
+    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+    "phi": ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"],
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+    "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+    "falcon": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+}
+
+
+@dataclass
+class TrainConfig:
+    """Options shared by `kdpipe train-student` and `kdpipe finetune`."""
+
+    model: str | None = option(None, "Model to train: hub id, local path or short name (Qwen3-0.6B).")
+    revision: str | None = option(None, "Hub revision (branch, tag or commit) of the model.")
+    output: str | None = option(None, "Run folder: checkpoints, then the trained model and its tokenizer (default runs/<name>).")
+    lora: bool = option(True, "Train LoRA adapters (default) or every weight.", flag="--lora/--full")
+    lora_r: int = option(16, "LoRA rank.")
+    lora_alpha: float = option(32.0, "LoRA alpha (scale = alpha / r).")
+    lora_dropout: float = option(0.05, "Dropout on the LoRA input.")
+    lora_target_modules: list[str] = option(
+        [], "Modules to adapt, comma-separated (default per architecture: every attention and MLP projection; all-linear otherwise)."
+    )
+    epochs: float = option(1.0, "Passes over the data (ignored when --max-steps is set).")
+    max_steps: int = option(-1, "Stop after this many optimizer steps (-1: use --epochs).")
+    lr: float | None = option(None, "Peak learning rate (default 2e-4 with LoRA, 2e-5 full).")
+    batch_size: int = option(8, "Examples per device per micro-batch.")
+    grad_accum: int = option(1, "Micro-batches per optimizer step (gradient accumulation).")
+    lr_scheduler: str = option("cosine", "LR schedule (transformers names: linear, cosine, constant, constant_with_warmup, ...).")
+    warmup: float = option(0.03, "Warmup: a fraction of the steps (< 1) or a number of steps (>= 1).")
+    weight_decay: float = option(0.0, "AdamW weight decay.")
+    max_grad_norm: float = option(1.0, "Gradient clipping norm (0: off).")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = option(
+        "auto", "Mixed precision: auto (bf16 on GPUs that have it, else fp16; fp32 on CPU), bf16, fp16, fp32."
+    )
+    gradient_checkpointing: bool = option(False, "Recompute activations in backward (less memory, slower).")
+    seed: int = option(0, "Seed of the initialisation, the data order and dropout.")
+    resume: bool = option(False, "Continue the run in --output from its last checkpoint (same data order).")
+    merge: bool = option(False, "With --lora: also merge the adapter into the base model (merged model at the top, adapter in adapter/).")
+    save_steps: int = option(500, "Write a checkpoint every this many optimizer steps.")
+    save_total_limit: int | None = option(2, "Keep at most this many checkpoints (oldest removed first; empty: keep all).")
+    logging_steps: int = option(10, "Log the loss every this many optimizer steps.")
+    report_to: list[str] = option([], "Loggers, comma-separated: tensorboard, wandb, swanlab, ... (default none).")
+    run_name: str | None = option(None, "Run name shown by the loggers.")
+    num_workers: int = option(0, "DataLoader worker processes.")
+
+    def __post_init__(self) -> None:
+        for name in ("lora_r", "batch_size", "grad_accum", "save_steps", "logging_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError(f"max_steps must be positive (or -1 to use epochs), not {self.max_steps}")
+        if self.max_steps == -1 and not self.epochs > 0:
+            raise ValueError(f"epochs must be positive, not {self.epochs}")
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"lr must be positive, not {self.lr}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), not {self.lora_dropout}")
+        if self.warmup < 0 or self.weight_decay < 0 or self.max_grad_norm < 0 or self.num_workers < 0:
+            raise ValueError("warmup, weight_decay, max_grad_norm and num_workers must not be negative")
+        if self.merge and not self.lora:
+            raise ValueError("merge needs lora (a full fine-tune is already a plain model)")
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else (2e-4 if self.lora else 2e-5)
+
+
+# ---------------------------------------------------------------- model
+
+
+def load_trainable(cfg: TrainConfig) -> Any:
+    """The model to train: all weights (fp32 master weights), or the base with LoRA adapters."""
+    dtype = "fp32"
+    if cfg.lora and resolve_precision(cfg.precision) in ("bf16", "fp16"):
+        dtype = resolve_precision(cfg.precision)  # a frozen base can stay in half precision
+    torch.manual_seed(cfg.seed)
+    model = load_model(cfg.model, dtype, "cpu", cfg.revision)  # Trainer places it
+    model.config.use_cache = False
+    if not cfg.lora:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    targets = cfg.lora_target_modules or lora_targets(model)
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=targets, task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as e:
+        raise KdpipeError(f"LoRA setup failed for {cfg.model}: {str(e).splitlines()[0]} (check --lora-target-modules)") from None
+
+
+def lora_targets(model: Any) -> list[str] | str:
+    """Default LoRA targets for the model's architecture; peft's ``all-linear`` for the others."""
+    targets = LORA_TARGETS.get(getattr(model.config, "model_type", ""))
+    if targets is None:
+        return "all-linear"
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    present = [t for t in targets if t in names]
+    return present or "all-linear"
+
+
+def causal_lm(model: Any) -> Any:
+    """The transformers causal LM under DDP / accelerate / peft wrappers."""
+    while hasattr(model, "module") and not hasattr(model, "config"):
+        model = model.module
+    if hasattr(model, "get_base_model"):  # peft
+        model = model.get_base_model()
+    return model
+
+
+def resolve_precision(precision: str) -> str:
+    if precision != "auto":
+        return precision
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+# ---------------------------------------------------------------- trainer
+
+
+def training_arguments(cfg: TrainConfig, output: Path) -> Any:
+    from transformers import TrainingArguments
+
+    precision = resolve_precision(cfg.precision)
+    if precision == "fp16" and not torch.cuda.is_available():
+        raise KdpipeError("--precision fp16 needs a GPU; use bf16 or fp32 on CPU")
+    if torch.cuda.device_count() > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        raise KdpipeError(
+            f"{torch.cuda.device_count()} GPUs are visible but no launcher started one process per GPU: run through "
+            "`accelerate launch` or `torchrun --nproc-per-node N` (DDP), or pick one GPU with CUDA_VISIBLE_DEVICES"
+        )
+    try:
+        return TrainingArguments(
+            output_dir=str(output),
+            num_train_epochs=cfg.epochs,
+            max_steps=cfg.max_steps,
+            learning_rate=cfg.learning_rate,
+            per_device_train_batch_size=cfg.batch_size,
+            gradient_accumulation_steps=cfg.grad_accum,
+            lr_scheduler_type=cfg.lr_scheduler,
+            warmup_steps=cfg.warmup,
+            weight_decay=cfg.weight_decay,
+            max_grad_norm=cfg.max_grad_norm,
+            bf16=precision == "bf16",
+            fp16=precision == "fp16",
+            **_checkpointing_args(cfg.gradient_checkpointing),
+            dataloader_pin_memory=torch.cuda.is_available(),
+            seed=cfg.seed,
+            data_seed=cfg.seed,
+            logging_steps=cfg.logging_steps,
+            save_strategy="steps",
+            save_steps=cfg.save_steps,
+            save_total_limit=cfg.save_total_limit,
+            report_to=cfg.report_to or "none",
+            run_name=cfg.run_name,
+            remove_unused_columns=False,
+            dataloader_num_workers=cfg.num_workers,
+            disable_tqdm=os.environ.get("KDPIPE_NO_PROGRESS") == "1",
+        )
+    except ValueError as e:
+        raise KdpipeError(f"invalid training options: {str(e).splitlines()[0]}") from None
+
+
+def _checkpointing_args(enabled: bool) -> dict[str, Any]:
+    """Activation checkpointing, under its transformers >= 5.2x name where it has one."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    key = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    return {key: enabled, f"{key}_kwargs": {"use_reentrant": False} if enabled else None}
+
+
+def _trainer_classes() -> tuple[type, type]:
+    """`KdpipeTrainer` (our sampler) and `DistillTrainer` (+ the sparse distillation loss), built lazily."""
+    global _CLASSES
+    if _CLASSES is not None:
+        return _CLASSES
+    from transformers import Trainer
+
+    class KdpipeTrainer(Trainer):
+        """Trainer whose training order comes from `sampler` (a pure function of seed and epoch)."""
+
+        def __init__(self, *args: Any, sampler: Any = None, **kwargs: Any):
+            self._kdpipe_sampler = sampler
+            super().__init__(*args, **kwargs)
+
+        def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+            return self._kdpipe_sampler if self._kdpipe_sampler is not None else super()._get_train_sampler(train_dataset)
+
+    class DistillTrainer(KdpipeTrainer):
+        """Trainer with `kdpipe.losses.distill_loss` on the batches of `DistillCollator`.
+
+        The model's own forward runs (so DDP and peft hooks fire) with ``logits_to_keep=1``; a forward
+        hook on the decoder body captures its last hidden state, and the LM head is applied only to the
+        target positions, a chunk at a time inside `distill_loss`: full logits never exist. The loss
+        is summed over positions and divided by Trainer's `num_items_in_batch` (all target positions of
+        the accumulated batch, over all processes), so gradient accumulation and DDP are exact.
+        """
+
+        def __init__(self, *args: Any, loss_config: DistillLossConfig, **kwargs: Any):
+            super().__init__(*args, **kwargs)
+            self.loss_config = loss_config
+            self.model_accepts_loss_kwargs = True  # count num_items_in_batch from our flattened labels
+            self._loss_shifts_labels = False  # labels [N] are already the next tokens
+            self.loss_is_scaled_for_ga = True
+
+        def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                         num_items_in_batch: Any = None) -> Any:
+            loss = student_distill_loss(model, inputs, self.loss_config, num_items_in_batch)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * self.accelerator.num_processes  # DDP averages gradients; the count was global
+            return (loss, None) if return_outputs else loss
+
+    _CLASSES = (KdpipeTrainer, DistillTrainer)
+    return _CLASSES
+
+
+_CLASSES: tuple[type, type] | None = None
+
+
+def make_trainer(distill: DistillLossConfig | None = None, **kwargs: Any) -> Any:
+    """A `KdpipeTrainer` (cross-entropy, the model's own loss) or, with `distill`, a `DistillTrainer`."""
+    plain, kd = _trainer_classes()
+    return kd(loss_config=distill, **kwargs) if distill is not None else plain(**kwargs)
+
+
+def student_hidden(model: Any, inputs: dict[str, Any]) -> Any:
+    """The student's last hidden states [B, L, D] (after the final norm), through the model's forward."""
+    import inspect
+
+    lm = causal_lm(model)
+    body = lm.base_model
+    captured: dict[str, Any] = {}
+
+    def hook(_module: Any, _args: Any, output: Any) -> None:
+        captured["hidden"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
+
+    kwargs: dict[str, Any] = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"], "use_cache": False}
+    if "logits_to_keep" in inspect.signature(lm.forward).parameters:
+        kwargs["logits_to_keep"] = 1
+    handle = body.register_forward_hook(hook)
+    try:
+        model(**kwargs)
+    finally:
+        handle.remove()
+    return captured["hidden"]
+
+
+def student_distill_loss(model: Any, inputs: dict[str, Any], cfg: DistillLossConfig, num_items: Any = None) -> torch.Tensor:
+    """`distill_loss` of the student on a `DistillCollator` batch (hidden states at the targets, LM head)."""
+    hidden = student_hidden(model, inputs)
+    selected = hidden[inputs["target_rows"], inputs["target_cols"]]
+    targets = SparseTargets(inputs["topk_ids"], inputs["topk_logprobs"], inputs["tail_mass"], inputs["labels"])
+    head = causal_lm(model).get_output_embeddings()
+    return distill_loss(selected, head, targets, cfg, num_items=num_items)
+
+
+# ---------------------------------------------------------------- run folder
+
+
+def prepare_output(cfg: TrainConfig, kind: str, identity: dict[str, Any], command: str) -> tuple[Path, str | None]:
+    """Check the run folder and record the run; returns (folder, checkpoint to resume from or None).
+
+    A folder that already holds something is refused unless --resume, which needs a checkpoint and
+    the same model and data; nothing that is there is ever deleted.
+    """
+    out = Path(cfg.output)
+    run_file = out / RUN_FILE
+    previous = _read_run(run_file)
+    if cfg.resume:
+        checkpoint = last_checkpoint(out)
+        if checkpoint is None:
+            raise KdpipeError(
+                f"--resume: {out} holds no checkpoint to resume from (Trainer writes checkpoint-N/ every --save-steps "
+                "steps); start a new run without --resume"
+            )
+        if previous is not None:
+            if previous.get("kind") != kind:
+                raise KdpipeError(f"--resume: {out} holds a `kdpipe {previous.get('kind')}` run, not a `kdpipe {kind}` run")
+            before = previous.get("identity", {})
+            changed = [k for k, v in identity.items() if before.get(k) != v]
+            if changed:
+                was = ", ".join(f"{k}={before.get(k)}" for k in changed)
+                raise KdpipeError(
+                    f"--resume: {out} was trained with another {', '.join(changed)} ({was}); "
+                    "resume with the same model and data, or choose another --output"
+                )
+    else:
+        checkpoint = None
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            what = f"a `kdpipe {previous.get('kind')}` run" if previous else "other files"
+            hint = " (pass --resume to continue it from its last checkpoint)" if last_checkpoint(out) else ""
+            raise KdpipeError(f"output folder {out} already holds {what}{hint}; choose another --output or remove it yourself")
+    out.mkdir(parents=True, exist_ok=True)
+    record = previous if (cfg.resume and previous) else {"kind": kind, "identity": identity, "created": _now()}
+    record.update({"kdpipe_version": kdpipe.__version__, "status": "running", "updated": _now(),
+                   "config": to_dict(cfg), "command": command})
+    if checkpoint:
+        record.setdefault("resumed_from", []).append(Path(checkpoint).name)
+    _write_run(run_file, record)
+    return out, checkpoint
+
+
+def last_checkpoint(folder: Path) -> str | None:
+    """The checkpoint-N folder with the largest N that holds Trainer's state (a complete checkpoint)."""
+    if not folder.is_dir():
+        return None
+    found = []
+    for path in folder.glob("checkpoint-*"):
+        step = path.name.removeprefix("checkpoint-")
+        if path.is_dir() and step.isdigit() and (path / "trainer_state.json").is_file():
+            found.append((int(step), str(path)))
+    return max(found)[1] if found else None
+
+
+def fit(trainer: Any, cfg: TrainConfig, out: Path, tokenizer: Any, checkpoint: str | None) -> dict[str, Any]:
+    """Train (resuming from `checkpoint`), then save the model and tokenizer into `out`; returns the run record."""
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    trainer.save_model(str(out))  # adapter (peft) or full model, with the tokenizer (processing_class)
+    what = "LoRA adapter" if cfg.lora else "full model"
+    if trainer.is_world_process_zero():
+        if cfg.lora and cfg.merge:
+            adapter = out / "adapter"
+            adapter.mkdir(exist_ok=True)
+            for name in ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "README.md"):
+                if (out / name).exists():
+                    shutil.move(str(out / name), adapter / name)
+            tokenizer.save_pretrained(adapter)
+            merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
+            merged.save_pretrained(out)
+            tokenizer.save_pretrained(out)
+            what = "merged model (adapter in adapter/)"
+        record = _read_run(out / RUN_FILE) or {}
+        record.update({"status": "complete", "updated": _now(), "saved": what,
+                       "global_step": trainer.state.global_step, "train_loss": result.training_loss,
+                       "train_seconds": round(time.perf_counter() - start, 2),
+                       "log_history": trainer.state.log_history})
+        _write_run(out / RUN_FILE, record)
+        return record
+    return {}
+
+
+def merge_lora(adapter: str | Path, output: str | Path) -> Path:
+    """Merge a LoRA adapter folder into its base model (peft `merge_and_unload`); save it with its tokenizer."""
+    adapter, output = Path(adapter), Path(output)
+    config_file = adapter / "adapter_config.json"
+    if not config_file.is_file():
+        raise KdpipeError(f"{adapter} is not a LoRA adapter folder (no adapter_config.json)")
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise KdpipeError(f"output folder {output} is not empty; choose another --output")
+    from peft import AutoPeftModelForCausalLM
+
+    from kdpipe.models import load_tokenizer
+
+    base = json.loads(config_file.read_text()).get("base_model_name_or_path")
+    try:
+        model = AutoPeftModelForCausalLM.from_pretrained(str(adapter), dtype="auto")
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise KdpipeError(f"could not load the adapter {adapter} on its base model {base}: {reason}") from None
+    has_tokenizer = any((adapter / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+    tokenizer = load_tokenizer(str(adapter) if has_tokenizer else base)
+    merged = model.merge_and_unload()
+    output.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(output)
+    tokenizer.save_pretrained(output)
+    return output
+
+
+def model_identity(name: str) -> str:
+    """A model name as recorded: an absolute path for a local folder, else the hub id."""
+    resolved = resolve_model_name(name)
+    return str(Path(resolved).resolve()) if Path(resolved).exists() else resolved
+
+
+def _read_run(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _write_run(path: Path, record: dict[str, Any]) -> None:
+    from kdpipe.cache.format import write_atomic
+
+    write_atomic(path, (json.dumps(record, indent=2, default=str) + "\n").encode())
+
+
+def _now() -> str:
+    from kdpipe.cache.writer import now
+
+    return now()

@@ -1,0 +1,60 @@
+"""Supervised fine-tuning (cross-entropy only, LoRA or full): to adapt a teacher before caching it,
+and the SFT-only student baseline.
+
+Recipe: tokenize the data with the loss mask exactly as cache-teacher does, load the model, train
+with `transformers.Trainer` (the model's own causal-LM loss on the trained tokens), save.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kdpipe import training
+from kdpipe.data import DataConfig, load_examples
+from kdpipe.errors import KdpipeError
+from kdpipe.models import load_tokenizer
+from kdpipe.stages.train_student import _slug, summary  # noqa: F401  (summary is re-exported for the CLI)
+from kdpipe.student_data import BlockShuffleSampler, SFTCollator, TokenizedDataset
+from kdpipe.templates import get_template
+from kdpipe.tokenize import tokenize_examples
+
+
+@dataclass
+class FinetuneConfig(training.TrainConfig, DataConfig):
+    """Options of `kdpipe finetune`: the data options of cache-teacher plus the training options."""
+
+    def __post_init__(self) -> None:
+        DataConfig.__post_init__(self)
+        training.TrainConfig.__post_init__(self)
+
+    def output_folder(self) -> Path:
+        if self.output:
+            return Path(self.output)
+        source = self.dataset or "data"
+        stem = Path(source).stem if Path(source).suffix else source.replace(":", "-").split("/")[-1]
+        return Path("runs") / _slug(f"sft-{stem}-{Path(self.model or 'model').name}")
+
+
+def run(cfg: FinetuneConfig, command: str = "", callbacks: list[Any] | None = None) -> dict[str, Any]:
+    """Fine-tune `cfg.model` on `cfg.dataset`; returns the run record (kdpipe_run.json)."""
+    if not cfg.model:
+        raise KdpipeError("no model given: pass --model (or 'model:' in the config file)")
+    cfg.output = str(cfg.output_folder())
+    tokenizer = load_tokenizer(cfg.model, cfg.revision)
+    template = get_template(cfg.resolved_template(), cfg.label_names)
+    selection = load_examples(cfg)
+    examples, _report = tokenize_examples(selection.examples, template, tokenizer, cfg)
+    identity = {"model": training.model_identity(cfg.model), "data": selection.fingerprint}
+    out, checkpoint = training.prepare_output(cfg, "finetune", identity, command)
+
+    cfg.model = identity["model"]
+    model = training.load_trainable(cfg)
+    dataset = TokenizedDataset(examples)
+    sampler = BlockShuffleSampler([len(dataset)], cfg.seed)
+    trainer = training.make_trainer(
+        None, model=model, args=training.training_arguments(cfg, out), train_dataset=dataset,
+        data_collator=SFTCollator(tokenizer.pad_token_id), processing_class=tokenizer, sampler=sampler, callbacks=callbacks,
+    )
+    return training.fit(trainer, cfg, out, tokenizer, checkpoint)

@@ -1,0 +1,118 @@
+"""Stage two: train a student (LoRA or full) against the teacher's cached sparse distributions.
+
+Recipe: check the cache (checksums, counts, not empty) and the student's tokenizer against it, load
+the student alone, stream the cache a row group at a time in a seeded order, train with the sparse
+distillation loss through `transformers.Trainer`, save the model (or adapter, or merged model).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from kdpipe import training
+from kdpipe.cache import open_cache
+from kdpipe.cache.reader import Cache
+from kdpipe.config import option
+from kdpipe.errors import KdpipeError
+from kdpipe.losses import DistillLossConfig
+from kdpipe.models import load_tokenizer, vocab_hash
+from kdpipe.student_data import BlockShuffleSampler, CacheDataset, DistillCollator
+
+
+@dataclass
+class TrainStudentConfig(training.TrainConfig):
+    """Options of `kdpipe train-student` (YAML keys; CLI options with dashes)."""
+
+    cache: str | None = option(None, "Cache folder written by `kdpipe cache-teacher`.")
+    loss: Literal["fkl", "rkl", "skew-fkl", "skew-rkl", "jsd", "tvd"] = option(
+        "fkl", "Divergence: fkl, rkl, skew-fkl, skew-rkl (skew), jsd (beta), tvd."
+    )
+    alpha: float = option(0.5, "Weight of the distillation term: alpha·T²·D + (1 − alpha)·CE (1: distillation only).")
+    temperature: float = option(1.0, "Distillation temperature T (both sides; the term is scaled by T²).")
+    skew: float = option(0.1, "Skew λ of skew-fkl / skew-rkl.")
+    beta: float = option(0.5, "Mixing weight β of jsd.")
+    tail: Literal["renorm", "bucket"] = option(
+        "bucket", "Mass outside the top-k: bucket (a (k+1)-th atom on both sides) or renorm (top-k renormalised)."
+    )
+    chunk_size: int = option(1024, "Target positions per LM-head chunk (bounds the fp32 full-vocabulary scratch).")
+    shuffle_window: int = option(4, "Row groups (256 rows each) shuffled together; that many are kept decoded in memory.")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.loss_config()  # validates loss, alpha, temperature, skew, beta, tail, chunk_size
+        if self.shuffle_window < 1:
+            raise ValueError(f"shuffle_window must be at least 1, not {self.shuffle_window}")
+
+    def loss_config(self) -> DistillLossConfig:
+        return DistillLossConfig(self.loss, self.alpha, self.temperature, self.skew, self.beta, self.tail, self.chunk_size)
+
+    def output_folder(self) -> Path:
+        if self.output:
+            return Path(self.output)
+        return Path("runs") / _slug(f"{Path(self.cache or 'cache').name}-{Path(self.model or 'student').name}")
+
+
+def run(cfg: TrainStudentConfig, command: str = "", callbacks: list[Any] | None = None) -> dict[str, Any]:
+    """Train the student of `cfg` on its cache; returns the run record (kdpipe_run.json)."""
+    if not cfg.cache:
+        raise KdpipeError("no cache given: pass --cache (a folder written by `kdpipe cache-teacher`)")
+    if not cfg.model:
+        raise KdpipeError("no student given: pass --model (or 'model:' in the config file)")
+    cfg.output = str(cfg.output_folder())
+    cache = check_cache(cfg.cache)
+    tokenizer = load_tokenizer(cfg.model, cfg.revision)
+    check_tokenizer(tokenizer, cache, cfg.model)
+    identity = {"model": training.model_identity(cfg.model), "cache": cache.manifest["settings_hash"]}
+    out, checkpoint = training.prepare_output(cfg, "train-student", identity, command)
+
+    cfg.model = identity["model"]  # absolute: the adapter's base_model_name_or_path must load from anywhere
+    model = training.load_trainable(cfg)
+    dataset = CacheDataset(cache, keep_groups=cfg.shuffle_window + 1)
+    sampler = BlockShuffleSampler(dataset.sizes, cfg.seed, cfg.shuffle_window)
+    collator = DistillCollator(tokenizer.pad_token_id, student_vocab_size(model), cache.k)
+    trainer = training.make_trainer(
+        cfg.loss_config(), model=model, args=training.training_arguments(cfg, out), train_dataset=dataset,
+        data_collator=collator, processing_class=tokenizer, sampler=sampler, callbacks=callbacks,
+    )
+    return training.fit(trainer, cfg, out, tokenizer, checkpoint)
+
+
+def check_cache(path: str | Path) -> Cache:
+    """Open a cache that passes verification (checksums, schema, counts) and holds at least one example."""
+    from kdpipe.cache.tools import verify
+
+    cache = open_cache(path)  # refuses a missing manifest or a newer format version
+    problems = verify(path, values=False)
+    if problems:
+        raise KdpipeError(f"cache {path} failed verification: {'; '.join(problems)}. See `kdpipe cache verify {path}`")
+    if len(cache) == 0:
+        raise KdpipeError(f"cache {path} holds no examples")
+    return cache
+
+
+def check_tokenizer(tokenizer: Any, cache: Cache, model: str) -> None:
+    """The student must tokenize exactly as the teacher did (same token -> id table)."""
+    expected = cache.manifest["tokenizer"]
+    if vocab_hash(tokenizer) != expected["vocab_hash"]:
+        raise KdpipeError(
+            f"the student {model} has another tokenizer than the cache's teacher ({expected['name']}): "
+            f"{len(tokenizer)} vs {expected['vocab_size']} tokens, vocabulary hashes differ. The cached token ids "
+            "would mean other tokens to this student; pick a student of the teacher's family (same tokenizer)"
+        )
+
+
+def student_vocab_size(model: Any) -> int:
+    """Rows of the student's LM head: cached ids at or above it are masked out (see kdpipe.student_data)."""
+    return int(training.causal_lm(model).get_output_embeddings().weight.shape[0])
+
+
+def summary(record: dict[str, Any], out: str | Path) -> str:
+    return (f"trained {record.get('global_step', 0)} steps, mean loss {record.get('train_loss', float('nan')):.4f}, "
+            f"{record.get('train_seconds', 0):.1f} s -> {out} ({record.get('saved')})")
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-")
