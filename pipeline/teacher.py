@@ -40,14 +40,23 @@ def make_batches(examples: Sequence[TokenizedExample], max_tokens: int, max_rows
 
 
 def sparse_targets(logits: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
-    """Top-k ids and log-probs, the label's log-prob and the exact tail mass, from [C, V] logits."""
+    """Top-k ids and log-probs, the label's log-prob and the tail mass, from [C, V] logits.
+
+    One pass over the vocabulary after the top-k: ``exp(logits - max)`` in place; the tail is the sum
+    of those terms with the top-k's zeroed, so it keeps full relative precision however small it is
+    (``1 - sum(top-k probs)`` would not).
+    """
     logits = logits.float()
-    lse = torch.logsumexp(logits, dim=-1)
     top_values, top_ids = torch.topk(logits, k, dim=-1)
-    target = logits.gather(1, labels[:, None]).squeeze(1) - lse
-    rest = logits.scatter(1, top_ids, float("-inf"))
-    tail = torch.exp(torch.logsumexp(rest, dim=-1) - lse)
-    return top_ids, top_values - lse[:, None], target, tail
+    label_logits = logits.gather(1, labels[:, None]).squeeze(1)
+    peak = top_values[:, :1]
+    scaled = logits.sub_(peak).exp_()  # in place: `logits` is this chunk's own scratch
+    top = scaled.gather(1, top_ids).sum(-1)
+    rest = scaled.scatter_(1, top_ids, 0.0).sum(-1)
+    total = top + rest
+    lse = peak.squeeze(1) + torch.log(total)
+    tail = rest / total
+    return top_ids, top_values - lse[:, None], label_logits - lse, tail
 
 
 class HFTeacher:
@@ -81,7 +90,7 @@ class HFTeacher:
         pieces = []
         for start in range(0, len(labels), self.chunk_size):
             chunk = selected[start : start + self.chunk_size]
-            logits = project(chunk) if project is not None else chunk
+            logits = project(chunk) if project is not None else chunk.clone()
             pieces.append(sparse_targets(logits, labels[start : start + self.chunk_size], self.k))
         ids, logprobs, target, tail = (torch.cat(parts).cpu().numpy() for parts in zip(*pieces))
         return split_targets(batch, ids.astype(np.int32), logprobs, target, tail)

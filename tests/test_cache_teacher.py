@@ -188,3 +188,22 @@ def test_info_and_verify(arith_cache):
     summary = json.loads(kdpipe("cache", "info", arith_cache, "--json").output)
     assert summary["examples"] == 60 and summary["k"] == K
     assert "ok" in kdpipe("cache", "verify", arith_cache).output
+
+
+def test_tail_mass_keeps_relative_precision_when_tiny():
+    """Peaked distributions: the tail is ~1e-12, far below fp32's 1 - sum(top-k) resolution."""
+    from kdpipe.teacher import sparse_targets
+
+    torch.manual_seed(0)
+    logits = torch.randn(16, 1000) * 2
+    logits[:, :4] += 40.0
+    labels = torch.randint(0, 1000, (16,))
+    ids, logprobs, target, tail = sparse_targets(logits.clone(), labels, 4)
+    ref = torch.log_softmax(logits.double(), -1)
+    ref_top, ref_ids = torch.topk(ref, 4, -1)
+    ref_tail = torch.exp(ref.scatter(1, ref_ids, float("-inf"))).sum(-1)
+    assert torch.equal(ids, ref_ids)
+    assert (ref_tail < 1e-10).all()
+    torch.testing.assert_close(tail.double(), ref_tail, rtol=1e-5, atol=0)
+    torch.testing.assert_close(logprobs.double(), ref_top, rtol=0, atol=1e-5)
+    torch.testing.assert_close(target.double(), ref.gather(1, labels[:, None]).squeeze(1), rtol=0, atol=1e-4)

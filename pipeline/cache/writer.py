@@ -106,7 +106,7 @@ class CacheWriter:
         path = self.folder / MANIFEST
         if self.overwrite:
             for old in [path, *self.folder.glob("shard-*.parquet")]:
-                old.unlink()
+                old.unlink(missing_ok=True)
         if path.exists():
             old = read_manifest(self.folder)
             self._check_same_run(old)
