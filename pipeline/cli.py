@@ -45,7 +45,9 @@ def _field_option(f: dataclasses.Field, hint: Any) -> Callable[..., Any]:
     args = typing.get_args(hint)
     if typing.get_origin(hint) is Literal:
         return click.option(f"--{name}", f.name, type=click.Choice([str(a) for a in args]), default=None, help=help_text)
-    return click.option(f"--{name}", f.name, type=str, default=None, help=help_text)
+    plain = [a for a in args if a is not type(None)] if args and typing.get_origin(hint) is not dict else [hint]
+    kind = {int: click.INT, float: click.FLOAT}.get(plain[0] if len(plain) == 1 else None, click.STRING)
+    return click.option(f"--{name}", f.name, type=kind, default=None, help=help_text)
 
 
 def command_line(config_file: str | None, options: dict[str, Any]) -> str:

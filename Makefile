@@ -1,0 +1,35 @@
+# Two commands set everything up on a fresh machine:
+#   make demo   install kdpipe into .venv and run the offline demo (tiny models, no hub)
+#   make test   install kdpipe with its test extras into .venv and run the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+TORCH  ?= torch==2.13.0
+BIN    := $(VENV)/bin
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: demo test install clean-demo
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(BIN)/kdpipe init-model --output runs/demo/teacher --train-tokenizer-on kdpipe:arithmetic --hidden-size 128 --layers 4
+	$(BIN)/kdpipe cache-teacher --config configs/demo-cache.yaml
+	$(BIN)/kdpipe cache info cache/demo
+	$(BIN)/kdpipe cache verify cache/demo
+
+clean-demo:
+	rm -rf runs/demo cache/demo
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest -q
