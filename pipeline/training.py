@@ -305,6 +305,8 @@ def prepare_output(cfg: TrainConfig, kind: str, identity: dict[str, Any], comman
     the same model and data; nothing that is there is ever deleted.
     """
     out = Path(cfg.output)
+    if int(os.environ.get("RANK", "0")) != 0:  # multi-process run: the main process checks and records
+        return out, (last_checkpoint(out) if cfg.resume else None)
     run_file = out / RUN_FILE
     previous = _read_run(run_file)
     if cfg.resume:
