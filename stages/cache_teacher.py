@@ -48,13 +48,23 @@ class CacheTeacherConfig(DataConfig):
     num_shards: int = option(1, "Split the work across this many machines ...")
     shard_index: int = option(0, "... and do this machine's part (0-based); join the parts with `kdpipe cache merge`.")
     overwrite: bool = option(False, "Replace an existing cache of another run in the folder.")
+    vllm_tensor_parallel_size: int = option(1, "vLLM backend: GPUs the teacher is split across (tensor parallel).")
+    vllm_max_model_len: int | None = option(None, "vLLM backend: context length (default: max_length + 1, capped by the model's).")
+    vllm_gpu_memory_utilization: float = option(0.9, "vLLM backend: fraction of GPU memory for weights and KV cache.")
+    vllm_max_num_batched_tokens: int | None = option(None, "vLLM backend: most tokens in one engine step (default: vLLM's).")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        positive = ("top_k", "rows_per_shard", "batch_size", "max_batch_tokens", "chunk_size", "num_shards")
+        positive = ("top_k", "rows_per_shard", "batch_size", "max_batch_tokens", "chunk_size", "num_shards",
+                    "vllm_tensor_parallel_size")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
+        for name in ("vllm_max_model_len", "vllm_max_num_batched_tokens"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
+        if not 0 < self.vllm_gpu_memory_utilization <= 1:
+            raise ValueError(f"vllm_gpu_memory_utilization must be in (0, 1], not {self.vllm_gpu_memory_utilization}")
         if not 0 <= self.shard_index < self.num_shards:
             raise ValueError(f"shard_index must be in [0, num_shards={self.num_shards}), not {self.shard_index}")
 
@@ -90,7 +100,7 @@ def run(cfg: CacheTeacherConfig, command: str = "") -> dict[str, Any]:
         tokens = 0
         for index, rows in zip(todo, todo_rows):
             targets = [None] * len(rows)
-            for batch in make_batches(rows, cfg.max_batch_tokens, cfg.batch_size):
+            for batch in _batches(teacher, rows, cfg):
                 for i, t in zip(batch, teacher.score([rows[i] for i in batch])):
                     targets[i] = t
                 tokens += sum(len(rows[i].input_ids) for i in batch)
@@ -117,8 +127,35 @@ def _check_top_k(cfg: CacheTeacherConfig, tokenizer: Any) -> None:
 
 def _load_teacher(cfg: CacheTeacherConfig) -> TeacherBackend:
     if cfg.backend == "vllm":
-        raise KdpipeError("--backend vllm is not available in this version; use --backend hf")
+        from kdpipe.teacher_vllm import VllmTeacher
+
+        return VllmTeacher.load(
+            cfg.model, cfg.top_k, cfg.dtype, cfg.device, cfg.revision, seed=cfg.seed,
+            tensor_parallel_size=cfg.vllm_tensor_parallel_size,
+            max_model_len=cfg.vllm_max_model_len or _vllm_model_len(cfg),
+            gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+            max_num_batched_tokens=cfg.vllm_max_num_batched_tokens,
+        )
     return HFTeacher(load_model(cfg.model, cfg.dtype, cfg.device, cfg.revision), cfg.top_k, cfg.chunk_size)
+
+
+def _vllm_model_len(cfg: CacheTeacherConfig) -> int | None:
+    """max_length + 1 (vLLM counts the one generated token), capped by the model's own limit."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(resolve_model_name(cfg.model), revision=cfg.revision)
+    except Exception:  # the engine start reports it
+        return None
+    limit = getattr(config.get_text_config(), "max_position_embeddings", None)
+    return min(cfg.max_length + 1, limit) if limit else cfg.max_length + 1
+
+
+def _batches(teacher: TeacherBackend, rows: list[Any], cfg: CacheTeacherConfig) -> list[list[int]]:
+    """A whole shard for backends that batch internally (vLLM), else length-sorted batches."""
+    if getattr(teacher, "whole_shard", False):
+        return [list(range(len(rows)))]
+    return make_batches(rows, cfg.max_batch_tokens, cfg.batch_size)
 
 
 def _manifest_header(cfg: CacheTeacherConfig, command: str, tokenizer: Any, template: Any, selection: Any,
