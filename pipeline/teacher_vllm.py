@@ -59,7 +59,9 @@ def on_cpu(device: str) -> bool:
 class VllmTeacher:
     """A `vllm.LLM` as teacher (see the module docstring)."""
 
-    whole_shard = True  # the stage passes a shard's examples in one call
+    whole_shard = True  # the stage passes a shard's examples in one call ...
+    call_tokens = 131072  # ... split into generate calls of at most this many prompt tokens: vLLM returns
+    # (k + 1) Python floats per prompt token, so a whole shard of long examples in one call would hold GBs
 
     def __init__(self, llm: Any, k: int):
         from vllm import SamplingParams
@@ -133,15 +135,24 @@ class VllmTeacher:
     def score(self, batch: Sequence[TokenizedExample]) -> list[Targets]:
         from vllm.inputs import TokensPrompt
 
-        prompts = [TokensPrompt(prompt_token_ids=e.input_ids.tolist()) for e in batch]
-        try:
-            outputs = self.llm.generate(prompts, self.params, use_tqdm=False)
-        except Exception as e:
-            raise KdpipeError(
-                f"vLLM failed on a batch starting with example '{batch[0].id}': {_first_line(e)} "
-                "(an example must be shorter than --vllm-max-model-len and the model's context; see --max-length)"
-            ) from None
-        return [self._targets(e, out.prompt_logprobs) for e, out in zip(batch, outputs)]
+        out, start = [], 0
+        while start < len(batch):
+            end, tokens = start, 0
+            while end < len(batch) and (end == start or tokens + len(batch[end].input_ids) <= self.call_tokens):
+                tokens += len(batch[end].input_ids)
+                end += 1
+            part = batch[start:end]
+            prompts = [TokensPrompt(prompt_token_ids=e.input_ids.tolist()) for e in part]
+            try:
+                outputs = self.llm.generate(prompts, self.params, use_tqdm=False)
+            except Exception as e:
+                raise KdpipeError(
+                    f"vLLM failed on a batch starting with example '{part[0].id}': {_first_line(e)} "
+                    "(an example must be shorter than --vllm-max-model-len and the model's context; see --max-length)"
+                ) from None
+            out += [self._targets(e, o.prompt_logprobs) for e, o in zip(part, outputs)]
+            start = end
+        return out
 
     def _targets(self, example: TokenizedExample, logprobs: Any) -> Targets:
         """Entry t+1 of vLLM's prompt log-probs is the distribution predicted at t (entry 0 is empty)."""

@@ -140,6 +140,14 @@ def test_scores_equal_hf_with_labels_inside_and_outside_top_k(run: SimpleNamespa
         batch.append(TokenizedExample(f"g{i}", ids, np.arange(len(ids) - 1, dtype=np.int32)))
     want = HFTeacher(model, K).score(batch)
     got = run.teacher.score(batch)
+    run.teacher.call_tokens = 40  # several generate calls, same result
+    try:
+        split = run.teacher.score(batch)
+    finally:
+        del run.teacher.call_tokens
+    for a, b in zip(got, split, strict=True):
+        np.testing.assert_array_equal(a.topk_ids, b.topk_ids)
+        np.testing.assert_array_equal(a.target_logprob, b.target_logprob)
     inside = outside = 0
     for e, a, b in zip(batch, want, got, strict=True):
         np.testing.assert_array_equal(b.topk_ids, a.topk_ids)
