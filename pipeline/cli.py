@@ -236,5 +236,40 @@ def merge_lora_cmd(adapter: str, output: str) -> None:
     click.echo(f"merged {adapter} -> {merge_lora(adapter, output)}")
 
 
+# ---- evaluate ----
+from kdpipe.stages.evaluate import EvaluateConfig  # noqa: E402
+
+
+def _evaluate_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """EvaluateConfig's options, with --model repeatable (each also takes a comma-separated list)."""
+    fn = config_options(EvaluateConfig)(fn)
+    for param in fn.__click_params__:
+        if param.name == "model":
+            param.multiple, param.default = True, None
+    return fn
+
+
+@main.command("evaluate")
+@_evaluate_options
+def evaluate_cmd(config_file: str | None, **options: Any) -> None:
+    """Evaluate models side by side: task metrics, fidelity to the teacher, lm-eval benchmarks.
+
+    \b
+    Examples:
+      kdpipe evaluate                                   # latest finished run: student, base, teacher
+      kdpipe evaluate --model runs/demo-student --model runs/demo/teacher --dataset kdpipe:arithmetic --split test
+      kdpipe evaluate --model runs/imdb-0.6b --dataset imdb --split test --limit 500 --cache cache/imdb-heldout
+    Writes results.json, results.csv, predictions.jsonl and metrics.png to --output (default RUN/eval or eval).
+    """
+    from kdpipe.stages import evaluate
+
+    options["model"] = [m for value in options.get("model") or () for m in value.split(",") if m.strip()] or None
+    cfg = load_config(EvaluateConfig, config_file, options)
+    shown = {k: (",".join(v) if isinstance(v, list) else v) for k, v in options.items()}
+    results = evaluate.run(cfg, command_line(config_file, shown), echo=lambda m: click.echo(m, err=True))
+    click.echo(evaluate.format_table(results))
+    click.echo(evaluate.summary(results))
+
+
 if __name__ == "__main__":
     main()
