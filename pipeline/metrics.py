@@ -112,7 +112,9 @@ def student_bucket_logp(student_logp: torch.Tensor, topk_ids: torch.Tensor, vali
     logp = student_logp.double()
     ids = torch.where(valid, topk_ids, 0)
     picked = logp.gather(-1, ids).masked_fill(~valid, -math.inf)
-    hit = torch.zeros_like(logp, dtype=torch.bool).scatter_(-1, ids, valid)
+    vocab = logp.shape[-1]
+    hit = torch.zeros(logp.shape[0], vocab + 1, dtype=torch.bool, device=logp.device)
+    hit = hit.scatter_(-1, torch.where(valid, topk_ids, vocab), True)[:, :vocab]  # invalid ids: a spare column
     rest = logp.masked_fill(hit, -math.inf).logsumexp(-1, keepdim=True)
     return torch.cat([picked, rest], -1)
 

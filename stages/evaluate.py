@@ -118,8 +118,7 @@ def run(cfg: EvaluateConfig, command: str = "", echo: Callable[[str], None] = pr
     tasks = _tasks(cfg)
     if not tasks and not cfg.cache and not cfg.lm_eval:
         raise KdpipeError("nothing to evaluate: pass --dataset (with --task), --cache and/or --lm-eval")
-    if cfg.lm_eval:
-        _check_lm_eval()
+    manager = _check_lm_eval(cfg.lm_eval) if cfg.lm_eval else None
     template = get_template(cfg.resolved_template(), cfg.label_names) if tasks else None
     examples = load_examples(cfg).examples if tasks else []
     if tasks and template.name != "chat":
@@ -157,7 +156,7 @@ def run(cfg: EvaluateConfig, command: str = "", echo: Callable[[str], None] = pr
         if cache is not None:
             values.update({f"fidelity/{k}": v for k, v in fidelity(model, tokenizer, cache, cfg, spec).items()})
         if cfg.lm_eval:
-            values.update(run_lm_eval(model, tokenizer, cfg))
+            values.update(run_lm_eval(model, tokenizer, cfg, manager))
         torch.set_num_threads(threads)
         del model
         gc.collect()
@@ -557,13 +556,28 @@ def fidelity(model: Any, tokenizer: Any, cache: Any, cfg: EvaluateConfig, spec: 
 # ---------------------------------------------------------------- lm-evaluation-harness
 
 
-def _check_lm_eval() -> None:
+def _check_lm_eval(tasks: list[str] | None = None) -> Any:
+    """lm-eval's TaskManager, after checking that lm-eval is installed and knows every task in `tasks`."""
     if importlib.util.find_spec("lm_eval") is None:
         raise KdpipeError("--lm-eval needs lm-evaluation-harness, which is not installed: "
                           "pip install 'kdpipe[lm-eval]' (or pip install lm-eval)")
+    if tasks is None:
+        return None
+    import difflib
+
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager()
+    known = set(manager.all_tasks)
+    for task in tasks:
+        if task not in known:
+            close = difflib.get_close_matches(task, known, n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else " (`lm-eval ls tasks` lists them)"
+            raise KdpipeError(f"lm-eval has no task '{task}'{hint}")
+    return manager
 
 
-def run_lm_eval(model: Any, tokenizer: Any, cfg: EvaluateConfig) -> dict[str, float]:
+def run_lm_eval(model: Any, tokenizer: Any, cfg: EvaluateConfig, manager: Any = None) -> dict[str, float]:
     """lm-eval's own `simple_evaluate` on an `HFLM` wrapping the loaded model; every numeric metric, no stderr."""
     _check_lm_eval()
     import lm_eval
@@ -573,7 +587,7 @@ def run_lm_eval(model: Any, tokenizer: Any, cfg: EvaluateConfig) -> dict[str, fl
     try:
         out = lm_eval.simple_evaluate(model=lm, tasks=list(cfg.lm_eval), limit=cfg.limit, random_seed=cfg.seed,
                                       numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed,
-                                      fewshot_random_seed=cfg.seed, log_samples=False)
+                                      fewshot_random_seed=cfg.seed, log_samples=False, task_manager=manager)
     except KdpipeError:
         raise
     except Exception as e:
@@ -591,19 +605,28 @@ def run_lm_eval(model: Any, tokenizer: Any, cfg: EvaluateConfig) -> dict[str, fl
     return values
 
 
+NETWORK_ERRORS = ("ConnectionError", "OfflineModeIsEnabled", "LocalEntryNotFoundError", "DatasetNotFoundError",
+                  "HfHubHTTPError", "ConnectTimeout", "ReadTimeout", "MaxRetryError")
+
+
 def lm_eval_error(e: BaseException, tasks: list[str]) -> str:
-    text, kind = _first_line(e), type(e).__name__
-    network = ("ConnectionError", "OfflineModeIsEnabled", "LocalEntryNotFoundError", "HFValidationError", "DatasetNotFoundError",
-               "HfHubHTTPError", "FileNotFoundError")
+    """A one-paragraph message for an exception out of lm-eval: data unreachable, a missing package, or other."""
     import os
 
-    offline = os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
-    if kind in network or any(w in text.lower() for w in ("offline", "connect", "internet", "resolve", "hub")) or offline:
+    text, kind = _first_line(e), type(e).__name__
+    names = ", ".join(tasks)
+    if isinstance(e, ModuleNotFoundError):
+        return (f"lm-eval task(s) {names} need the Python package '{e.name}', which is not installed "
+                f"(pip install {e.name}, or lm-eval's extra for the task, e.g. pip install 'lm-eval[ifeval]')")
+    chain = {type(x).__name__ for x in (e, e.__cause__, e.__context__) if x is not None}
+    lowered = text.lower()
+    if chain & set(NETWORK_ERRORS) or any(w in lowered for w in ("couldn't reach", "offline", "connection", "internet")):
+        offline = os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
         hint = " (offline mode is on: HF_DATASETS_OFFLINE/HF_HUB_OFFLINE)" if offline else ""
-        return (f"lm-eval could not get the data of {', '.join(tasks)}{hint}: {kind}: {text}. lm-eval downloads its "
-                "datasets from the Hugging Face hub; run once with network access (they are cached) or set HF_HOME "
-                "to a cache that has them")
-    return f"lm-eval failed on {', '.join(tasks)}: {kind}: {text}"
+        return (f"lm-eval could not get the data of {names}{hint}: {kind}: {text}. lm-eval downloads its datasets "
+                "from the Hugging Face hub: run once with network access (they are cached), or point HF_HOME at a "
+                "cache that holds them")
+    return f"lm-eval failed on {names}: {kind}: {text}"
 
 
 # ---------------------------------------------------------------- output
