@@ -76,8 +76,12 @@ class CacheTeacherConfig(DataConfig):
         return Path("cache") / re.sub(r"[^A-Za-z0-9_.-]+", "-", stem).strip("-")
 
 
-def run(cfg: CacheTeacherConfig, command: str = "") -> dict[str, Any]:
-    """Cache the teacher's targets for `cfg`; returns the final manifest."""
+def run(cfg: CacheTeacherConfig, command: str = "", teacher: TeacherBackend | None = None) -> dict[str, Any]:
+    """Cache the teacher's targets for `cfg`; returns the final manifest.
+
+    `teacher` is a backend already loaded for `cfg` (e.g. to cache several splits with one load);
+    otherwise the teacher is loaded here and released at the end, before any later stage.
+    """
     if not cfg.model:
         raise KdpipeError("no teacher given: pass --model (or 'model:' in the config file)")
     tokenizer = load_tokenizer(cfg.model, cfg.revision)
@@ -88,7 +92,18 @@ def run(cfg: CacheTeacherConfig, command: str = "") -> dict[str, Any]:
 
     total_shards = -(-len(examples) // cfg.rows_per_shard)
     assigned = [i for i in range(total_shards) if i % cfg.num_shards == cfg.shard_index]
-    teacher = _load_teacher(cfg)
+    owned = teacher is None
+    teacher = _load_teacher(cfg) if owned else teacher
+    try:
+        return _write(cfg, command, tokenizer, template, selection, examples, report, teacher, total_shards, assigned)
+    finally:
+        if owned:
+            getattr(teacher, "close", lambda: None)()
+
+
+def _write(cfg: CacheTeacherConfig, command: str, tokenizer: Any, template: Any, selection: Any, examples: list[Any],
+           report: Any, teacher: TeacherBackend, total_shards: int, assigned: list[int]) -> dict[str, Any]:
+    """Score and write every pending shard of this machine's part."""
     header = _manifest_header(cfg, command, tokenizer, template, selection, report, teacher, total_shards)
     encode = ENCODINGS[cfg.encoding][0]
     meta = _file_metadata(header)
@@ -222,4 +237,5 @@ def summary(manifest: dict[str, Any]) -> str:
         f"{t['rows']} examples, {t['target_tokens']:,} target tokens ({t['tokens']:,} tokens) in {t['shards']} shard(s), "
         f"{t['bytes'] / 1e6:.2f} MB on disk, {t['bytes_per_target_token']} bytes per target token, "
         f"{manifest.get('elapsed_s', 0):.1f} s"
+        + "".join(f"; {n} {what}" for what, n in sorted(manifest["dataset"]["report"].items()))
     )
