@@ -123,7 +123,7 @@ def run(cfg: EvaluateConfig, command: str = "", echo: Callable[[str], None] = pr
     examples = load_examples(cfg).examples if tasks else []
     if tasks and template.name != "chat":
         _check_examples(examples, template, tasks, cfg)
-    cache = _open_cache(cfg.cache) if cfg.cache else None
+    cache = _open_cache(cfg.cache, echo) if cfg.cache else None
 
     tokenizers = {}
     for spec in list(specs):
@@ -144,7 +144,13 @@ def run(cfg: EvaluateConfig, command: str = "", echo: Callable[[str], None] = pr
     for spec in specs:
         start = time.perf_counter()
         torch.manual_seed(cfg.seed)
-        model, tokenizer = _load(spec, cfg), tokenizers[spec.name]
+        try:
+            model, tokenizer = _load(spec, cfg), tokenizers[spec.name]
+        except KdpipeError as e:
+            if not spec.optional:
+                raise
+            echo(f"skipping the {spec.role or 'model'} {spec.source}: {e.message}")
+            continue
         threads = torch.get_num_threads()
         if _small_on_cpu(model):
             torch.set_num_threads(1)  # tiny matrices: thread hand-offs cost more than they save (10x on a busy CPU)
@@ -517,7 +523,7 @@ TASK_FUNCTIONS = {"classify": classify, "exact-match": exact_match, "perplexity"
 # ---------------------------------------------------------------- fidelity to the teacher
 
 
-def _open_cache(path: str) -> Any:
+def _open_cache(path: str, echo: Callable[[str], None] = print) -> Any:
     from kdpipe.cache import open_cache
 
     cache = open_cache(path)
@@ -525,7 +531,7 @@ def _open_cache(path: str) -> Any:
         raise KdpipeError(f"cache {path} holds no examples")
     part = (cache.manifest.get("dataset") or {}).get("part")
     if part != "heldout" and (cache.manifest.get("dataset") or {}).get("split") == "train":
-        print(f"note: cache {path} is not a held-out part (part={part}); fidelity on training data flatters a student")
+        echo(f"note: cache {path} is not a held-out part (part={part}); fidelity on training data flatters a student")
     return cache
 
 

@@ -4,7 +4,6 @@ padding invariance, adapter == merged, fidelity on a cache, the CLI end to end, 
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 from pathlib import Path
@@ -189,6 +188,17 @@ def test_cli_end_to_end(env, tmp_path):
     assert len((out / "predictions.jsonl").read_text().splitlines()) == 2 * 10
     pytest.importorskip("matplotlib")
     assert (out / "metrics.png").stat().st_size > 0
+
+
+def test_classify_by_generation_reports_unparsed_answers(env, tmp_path):
+    result = kdpipe("evaluate", "--model", env["base"], "--dataset", env["reviews"], "--template", "sentiment",
+                    "--generate", "--max-new-tokens", 3, "--output", tmp_path, "--no-plot")
+    assert "classify/unparsed" in result.stdout
+    preds = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == len(REVIEWS) and all("output" in p for p in preds)
+    data = json.loads((tmp_path / "results.json").read_text())
+    unparsed = sum(p["predicted"] is None for p in preds) / len(preds)
+    assert data["models"][0]["metrics"]["classify/unparsed"] == pytest.approx(unparsed)
 
 
 def _header(result) -> list[str]:
