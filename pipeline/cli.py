@@ -271,5 +271,28 @@ def evaluate_cmd(config_file: str | None, **options: Any) -> None:
     click.echo(evaluate.summary(results))
 
 
+# ---- run: a whole experiment from one YAML file ----
+@main.command("run")
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option("--dry-run", is_flag=True, help="Print the plan (each step, its equivalent command, run or skip) and stop.")
+@click.option("--from", "start", default=None, help="Start at this step (earlier steps must be done).")
+@click.option("--only", default=None, help="Run only this step.")
+def run_cmd(config: str, dry_run: bool, start: str | None, only: str | None) -> None:
+    """Run a whole experiment from one YAML file: teacher_init, finetune, cache, heldout_cache,
+    student_init, train, baseline, evaluate (each section optional; keys = that stage's options).
+
+    \b
+    Example:
+      kdpipe run configs/demo.yaml            # the offline demo
+      kdpipe run configs/imdb-qwen3.yaml --dry-run
+    A rerun skips every step whose output is complete with the same settings (resume after a crash).
+    """
+    from kdpipe.stages import run as pipeline_run
+
+    if start and only:
+        raise KdpipeError("pass --from or --only, not both")
+    pipeline_run.run(config, start=start, only=only, dry_run=dry_run, echo=click.echo)
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,473 @@
+"""`kdpipe run CONFIG`: a whole experiment from one YAML file, step by step, resumable.
+
+Recipe: read the YAML (following `base:` inheritance), build every section's stage config with that
+stage's dataclass (unknown keys are errors naming the section), resolve references between steps
+(``model: "@finetune"`` = that step's output), then run the steps in order. Each step loads only
+its own model and is skipped when its output is already there, complete, with the same settings:
+
+| section          | stage                      | skipped when                                              |
+|------------------|----------------------------|-----------------------------------------------------------|
+| `teacher_init`   | `kdpipe init-model`        | the folder holds a model and kdpipe_init.json with the same options |
+| `finetune`       | `kdpipe finetune`          | kdpipe_run.json: status complete, same options             |
+| `cache`          | `kdpipe cache-teacher`     | manifest.json: complete, written by the same command       |
+| `heldout_cache`  | `kdpipe cache-teacher`     | idem (the held-out data for fidelity in `evaluate`)        |
+| `student_init`   | `kdpipe init-model`        | as teacher_init                                            |
+| `train`          | `kdpipe train-student`     | as finetune                                                |
+| `baseline`       | `kdpipe finetune`          | as finetune (the SFT-only student)                         |
+| `evaluate`       | `kdpipe evaluate`          | results.json from the same command and no earlier step ran |
+
+A training step that crashed resumes from its last checkpoint (or starts over when it left none).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shlex
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kdpipe.config import build_config, option, read_yaml, to_dict
+from kdpipe.errors import KdpipeError
+from kdpipe.stages.cache_teacher import CacheTeacherConfig
+from kdpipe.stages.evaluate import EvaluateConfig
+from kdpipe.stages.finetune import FinetuneConfig
+from kdpipe.stages.train_student import TrainStudentConfig
+
+INIT_FILE = "kdpipe_init.json"
+RUN_FILE = "kdpipe_run.json"
+
+
+@dataclass
+class InitModelConfig:
+    """Options of `kdpipe init-model` (a randomly initialised Qwen3-architecture model)."""
+
+    output: str | None = option(None, "Folder for the new model and its tokenizer (default runs/NAME/STEP).")
+    tokenizer: str | None = option(None, "Use this model's tokenizer (hub id or path) ...")
+    train_tokenizer_on: str | None = option(None, "... or train a byte-level BPE on this dataset's rendered examples.")
+    template: str = option("auto", "Template used to render the tokenizer corpus.")
+    vocab_size: int = option(512, "Vocabulary of a trained tokenizer.")
+    hidden_size: int = option(64, "Hidden size.")
+    layers: int = option(2, "Decoder layers.")
+    heads: int = option(4, "Attention heads.")
+    kv_heads: int = option(2, "Key/value heads.")
+    head_dim: int = option(32, "Head dimension (>= 32 for vLLM's CPU kernels).")
+    intermediate_size: int | None = option(None, "MLP size (default 4 x hidden size).")
+    seed: int = option(0, "Seed of the initialisation.")
+
+    def __post_init__(self) -> None:
+        if self.tokenizer and self.train_tokenizer_on:
+            raise ValueError("give exactly one of tokenizer or train_tokenizer_on, not both")
+        for name in ("vocab_size", "hidden_size", "layers", "heads", "kv_heads", "head_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
+        if self.heads % self.kv_heads:
+            raise ValueError(f"heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
+
+
+@dataclass
+class Step:
+    name: str
+    kind: str  # init, finetune, cache, train, evaluate
+    cls: type
+
+
+STEPS = [
+    Step("teacher_init", "init", InitModelConfig),
+    Step("finetune", "finetune", FinetuneConfig),
+    Step("cache", "cache", CacheTeacherConfig),
+    Step("heldout_cache", "cache", CacheTeacherConfig),
+    Step("student_init", "init", InitModelConfig),
+    Step("train", "train", TrainStudentConfig),
+    Step("baseline", "finetune", FinetuneConfig),
+    Step("evaluate", "evaluate", EvaluateConfig),
+]
+STEP_NAMES = [s.name for s in STEPS]
+TOP_KEYS = {"name": "experiment name: default folders runs/NAME/STEP and cache/NAME[-heldout]",
+            "seed": "default seed of every section that has one",
+            "base": "YAML file (relative to this one) whose keys this file extends",
+            "description": "free text",
+            "labels": "names of the evaluated models in the final table, by reference (e.g. '@train': student after KD)"}
+STANDALONE = {"init": "init-model", "finetune": "finetune", "cache": "cache-teacher", "train": "train-student",
+              "evaluate": "evaluate"}
+
+
+@dataclass
+class Plan:
+    """A validated experiment: the steps to run, in order, with their resolved configs."""
+
+    path: Path
+    name: str
+    steps: list[tuple[Step, Any]]  # (step, config)
+    labels: dict[str, str]
+    outputs: dict[str, str]
+
+
+# ---------------------------------------------------------------- loading
+
+
+def read_experiment(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The YAML mapping of `path`, merged over its `base:` file (sections merged key by key)."""
+    path = Path(path)
+    if path.resolve() in _seen:
+        raise KdpipeError(f"{path}: 'base' inheritance loops back to {path}")
+    data = read_yaml(path)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    parent = read_experiment(path.parent / str(base), (*_seen, path.resolve()))
+    for key, value in data.items():
+        if isinstance(value, dict) and isinstance(parent.get(key), dict):
+            parent[key] = {**parent[key], **value}
+        elif value is None and key in STEP_NAMES:
+            parent.pop(key, None)  # `section: null` drops an inherited step
+        else:
+            parent[key] = value
+    return parent
+
+
+def plan(path: str | Path) -> Plan:
+    """Read and validate `path`; resolve defaults and references. Loads no model and no data."""
+    data = read_experiment(path)
+    source = str(path)
+    unknown = [k for k in data if k not in STEP_NAMES and k not in TOP_KEYS]
+    if unknown:
+        raise KdpipeError(f"{source}: unknown section '{unknown[0]}'; sections: {', '.join(STEP_NAMES)}; "
+                          f"other top-level keys: {', '.join(TOP_KEYS)}")
+    name = str(data.get("name") or Path(path).stem)
+    seed = data.get("seed")
+    outputs: dict[str, str] = {}
+    steps: list[tuple[Step, Any]] = []
+    for step in STEPS:
+        if step.name not in data:
+            continue
+        values = data[step.name]
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise KdpipeError(f"{source}: section '{step.name}' must be a mapping of {step.name} options")
+        values = dict(values)
+        fields = {f.name for f in dataclasses.fields(step.cls)}
+        if seed is not None and "seed" in fields and "seed" not in values:
+            values["seed"] = seed
+        values = {k: _resolve(v, outputs, f"{source}: section '{step.name}', key '{k}'") for k, v in values.items()}
+        cfg = build_config(step.cls, values, source=f"{source}: section '{step.name}'")
+        outputs[step.name] = _set_output(step, cfg, name)
+        steps.append((step, cfg))
+    if not steps:
+        raise KdpipeError(f"{source}: no steps; give at least one of the sections {', '.join(STEP_NAMES)}")
+    labels = {}
+    for ref, label in (data.get("labels") or {}).items():
+        labels[_resolve(ref, outputs, f"{source}: labels")] = str(label)
+    return Plan(Path(path), name, steps, labels, outputs)
+
+
+def _resolve(value: Any, outputs: dict[str, str], where: str) -> Any:
+    """'@step' -> that step's output folder (also inside lists)."""
+    if isinstance(value, list):
+        return [_resolve(v, outputs, where) for v in value]
+    if isinstance(value, str) and value.startswith("@"):
+        ref = value[1:]
+        if ref not in STEP_NAMES:
+            raise KdpipeError(f"{where}: '{value}' names no step; steps: {', '.join('@' + s for s in STEP_NAMES)}")
+        if ref not in outputs:
+            raise KdpipeError(f"{where}: '{value}' refers to a step that is not in this config or comes later")
+        return outputs[ref]
+    return value
+
+
+def _set_output(step: Step, cfg: Any, name: str) -> str:
+    """Fill in the step's default output folder (runs/NAME/STEP, cache/NAME[-heldout]); return it."""
+    if step.kind == "cache":
+        if not cfg.cache:
+            cfg.cache = f"cache/{name}" + ("-heldout" if step.name == "heldout_cache" else "")
+        return cfg.cache
+    if step.kind == "evaluate":
+        cfg.output = cfg.output or f"runs/{name}/eval"
+        return cfg.output
+    cfg.output = cfg.output or f"runs/{name}/{step.name.replace('_', '-')}"
+    return cfg.output
+
+
+# ---------------------------------------------------------------- the equivalent commands
+
+
+def standalone_command(step: Step, cfg: Any) -> str:
+    """The `kdpipe ...` command that does what this step does (recorded in the outputs, printed by --dry-run)."""
+    defaults = step.cls()
+    words = ["kdpipe", STANDALONE[step.kind]]
+    for f in dataclasses.fields(cfg):
+        value, default = getattr(cfg, f.name), getattr(defaults, f.name)
+        if value == default:
+            continue
+        flag = f.metadata.get("flag")
+        if isinstance(value, bool):
+            on, _, off = (flag or f"--{f.name.replace('_', '-')}/--no-{f.name.replace('_', '-')}").partition("/")
+            words.append(on if value else off)
+        elif isinstance(value, list):
+            if step.kind == "evaluate" and f.name == "model":
+                for v in value:
+                    words += ["--model", str(v)]
+            else:
+                words += [f"--{f.name.replace('_', '-')}", ",".join(map(str, value))]
+        elif isinstance(value, dict):
+            words += [f"--{f.name.replace('_', '-')}", ",".join(f"{k}={v}" for k, v in value.items())]
+        elif value is not None:
+            words += [f"--{f.name.replace('_', '-')}", str(value)]
+    return shlex.join(words)
+
+
+# ---------------------------------------------------------------- skip checks
+
+
+def step_state(step: Step, cfg: Any, anything_ran: bool) -> tuple[str, str]:
+    """('skip'|'run'|'resume'|'restart', why) for this step given what is on disk."""
+    command = standalone_command(step, cfg)
+    if step.kind == "init":
+        out = Path(cfg.output)
+        record = _read_json(out / INIT_FILE)
+        if record is not None and (out / "config.json").is_file():
+            if record.get("options") == to_dict(cfg):
+                return "skip", f"{out} holds this model"
+            raise KdpipeError(f"{out} holds a model initialised with other options ({_changed(record.get('options'), to_dict(cfg))}); "
+                              "remove it or choose another output")
+        if out.exists() and any(out.iterdir()):
+            raise KdpipeError(f"{out} already holds other files; remove it or choose another output")
+        return "run", ""
+    if step.kind == "cache":
+        manifest = _read_json(Path(cfg.cache) / "manifest.json")
+        if manifest is None:
+            return "run", ""
+        if manifest.get("command") == command and manifest.get("complete"):
+            return "skip", f"{cfg.cache} is complete with the same settings"
+        if manifest.get("command") == command:
+            return "resume", f"{cfg.cache} is partly written; cache-teacher continues after its last complete shard"
+        return "run", f"{cfg.cache} holds another cache; cache-teacher decides (same settings resume, others are refused unless overwrite)"
+    if step.kind in ("finetune", "train"):
+        out = Path(cfg.output)
+        record = _read_json(out / RUN_FILE)
+        if record is None:
+            if out.exists() and any(out.iterdir()):
+                raise KdpipeError(f"{out} already holds files that are not a kdpipe run; remove it or choose another output")
+            return "run", ""
+        want = "finetune" if step.kind == "finetune" else "train-student"
+        ignore = {"model", "output", "resume"}
+        before = {k: v for k, v in (record.get("config") or {}).items() if k not in ignore}
+        now = {k: v for k, v in to_dict(cfg).items() if k not in ignore}
+        same = record.get("kind") == want and before == now and _same_model(record, cfg.model)
+        if not same:
+            raise KdpipeError(
+                f"{out} holds a `kdpipe {record.get('kind')}` run with other settings ({_changed(before, now) or 'model'}); "
+                "remove it or choose another output"
+            )
+        if record.get("status") == "complete":
+            return "skip", f"{out} is complete with the same settings"
+        from kdpipe.training import last_checkpoint
+
+        if last_checkpoint(out):
+            return "resume", f"{out} was interrupted; resuming from {Path(last_checkpoint(out)).name}"
+        return "restart", f"{out} was interrupted before its first checkpoint; starting it over"
+    # evaluate
+    results = _read_json(Path(cfg.output) / "results.json")
+    if results is not None and results.get("command") == command and not anything_ran:
+        return "skip", f"{cfg.output}/results.json is from the same command"
+    return "run", ""
+
+
+def _same_model(record: dict[str, Any], model: str | None) -> bool:
+    from kdpipe.training import model_identity
+
+    recorded = record.get("identity", {}).get("model")
+    try:
+        return recorded == model_identity(model or "")
+    except Exception:
+        return recorded == model
+
+
+def _changed(before: Any, now: dict[str, Any]) -> str:
+    before = before or {}
+    keys = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+    return ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in keys[:6])
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+# ---------------------------------------------------------------- running
+
+
+def select(p: Plan, start: str | None = None, only: str | None = None) -> list[tuple[Step, Any]]:
+    names = [s.name for s, _ in p.steps]
+    for flag, value in (("--from", start), ("--only", only)):
+        if value is not None and value not in names:
+            raise KdpipeError(f"{flag} {value}: {p.path} has no such step; its steps: {', '.join(names)}")
+    if only:
+        return [(s, c) for s, c in p.steps if s.name == only]
+    if start:
+        return p.steps[names.index(start):]
+    return list(p.steps)
+
+
+def describe(p: Plan, steps: list[tuple[Step, Any]]) -> str:
+    """The plan: each step, its equivalent command and what would happen now."""
+    lines = [f"experiment {p.name} ({p.path}): {len(steps)} step(s)"]
+    for i, (step, cfg) in enumerate(steps, 1):
+        try:
+            state, why = step_state(step, cfg, anything_ran=False)
+        except KdpipeError as e:
+            state, why = "error", e.message
+        lines.append(f"{i}. {step.name:<14} [{state}] {why}".rstrip())
+        lines.append(f"     {standalone_command(step, cfg)}")
+    return "\n".join(lines)
+
+
+def run(path: str | Path, start: str | None = None, only: str | None = None, dry_run: bool = False,
+        echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run (or with `dry_run`, describe) the experiment in `path`; returns what each step did and the results."""
+    p = plan(path)
+    steps = select(p, start, only)
+    if dry_run:
+        echo(describe(p, steps))
+        return {"plan": [s.name for s, _ in steps], "done": {}}
+    done: dict[str, dict[str, Any]] = {}
+    results = None
+    anything_ran = False
+    total = time.perf_counter()
+    for i, (step, cfg) in enumerate(steps, 1):
+        state, why = step_state(step, cfg, anything_ran)
+        command = standalone_command(step, cfg)
+        if state == "skip":
+            echo(f"[{i}/{len(steps)}] {step.name}: skipped ({why})")
+            done[step.name] = {"state": "skipped", "seconds": 0.0}
+            if step.kind == "evaluate":
+                results = _read_json(Path(cfg.output) / "results.json")
+            continue
+        echo(f"[{i}/{len(steps)}] {step.name}: {command}" + (f"\n      ({why})" if why else ""))
+        start_t = time.perf_counter()
+        results = _run_step(step, cfg, command, state, echo) if step.kind == "evaluate" else results
+        if step.kind != "evaluate":
+            _run_step(step, cfg, command, state, echo)
+        anything_ran = True
+        done[step.name] = {"state": state, "seconds": round(time.perf_counter() - start_t, 1)}
+        echo(f"      {step.name} done in {done[step.name]['seconds']:.1f} s")
+    echo(f"experiment {p.name}: {sum(1 for d in done.values() if d['state'] != 'skipped')} step(s) run, "
+         f"{sum(1 for d in done.values() if d['state'] == 'skipped')} skipped, {time.perf_counter() - total:.1f} s")
+    if results is not None:
+        echo("")
+        echo(final_table(p, results))
+    return {"plan": [s.name for s, _ in steps], "done": done, "results": results}
+
+
+def _run_step(step: Step, cfg: Any, command: str, state: str, echo: Callable[[str], None]) -> Any:
+    if step.kind == "init":
+        return init_model(cfg)
+    if step.kind == "cache":
+        from kdpipe.stages import cache_teacher
+
+        manifest = cache_teacher.run(cfg, command)
+        echo(f"      cached {cache_teacher.summary(manifest)} -> {cfg.cache_folder()}")
+        return manifest
+    if step.kind in ("finetune", "train"):
+        from kdpipe.stages import finetune, train_student
+
+        if state == "restart":
+            shutil.rmtree(cfg.output)
+        cfg = dataclasses.replace(cfg, resume=state == "resume")
+        module = finetune if step.kind == "finetune" else train_student
+        record = module.run(cfg, command)
+        if record:
+            echo("      " + module.summary(record, cfg.output))
+        return record
+    from kdpipe.stages import evaluate
+
+    results = evaluate.run(cfg, command, echo=lambda m: echo("      " + m))
+    return results
+
+
+def init_model(cfg: InitModelConfig) -> None:
+    from kdpipe import tiny
+    from kdpipe.data import DataConfig, load_examples
+    from kdpipe.models import load_tokenizer
+    from kdpipe.templates import get_template
+
+    if not cfg.tokenizer and not cfg.train_tokenizer_on:
+        raise KdpipeError(f"init-model {cfg.output}: give tokenizer or train_tokenizer_on")
+    if cfg.tokenizer:
+        tok = load_tokenizer(cfg.tokenizer)
+    else:
+        data = DataConfig(dataset=cfg.train_tokenizer_on, template=cfg.template)
+        template = get_template(data.resolved_template(), data.label_names)
+        corpus = ["".join(s.text for s in template.render(e.fields, e.id)) for e in load_examples(data).examples]
+        tok = tiny.train_tokenizer(corpus, cfg.vocab_size)
+    tiny.init_model(cfg.output, tok, cfg.hidden_size, cfg.layers, cfg.heads, cfg.kv_heads, cfg.head_dim,
+                    intermediate_size=cfg.intermediate_size, seed=cfg.seed)
+    (Path(cfg.output) / INIT_FILE).write_text(json.dumps({"kind": "init-model", "options": to_dict(cfg)}, indent=2) + "\n")
+
+
+# ---------------------------------------------------------------- the final table
+
+
+def final_table(p: Plan, results: dict[str, Any]) -> str:
+    """A row per evaluated model: task metrics, fidelity, size and training time."""
+    columns = [("exact-match/exact_match", "exact match"), ("classify/accuracy", "accuracy"),
+               ("perplexity/perplexity", "perplexity"), ("fidelity/top1_agreement", "top-1 agree"),
+               ("fidelity/kl", "KL(T||S)")]
+    models = results.get("models", [])
+    shown = [(k, title) for k, title in columns if any(k in m["metrics"] for m in models)]
+    extra = sorted({k for m in models for k in m["metrics"] if k.startswith("lm_eval") or k.startswith("lm-eval")})
+    shown += [(k, k.split("/", 1)[-1]) for k in extra]
+    header = ["model", "params"] + [t for _, t in shown] + ["train s", "eval s"]
+    rows = []
+    for m in models:
+        label = _label(p, m)
+        size = _params(m.get("path") or m.get("source") or "")
+        train_s = (_read_json(Path(m["run"]) / RUN_FILE) or {}).get("train_seconds") if m.get("run") else None
+        cells = [label, f"{size / 1e6:.2f}M" if size else "—"]
+        cells += [_cell(m["metrics"].get(k)) for k, _ in shown]
+        cells += [f"{train_s:.0f}" if train_s is not None else "—", f"{m.get('seconds', 0):.0f}"]
+        rows.append(cells)
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+    fmt = lambda r: "  ".join(c.ljust(widths[0]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(r))  # noqa: E731
+    return "\n".join([fmt(header), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows])
+
+
+def _label(p: Plan, m: dict[str, Any]) -> str:
+    for key in (m.get("source"), m.get("path")):
+        if key in p.labels:
+            return p.labels[key]
+    return m.get("name", "?")
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float) and abs(value) < 1000:
+        return f"{value:.4f}"
+    return str(value)
+
+
+def _params(path: str) -> int | None:
+    """Parameters of a local model folder, from its safetensors headers (no load)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return None
+    total = 0
+    for file in folder.glob("*.safetensors"):
+        with open(file, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size))
+        for key, info in header.items():
+            if key != "__metadata__":
+                n = 1
+                for d in info["shape"]:
+                    n *= d
+                total += n
+    return total or None
