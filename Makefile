@@ -1,5 +1,6 @@
 # Two commands set everything up on a fresh machine:
-#   make demo   install kdpipe into .venv and run the offline demo (tiny models, no hub)
+#   make demo   install kdpipe into .venv and run the offline demo (kdpipe run configs/demo.yaml: build and
+#               train a tiny teacher, cache it, distil a student, SFT baseline, table; no hub, CPU)
 #   make test   install kdpipe with its test extras into .venv and run the test suite
 PYTHON ?= python3
 VENV   ?= .venv
@@ -33,13 +34,10 @@ $(VENV)/.installed-vllm: $(VENV)/.installed
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	$(BIN)/kdpipe init-model --output runs/demo/teacher --train-tokenizer-on kdpipe:arithmetic --hidden-size 128 --layers 4
-	$(BIN)/kdpipe cache-teacher --config configs/demo-cache.yaml
-	$(BIN)/kdpipe cache info cache/demo
-	$(BIN)/kdpipe cache verify cache/demo
+	$(BIN)/kdpipe run configs/demo.yaml
 
 clean-demo:
-	rm -rf runs/demo cache/demo
+	rm -rf runs/demo cache/demo cache/demo-heldout
 
 test: $(VENV)/.installed-vllm
 	$(BIN)/python -m pytest -q
