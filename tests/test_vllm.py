@@ -71,6 +71,7 @@ def run(models: SimpleNamespace) -> SimpleNamespace:
 
     mp = pytest.MonkeyPatch()
     mp.setattr(VllmTeacher, "load", classmethod(load))
+    mp.setattr(VllmTeacher, "close", lambda self: None)  # cache-teacher releases its teacher; keep the shared one
     common = ["--model", models.teacher, "--top-k", str(K), "--dtype", "fp32", *DATA]
     out = SimpleNamespace(vllm=models.root / "cache-vllm", hf=models.root / "cache-hf", common=common, started=started)
     try:
