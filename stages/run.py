@@ -264,6 +264,11 @@ def step_state(step: Step, cfg: Any, anything_ran: bool) -> tuple[str, str]:
                 f"{out} holds a `kdpipe {record.get('kind')}` run with other settings ({_changed(before, now) or 'model'}); "
                 "remove it or choose another output"
             )
+        cached = record.get("identity", {}).get("cache")
+        manifest = _read_json(Path(cfg.cache) / "manifest.json") if step.kind == "train" and cfg.cache else None
+        if cached and manifest and manifest.get("settings_hash") != cached:
+            raise KdpipeError(f"{out} was trained on another cache than {cfg.cache} (settings differ); "
+                              "remove it to train again on this cache")
         if record.get("status") == "complete":
             return "skip", f"{out} is complete with the same settings"
         from kdpipe.training import last_checkpoint
@@ -367,6 +372,23 @@ def run(path: str | Path, start: str | None = None, only: str | None = None, dry
 
 
 def _run_step(step: Step, cfg: Any, command: str, state: str, echo: Callable[[str], None]) -> Any:
+    """Run one step; a tiny model on a CPU uses one thread (thread hand-offs cost more than they save)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    model = getattr(cfg, "model", None)
+    if isinstance(model, str) and not torch.cuda.is_available() and (_params(model) or 10**9) < SMALL_MODEL:
+        torch.set_num_threads(1)
+    try:
+        return _run_stage(step, cfg, command, state, echo)
+    finally:
+        torch.set_num_threads(threads)
+
+
+SMALL_MODEL = 20_000_000  # parameters
+
+
+def _run_stage(step: Step, cfg: Any, command: str, state: str, echo: Callable[[str], None]) -> Any:
     if step.kind == "init":
         return init_model(cfg)
     if step.kind == "cache":
