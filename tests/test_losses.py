@@ -341,3 +341,189 @@ def test_unknown_loss_lists_valid_names():
     with pytest.raises(ValueError) as err:
         DistillLossConfig(loss="kl")
     assert all(name in str(err.value) for name in LOSSES)
+
+
+# ---------------------------------------------------------------- fused linear path
+
+
+def linear_problem(bias=True, dtype=F64, seed=1, requires_grad=True):
+    g = torch.Generator().manual_seed(seed)
+    head = torch.nn.Linear(D, V, bias=bias, dtype=dtype)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(V, D, generator=g, dtype=dtype))
+        if bias:
+            head.bias.copy_(torch.randn(V, generator=g, dtype=dtype))
+    head.requires_grad_(requires_grad)
+    hidden = torch.randn(N, D, generator=g, dtype=dtype, requires_grad=True)
+    return head, hidden
+
+
+def fused_vs_checkpointed_vs_dense(head, hidden, zt, labels, cfg, k):
+    """(fused, checkpointed, dense) (loss, grads w.r.t. hidden and every trainable head parameter)."""
+    from dataclasses import replace
+
+    t = make_targets(zt, k, labels)
+    params = [hidden] + [p for p in head.parameters() if p.requires_grad]
+    fused = loss_and_grad(lambda *_: distill_loss(hidden, head, t, cfg), *params)
+    ckpt = loss_and_grad(lambda *_: distill_loss(hidden, head, t, replace(cfg, fused=False)), *params)
+    dense = loss_and_grad(lambda *_: ref_loss(zt, head(hidden).double(), labels, cfg, k), *params)
+    return fused, ckpt, dense
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.6, 1.0])
+@pytest.mark.parametrize("T", [1.0, 2.0])
+@pytest.mark.parametrize("tail", TAILS)
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("k", [V, 4], ids=["full", "topk"])
+def test_fused_linear_matches_checkpointed_and_dense(loss, tail, T, k, alpha):
+    zt, _, labels = problem()
+    head, hidden = linear_problem()
+    fused, ckpt, dense = fused_vs_checkpointed_vs_dense(head, hidden, zt, labels, cfg_for(loss, tail, T, alpha=alpha), k)
+    assert len(fused[1]) == 3  # hidden, weight, bias
+    assert_matches(fused, dense)
+    assert_matches(fused, ckpt)
+
+
+@pytest.mark.parametrize("T", [1.0, 2.0])
+@pytest.mark.parametrize("tail", TAILS)
+def test_fused_linear_frozen_head(tail, T):
+    zt, _, labels = problem()
+    head, hidden = linear_problem(requires_grad=False)
+    fused, ckpt, dense = fused_vs_checkpointed_vs_dense(head, hidden, zt, labels, cfg_for("jsd", tail, T, alpha=0.5), 4)
+    assert len(fused[1]) == 1
+    assert_matches(fused, dense)
+    assert_matches(fused, ckpt)
+    loss = distill_loss(hidden, head, make_targets(zt, 4, labels), cfg_for("jsd", tail, T, alpha=0.5))
+    loss.backward()
+    assert head.weight.grad is None and head.bias.grad is None and hidden.grad is not None
+
+
+def test_fused_linear_no_grad_and_hidden_only_frozen():
+    zt, _, labels = problem()
+    head, hidden = linear_problem()
+    t, cfg = make_targets(zt, 4, labels), cfg_for("fkl", "bucket", 1.0, alpha=0.5)
+    with torch.no_grad():
+        value = distill_loss(hidden, head, t, cfg)
+    assert not value.requires_grad
+    torch.testing.assert_close(value, ref_loss(zt, head(hidden).detach(), labels, cfg, 4), rtol=1e-9, atol=1e-11)
+    frozen_hidden = hidden.detach()  # only the head trains
+    (gw,) = torch.autograd.grad(distill_loss(frozen_hidden, head, t, cfg), [head.weight])
+    (ref,) = torch.autograd.grad(ref_loss(zt, head(frozen_hidden), labels, cfg, 4), [head.weight])
+    torch.testing.assert_close(gw, ref, rtol=1e-9, atol=1e-11)
+
+
+def test_fused_linear_scales_by_incoming_grad_and_num_items():
+    zt, _, labels = problem()
+    head, hidden = linear_problem()
+    t, cfg = make_targets(zt, 4, labels), cfg_for("skew-rkl", "bucket", 2.0, alpha=0.5)
+    params = [hidden, head.weight, head.bias]
+    a = loss_and_grad(lambda *_: 3.0 * distill_loss(hidden, head, t, cfg, num_items=17), *params)
+    b = loss_and_grad(lambda *_: 3.0 * ref_loss(zt, head(hidden), labels, cfg, 4) * N / 17, *params)
+    assert_matches(a, b)
+
+
+def test_fused_linear_padded_ids_and_chunking():
+    zt, _, labels = problem(n=10)
+    zt[0, 0] = 20.0  # pad id 0 is a real cached id in row 0 and not elsewhere
+    zt[1:, 0] = -20.0
+    t = make_targets(zt, 4, labels)
+    padded = SparseTargets(torch.cat([t.ids, torch.zeros(10, 2, dtype=torch.long)], -1),
+                           torch.cat([t.logprobs, torch.full((10, 2), -torch.inf, dtype=F64)], -1), t.tail, labels)
+    g = torch.Generator().manual_seed(3)
+    head = torch.nn.Linear(D, V, dtype=F64)
+    hidden = torch.randn(10, D, generator=g, dtype=F64, requires_grad=True)
+    params = [hidden, head.weight, head.bias]
+    for tail in TAILS:
+        results = [
+            loss_and_grad(lambda *_: distill_loss(hidden, head, targets, cfg_for("jsd", tail, 2.0, alpha=0.5, chunk_size=c)), *params)
+            for targets in (t, padded) for c in (1, 3, 10)
+        ]
+        for other in results[1:]:
+            assert_matches(other, results[0], rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("T", [1.0, 2.0])
+@pytest.mark.parametrize("tail", TAILS)
+@pytest.mark.parametrize("loss", LOSSES)
+def test_fused_linear_bf16_weight(loss, tail, T):
+    """bf16 head: logits in bf16, loss in fp32; close to the fp64 reference on the same bf16 values."""
+    zt, _, labels = problem()
+    head, hidden = linear_problem(dtype=torch.bfloat16)
+    cfg = cfg_for(loss, tail, T, alpha=0.5)
+    t = make_targets(zt.float(), 4, labels)
+    params = [hidden, head.weight, head.bias]
+    value, grads = loss_and_grad(lambda *_: distill_loss(hidden, head, t, cfg), *params)
+    assert value.dtype == torch.float32
+    assert [g.dtype for g in grads] == [torch.bfloat16] * 3
+
+    ref_params = [p.detach().double().requires_grad_() for p in params]
+    h64, w64, b64 = ref_params
+    ref_value, ref_grads = loss_and_grad(lambda *_: ref_loss(zt, h64 @ w64.T + b64, labels, cfg, 4), *ref_params)
+    torch.testing.assert_close(value.double(), ref_value, rtol=3e-2, atol=3e-2)
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g.double(), r, rtol=5e-2, atol=5e-2 * r.abs().max().item())
+    ckpt = loss_and_grad(lambda *_: distill_loss(hidden, head, t, cfg_for(loss, tail, T, alpha=0.5, fused=False)), *params)
+    torch.testing.assert_close(value, ckpt[0], rtol=1e-5, atol=1e-5)
+
+
+def fused_saved_bytes(n, v, tail, d=32, k=8, frozen=False):
+    """Bytes autograd keeps for backward: saved tensors (hooks) plus the gradients held by the fused node."""
+    g = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(d, v).requires_grad_(not frozen)
+    hidden = torch.randn(n, d, generator=g, requires_grad=True)
+    lp = torch.randn(n, k, generator=g).log_softmax(-1) - 0.5
+    t = SparseTargets(torch.randint(v, (n, k), generator=g), lp, 1 - lp.exp().sum(-1), torch.randint(v, (n,), generator=g))
+    cfg = DistillLossConfig(loss="jsd", tail=tail, alpha=0.5, temperature=2.0, chunk_size=64)
+    storages: dict[int, int] = {}
+
+    def pack(x):
+        storages[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        out = distill_loss(hidden, head, t, cfg)
+    node, stack = None, [out.grad_fn]
+    while stack and node is None:  # find the fused node in the graph
+        fn = stack.pop()
+        if type(fn).__name__ == "_FusedLinearDistillBackward":
+            node = fn
+        stack.extend(f for f, _ in fn.next_functions if f is not None)
+    assert node is not None
+    for held in (node.grad_weight, node.grad_bias):
+        if held is not None:
+            storages[held.untyped_storage().data_ptr()] = held.untyped_storage().nbytes()
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("tail", TAILS)
+def test_fused_linear_memory_is_n_d_plus_v_d(tail):
+    n, v, d = 512, 4096, 32
+    assert fused_saved_bytes(n, v, tail) == 4 * (n * d + v * d + v)  # grad hidden, weight, bias: nothing [N, V] or [C, V]
+    assert fused_saved_bytes(2 * n, 2 * v, tail) == 4 * (2 * n * d + 2 * v * d + 2 * v)
+    assert fused_saved_bytes(n, v, tail, frozen=True) == 4 * n * d  # frozen head: no weight gradient allocated
+
+
+def test_fused_linear_backward_runs_once():
+    zt, _, labels = problem()
+    head, hidden = linear_problem()
+    loss = distill_loss(hidden, head, make_targets(zt, 4, labels), cfg_for("fkl", "bucket", 1.0))
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="once"):
+        loss.backward()
+
+
+def test_hooked_or_subclassed_linear_takes_the_generic_path():
+    from kdpipe.losses import _fusable_linear
+
+    head = torch.nn.Linear(D, V)
+    assert _fusable_linear(head)
+    handle = head.register_forward_hook(lambda *a: None)
+    assert not _fusable_linear(head)
+    handle.remove()
+
+    class Scaled(torch.nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    assert not _fusable_linear(Scaled(D, V))
+    assert not _fusable_linear(lambda x: x)
