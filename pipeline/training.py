@@ -298,17 +298,16 @@ def student_distill_loss(model: Any, inputs: dict[str, Any], cfg: DistillLossCon
 # ---------------------------------------------------------------- run folder
 
 
-def prepare_output(cfg: TrainConfig, kind: str, identity: dict[str, Any], command: str) -> tuple[Path, str | None]:
-    """Check the run folder and record the run; returns (folder, checkpoint to resume from or None).
+def check_output(cfg: TrainConfig, kind: str, identity: dict[str, Any]) -> str | None:
+    """Check the run folder (writing nothing); returns the checkpoint to resume from, or None.
 
     A folder that already holds something is refused unless --resume, which needs a checkpoint and
     the same model and data; nothing that is there is ever deleted.
     """
     out = Path(cfg.output)
     if int(os.environ.get("RANK", "0")) != 0:  # multi-process run: the main process checks and records
-        return out, (last_checkpoint(out) if cfg.resume else None)
-    run_file = out / RUN_FILE
-    previous = _read_run(run_file)
+        return last_checkpoint(out) if cfg.resume else None
+    previous = _read_run(out / RUN_FILE)
     if cfg.resume:
         checkpoint = last_checkpoint(out)
         if checkpoint is None:
@@ -333,6 +332,16 @@ def prepare_output(cfg: TrainConfig, kind: str, identity: dict[str, Any], comman
             what = f"a `kdpipe {previous.get('kind')}` run" if previous else "other files"
             hint = " (pass --resume to continue it from its last checkpoint)" if last_checkpoint(out) else ""
             raise KdpipeError(f"output folder {out} already holds {what}{hint}; choose another --output or remove it yourself")
+    return checkpoint
+
+
+def start_run(cfg: TrainConfig, kind: str, identity: dict[str, Any], command: str, checkpoint: str | None) -> Path:
+    """Create the run folder and record the run as running (call after `check_output` and every other check)."""
+    out = Path(cfg.output)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return out
+    run_file = out / RUN_FILE
+    previous = _read_run(run_file)
     out.mkdir(parents=True, exist_ok=True)
     record = previous if (cfg.resume and previous) else {"kind": kind, "identity": identity, "created": _now()}
     record.update({"kdpipe_version": kdpipe.__version__, "status": "running", "updated": _now(),
@@ -340,7 +349,7 @@ def prepare_output(cfg: TrainConfig, kind: str, identity: dict[str, Any], comman
     if checkpoint:
         record.setdefault("resumed_from", []).append(Path(checkpoint).name)
     _write_run(run_file, record)
-    return out, checkpoint
+    return out
 
 
 def last_checkpoint(folder: Path) -> str | None:
@@ -350,8 +359,8 @@ def last_checkpoint(folder: Path) -> str | None:
     found = []
     for path in folder.glob("checkpoint-*"):
         step = path.name.removeprefix("checkpoint-")
-        if path.is_dir() and step.isdigit() and (path / "trainer_state.json").is_file():
-            found.append((int(step), str(path)))
+        if path.is_dir() and step.isdigit() and _read_run(path / "trainer_state.json") is not None:
+            found.append((int(step), str(path)))  # Trainer writes trainer_state.json last: a kill mid-save leaves none or a torn one
     return max(found)[1] if found else None
 
 
