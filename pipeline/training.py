@@ -118,6 +118,14 @@ def load_trainable(cfg: TrainConfig) -> Any:
     from peft import LoraConfig, get_peft_model
 
     targets = cfg.lora_target_modules or lora_targets(model)
+    targets = "all-linear" if targets == ["all-linear"] else targets
+    if isinstance(targets, list):  # peft ignores a listed name that matches nothing as long as another matches
+        modules = dict(model.named_modules())
+        missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in modules)]
+        if missing:
+            weights = {n.rsplit(".", 1)[-1] for n, m in modules.items() if getattr(m, "weight", None) is not None and m.weight.dim() == 2}
+            raise KdpipeError(f"--lora-target-modules: {cfg.model} has no module named {', '.join(missing)}; "
+                              f"its weight matrices: {', '.join(sorted(weights))}")
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=targets, task_type="CAUSAL_LM")
     try:
