@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +54,17 @@ def run(*args: object, fault: str | None = None, **popen) -> tuple[int, str]:
     return finish(start(*args, fault=fault, **popen))
 
 
+def kill_when(process: subprocess.Popen, reached, delay: float) -> None:
+    """SIGKILL `process` `delay` seconds after `reached()` first holds (it must still be running then)."""
+    while not reached():
+        assert process.poll() is None, finish(process)[1]
+        time.sleep(0.002)
+    time.sleep(delay)
+    assert process.poll() is None, "the run ended before its kill point"
+    process.send_signal(signal.SIGKILL)
+    assert finish(process)[0] == KILLED
+
+
 def cache_args(model: Path, folder: Path) -> tuple[object, ...]:
     return ("cache-teacher", "--model", model, "--dataset", "kdpipe:arithmetic", "--limit", 240, "--top-k", 4,
             "--rows-per-shard", 10, "--device", "cpu", "--cache", folder)
@@ -86,13 +98,23 @@ def assert_same_cache(folder: Path, reference: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, tiny_model_dir) -> Path:
-    """The uninterrupted cache every damaged or killed run must end up equal to."""
+def reference(tmp_path_factory, tiny_model_dir) -> Iterator[Callable[[], Path]]:
+    """The uninterrupted cache every damaged or killed run must end up equal to. It is written beside
+    the first test's runs (CI has 2 cores); calling the fixture's value waits for it."""
     folder = tmp_path_factory.mktemp("faults") / "reference"
-    code, output = run(*cache_args(tiny_model_dir, folder))
-    assert code == 0, output
-    assert len(recorded(folder)) == TOTAL
-    return folder
+    process = start(*cache_args(tiny_model_dir, folder))
+
+    def done() -> Path:
+        if process.returncode is None:
+            code, output = finish(process)
+            assert code == 0, output
+            assert len(recorded(folder)) == TOTAL
+        return folder
+
+    yield done
+    if process.returncode is None:
+        process.kill()
+        process.wait()
 
 
 # ---------------------------------------------------------------- cache-teacher killed, then rerun
@@ -107,7 +129,7 @@ def test_kills_at_exact_points_then_resume(reference, tiny_model_dir, tmp_path):
     assert code == KILLED, output
     assert recorded(folder) == [0, 1] and not (folder / "shard-00002.parquet").exists()
     (tmp,) = folder.glob(".shard-00002.parquet.*.tmp")
-    assert 0 < tmp.stat().st_size < (reference / "shard-00002.parquet").stat().st_size
+    half = tmp.stat().st_size
     only_incomplete(folder)
 
     # shard 5 in place, not yet in the manifest: frozen there (lock held) while a second writer is refused, then killed
@@ -137,7 +159,8 @@ def test_kills_at_exact_points_then_resume(reference, tiny_model_dir, tmp_path):
 
     code, output = run(*args)
     assert code == 0, output
-    assert_same_cache(folder, reference)
+    assert_same_cache(folder, reference())
+    assert half == (folder / "shard-00002.parquet").stat().st_size // 2  # the kill came half-way through the shard
     assert kdpipe("cache", "verify", folder).output.startswith("ok ")
 
 
@@ -148,19 +171,12 @@ def test_kills_at_random_points_then_resume(reference, tiny_model_dir, tmp_path)
         rng = random.Random(seed)
         before = len(recorded(folder)) if (folder / "manifest.json").exists() else 0
         target, delay = rng.randint(before, min(before + 5, TOTAL - 6)), rng.uniform(0.0, 0.05)
-        process = start(*args)
-        while not (folder / "manifest.json").exists() or len(recorded(folder)) < target:
-            assert process.poll() is None, finish(process)[1]
-            time.sleep(0.002)
-        time.sleep(delay)
-        assert process.poll() is None, f"seed {seed}: the run ended before its kill point"
-        process.send_signal(signal.SIGKILL)
-        assert finish(process)[0] == KILLED
+        kill_when(start(*args), lambda: (folder / "manifest.json").exists() and len(recorded(folder)) >= target, delay)
         assert target <= len(recorded(folder)) < TOTAL, seed
         only_incomplete(folder)
     code, output = run(*args)
     assert code == 0, output
-    assert_same_cache(folder, reference)
+    assert_same_cache(folder, reference())
 
 
 def _state(pid: int) -> str:
@@ -172,7 +188,7 @@ def _state(pid: int) -> str:
 
 def test_damaged_shards_are_named_refused_and_rewritten(reference, tiny_model_dir, tmp_path):
     folder = tmp_path / "c"
-    shutil.copytree(reference, folder)
+    shutil.copytree(reference(), folder)
     truncated, flipped, missing = (folder / f"shard-{i:05d}.parquet" for i in (3, 7, 11))
     truncated.write_bytes(truncated.read_bytes()[:-100])
     data = bytearray(flipped.read_bytes())
@@ -202,13 +218,13 @@ def test_damaged_shards_are_named_refused_and_rewritten(reference, tiny_model_di
     assert code == 0, output
     assert "note: shard-00003.parquet, shard-00007.parquet, shard-00011.parquet missing or damaged" in output
     assert {p.name: p.stat().st_ino for p in folder.glob("shard-*.parquet") if p.name in good} == good
-    assert_same_cache(folder, reference)
+    assert_same_cache(folder, reference())
 
 
 def test_manifest_of_another_run(reference, tiny_model_dir, tmp_path):
     other, folder = tmp_path / "other", tmp_path / "c"
     kdpipe(*cache_args(tiny_model_dir, other)[:-1], other, "--split", "test", "--limit", 20)
-    shutil.copytree(reference, folder)
+    shutil.copytree(reference(), folder)
     shutil.copy(other / "manifest.json", folder / "manifest.json")
     before = {p.name: p.read_bytes() for p in folder.glob("shard-*.parquet")}
     problems = verify(folder)
@@ -272,24 +288,18 @@ def student(tmp_path_factory, tiny_tokenizer) -> Path:
 def test_train_student_killed_then_resumed_matches_an_uninterrupted_run(reference, student, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    straight = tmp_path / "straight"
-    code, output = run(*train_args(reference, student, straight))
-    assert code == 0, output
-    out = tmp_path / "killed"
+    cache, straight, out = reference(), tmp_path / "straight", tmp_path / "killed"
+    uninterrupted = start(*train_args(cache, student, straight))  # beside the killed runs (CI has 2 cores)
     for seed in (1, 2):  # each kill lands a seeded number of checkpoints after the last one, plus a seeded delay
         rng = random.Random(seed)
         latest = max((int(p.name.split("-")[1]) for p in out.glob("checkpoint-*")), default=0)
         target, delay = min(latest + 3 * rng.randint(1, 2), 15), rng.uniform(0.0, 0.08)
-        process = start(*train_args(reference, student, out), *(["--resume"] if latest else []))
-        while not (out / f"checkpoint-{target}" / "trainer_state.json").exists():
-            assert process.poll() is None, finish(process)[1]
-            time.sleep(0.005)
-        time.sleep(delay)
-        assert process.poll() is None, f"seed {seed}: the run ended before its kill point"
-        process.send_signal(signal.SIGKILL)
-        assert finish(process)[0] == KILLED
+        process = start(*train_args(cache, student, out), *(["--resume"] if latest else []))
+        kill_when(process, lambda: (out / f"checkpoint-{target}" / "trainer_state.json").exists(), delay)
         assert json.loads((out / "kdpipe_run.json").read_text())["status"] == "running"
-    code, output = run(*train_args(reference, student, out), "--resume")
+    code, output = run(*train_args(cache, student, out), "--resume")
+    assert code == 0, output
+    code, output = finish(uninterrupted)
     assert code == 0, output
     record = json.loads((out / "kdpipe_run.json").read_text())
     assert record["status"] == "complete" and record["global_step"] == 20 and len(record["resumed_from"]) == 2
@@ -299,7 +309,7 @@ def test_train_student_killed_then_resumed_matches_an_uninterrupted_run(referenc
         torch.testing.assert_close(q, p, atol=1e-6, rtol=1e-5, msg=name)
     base = AutoModelForCausalLM.from_pretrained(str(student), dtype=torch.float32)
     assert not torch.allclose(a.lm_head.weight, base.lm_head.weight, atol=1e-4)  # it trained
-    losses = lambda run: [h["loss"] for h in json.loads((run / "kdpipe_run.json").read_text())["log_history"] if "loss" in h]  # noqa: E731
+    losses = lambda folder: [h["loss"] for h in json.loads((folder / "kdpipe_run.json").read_text())["log_history"] if "loss" in h]  # noqa: E731
     np.testing.assert_allclose(losses(out)[-3:], losses(straight)[-3:], rtol=1e-5)  # same batches after the last resume
 
 
