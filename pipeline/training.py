@@ -16,6 +16,8 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -235,6 +237,10 @@ def _trainer_classes() -> tuple[type, type]:
         def _get_train_sampler(self, train_dataset: Any = None) -> Any:
             return self._kdpipe_sampler if self._kdpipe_sampler is not None else super()._get_train_sampler(train_dataset)
 
+        def _save_checkpoint(self, model: Any, trial: Any) -> None:
+            with write_errors(Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"):
+                super()._save_checkpoint(model, trial)
+
     class DistillTrainer(KdpipeTrainer):
         """Trainer with `kdpipe.losses.distill_loss` on the batches of `DistillCollator`.
 
@@ -318,7 +324,7 @@ def check_output(cfg: TrainConfig, kind: str, identity: dict[str, Any]) -> str |
     previous = _read_run(out / RUN_FILE)
     if cfg.resume:
         checkpoint = last_checkpoint(out)
-        if checkpoint is None:
+        if checkpoint is None and (previous is None or previous.get("status") == "complete"):  # an unfinished run starts over
             raise KdpipeError(
                 f"--resume: {out} holds no checkpoint to resume from (Trainer writes checkpoint-N/ every --save-steps "
                 "steps); start a new run without --resume"
@@ -376,6 +382,12 @@ def fit(trainer: Any, cfg: TrainConfig, out: Path, tokenizer: Any, checkpoint: s
     """Train (resuming from `checkpoint`), then save the model and tokenizer into `out`; returns the run record."""
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=checkpoint)
+    with write_errors(out):
+        return _save(trainer, cfg, out, tokenizer, result, start)
+
+
+def _save(trainer: Any, cfg: TrainConfig, out: Path, tokenizer: Any, result: Any, start: float) -> dict[str, Any]:
+    """Save the model (adapter, full or merged) and its tokenizer into `out`; mark the run complete."""
     trainer.save_model(str(out))  # adapter (peft) or full model, with the tokenizer (processing_class)
     what = "LoRA adapter" if cfg.lora else "full model"
     if trainer.is_world_process_zero():
@@ -398,6 +410,20 @@ def fit(trainer: Any, cfg: TrainConfig, out: Path, tokenizer: Any, checkpoint: s
         _write_run(out / RUN_FILE, record)
         return record
     return {}
+
+
+@contextmanager
+def write_errors(target: Path) -> Iterator[None]:
+    """A failed write of a checkpoint or of the trained model -> a KdpipeError naming it (torch.save reports
+    a full disk as a bare RuntimeError from its zip writer)."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        reason = getattr(e, "strerror", None) or (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise KdpipeError(
+            f"could not write {target} ({reason}); is the disk full? Free some space and rerun with --resume: "
+            "training continues from the last complete checkpoint"
+        ) from None
 
 
 def merge_lora(adapter: str | Path, output: str | Path) -> Path:

@@ -235,6 +235,12 @@ def test_manifest_of_another_run(reference, tiny_model_dir, tmp_path):
     assert {p.name: p.read_bytes() for p in folder.glob("shard-*.parquet")} == before  # nothing rewritten
 
 
+def small_disk(limit: int) -> None:
+    """In the child: files may not grow beyond `limit` bytes (write() fails with EFBIG, as on a full disk)."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a fatal signal
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+
 def test_disk_full_mid_write_keeps_the_finished_shards(tiny_model_dir, tmp_path):
     """A file size limit (RLIMIT_FSIZE, EFBIG) stands in for a full disk: shard 2 does not fit, 0 and 1 do."""
     words = "the quick brown fox jumps over the lazy dog and a great film".split()
@@ -245,12 +251,7 @@ def test_disk_full_mid_write_keeps_the_finished_shards(tiny_model_dir, tmp_path)
     args = ("cache-teacher", "--model", tiny_model_dir, "--dataset", data, "--template", "text", "--top-k", 8,
             "--rows-per-shard", 10, "--device", "cpu", "--cache", folder)
     limit = 40_000
-
-    def small_disk() -> None:
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG from write() instead of a fatal signal
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
-    code, output = run(*args, preexec_fn=small_disk)
+    code, output = run(*args, preexec_fn=lambda: small_disk(limit))
     assert code == 2, output
     assert (f"cannot write {folder / 'shard-00002.parquet'}: File too large (the disk is full or a file size limit "
             "was reached). Free some space and rerun the same command: what was finished is kept") in output
@@ -322,3 +323,20 @@ def test_torn_checkpoint_is_not_resumed_from(tmp_path):
         if state is not None:
             (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(state)
     assert last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-6")
+
+
+def test_train_student_disk_full_then_resume(reference, student, tmp_path):
+    """The first checkpoint's optimizer state does not fit: a message naming the checkpoint, then --resume starts over."""
+    out = tmp_path / "run"
+    args = ("train-student", "--cache", reference(), "--model", student, "--output", out, "--full", "--max-steps", 4,
+            "--save-steps", 2, "--batch-size", 8)
+    code, output = run(*args, preexec_fn=lambda: small_disk(250_000))
+    assert code == 2, output
+    assert f"could not write {out / 'checkpoint-2'} (" in output and (
+        "); is the disk full? Free some space and rerun with --resume: training continues from the last complete "
+        "checkpoint") in output
+    assert "Traceback" not in output
+    assert json.loads((out / "kdpipe_run.json").read_text())["status"] == "running"
+    kdpipe(*args, "--resume")  # space is back; no complete checkpoint was left, so the run starts over
+    record = json.loads((out / "kdpipe_run.json").read_text())
+    assert record["status"] == "complete" and record["global_step"] == 4 and "resumed_from" not in record
