@@ -54,7 +54,7 @@ def run(*args: object, fault: str | None = None, **popen) -> tuple[int, str]:
     return finish(start(*args, fault=fault, **popen))
 
 
-def kill_when(process: subprocess.Popen, reached, delay: float) -> None:
+def kill_when(process: subprocess.Popen, reached: Callable[[], bool], delay: float) -> None:
     """SIGKILL `process` `delay` seconds after `reached()` first holds (it must still be running then)."""
     while not reached():
         assert process.poll() is None, finish(process)[1]
@@ -170,7 +170,7 @@ def test_kills_at_random_points_then_resume(reference, tiny_model_dir, tmp_path)
     for seed in (1, 2, 3):
         rng = random.Random(seed)
         before = len(recorded(folder)) if (folder / "manifest.json").exists() else 0
-        target, delay = rng.randint(before, min(before + 5, TOTAL - 6)), rng.uniform(0.0, 0.05)
+        target, delay = rng.randint(before, max(before, min(before + 5, TOTAL - 6))), rng.uniform(0.0, 0.05)
         kill_when(start(*args), lambda: (folder / "manifest.json").exists() and len(recorded(folder)) >= target, delay)
         assert target <= len(recorded(folder)) < TOTAL, seed
         only_incomplete(folder)
