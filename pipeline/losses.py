@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 LOSSES = ("fkl", "rkl", "skew-fkl", "skew-rkl", "jsd", "tvd")
+UNDERFLOW_LOGP = -149 * math.log(2.0)  # log of float32's smallest positive value: the cache's resolution of a tail mass
 TAIL_MODES = ("renorm", "bucket")
 
 
@@ -154,9 +155,12 @@ def divergence(student_logp: torch.Tensor, teacher_logp: torch.Tensor, cfg: Dist
 
     fkl KL(p||q); rkl KL(q||p); skew-fkl KL(p || l*p + (1-l)*q); skew-rkl KL(q || l*q + (1-l)*p)
     (l = cfg.skew); jsd b*KL(p||m) + (1-b)*KL(q||m), m = b*p + (1-b)*q (b = cfg.beta);
-    tvd 0.5 * sum |p - q|. Atoms where both sides are 0 contribute nothing; a KL whose
-    second argument is 0 where the first is not is +inf, as the definition says.
+    tvd 0.5 * sum |p - q|. Atoms where both sides are 0 contribute nothing. A teacher atom that
+    is 0 where the student's is not can only be a float32 underflow of the cached tail mass (a
+    softmax is never 0; padded ids are -inf on both sides): it is floored at float32's smallest
+    value, 2^-149, so that reverse KL stays finite for a very confident teacher.
     """
+    teacher_logp = torch.where(teacher_logp.isneginf() & ~student_logp.isneginf(), UNDERFLOW_LOGP, teacher_logp)
     dead = student_logp.isneginf() & teacher_logp.isneginf()
     q, p = student_logp.masked_fill(dead, 0.0), teacher_logp.masked_fill(dead, 0.0)
     if cfg.loss == "fkl":

@@ -58,6 +58,11 @@ class Template:
             if value is None or (isinstance(value, str) and not value.strip()):
                 state = "missing" if name not in fields else "empty"
                 raise KdpipeError(f"example '{example_id}': field '{name}' required by template {self.name} is {state}")
+            if not isinstance(value, (str, int, float)):
+                raise KdpipeError(
+                    f"example '{example_id}': field '{name}' required by template {self.name} must be text or a number, "
+                    f"not a {type(value).__name__} ({str(value)[:60]})"
+                )
         return self.render_fn({**fields, "_labels": self.label_names}, tokenizer)
 
 

@@ -83,7 +83,7 @@ def _fit(
         if cfg.truncation == "error":
             raise KdpipeError(
                 f"example '{example_id}' has {len(tokens)} tokens, more than max_length={cfg.max_length}; "
-                "raise max_length or set truncation to skip, truncate or truncate-prompt"
+                "raise max_length (up to the model's context) or set truncation to skip, truncate or truncate-prompt"
             )
         if cfg.truncation == "skip":
             report.counts["skipped (too long)"] += 1

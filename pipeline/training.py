@@ -16,6 +16,8 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -118,6 +120,14 @@ def load_trainable(cfg: TrainConfig) -> Any:
     from peft import LoraConfig, get_peft_model
 
     targets = cfg.lora_target_modules or lora_targets(model)
+    targets = "all-linear" if targets == ["all-linear"] else targets
+    if isinstance(targets, list):  # peft ignores a listed name that matches nothing as long as another matches
+        modules = dict(model.named_modules())
+        missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in modules)]
+        if missing:
+            weights = {n.rsplit(".", 1)[-1] for n, m in modules.items() if getattr(m, "weight", None) is not None and m.weight.dim() == 2}
+            raise KdpipeError(f"--lora-target-modules: {cfg.model} has no module named {', '.join(missing)}; "
+                              f"its weight matrices: {', '.join(sorted(weights))}")
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=targets, task_type="CAUSAL_LM")
     try:
@@ -227,6 +237,10 @@ def _trainer_classes() -> tuple[type, type]:
         def _get_train_sampler(self, train_dataset: Any = None) -> Any:
             return self._kdpipe_sampler if self._kdpipe_sampler is not None else super()._get_train_sampler(train_dataset)
 
+        def _save_checkpoint(self, model: Any, trial: Any) -> None:
+            with write_errors(Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"):
+                super()._save_checkpoint(model, trial)
+
     class DistillTrainer(KdpipeTrainer):
         """Trainer with `kdpipe.losses.distill_loss` on the batches of `DistillCollator`.
 
@@ -298,20 +312,19 @@ def student_distill_loss(model: Any, inputs: dict[str, Any], cfg: DistillLossCon
 # ---------------------------------------------------------------- run folder
 
 
-def prepare_output(cfg: TrainConfig, kind: str, identity: dict[str, Any], command: str) -> tuple[Path, str | None]:
-    """Check the run folder and record the run; returns (folder, checkpoint to resume from or None).
+def check_output(cfg: TrainConfig, kind: str, identity: dict[str, Any]) -> str | None:
+    """Check the run folder (writing nothing); returns the checkpoint to resume from, or None.
 
     A folder that already holds something is refused unless --resume, which needs a checkpoint and
     the same model and data; nothing that is there is ever deleted.
     """
     out = Path(cfg.output)
     if int(os.environ.get("RANK", "0")) != 0:  # multi-process run: the main process checks and records
-        return out, (last_checkpoint(out) if cfg.resume else None)
-    run_file = out / RUN_FILE
-    previous = _read_run(run_file)
+        return last_checkpoint(out) if cfg.resume else None
+    previous = _read_run(out / RUN_FILE)
     if cfg.resume:
         checkpoint = last_checkpoint(out)
-        if checkpoint is None:
+        if checkpoint is None and (previous is None or previous.get("status") == "complete"):  # an unfinished run starts over
             raise KdpipeError(
                 f"--resume: {out} holds no checkpoint to resume from (Trainer writes checkpoint-N/ every --save-steps "
                 "steps); start a new run without --resume"
@@ -333,6 +346,16 @@ def prepare_output(cfg: TrainConfig, kind: str, identity: dict[str, Any], comman
             what = f"a `kdpipe {previous.get('kind')}` run" if previous else "other files"
             hint = " (pass --resume to continue it from its last checkpoint)" if last_checkpoint(out) else ""
             raise KdpipeError(f"output folder {out} already holds {what}{hint}; choose another --output or remove it yourself")
+    return checkpoint
+
+
+def start_run(cfg: TrainConfig, kind: str, identity: dict[str, Any], command: str, checkpoint: str | None) -> Path:
+    """Create the run folder and record the run as running (call after `check_output` and every other check)."""
+    out = Path(cfg.output)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return out
+    run_file = out / RUN_FILE
+    previous = _read_run(run_file)
     out.mkdir(parents=True, exist_ok=True)
     record = previous if (cfg.resume and previous) else {"kind": kind, "identity": identity, "created": _now()}
     record.update({"kdpipe_version": kdpipe.__version__, "status": "running", "updated": _now(),
@@ -340,7 +363,7 @@ def prepare_output(cfg: TrainConfig, kind: str, identity: dict[str, Any], comman
     if checkpoint:
         record.setdefault("resumed_from", []).append(Path(checkpoint).name)
     _write_run(run_file, record)
-    return out, checkpoint
+    return out
 
 
 def last_checkpoint(folder: Path) -> str | None:
@@ -350,8 +373,8 @@ def last_checkpoint(folder: Path) -> str | None:
     found = []
     for path in folder.glob("checkpoint-*"):
         step = path.name.removeprefix("checkpoint-")
-        if path.is_dir() and step.isdigit() and (path / "trainer_state.json").is_file():
-            found.append((int(step), str(path)))
+        if path.is_dir() and step.isdigit() and _read_run(path / "trainer_state.json") is not None:
+            found.append((int(step), str(path)))  # Trainer writes trainer_state.json last: a kill mid-save leaves none or a torn one
     return max(found)[1] if found else None
 
 
@@ -359,6 +382,12 @@ def fit(trainer: Any, cfg: TrainConfig, out: Path, tokenizer: Any, checkpoint: s
     """Train (resuming from `checkpoint`), then save the model and tokenizer into `out`; returns the run record."""
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=checkpoint)
+    with write_errors(out):
+        return _save(trainer, cfg, out, tokenizer, result, start)
+
+
+def _save(trainer: Any, cfg: TrainConfig, out: Path, tokenizer: Any, result: Any, start: float) -> dict[str, Any]:
+    """Save the model (adapter, full or merged) and its tokenizer into `out`; mark the run complete."""
     trainer.save_model(str(out))  # adapter (peft) or full model, with the tokenizer (processing_class)
     what = "LoRA adapter" if cfg.lora else "full model"
     if trainer.is_world_process_zero():
@@ -381,6 +410,20 @@ def fit(trainer: Any, cfg: TrainConfig, out: Path, tokenizer: Any, checkpoint: s
         _write_run(out / RUN_FILE, record)
         return record
     return {}
+
+
+@contextmanager
+def write_errors(target: Path) -> Iterator[None]:
+    """A failed write of a checkpoint or of the trained model -> a KdpipeError naming it (torch.save reports
+    a full disk as a bare RuntimeError from its zip writer)."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        reason = getattr(e, "strerror", None) or (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise KdpipeError(
+            f"could not write {target} ({reason}); is the disk full? Free some space and rerun with --resume: "
+            "training continues from the last complete checkpoint"
+        ) from None
 
 
 def merge_lora(adapter: str | Path, output: str | Path) -> Path:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import click
 from tqdm.auto import tqdm
 
 import kdpipe
@@ -87,8 +88,8 @@ def run(cfg: CacheTeacherConfig, command: str = "", teacher: TeacherBackend | No
     tokenizer = load_tokenizer(cfg.model, cfg.revision)
     template = get_template(cfg.resolved_template(), cfg.label_names)
     selection = load_examples(cfg)
+    _check_model_limits(cfg)
     examples, report = tokenize_examples(selection.examples, template, tokenizer, cfg)
-    _check_top_k(cfg, tokenizer)
 
     total_shards = -(-len(examples) // cfg.rows_per_shard)
     assigned = [i for i in range(total_shards) if i % cfg.num_shards == cfg.shard_index]
@@ -109,6 +110,9 @@ def _write(cfg: CacheTeacherConfig, command: str, tokenizer: Any, template: Any,
     meta = _file_metadata(header)
     start = time.perf_counter()
     with CacheWriter(cfg.cache_folder(), header, assigned, cfg.overwrite) as writer:
+        if writer.rewritten:
+            click.echo(f"note: {', '.join(writer.rewritten)} missing or damaged (size or sha256 differs from the "
+                       "manifest): written again", err=True)
         todo = writer.pending()
         todo_rows = [examples[i * cfg.rows_per_shard : (i + 1) * cfg.rows_per_shard] for i in todo]
         bar = tqdm(total=sum(map(len, todo_rows)), unit="ex", desc=f"caching {cfg.model}", dynamic_ncols=True, mininterval=1.0)
@@ -129,15 +133,21 @@ def _write(cfg: CacheTeacherConfig, command: str, tokenizer: Any, template: Any,
     return manifest
 
 
-def _check_top_k(cfg: CacheTeacherConfig, tokenizer: Any) -> None:
+def _check_model_limits(cfg: CacheTeacherConfig) -> None:
+    """top_k within the teacher's vocabulary; max_length lowered to the teacher's context (positions beyond it are garbage or a crash)."""
     from transformers import AutoConfig
 
     try:
-        vocab = AutoConfig.from_pretrained(resolve_model_name(cfg.model), revision=cfg.revision).vocab_size
+        config = AutoConfig.from_pretrained(resolve_model_name(cfg.model), revision=cfg.revision).get_text_config()
     except Exception:  # the model load right after reports it clearly
         return
-    if cfg.top_k > vocab:
-        raise KdpipeError(f"top_k={cfg.top_k} is larger than the teacher's vocabulary ({vocab} tokens)")
+    if cfg.top_k > config.vocab_size:
+        raise KdpipeError(f"top_k={cfg.top_k} is larger than the teacher's vocabulary ({config.vocab_size} tokens)")
+    context = getattr(config, "max_position_embeddings", None)
+    if context and cfg.max_length > context:
+        click.echo(f"note: max_length={cfg.max_length} is longer than the teacher's context ({context} tokens); "
+                   f"using max_length={context} (longer examples: --truncation {cfg.truncation})", err=True)
+        cfg.max_length = context
 
 
 def _load_teacher(cfg: CacheTeacherConfig) -> TeacherBackend:

@@ -25,6 +25,7 @@ import torch
 
 import kdpipe
 from kdpipe import arithmetic, metrics, scoring
+from kdpipe.cache.format import write_atomic
 from kdpipe.config import option, to_dict
 from kdpipe.data import DataConfig, Example, load_examples
 from kdpipe.errors import KdpipeError
@@ -524,11 +525,9 @@ TASK_FUNCTIONS = {"classify": classify, "exact-match": exact_match, "perplexity"
 
 
 def _open_cache(path: str, echo: Callable[[str], None] = print) -> Any:
-    from kdpipe.cache import open_cache
+    from kdpipe.cache.tools import open_checked
 
-    cache = open_cache(path)
-    if len(cache) == 0:
-        raise KdpipeError(f"cache {path} holds no examples")
+    cache = open_checked(path)
     part = (cache.manifest.get("dataset") or {}).get("part")
     if part != "heldout" and (cache.manifest.get("dataset") or {}).get("split") == "train":
         echo(f"note: cache {path} is not a held-out part (part={part}); fidelity on training data flatters a student")
@@ -681,7 +680,7 @@ def write_results(results: dict[str, Any], predictions: list[dict[str, Any]], ou
             for p in predictions:
                 f.write(json.dumps(p, default=str) + "\n")
     results["files"] = [str(p) for p in files] + list(extra)
-    files[0].write_text(json.dumps(results, indent=2, default=_json_default) + "\n")
+    write_atomic(files[0], (json.dumps(results, indent=2, default=_json_default) + "\n").encode())  # last: marks the run done
     return results["files"]
 
 

@@ -47,14 +47,16 @@ def run(cfg: FinetuneConfig, command: str = "", callbacks: list[Any] | None = No
     selection = load_examples(cfg)
     examples, _report = tokenize_examples(selection.examples, template, tokenizer, cfg)
     identity = {"model": training.model_identity(cfg.model), "data": selection.fingerprint}
-    out, checkpoint = training.prepare_output(cfg, "finetune", identity, command)
+    checkpoint = training.check_output(cfg, "finetune", identity)
 
     cfg.model = identity["model"]
     model = training.load_trainable(cfg)
+    args = training.training_arguments(cfg, Path(cfg.output))
+    out = training.start_run(cfg, "finetune", identity, command, checkpoint)  # only now: bad options leave no folder behind
     dataset = TokenizedDataset(examples)
     sampler = BlockShuffleSampler([len(dataset)], cfg.seed)
     trainer = training.make_trainer(
-        None, model=model, args=training.training_arguments(cfg, out), train_dataset=dataset,
+        None, model=model, args=args, train_dataset=dataset,
         data_collator=SFTCollator(tokenizer.pad_token_id), processing_class=tokenizer, sampler=sampler, callbacks=callbacks,
     )
     return training.fit(trainer, cfg, out, tokenizer, checkpoint)

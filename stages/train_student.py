@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from kdpipe import training
-from kdpipe.cache import open_cache
 from kdpipe.cache.reader import Cache
+from kdpipe.cache.tools import open_checked
 from kdpipe.config import option
 from kdpipe.errors import KdpipeError
 from kdpipe.losses import DistillLossConfig
@@ -62,35 +62,25 @@ def run(cfg: TrainStudentConfig, command: str = "", callbacks: list[Any] | None 
     if not cfg.model:
         raise KdpipeError("no student given: pass --model (or 'model:' in the config file)")
     cfg.output = str(cfg.output_folder())
-    cache = check_cache(cfg.cache)
+    cache = open_checked(cfg.cache)
     tokenizer = load_tokenizer(cfg.model, cfg.revision)
     check_tokenizer(tokenizer, cache, cfg.model)
     identity = {"model": training.model_identity(cfg.model), "cache": cache.manifest["settings_hash"]}
-    out, checkpoint = training.prepare_output(cfg, "train-student", identity, command)
+    checkpoint = training.check_output(cfg, "train-student", identity)
 
     cfg.model = identity["model"]  # absolute: the adapter's base_model_name_or_path must load from anywhere
     model = training.load_trainable(cfg)
+    check_context(cache, model, cfg.model)
+    args = training.training_arguments(cfg, Path(cfg.output))
+    out = training.start_run(cfg, "train-student", identity, command, checkpoint)  # only now: bad options leave no folder behind
     dataset = CacheDataset(cache, keep_groups=cfg.shuffle_window + 1)
     sampler = BlockShuffleSampler(dataset.sizes, cfg.seed, cfg.shuffle_window)
     collator = DistillCollator(tokenizer.pad_token_id, student_vocab_size(model), cache.k)
     trainer = training.make_trainer(
-        cfg.loss_config(), model=model, args=training.training_arguments(cfg, out), train_dataset=dataset,
+        cfg.loss_config(), model=model, args=args, train_dataset=dataset,
         data_collator=collator, processing_class=tokenizer, sampler=sampler, callbacks=callbacks,
     )
     return training.fit(trainer, cfg, out, tokenizer, checkpoint)
-
-
-def check_cache(path: str | Path) -> Cache:
-    """Open a cache that passes verification (checksums, schema, counts) and holds at least one example."""
-    from kdpipe.cache.tools import verify
-
-    cache = open_cache(path)  # refuses a missing manifest or a newer format version
-    problems = verify(path, values=False)
-    if problems:
-        raise KdpipeError(f"cache {path} failed verification: {'; '.join(problems)}. See `kdpipe cache verify {path}`")
-    if len(cache) == 0:
-        raise KdpipeError(f"cache {path} holds no examples")
-    return cache
 
 
 def check_tokenizer(tokenizer: Any, cache: Cache, model: str) -> None:
@@ -102,6 +92,27 @@ def check_tokenizer(tokenizer: Any, cache: Cache, model: str) -> None:
             f"{len(tokenizer)} vs {expected['vocab_size']} tokens, vocabulary hashes differ. The cached token ids "
             "would mean other tokens to this student; pick a student of the teacher's family (same tokenizer)"
         )
+
+
+def check_context(cache: Cache, model: Any, name: str) -> None:
+    """Every cached example fits the student's context (max_position_embeddings)."""
+    context = getattr(training.causal_lm(model).config.get_text_config(), "max_position_embeddings", None)
+    if not context or (cache.manifest["dataset"].get("max_length") or context + 1) <= context:
+        return
+    longest = max(longest_example(cache.path / s["file"]) for s in cache.shards)
+    if longest > context:
+        raise KdpipeError(
+            f"cache {cache.path} holds examples of up to {longest} tokens, longer than the student {name}'s context "
+            f"({context} tokens); cache the data again with --max-length {context} or pick a student with a longer context"
+        )
+
+
+def longest_example(shard: Path) -> int:
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    lengths = pc.list_value_length(pq.read_table(shard, columns=["input_ids"])["input_ids"])
+    return int(pc.max(lengths).as_py() or 0)
 
 
 def student_vocab_size(model: Any) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -16,8 +17,6 @@ def refused(*args, match: str, cache: Path) -> None:
     result = kdpipe("cache-teacher", *args, "--cache", cache, ok=False)
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output
-    import re
-
     assert re.search(match, result.output), result.output
     assert not cache.exists(), "nothing may be written on bad input"
 
@@ -155,3 +154,48 @@ def test_short_model_names():
     assert resolve_model_name("Qwen/Qwen3-4B") == "Qwen/Qwen3-4B"
     with pytest.raises(KdpipeError, match="model path ./missing does not exist"):
         resolve_model_name("./missing")
+
+
+def test_field_of_the_wrong_type(tmp_path, tiny_model_dir):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "a", "output": "b"}, {"instruction": ["x", "y"], "output": "d"}])
+    refused("--model", tiny_model_dir, "--dataset", data, cache=tmp_path / "c",
+            match=re.escape("example 'train-1': field 'instruction' required by template alpaca must be text or a number, "
+                            "not a list (['x', 'y'])"))
+
+
+def test_non_utf8_bytes_name_the_line(tmp_path, tiny_model_dir):
+    data = tmp_path / "d.jsonl"
+    data.write_bytes(b'{"instruction": "a", "output": "b"}\n{"instruction": "caf\xe9", "output": "d"}\n')
+    refused("--model", tiny_model_dir, "--dataset", data, cache=tmp_path / "c",
+            match=re.escape(f"dataset file {data}, line 2: not UTF-8 (invalid continuation byte at byte 20)"))
+
+
+@pytest.fixture(scope="module")
+def short_context_model(tmp_path_factory, tiny_tokenizer) -> Path:
+    from kdpipe import tiny
+
+    path = tmp_path_factory.mktemp("models") / "short"
+    tiny.init_model(path, tiny_tokenizer, max_position_embeddings=64, seed=4)
+    return path
+
+
+def test_examples_longer_than_the_teachers_context(tmp_path, short_context_model, tiny_tokenizer):
+    """max_length above the model's context is lowered to it (said on stderr); longer examples follow --truncation."""
+    text = "the quick brown fox jumps over the lazy dog " * 12
+    length = len(tiny_tokenizer(text, add_special_tokens=False)["input_ids"]) + 1  # + EOS
+    assert length > 64
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": text}, {"text": "a short one"}])
+    args = ("--model", short_context_model, "--dataset", data, "--template", "text", "--top-k", 4)
+    note = "note: max_length=2048 is longer than the teacher's context (64 tokens); using max_length=64"
+    refused(*args, "--truncation", "error", cache=tmp_path / "c",
+            match="(?s)" + re.escape(f"{note} (longer examples: --truncation error)") + ".*"
+            + re.escape(f"example 'train-0' has {length} tokens, more than max_length=64; raise max_length (up to the "
+                        "model's context) or set truncation to skip, truncate or truncate-prompt"))
+    result = kdpipe("cache-teacher", *args, "--cache", tmp_path / "c")
+    assert f"{note} (longer examples: --truncation truncate)" in result.output
+    assert "; 1 truncated" in result.output
+    from kdpipe.cache import open_cache
+
+    cache = open_cache(tmp_path / "c")
+    assert cache.manifest["dataset"]["max_length"] == 64 and cache.manifest["dataset"]["report"] == {"truncated": 1}
+    assert [len(e.input_ids) for e in cache.iter_examples()] == [64, len(tiny_tokenizer("a short one")["input_ids"]) + 1]

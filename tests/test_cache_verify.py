@@ -70,7 +70,7 @@ def test_shard_from_another_run(cache, tmp_path, tiny_model_dir):
     kdpipe("cache-teacher", "--model", tiny_model_dir, "--dataset", "kdpipe:arithmetic", "--limit", 20,
            "--top-k", 4, "--rows-per-shard", 10, "--cache", other, "--split", "test")
     shutil.copy(other / "shard-00000.parquet", cache / "shard-00000.parquet")
-    verify_fails(cache, "shard-00000.parquet")
+    verify_fails(cache, "shard-00000.parquet: belongs to another run than", "(settings hash differs)")
 
 
 def test_incomplete_cache_is_reported(cache):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from train_fixtures import *  # noqa: F403  (fixtures: world)
-from train_fixtures import run_cli
+from train_fixtures import run_cli, student_kwargs
 
 from kdpipe.cache import open_cache
 from kdpipe.losses import DistillLossConfig, SparseTargets, distill_loss
@@ -260,10 +260,29 @@ def test_bad_options_are_refused(world, tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("loss: kll\n")
     expect_error(*base, "--config", config, match="must be one of fkl")
-    expect_error(*base, "--alpha", "1.5", match="alpha must be in [0, 1]")
+    expect_error(*base, "--alpha", "1.5", match="options: alpha must be in [0, 1]; got 1.5")
+    expect_error(*base, "--alpha", "-0.1", match="options: alpha must be in [0, 1]; got -0.1")
+    expect_error(*base, "--temperature", "0", match="options: temperature must be > 0; got 0.0")
+    expect_error(*base, "--temperature", "-2", match="options: temperature must be > 0; got -2.0")
+    expect_error(*base, "--lora-target-modules", "q_proj,qkv_fused",
+                 match=f"--lora-target-modules: {world.student} has no module named qkv_fused; its weight matrices: "
+                       "down_proj, embed_tokens, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj")
     expect_error(*base, "--full", "--merge", match="merge needs lora")
     expect_error(*base, "--resume", match="holds no checkpoint")
     expect_error("train-student", "--model", world.student, match="no cache given")
+    assert not (tmp_path / "r").exists(), "a refused run leaves no run folder behind"
+
+
+def test_cache_longer_than_the_students_context(world, tmp_path):
+    from kdpipe import tiny
+
+    short = tmp_path / "short"
+    tiny.init_model(short, world.tokenizer, max_position_embeddings=16, seed=1, **student_kwargs())
+    longest = max(len(e.input_ids) for e in open_cache(world.cache).iter_examples())
+    expect_error("train-student", "--cache", world.cache, "--model", short, "--output", tmp_path / "r",
+                 match=f"cache {world.cache} holds examples of up to {longest} tokens, longer than the student {short}'s "
+                       "context (16 tokens); cache the data again with --max-length 16 or pick a student with a longer context")
+    assert not (tmp_path / "r").exists()
 
 
 def _copy_cache(world, tmp_path):

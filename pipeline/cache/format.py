@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from kdpipe.errors import KdpipeError
+from kdpipe.errors import KdpipeError, disk_errors
+from kdpipe.faults import fault
 
 FORMAT = "kdpipe-cache"
 FORMAT_VERSION = 1
@@ -160,16 +161,22 @@ def write_manifest(folder: str | Path, manifest: dict[str, Any]) -> None:
 
 def write_atomic(path: Path, data: bytes) -> None:
     """Write `data` to `path` through a temp file in the same folder, fsynced, then renamed."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with disk_errors(path):
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                view = memoryview(data)
+                f.write(view[: len(view) // 2])
+                f.flush()
+                fault("mid-write", path.name)  # test hook (kdpipe.faults), inert unless KDPIPE_FAULT is set
+                f.write(view[len(view) // 2 :])
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    fault("renamed", path.name)
     _fsync_dir(path.parent)
 
 

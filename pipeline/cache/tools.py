@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from kdpipe.cache.format import ENCODINGS, METADATA_KEY, read_manifest, write_manifest
+from kdpipe.cache.format import ENCODINGS, MANIFEST, METADATA_KEY, read_manifest, write_manifest
 from kdpipe.cache.writer import file_sha256, now, totals
 from kdpipe.errors import KdpipeError
 
@@ -61,6 +61,13 @@ def verify(path: str | Path, values: bool = True) -> list[str]:
 def _verify_shard(file: Path, shard: dict[str, Any], m: dict[str, Any], values: bool) -> list[str]:
     if not file.is_file():
         return [f"{file}: missing"]
+    try:  # the footer alone: tells a shard of another run from a damaged one
+        footer = json.loads(pq.read_schema(file).metadata[METADATA_KEY])
+    except Exception:
+        footer = None
+    if footer is not None and footer.get("settings_hash") != m["settings_hash"]:
+        return [f"{file}: belongs to another run than {file.parent / MANIFEST} (settings hash differs): "
+                "the shard or the manifest was replaced"]
     if file.stat().st_size != shard["bytes"]:
         return [f"{file}: size {file.stat().st_size} bytes, the manifest says {shard['bytes']} (truncated or replaced)"]
     if file_sha256(file) != shard["sha256"]:
@@ -78,6 +85,19 @@ def _verify_shard(file: Path, shard: dict[str, Any], m: dict[str, Any], values: 
     if values and not problems:
         problems += [f"{file}: {p}" for p in check_values(table, m)]
     return problems
+
+
+def open_checked(path: str | Path) -> Any:
+    """Open a cache that passes verification (checksums, schema, counts) and holds at least one example."""
+    from kdpipe.cache.reader import open_cache
+
+    cache = open_cache(path)  # refuses a missing manifest or a newer format version
+    problems = verify(path, values=False)
+    if problems:
+        raise KdpipeError(f"cache {path} failed verification: {'; '.join(problems)}. See `kdpipe cache verify {path}`")
+    if len(cache) == 0:
+        raise KdpipeError(f"cache {path} holds no examples")
+    return cache
 
 
 def check_values(table: Any, m: dict[str, Any]) -> list[str]:

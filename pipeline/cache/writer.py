@@ -59,6 +59,7 @@ class CacheWriter:
         self.folder, self.assigned, self.overwrite = Path(folder), assigned, overwrite
         self.manifest = {**manifest, "complete": False, "shards": [], "totals": {}}
         self._lock: Any = None
+        self.rewritten: list[str] = []  # recorded shards found missing or damaged on resume (written again)
 
     def __enter__(self) -> "CacheWriter":
         from filelock import FileLock, Timeout
@@ -111,7 +112,7 @@ class CacheWriter:
             old = read_manifest(self.folder)
             self._check_same_run(old)
             self.manifest["created"] = old.get("created", self.manifest.get("created"))
-            self.manifest["shards"] = [s for s in old["shards"] if (self.folder / s["file"]).is_file()]
+            self.manifest["shards"] = [s for s in old["shards"] if self._intact(s)]
         elif any(p.name != ".lock" for p in self.folder.iterdir()):
             raise KdpipeError(f"{self.folder} is not empty and holds no kdpipe cache; choose another --cache folder")
         self._adopt_unrecorded()
@@ -128,6 +129,15 @@ class CacheWriter:
             f"{self.folder} holds another run (different {', '.join(differ) or 'settings'}: "
             f"it was written by `{old.get('command', '?')}`); use another --cache folder or --overwrite to replace it"
         )
+
+    def _intact(self, shard: dict[str, Any]) -> bool:
+        """A recorded shard is kept when its size and sha256 match the manifest; otherwise it is removed and written again."""
+        path = self.folder / shard["file"]
+        if path.is_file() and path.stat().st_size == shard["bytes"] and file_sha256(path) == shard["sha256"]:
+            return True
+        path.unlink(missing_ok=True)  # never adopted below: a damaged file may still parse
+        self.rewritten.append(shard["file"])
+        return False
 
     def _adopt_unrecorded(self) -> None:
         """A shard renamed into place just before a crash (so missing from the manifest) is complete: record it."""
