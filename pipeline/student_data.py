@@ -23,16 +23,13 @@ from __future__ import annotations
 import bisect
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
 from kdpipe.cache.format import CachedExample
 from kdpipe.cache.reader import Cache
-from kdpipe.errors import KdpipeError
 from kdpipe.tokenize import TokenizedExample
 
 
@@ -40,16 +37,14 @@ class CacheDataset(torch.utils.data.Dataset):
     """Rows of a cache by global index (shard order, then row order), read a row group at a time."""
 
     def __init__(self, cache: Cache, keep_groups: int = 2):
-        self.path = cache.path
+        self.path, self.store = cache.path, cache.store
         self._decode = cache._decode
         self.keep_groups = max(1, keep_groups)
         self.groups: list[tuple[str, int]] = []  # (shard file, row group index)
         sizes: list[int] = []
         for shard in cache.shards:
-            file = self.path / shard["file"]
-            if not file.is_file():
-                raise KdpipeError(f"{file} is missing (listed in the manifest); run `kdpipe cache verify {self.path}`")
-            meta = pq.ParquetFile(file).metadata
+            cache.check_present(shard)
+            meta = self.store.parquet(shard["file"]).metadata
             for g in range(meta.num_row_groups):
                 self.groups.append((shard["file"], g))
                 sizes.append(meta.row_group(g).num_rows)
@@ -71,7 +66,7 @@ class CacheDataset(torch.utils.data.Dataset):
             self._cache.move_to_end(g)
             return self._cache[g]
         file, index = self.groups[g]
-        table = pq.ParquetFile(Path(self.path) / file, memory_map=True).read_row_group(index)
+        table = self.store.parquet(file).read_row_group(index)
         rows = self._decode(table)
         self._cache[g] = rows
         while len(self._cache) > self.keep_groups:

@@ -1,4 +1,4 @@
-"""Writing shards: zstd Parquet written whole to a temp file, fsynced, then renamed into place."""
+"""Writing shards: zstd Parquet written whole (temp file, fsync, rename locally; one upload on object storage)."""
 
 from __future__ import annotations
 
@@ -12,19 +12,20 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 
-from kdpipe.cache.format import MANIFEST, METADATA_KEY, read_manifest, shard_name, write_atomic, write_manifest
+from kdpipe.cache.format import MANIFEST, METADATA_KEY, read_manifest, shard_name, write_manifest
+from kdpipe.cache.storage import Store, as_store
 from kdpipe.errors import KdpipeError
 
 ZSTD_LEVEL = 3
 ROW_GROUP_ROWS = 256
 
 
-def write_shard(folder: str | Path, index: int, table: pa.Table) -> dict[str, Any]:
+def write_shard(folder: str | Path | Store, index: int, table: pa.Table) -> dict[str, Any]:
     """Write `table` as shard `index`; return its manifest entry (rows, tokens, bytes, sha256)."""
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd", compression_level=ZSTD_LEVEL, row_group_size=ROW_GROUP_ROWS)
     data = sink.getvalue().to_pybytes()
-    write_atomic(Path(folder) / shard_name(index), data)
+    as_store(folder).write_bytes(shard_name(index), data)
     return shard_entry(index, table, data)
 
 
@@ -49,35 +50,32 @@ def file_sha256(path: str | Path) -> str:
 
 
 class CacheWriter:
-    """A cache folder being written: lock, resume, refuse a foreign run, write shards, keep the manifest.
+    """A cache folder (a path or an object-storage URL, see `kdpipe.cache.storage`) being written:
+    lock, resume, refuse a foreign run, write shards, keep the manifest.
 
     `manifest` is the new run's header (everything but shards, totals and completeness);
     `settings_hash` identifies its content; `assigned` are the shard indices this process writes.
     """
 
     def __init__(self, folder: str | Path, manifest: dict[str, Any], assigned: list[int], overwrite: bool = False):
-        self.folder, self.assigned, self.overwrite = Path(folder), assigned, overwrite
+        self.store, self.assigned, self.overwrite = as_store(folder), assigned, overwrite
+        self.folder = self.store.url
         self.manifest = {**manifest, "complete": False, "shards": [], "totals": {}}
         self._lock: Any = None
 
     def __enter__(self) -> "CacheWriter":
-        from filelock import FileLock, Timeout
-
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self._lock = FileLock(str(self.folder / ".lock"))
-        try:
-            self._lock.acquire(timeout=0)
-        except Timeout:
-            raise KdpipeError(f"another kdpipe process is writing to {self.folder} (its .lock is held); wait for it or use another --cache") from None
+        self.store.makedirs()
+        self._lock = self.store.writer_lock()
+        self._lock.__enter__()
         try:
             self._prepare()
         except BaseException:
-            self._lock.release()
+            self._lock.__exit__(None, None, None)
             raise
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self._lock.release()
+        self._lock.__exit__(None, None, None)
 
     @property
     def done(self) -> set[int]:
@@ -88,7 +86,7 @@ class CacheWriter:
 
     def write(self, index: int, table: pa.Table) -> dict[str, Any]:
         """Write shard `index` and record it in the manifest (in that order: a crash between them is adopted on resume)."""
-        entry = write_shard(self.folder, index, table)
+        entry = write_shard(self.store, index, table)
         self._record(entry)
         return entry
 
@@ -98,26 +96,28 @@ class CacheWriter:
         self.manifest["totals"] = totals(shards)
         self.manifest["complete"] = not self.pending()
         self.manifest["updated"] = now()
-        write_manifest(self.folder, self.manifest)
+        write_manifest(self.store, self.manifest)
 
     def _prepare(self) -> None:
-        for tmp in self.folder.glob(".*.tmp"):
-            tmp.unlink()
-        path = self.folder / MANIFEST
+        store = self.store
+        names = store.names()
+        for tmp in [n for n in names if n.startswith(".") and n.endswith(".tmp")]:
+            store.delete(tmp)
         if self.overwrite:
-            for old in [path, *self.folder.glob("shard-*.parquet")]:
-                old.unlink(missing_ok=True)
-        if path.exists():
-            old = read_manifest(self.folder)
+            for old in [n for n in names if n == MANIFEST or (n.startswith("shard-") and n.endswith(".parquet"))]:
+                store.delete(old)
+            names = store.names()
+        if MANIFEST in names:
+            old = read_manifest(store)
             self._check_same_run(old)
             self.manifest["created"] = old.get("created", self.manifest.get("created"))
-            self.manifest["shards"] = [s for s in old["shards"] if (self.folder / s["file"]).is_file()]
-        elif any(p.name != ".lock" for p in self.folder.iterdir()):
+            self.manifest["shards"] = [s for s in old["shards"] if s["file"] in names]
+        elif any(n != ".lock" for n in names):
             raise KdpipeError(f"{self.folder} is not empty and holds no kdpipe cache; choose another --cache folder")
-        self._adopt_unrecorded()
+        self._adopt_unrecorded(set(names))
         self.manifest["complete"] = not self.pending()
         self.manifest["totals"] = totals(self.manifest["shards"])
-        write_manifest(self.folder, self.manifest)
+        write_manifest(store, self.manifest)
 
     def _check_same_run(self, old: dict[str, Any]) -> None:
         new = self.manifest
@@ -129,22 +129,26 @@ class CacheWriter:
             f"it was written by `{old.get('command', '?')}`); use another --cache folder or --overwrite to replace it"
         )
 
-    def _adopt_unrecorded(self) -> None:
-        """A shard renamed into place just before a crash (so missing from the manifest) is complete: record it."""
+    def _adopt_unrecorded(self, names: set[str]) -> None:
+        """A shard put in place just before a crash (so missing from the manifest) is complete: record it.
+
+        Locally a shard file only appears by rename, on object storage only as a whole upload; it is still
+        read back and checked (readable Parquet of this run) before it is adopted, and removed otherwise.
+        """
         for index in self.pending():
-            path = self.folder / shard_name(index)
-            if not path.is_file():
+            name = shard_name(index)
+            if name not in names:
                 continue
+            data = self.store.read_bytes(name)
             try:
-                table = pq.read_table(path)
+                table = pq.read_table(pa.BufferReader(data))
                 meta = json.loads(table.schema.metadata[METADATA_KEY])
             except Exception:
-                path.unlink()
+                self.store.delete(name)
                 continue
             if meta.get("settings_hash") != self.manifest["settings_hash"]:
-                path.unlink()
+                self.store.delete(name)
                 continue
-            data = path.read_bytes()
             self.manifest["shards"].append(shard_entry(index, table, data))
 
 
