@@ -183,6 +183,7 @@ def training_arguments(cfg: TrainConfig, output: Path) -> Any:
             fp16=precision == "fp16",
             **_checkpointing_args(cfg.gradient_checkpointing),
             dataloader_pin_memory=torch.cuda.is_available(),
+            use_cpu=_multi_process_on_cpu(),
             seed=cfg.seed,
             data_seed=cfg.seed,
             logging_steps=cfg.logging_steps,
@@ -197,6 +198,15 @@ def training_arguments(cfg: TrainConfig, output: Path) -> Any:
         )
     except ValueError as e:
         raise KdpipeError(f"invalid training options: {str(e).splitlines()[0]}") from None
+
+
+def _multi_process_on_cpu() -> bool:
+    """Launched as several processes (torchrun / accelerate launch) on a machine without CUDA.
+
+    accelerate only sets up a CPU process group (gloo) when told the run is on CPU; without this,
+    each process would silently train its own copy on the whole data.
+    """
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 
 def _checkpointing_args(enabled: bool) -> dict[str, Any]:
