@@ -137,3 +137,12 @@ def test_missing_bucket_is_a_clear_error(s3, tiny_model_dir):
     result = kdpipe("cache", "verify", "s3://no-such-bucket-kdpipe/x", ok=False)
     assert result.exit_code != 0
     assert "s3://no-such-bucket-kdpipe/x is not a kdpipe cache: manifest.json is missing" in result.output
+
+
+def test_two_parts_in_one_folder_are_refused_with_the_way_out(s3, tiny_model_dir):
+    url = f"{s3}/one-folder"
+    kdpipe(*cache_args(tiny_model_dir, url, "--num-shards", 2, "--shard-index", 0))
+    result = kdpipe(*cache_args(tiny_model_dir, url, "--num-shards", 2, "--shard-index", 1), ok=False)
+    assert result.exit_code != 0
+    assert f"{url} holds part 0 of 2 of this run: each --shard-index writes its own folder" in result.output
+    assert Store.open(url).names() == ["manifest.json", "shard-00000.parquet", "shard-00002.parquet"]  # part 0 untouched

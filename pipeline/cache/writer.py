@@ -123,6 +123,13 @@ class CacheWriter:
         new = self.manifest
         if old.get("settings_hash") == new["settings_hash"] and old.get("sharding") == new["sharding"]:
             return
+        if old.get("settings_hash") == new["settings_hash"] and old.get("sharding", {}).get("num_shards", 1) > 1:
+            part = old["sharding"]
+            raise KdpipeError(
+                f"{self.folder} holds part {part['shard_index']} of {part['num_shards']} of this run: each --shard-index "
+                "writes its own folder (e.g. .../part-0, .../part-1), then `kdpipe cache merge PARTS... --output FOLDER` "
+                "joins them"
+            )
         differ = [key for key in ("teacher", "tokenizer", "template", "dataset", "sparse", "encoding", "sharding") if _core(old.get(key)) != _core(new.get(key))]
         raise KdpipeError(
             f"{self.folder} holds another run (different {', '.join(differ) or 'settings'}: "
