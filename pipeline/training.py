@@ -301,8 +301,26 @@ def student_distill_loss(model: Any, inputs: dict[str, Any], cfg: DistillLossCon
     hidden = student_hidden(model, inputs)
     selected = hidden[inputs["target_rows"], inputs["target_cols"]]
     targets = SparseTargets(inputs["topk_ids"], inputs["topk_logprobs"], inputs["tail_mass"], inputs["labels"])
+    _gather_fsdp_root(model)
     head = causal_lm(model).get_output_embeddings()
     return distill_loss(selected, head, targets, cfg, num_items=num_items)
+
+
+def _gather_fsdp_root(model: Any) -> None:
+    """Under FSDP2 (`fully_shard`), gather the root module's own parameters (embeddings, final norm, LM head).
+
+    The loss applies the LM head after the model's forward; when the root reshards after forward
+    (accelerate's FSDP2 default), the head's weight is then a sharded DTensor. `unshard()` makes
+    it whole again until FSDP's post-backward reshards it (FSDP2's own default for the root).
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without FSDP2
+        return
+    for module in (model, causal_lm(model)):
+        if isinstance(module, FSDPModule):
+            module.unshard()
+            return
 
 
 # ---------------------------------------------------------------- run folder

@@ -95,24 +95,27 @@ cfg = DistillLossConfig("fkl", 0.5, 2.0, 0.1, 0.5, "bucket", 16)
 reference = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32)
 ref_loss = training.student_distill_loss(reference, batch, cfg)
 ref_loss.backward()
-model = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32)
-for layer in model.model.layers:
-    fully_shard(layer)
-fully_shard(model)
-assert type(model.get_output_embeddings().weight).__name__ == "DTensor"  # the head is sharded between the 2 ranks
-loss = training.student_distill_loss(model, batch, cfg)
-loss.backward()
-head_grad = model.get_output_embeddings().weight.grad.full_tensor()
-torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
-torch.testing.assert_close(head_grad, reference.get_output_embeddings().weight.grad, rtol=1e-4, atol=1e-6)
+for root_reshards in (False, True):  # FSDP2's default for the root, and accelerate's (root resharded after forward)
+    model = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32)
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model, reshard_after_forward=root_reshards)
+    assert type(model.get_output_embeddings().weight).__name__ == "DTensor"  # the head is sharded between the 2 ranks
+    loss = training.student_distill_loss(model, batch, cfg)
+    loss.backward()
+    assert type(model.get_output_embeddings().weight).__name__ == "DTensor"  # resharded after backward
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    for name, p in model.named_parameters():
+        ref = dict(reference.named_parameters())[name].grad
+        torch.testing.assert_close(p.grad.full_tensor(), ref, rtol=1e-4, atol=1e-6, msg=lambda m: name + ": " + m)
 print("fsdp ok", float(loss))
 dist.destroy_process_group()
 '''
 
 
 def test_loss_under_fsdp2_on_cpu(world, tmp_path):
-    """FSDP2 (`fully_shard`, gloo) shards the LM head into a DTensor: the loss takes its generic path and gives the
-    unsharded model's loss and head gradient."""
+    """FSDP2 (`fully_shard`, gloo): the LM head is a sharded DTensor outside forward; the loss gathers the root's
+    parameters when the root resharded them, and gives the unsharded model's loss and every gradient."""
     script = tmp_path / "fsdp_check.py"
     script.write_text(FSDP_SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
