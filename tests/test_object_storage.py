@@ -146,3 +146,16 @@ def test_two_parts_in_one_folder_are_refused_with_the_way_out(s3, tiny_model_dir
     assert result.exit_code != 0
     assert f"{url} holds part 0 of 2 of this run: each --shard-index writes its own folder" in result.output
     assert Store.open(url).names() == ["manifest.json", "shard-00000.parquet", "shard-00002.parquet"]  # part 0 untouched
+
+
+def test_evaluate_fidelity_on_the_s3_cache(s3, tiny_model_dir, local_cache, tmp_path):
+    import json
+
+    url = f"{s3}/eval"
+    kdpipe("cache", "merge", local_cache, "--output", url)
+    results = {}
+    for name, cache in (("s3", url), ("local", local_cache)):
+        kdpipe("evaluate", "--model", tiny_model_dir, "--cache", cache, "--output", tmp_path / name)
+        results[name] = json.loads((tmp_path / name / "results.json").read_text())["models"][0]["metrics"]
+    assert results["s3"]["fidelity/top1_agreement"] == 1.0  # the teacher against its own cache
+    assert results["s3"] == results["local"]
