@@ -12,8 +12,6 @@ from helpers import kdpipe
 from kdpipe.cache.format import read_manifest
 from kdpipe.cache.storage import Store
 
-moto_server = pytest.importorskip("moto.server", reason="moto[server] is not installed (pip install -e '.[test]')")
-
 K = 8
 BUCKET = "kdpipe-test"
 
@@ -21,6 +19,7 @@ BUCKET = "kdpipe-test"
 @pytest.fixture(scope="module")
 def s3():
     """A moto S3 server on a random loopback port, with the AWS_* variables pointing at it; yields the bucket URL."""
+    moto_server = pytest.importorskip("moto.server", reason="moto[server] is not installed (pip install -e '.[test]')")
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
@@ -159,3 +158,14 @@ def test_evaluate_fidelity_on_the_s3_cache(s3, tiny_model_dir, local_cache, tmp_
         results[name] = json.loads((tmp_path / name / "results.json").read_text())["models"][0]["metrics"]
     assert results["s3"]["fidelity/top1_agreement"] == 1.0  # the teacher against its own cache
     assert results["s3"] == results["local"]
+
+
+def test_any_fsspec_url_through_pyarrow(tiny_model_dir, local_cache):
+    """A protocol pyarrow has no filesystem for (fsspec's in-memory one) goes through fsspec's handler."""
+    url = "memory://kdpipe-test/arith"
+    kdpipe("cache", "merge", local_cache, "--output", url)
+    assert Store.open(url).local is False and shard_bytes(url) == shard_bytes(local_cache)
+    assert kdpipe("cache", "verify", url).output.strip() == f"ok   {url}"
+    from kdpipe.cache import open_cache
+
+    assert [e.id for e in open_cache(url).iter_examples()] == [e.id for e in open_cache(local_cache).iter_examples()]

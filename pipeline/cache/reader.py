@@ -6,7 +6,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-
 from kdpipe.cache.format import ENCODINGS, CachedExample, read_manifest
 from kdpipe.cache.storage import Store
 from kdpipe.errors import KdpipeError
@@ -48,8 +47,8 @@ class Cache:
         for batch in self.store.parquet(shard["file"]).iter_batches(batch_size=batch_rows):
             yield from self._decode(batch)
 
-
     def check_present(self, shard: dict[str, Any]) -> None:
+        """Refuse a shard the manifest lists but the folder lacks, pointing at `kdpipe cache verify`."""
         if not self.store.is_file(shard["file"]):
             raise KdpipeError(
                 f"{self.store.display(shard['file'])} is missing (listed in the manifest); run `kdpipe cache verify {self.path}`"

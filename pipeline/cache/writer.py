@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from datetime import datetime, timezone
@@ -61,21 +62,20 @@ class CacheWriter:
         self.store, self.assigned, self.overwrite = as_store(folder), assigned, overwrite
         self.folder = self.store.url
         self.manifest = {**manifest, "complete": False, "shards": [], "totals": {}}
-        self._lock: Any = None
+        self._held = contextlib.ExitStack()
 
     def __enter__(self) -> "CacheWriter":
         self.store.makedirs()
-        self._lock = self.store.writer_lock()
-        self._lock.__enter__()
+        self._held.enter_context(self.store.writer_lock())
         try:
             self._prepare()
         except BaseException:
-            self._lock.__exit__(None, None, None)
+            self._held.close()
             raise
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self._lock.__exit__(None, None, None)
+        self._held.close()
 
     @property
     def done(self) -> set[int]:
