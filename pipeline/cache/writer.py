@@ -42,14 +42,6 @@ def shard_entry(index: int, table: pa.Table, data: bytes) -> dict[str, Any]:
     }
 
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 class CacheWriter:
     """A cache folder (a path or an object-storage URL, see `kdpipe.cache.storage`) being written:
     lock, resume, refuse a foreign run, write shards, keep the manifest.
