@@ -10,6 +10,7 @@ import pytest
 from helpers import kdpipe
 
 from kdpipe.cache.format import read_manifest
+from kdpipe.errors import KdpipeError
 from kdpipe.cache.storage import Store
 
 K = 8
@@ -169,3 +170,23 @@ def test_any_fsspec_url_through_pyarrow(tiny_model_dir, local_cache):
     from kdpipe.cache import open_cache
 
     assert [e.id for e in open_cache(url).iter_examples()] == [e.id for e in open_cache(local_cache).iter_examples()]
+
+
+def test_a_second_writer_on_the_same_prefix_stops_the_first(s3, tiny_model_dir, local_cache):
+    """No lock on S3: the last writer to start owns the prefix, the earlier one stops before its next manifest."""
+    import pyarrow.parquet as pq
+
+    from kdpipe.cache.writer import CacheWriter
+
+    url = f"{s3}/two-writers"
+    manifest = read_manifest(local_cache)
+    header = {k: v for k, v in manifest.items() if k not in ("shards", "totals", "complete")}
+    table = pq.read_table(local_cache / "shard-00000.parquet")
+    with CacheWriter(url, header, [0, 1, 2]) as first:
+        assert ".writer" in Store.open(url).names()
+        with CacheWriter(url, header, [0, 1, 2]) as second:
+            with pytest.raises(KdpipeError, match="another kdpipe process started writing .*this one stops: one writer per prefix"):
+                first.write(0, table)
+            entry = second.write(0, table)
+        assert read_manifest(url)["shards"] == [entry]
+    assert Store.open(url).names() == ["manifest.json", "shard-00000.parquet"]  # the marker is gone with its owner

@@ -11,8 +11,10 @@ What "atomic" means where:
 - object storage: an object is written whole in one upload (a PUT, or a multipart upload completed
   only when the stream closes), so a reader never sees part of one and a crash leaves no object.
   There is no rename, fsync or lock: one writer per cache prefix (each ``--shard-index`` writes its
-  own prefix; ``kdpipe cache merge`` joins them), the manifest is written after each shard, and a
-  resume lists the shard objects and adopts those the manifest missed after checking them.
+  own prefix; ``kdpipe cache merge`` joins them), which a ``.writer`` marker enforces after the fact
+  (`Lease`: a writer stops when another one started on its prefix); the manifest is written after
+  each shard, and a resume lists the shard objects and adopts those the manifest missed after
+  checking them.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ import contextlib
 import hashlib
 import os
 import shutil
+import socket
 import tempfile
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,10 +176,14 @@ class Store:
             pafs.copy_files(source.path(name), self.path(name), source_filesystem=source.fs, destination_filesystem=self.fs)
 
     @contextlib.contextmanager
-    def writer_lock(self) -> Iterator[None]:
-        """Exclusive right to write: a held ``.lock`` file locally; on object storage the single-writer rule."""
+    def writer_lock(self) -> Iterator["Lease"]:
+        """The right to write: a held ``.lock`` file locally; a `Lease` object on object storage."""
         if not self.local:
-            yield
+            lease = Lease(self)
+            try:
+                yield lease
+            finally:
+                lease.release()
             return
         from filelock import FileLock, Timeout
 
@@ -185,7 +193,7 @@ class Store:
         except Timeout:
             raise KdpipeError(f"another kdpipe process is writing to {self.root} (its .lock is held); wait for it or use another --cache") from None
         try:
-            yield
+            yield Lease(None)
         finally:
             lock.release()
 
@@ -200,6 +208,45 @@ class Store:
             if "not found" in str(e).lower() or "does not exist" in str(e).lower():
                 raise FileNotFoundError(self.display(name)) from None
             raise KdpipeError(f"{self.display(name)}: {_reason(e)}") from None
+
+
+class Lease:
+    """Detects a second writer on object storage, which has no lock: the last writer to start owns the prefix.
+
+    Starting writes a ``.writer`` object holding a token of this process; `check` (before each manifest
+    update) reads it back and stops this writer if another one started since. Both would write the same
+    shard bytes (a shard is a function of the run's settings), so the survivor's manifest stays right.
+    Locally the ``.lock`` file already excludes a second writer and `check` does nothing.
+    """
+
+    NAME = ".writer"
+
+    def __init__(self, store: Store | None):
+        self.store = store
+        self.token = f"{socket.gethostname()} pid {os.getpid()} {uuid.uuid4().hex}".encode()
+        if store is not None:
+            store.write_bytes(self.NAME, self.token)
+
+    def _current(self) -> bytes:
+        try:
+            return self.store.read_bytes(self.NAME) if self.store is not None else b""
+        except FileNotFoundError:
+            return b""
+
+    def check(self) -> None:
+        if self.store is None:
+            return
+        current = self._current()
+        if current != self.token:
+            raise KdpipeError(
+                f"another kdpipe process started writing {self.store.url} ({current.decode(errors='replace') or 'its marker is gone'}); "
+                "this one stops: one writer per prefix (give each --shard-index its own prefix)"
+            )
+
+    def release(self) -> None:
+        """Remove the marker when it is still this writer's."""
+        if self.store is not None and self._current() == self.token:
+            self.store.delete(self.NAME)
 
 
 def write_atomic(path: Path, data: bytes) -> None:

@@ -14,7 +14,7 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 
 from kdpipe.cache.format import MANIFEST, METADATA_KEY, read_manifest, shard_name, write_manifest
-from kdpipe.cache.storage import Store, as_store
+from kdpipe.cache.storage import Lease, Store, as_store
 from kdpipe.errors import KdpipeError
 
 ZSTD_LEVEL = 3
@@ -58,7 +58,7 @@ class CacheWriter:
 
     def __enter__(self) -> "CacheWriter":
         self.store.makedirs()
-        self._held.enter_context(self.store.writer_lock())
+        self._lease = self._held.enter_context(self.store.writer_lock())
         try:
             self._prepare()
         except BaseException:
@@ -88,6 +88,7 @@ class CacheWriter:
         self.manifest["totals"] = totals(shards)
         self.manifest["complete"] = not self.pending()
         self.manifest["updated"] = now()
+        self._lease.check()
         write_manifest(self.store, self.manifest)
 
     def _prepare(self) -> None:
@@ -104,7 +105,7 @@ class CacheWriter:
             self._check_same_run(old)
             self.manifest["created"] = old.get("created", self.manifest.get("created"))
             self.manifest["shards"] = [s for s in old["shards"] if s["file"] in names]
-        elif any(n != ".lock" for n in names):
+        elif any(n not in (".lock", Lease.NAME) for n in names):
             raise KdpipeError(f"{self.folder} is not empty and holds no kdpipe cache; choose another --cache folder")
         self._adopt_unrecorded(set(names))
         self.manifest["complete"] = not self.pending()
