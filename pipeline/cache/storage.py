@@ -46,7 +46,8 @@ def is_url(path: str | Path) -> bool:
 
 @dataclass(frozen=True)
 class Store:
-    """A cache folder or prefix: ``url`` as the user wrote it, ``fs`` and ``root`` (the path inside `fs`)."""
+    """A cache folder or prefix: ``url`` (the location as given, a local path normalised), ``fs`` and
+    ``root`` (the path inside `fs`)."""
 
     url: str
     fs: pafs.FileSystem
@@ -61,9 +62,11 @@ class Store:
             return cls(path, pafs.LocalFileSystem(), path, True)
         scheme = text.split("://", 1)[0].lower()
         try:
-            if scheme in _NATIVE:
+            try:
+                if scheme not in _NATIVE:
+                    raise NotImplementedError(scheme)
                 fs, root = pafs.FileSystem.from_uri(text)
-            else:
+            except NotImplementedError:  # not one of pyarrow's own (or this pyarrow was built without it)
                 import fsspec
 
                 ffs, root = fsspec.core.url_to_fs(text)
