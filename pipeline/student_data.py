@@ -6,7 +6,8 @@ cache is never loaded whole. `BlockShuffleSampler` visits the row groups in a se
 shuffles the rows of `window` consecutive groups together (a bounded shuffle buffer), so reads stay
 local. Its order is a pure function of (seed, epoch): Trainer's resume, which skips the batches
 already trained, sees exactly the batches of the interrupted run, and every process of a multi-GPU
-run (accelerate shards the batch sampler) agrees on it.
+run (accelerate shards the batch sampler) agrees on it. In a multi-process run the row groups are
+dealt out to one lane per process, so each process reads its own part of the shards (see `lanes`).
 
 `DistillCollator` right-pads the tokens and flattens the sparse targets of a batch to its N target
 positions (``target_rows``/``target_cols`` index the padded [B, L] batch; ``labels`` [N] are the
@@ -23,16 +24,13 @@ from __future__ import annotations
 import bisect
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
 from kdpipe.cache.format import CachedExample
 from kdpipe.cache.reader import Cache
-from kdpipe.errors import KdpipeError
 from kdpipe.tokenize import TokenizedExample
 
 
@@ -40,16 +38,14 @@ class CacheDataset(torch.utils.data.Dataset):
     """Rows of a cache by global index (shard order, then row order), read a row group at a time."""
 
     def __init__(self, cache: Cache, keep_groups: int = 2):
-        self.path = cache.path
+        self.path, self.store = cache.path, cache.store
         self._decode = cache._decode
         self.keep_groups = max(1, keep_groups)
         self.groups: list[tuple[str, int]] = []  # (shard file, row group index)
         sizes: list[int] = []
         for shard in cache.shards:
-            file = self.path / shard["file"]
-            if not file.is_file():
-                raise KdpipeError(f"{file} is missing (listed in the manifest); run `kdpipe cache verify {self.path}`")
-            meta = pq.ParquetFile(file).metadata
+            cache.check_present(shard)
+            meta = self.store.parquet(shard["file"]).metadata
             for g in range(meta.num_row_groups):
                 self.groups.append((shard["file"], g))
                 sizes.append(meta.row_group(g).num_rows)
@@ -71,7 +67,7 @@ class CacheDataset(torch.utils.data.Dataset):
             self._cache.move_to_end(g)
             return self._cache[g]
         file, index = self.groups[g]
-        table = pq.ParquetFile(Path(self.path) / file, memory_map=True).read_row_group(index)
+        table = self.store.parquet(file).read_row_group(index)
         rows = self._decode(table)
         self._cache[g] = rows
         while len(self._cache) > self.keep_groups:
@@ -83,12 +79,22 @@ class BlockShuffleSampler(torch.utils.data.Sampler[int]):
     """Blocks (row groups) in a random order; the rows of `window` consecutive blocks shuffled together.
 
     A pure function of (seed, epoch); `shuffle=False` gives the stored order.
+
+    With `lanes` L > 1 (a multi-process run: L = number of processes), the blocks are dealt out to L
+    lanes (block j of the epoch's order to lane j mod L), each lane makes its own window-shuffled
+    stream, and the order takes `stripe` rows from each lane in turn. With ``stripe`` = the per-device
+    batch, accelerate's batch-sampler sharding hands process r the batches r, r + L, r + 2L, ...: all
+    from lane r, so each process reads only its own row groups (until the shorter lanes run out near
+    the end of an epoch, when the rest comes round-robin from the lanes left). One process with
+    ``lanes=L`` and ``stripe`` = its batch / L sees exactly the same global batches.
     """
 
-    def __init__(self, block_sizes: Sequence[int], seed: int, window: int = 1, shuffle: bool = True):
+    def __init__(self, block_sizes: Sequence[int], seed: int, window: int = 1, shuffle: bool = True,
+                 lanes: int = 1, stripe: int = 1):
         self.sizes = list(block_sizes)
         self.starts = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
         self.seed, self.window, self.shuffle = seed, max(1, window), shuffle
+        self.lanes, self.stripe = max(1, lanes), max(1, stripe)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -99,18 +105,37 @@ class BlockShuffleSampler(torch.utils.data.Sampler[int]):
 
     def order(self, epoch: int | None = None) -> np.ndarray:
         """Every row index once, in this epoch's order."""
-        if not self.shuffle:
-            return np.arange(len(self), dtype=np.int64)
-        rng = np.random.default_rng([self.seed, self.epoch if epoch is None else epoch])
-        blocks = rng.permutation(len(self.sizes))
-        parts = []
-        for i in range(0, len(blocks), self.window):
-            rows = np.concatenate([np.arange(self.starts[b], self.starts[b + 1]) for b in blocks[i : i + self.window]])
-            parts.append(rng.permutation(rows))
-        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+        rng = np.random.default_rng([self.seed, self.epoch if epoch is None else epoch]) if self.shuffle else None
+        blocks = rng.permutation(len(self.sizes)) if rng is not None else np.arange(len(self.sizes))
+        streams = []
+        for lane in range(self.lanes):
+            mine, parts = blocks[lane :: self.lanes], []
+            for i in range(0, len(mine), self.window):
+                rows = np.concatenate([np.arange(self.starts[b], self.starts[b + 1]) for b in mine[i : i + self.window]])
+                parts.append(rng.permutation(rows) if rng is not None else rows)
+            streams.append(np.concatenate(parts) if parts else np.zeros(0, np.int64))
+        return streams[0] if self.lanes == 1 else _interleave(streams, self.stripe)
+
+    def block_of(self, rows: np.ndarray) -> np.ndarray:
+        """The block (row group) each row index lives in."""
+        return np.searchsorted(self.starts, rows, side="right") - 1
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.order().tolist())
+
+
+def _interleave(streams: list[np.ndarray], stripe: int) -> np.ndarray:
+    """`stripe` rows from each stream in turn, skipping the streams that ran out."""
+    chunks, pos = [], [0] * len(streams)
+    while True:
+        taken = False
+        for lane, stream in enumerate(streams):
+            if pos[lane] < len(stream):
+                chunks.append(stream[pos[lane] : pos[lane] + stripe])
+                pos[lane] += stripe
+                taken = True
+        if not taken:
+            return np.concatenate(chunks) if chunks else np.zeros(0, np.int64)
 
 
 def pad_tokens(rows: Sequence[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -193,6 +193,7 @@ def training_arguments(cfg: TrainConfig, output: Path) -> Any:
             fp16=precision == "fp16",
             **_checkpointing_args(cfg.gradient_checkpointing),
             dataloader_pin_memory=torch.cuda.is_available(),
+            use_cpu=_multi_process_on_cpu(),
             seed=cfg.seed,
             data_seed=cfg.seed,
             logging_steps=cfg.logging_steps,
@@ -207,6 +208,15 @@ def training_arguments(cfg: TrainConfig, output: Path) -> Any:
         )
     except ValueError as e:
         raise KdpipeError(f"invalid training options: {str(e).splitlines()[0]}") from None
+
+
+def _multi_process_on_cpu() -> bool:
+    """Launched as several processes (torchrun / accelerate launch) on a machine without CUDA.
+
+    accelerate only sets up a CPU process group (gloo) when told the run is on CPU; without this,
+    each process would silently train its own copy on the whole data.
+    """
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 
 def _checkpointing_args(enabled: bool) -> dict[str, Any]:
@@ -305,8 +315,26 @@ def student_distill_loss(model: Any, inputs: dict[str, Any], cfg: DistillLossCon
     hidden = student_hidden(model, inputs)
     selected = hidden[inputs["target_rows"], inputs["target_cols"]]
     targets = SparseTargets(inputs["topk_ids"], inputs["topk_logprobs"], inputs["tail_mass"], inputs["labels"])
+    _gather_fsdp_root(model)
     head = causal_lm(model).get_output_embeddings()
     return distill_loss(selected, head, targets, cfg, num_items=num_items)
+
+
+def _gather_fsdp_root(model: Any) -> None:
+    """Under FSDP2 (`fully_shard`), gather the root module's own parameters (embeddings, final norm, LM head).
+
+    The loss applies the LM head after the model's forward; when the root reshards after forward
+    (accelerate's FSDP2 default), the head's weight is then a sharded DTensor. `unshard()` makes
+    it whole again until FSDP's post-backward reshards it (FSDP2's own default for the root).
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without FSDP2
+        return
+    for module in (model, causal_lm(model)):
+        if isinstance(module, FSDPModule):
+            module.unshard()
+            return
 
 
 # ---------------------------------------------------------------- run folder

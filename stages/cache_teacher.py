@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 import kdpipe
 from kdpipe.cache.format import ENCODINGS, FORMAT, FORMAT_VERSION
+from kdpipe.cache.storage import is_url
 from kdpipe.cache.writer import CacheWriter, now
 from kdpipe.config import option
 from kdpipe.data import DataConfig, load_examples
@@ -38,7 +39,7 @@ class CacheTeacherConfig(DataConfig):
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = option("auto", "Teacher weights dtype (auto keeps the checkpoint's).")
     device: str = option("auto", "Device: auto (CUDA if present), cpu, cuda, cuda:1 ...")
     backend: Literal["hf", "vllm"] = option("hf", "Teacher runtime: hf (transformers) or vllm.")
-    cache: str | None = option(None, "Cache folder (default: cache/<dataset name>).")
+    cache: str | None = option(None, "Cache folder or object-storage URL (s3://bucket/prefix, gs://...; default: cache/<dataset name>).")
     top_k: int = option(32, "Teacher token ids and log-probs kept per position.")
     sparse_mode: Literal["topk"] = option("topk", "What is stored per position: topk.")
     encoding: Literal["plain"] = option("plain", "Column encoding of the shards: plain.")
@@ -69,9 +70,10 @@ class CacheTeacherConfig(DataConfig):
         if not 0 <= self.shard_index < self.num_shards:
             raise ValueError(f"shard_index must be in [0, num_shards={self.num_shards}), not {self.shard_index}")
 
-    def cache_folder(self) -> Path:
+    def cache_folder(self) -> Path | str:
+        """The cache's folder, or its object-storage URL (s3://bucket/prefix, gs://..., kept as a string)."""
         if self.cache:
-            return Path(self.cache)
+            return self.cache if is_url(self.cache) else Path(self.cache)
         source = self.dataset or "data"
         stem = Path(source).stem if Path(source).suffix else re.split(r"[/:]", source)[-1]
         return Path("cache") / re.sub(r"[^A-Za-z0-9_.-]+", "-", stem).strip("-")

@@ -239,7 +239,7 @@ def step_state(step: Step, cfg: Any, anything_ran: bool) -> tuple[str, str]:
             raise KdpipeError(f"{out} already holds other files; remove it or choose another output")
         return "run", ""
     if step.kind == "cache":
-        manifest = _read_json(Path(cfg.cache) / "manifest.json")
+        manifest = _cache_manifest(cfg.cache)
         if manifest is None:
             return "run", ""
         if manifest.get("command") == command and manifest.get("complete"):
@@ -265,7 +265,7 @@ def step_state(step: Step, cfg: Any, anything_ran: bool) -> tuple[str, str]:
                 "remove it or choose another output"
             )
         cached = record.get("identity", {}).get("cache")
-        manifest = _read_json(Path(cfg.cache) / "manifest.json") if step.kind == "train" and cfg.cache else None
+        manifest = _cache_manifest(cfg.cache) if step.kind == "train" and cfg.cache else None
         if cached and manifest and manifest.get("settings_hash") != cached:
             raise KdpipeError(f"{out} was trained on another cache than {cfg.cache} (settings differ); "
                               "remove it to train again on this cache")
@@ -297,6 +297,16 @@ def _changed(before: Any, now: dict[str, Any]) -> str:
     before = before or {}
     keys = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
     return ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in keys[:6])
+
+
+def _cache_manifest(location: str) -> dict[str, Any] | None:
+    """The manifest of a cache folder or URL, None when there is none (yet) or it is unreadable."""
+    from kdpipe.cache.format import read_manifest
+
+    try:
+        return read_manifest(location)
+    except (KdpipeError, OSError):
+        return None
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

@@ -7,6 +7,7 @@ distillation loss through `transformers.Trainer`, save the model (or adapter, or
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ from kdpipe.student_data import BlockShuffleSampler, CacheDataset, DistillCollat
 class TrainStudentConfig(training.TrainConfig):
     """Options of `kdpipe train-student` (YAML keys; CLI options with dashes)."""
 
-    cache: str | None = option(None, "Cache folder written by `kdpipe cache-teacher`.")
+    cache: str | None = option(None, "Cache folder (or object-storage URL: s3://bucket/prefix ...) written by `kdpipe cache-teacher`.")
     loss: Literal["fkl", "rkl", "skew-fkl", "skew-rkl", "jsd", "tvd"] = option(
         "fkl", "Divergence: fkl, rkl, skew-fkl, skew-rkl (skew), jsd (beta), tvd."
     )
@@ -39,12 +40,18 @@ class TrainStudentConfig(training.TrainConfig):
     )
     chunk_size: int = option(1024, "Target positions per LM-head chunk (bounds the fp32 full-vocabulary scratch).")
     shuffle_window: int = option(4, "Row groups (256 rows each) shuffled together; that many are kept decoded in memory.")
+    data_lanes: int | None = option(
+        None, "Split the row groups into this many lanes, one per process, so each process reads its own part "
+        "(default: the number of processes; set it to a multi-process run's count to replay its order on one process)."
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.loss_config()  # validates loss, alpha, temperature, skew, beta, tail, chunk_size
         if self.shuffle_window < 1:
             raise ValueError(f"shuffle_window must be at least 1, not {self.shuffle_window}")
+        if self.data_lanes is not None and self.data_lanes < 1:
+            raise ValueError(f"data_lanes must be at least 1, not {self.data_lanes}")
 
     def loss_config(self) -> DistillLossConfig:
         return DistillLossConfig(self.loss, self.alpha, self.temperature, self.skew, self.beta, self.tail, self.chunk_size)
@@ -74,13 +81,26 @@ def run(cfg: TrainStudentConfig, command: str = "", callbacks: list[Any] | None 
     args = training.training_arguments(cfg, Path(cfg.output))
     out = training.start_run(cfg, "train-student", identity, command, checkpoint)  # only now: bad options leave no folder behind
     dataset = CacheDataset(cache, keep_groups=cfg.shuffle_window + 1)
-    sampler = BlockShuffleSampler(dataset.sizes, cfg.seed, cfg.shuffle_window)
+    sampler = BlockShuffleSampler(dataset.sizes, cfg.seed, cfg.shuffle_window, **lane_layout(cfg))
     collator = DistillCollator(tokenizer.pad_token_id, student_vocab_size(model), cache.k)
     trainer = training.make_trainer(
         cfg.loss_config(), model=model, args=args, train_dataset=dataset,
         data_collator=collator, processing_class=tokenizer, sampler=sampler, callbacks=callbacks,
     )
     return training.fit(trainer, cfg, out, tokenizer, checkpoint)
+
+
+def lane_layout(cfg: TrainStudentConfig) -> dict[str, int]:
+    """`lanes` and `stripe` of the sampler: one lane per process, a per-device batch from each in turn."""
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    lanes = cfg.data_lanes or processes
+    rows = cfg.batch_size * processes  # one micro-batch over all processes
+    if rows % lanes:
+        raise KdpipeError(
+            f"--data-lanes {lanes} does not divide the {rows} rows of a micro-batch (--batch-size {cfg.batch_size} × "
+            f"{processes} process(es)); pick a divisor"
+        )
+    return {"lanes": lanes, "stripe": rows // lanes}
 
 
 def check_tokenizer(tokenizer: Any, cache: Cache, model: str) -> None:

@@ -8,8 +8,6 @@ other tools can rely on.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +16,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from kdpipe.errors import KdpipeError, disk_errors
-from kdpipe.faults import fault
+from kdpipe.cache.storage import Store, as_store, write_atomic  # noqa: F401  (write_atomic: re-exported)
+from kdpipe.errors import KdpipeError
 
 FORMAT = "kdpipe-cache"
 FORMAT_VERSION = 1
@@ -134,13 +132,18 @@ def _split(column: pa.ListArray, width: int | None = None) -> list[np.ndarray]:
 ENCODINGS = {"plain": (encode_plain, decode_plain)}
 
 
-def read_manifest(folder: str | Path) -> dict[str, Any]:
-    """The manifest of a cache folder, checked for format and version."""
-    path = Path(folder) / MANIFEST
-    if not path.is_file():
+def read_manifest(folder: str | Path | Store) -> dict[str, Any]:
+    """The manifest of a cache folder (a path or a URL), checked for format and version."""
+    store = as_store(folder)
+    path = store.display(MANIFEST)
+    try:
+        text = store.read_bytes(MANIFEST) if store.is_file(MANIFEST) else None
+    except FileNotFoundError:
+        text = None
+    if text is None:
         raise KdpipeError(f"{folder} is not a kdpipe cache: {MANIFEST} is missing")
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise KdpipeError(f"{path} is damaged (not valid JSON: {e})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
@@ -154,40 +157,6 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def write_manifest(folder: str | Path, manifest: dict[str, Any]) -> None:
-    """Write the manifest atomically (temp file, fsync, rename): a reader never sees half of one."""
-    write_atomic(Path(folder) / MANIFEST, (json.dumps(manifest, indent=2, sort_keys=False) + "\n").encode())
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temp file in the same folder, fsynced, then renamed."""
-    with disk_errors(path):
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                view = memoryview(data)
-                f.write(view[: len(view) // 2])
-                f.flush()
-                fault("mid-write", path.name)  # test hook (kdpipe.faults), inert unless KDPIPE_FAULT is set
-                f.write(view[len(view) // 2 :])
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-    fault("renamed", path.name)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def write_manifest(folder: str | Path | Store, manifest: dict[str, Any]) -> None:
+    """Write the manifest whole (atomic locally and on object storage): a reader never sees half of one."""
+    as_store(folder).write_bytes(MANIFEST, (json.dumps(manifest, indent=2, sort_keys=False) + "\n").encode())

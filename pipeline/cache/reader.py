@@ -6,18 +6,21 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
-
 from kdpipe.cache.format import ENCODINGS, CachedExample, read_manifest
+from kdpipe.cache.storage import Store
 from kdpipe.errors import KdpipeError
 
 
 class Cache:
-    """A cache folder: its manifest and an iterator over decoded examples."""
+    """A cache folder (a path or an object-storage URL): its manifest and an iterator over decoded examples.
+
+    `path` is a `Path` for a local folder and the URL string otherwise; `store` reads its files.
+    """
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.manifest: dict[str, Any] = read_manifest(self.path)
+        self.store = Store.open(path)
+        self.path: Path | str = Path(self.store.root) if self.store.local else self.store.url
+        self.manifest: dict[str, Any] = read_manifest(self.store)
         encoding = self.manifest["encoding"]
         if encoding not in ENCODINGS:
             raise KdpipeError(f"{self.path}: unknown cache encoding '{encoding}' (known: {', '.join(ENCODINGS)})")
@@ -35,16 +38,21 @@ class Cache:
         return sum(s["rows"] for s in self.shards)
 
     def iter_examples(self, batch_rows: int = 64) -> Iterator[CachedExample]:
-        """Every example, shard by shard, decoded `batch_rows` at a time (memory-mapped reads)."""
+        """Every example, shard by shard, decoded `batch_rows` at a time (memory-mapped reads when local)."""
         for shard in self.shards:
             yield from self.iter_shard(shard, batch_rows)
 
     def iter_shard(self, shard: dict[str, Any], batch_rows: int = 64) -> Iterator[CachedExample]:
-        path = self.path / shard["file"]
-        if not path.is_file():
-            raise KdpipeError(f"{path} is missing (listed in the manifest); run `kdpipe cache verify {self.path}`")
-        for batch in pq.ParquetFile(path, memory_map=True).iter_batches(batch_size=batch_rows):
+        self.check_present(shard)
+        for batch in self.store.parquet(shard["file"]).iter_batches(batch_size=batch_rows):
             yield from self._decode(batch)
+
+    def check_present(self, shard: dict[str, Any]) -> None:
+        """Refuse a shard the manifest lists but the folder lacks, pointing at `kdpipe cache verify`."""
+        if not self.store.is_file(shard["file"]):
+            raise KdpipeError(
+                f"{self.store.display(shard['file'])} is missing (listed in the manifest); run `kdpipe cache verify {self.path}`"
+            )
 
 
 def open_cache(path: str | Path) -> Cache:

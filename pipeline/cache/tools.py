@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from kdpipe.cache.format import ENCODINGS, MANIFEST, METADATA_KEY, read_manifest, write_manifest
-from kdpipe.cache.writer import file_sha256, now, totals
+from kdpipe.cache.storage import Store
+from kdpipe.cache.writer import now, totals
 from kdpipe.errors import KdpipeError
 
 
@@ -47,33 +45,35 @@ def info(path: str | Path) -> dict[str, Any]:
 
 def verify(path: str | Path, values: bool = True) -> list[str]:
     """Every problem found (empty when the cache is intact): checksums, schema, counts, value sanity."""
-    folder = Path(path)
-    m = read_manifest(folder)
+    store = Store.open(path)
+    m = read_manifest(store)
     problems = []
     if not m["complete"]:
         missing = m["sharding"]["total_shards"] - len(m["shards"])
-        problems.append(f"{folder}: incomplete, {missing} shard(s) not written yet (rerun the same command to resume)")
+        problems.append(f"{store}: incomplete, {missing} shard(s) not written yet (rerun the same command to resume)")
     for shard in m["shards"]:
-        problems += _verify_shard(folder / shard["file"], shard, m, values)
+        problems += _verify_shard(store, shard, m, values)
     return problems
 
 
-def _verify_shard(file: Path, shard: dict[str, Any], m: dict[str, Any], values: bool) -> list[str]:
-    if not file.is_file():
+def _verify_shard(store: Store, shard: dict[str, Any], m: dict[str, Any], values: bool) -> list[str]:
+    name, file = shard["file"], store.display(shard["file"])
+    if not store.is_file(name):
         return [f"{file}: missing"]
     try:  # the footer alone: tells a shard of another run from a damaged one
-        footer = json.loads(pq.read_schema(file).metadata[METADATA_KEY])
+        footer = json.loads(store.parquet(name).schema_arrow.metadata[METADATA_KEY])
     except Exception:
         footer = None
     if footer is not None and footer.get("settings_hash") != m["settings_hash"]:
-        return [f"{file}: belongs to another run than {file.parent / MANIFEST} (settings hash differs): "
+        return [f"{file}: belongs to another run than {store.display(MANIFEST)} (settings hash differs): "
                 "the shard or the manifest was replaced"]
-    if file.stat().st_size != shard["bytes"]:
-        return [f"{file}: size {file.stat().st_size} bytes, the manifest says {shard['bytes']} (truncated or replaced)"]
-    if file_sha256(file) != shard["sha256"]:
+    size = store.size(name)
+    if size != shard["bytes"]:
+        return [f"{file}: size {size} bytes, the manifest says {shard['bytes']} (truncated or replaced)"]
+    if store.sha256(name) != shard["sha256"]:
         return [f"{file}: sha256 checksum mismatch (the file is damaged)"]
     try:
-        table = pq.read_table(file)
+        table = store.parquet(name).read()
         meta = json.loads(table.schema.metadata[METADATA_KEY])
     except Exception as e:
         return [f"{file}: unreadable Parquet ({str(e).splitlines()[0][:200]})"]
@@ -123,28 +123,32 @@ def check_values(table: Any, m: dict[str, Any]) -> list[str]:
 
 
 def merge(parts: list[str | Path], output: str | Path) -> dict[str, Any]:
-    """Join the caches of a `--num-shards/--shard-index` split into one folder (hard links where possible)."""
-    out = Path(output)
-    manifests = [read_manifest(p) for p in parts]
+    """Join the caches of a `--num-shards/--shard-index` split into one folder (hard links where possible).
+
+    Parts and output may be local folders or object-storage URLs (objects are copied there).
+    """
+    out = Store.open(output)
+    stores = [Store.open(p) for p in parts]
+    manifests = [read_manifest(s) for s in stores]
     first = manifests[0]
     for path, m in zip(parts, manifests):
         if m["settings_hash"] != first["settings_hash"] or m["sharding"]["rows_per_shard"] != first["sharding"]["rows_per_shard"]:
             raise KdpipeError(f"{path} is not a part of the same run as {parts[0]} (different settings); cannot merge")
-    shards: dict[int, tuple[Path, dict[str, Any]]] = {}
-    for path, m in zip(parts, manifests):
+    shards: dict[int, tuple[Store, dict[str, Any]]] = {}
+    for store, m in zip(stores, manifests):
         for s in m["shards"]:
             if s["index"] in shards:
-                raise KdpipeError(f"shard {s['index']} is in both {shards[s['index']][0]} and {path}")
-            shards[s["index"]] = (Path(path), s)
+                raise KdpipeError(f"shard {s['index']} is in both {shards[s['index']][0]} and {store}")
+            shards[s["index"]] = (store, s)
     total = first["sharding"]["total_shards"]
     missing = sorted(set(range(total)) - set(shards))
     if missing:
         raise KdpipeError(f"the parts lack shard(s) {missing[:10]} of {total}: finish those parts first (rerun them)")
-    if out.exists() and any(out.iterdir()):
+    if out.names():
         raise KdpipeError(f"{out} is not empty; merge into a new folder")
-    out.mkdir(parents=True, exist_ok=True)
-    for index, (folder, s) in sorted(shards.items()):
-        _link_or_copy(folder / s["file"], out / s["file"])
+    out.makedirs()
+    for _, (store, s) in sorted(shards.items()):
+        out.copy_from(store, s["file"])
     entries = [s for _, (_, s) in sorted(shards.items())]
     merged = {**first, "shards": entries, "totals": totals(entries), "complete": True, "updated": now(),
               "sharding": {**first["sharding"], "num_shards": 1, "shard_index": 0},
@@ -153,9 +157,3 @@ def merge(parts: list[str | Path], output: str | Path) -> dict[str, Any]:
     write_manifest(out, merged)
     return merged
 
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)

@@ -1,7 +1,8 @@
-"""Writing shards: zstd Parquet written whole to a temp file, fsynced, then renamed into place."""
+"""Writing shards: zstd Parquet written whole (temp file, fsync, rename locally; one upload on object storage)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from datetime import datetime, timezone
@@ -12,19 +13,20 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 
-from kdpipe.cache.format import MANIFEST, METADATA_KEY, read_manifest, shard_name, write_atomic, write_manifest
+from kdpipe.cache.format import MANIFEST, METADATA_KEY, read_manifest, shard_name, write_manifest
+from kdpipe.cache.storage import Lease, Store, as_store
 from kdpipe.errors import KdpipeError
 
 ZSTD_LEVEL = 3
 ROW_GROUP_ROWS = 256
 
 
-def write_shard(folder: str | Path, index: int, table: pa.Table) -> dict[str, Any]:
+def write_shard(folder: str | Path | Store, index: int, table: pa.Table) -> dict[str, Any]:
     """Write `table` as shard `index`; return its manifest entry (rows, tokens, bytes, sha256)."""
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd", compression_level=ZSTD_LEVEL, row_group_size=ROW_GROUP_ROWS)
     data = sink.getvalue().to_pybytes()
-    write_atomic(Path(folder) / shard_name(index), data)
+    as_store(folder).write_bytes(shard_name(index), data)
     return shard_entry(index, table, data)
 
 
@@ -40,45 +42,33 @@ def shard_entry(index: int, table: pa.Table, data: bytes) -> dict[str, Any]:
     }
 
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 class CacheWriter:
-    """A cache folder being written: lock, resume, refuse a foreign run, write shards, keep the manifest.
+    """A cache folder (a path or an object-storage URL, see `kdpipe.cache.storage`) being written:
+    lock, resume, refuse a foreign run, write shards, keep the manifest.
 
     `manifest` is the new run's header (everything but shards, totals and completeness);
     `settings_hash` identifies its content; `assigned` are the shard indices this process writes.
     """
 
     def __init__(self, folder: str | Path, manifest: dict[str, Any], assigned: list[int], overwrite: bool = False):
-        self.folder, self.assigned, self.overwrite = Path(folder), assigned, overwrite
+        self.store, self.assigned, self.overwrite = as_store(folder), assigned, overwrite
+        self.folder = self.store.url
         self.manifest = {**manifest, "complete": False, "shards": [], "totals": {}}
-        self._lock: Any = None
+        self._held = contextlib.ExitStack()
         self.rewritten: list[str] = []  # recorded shards found missing or damaged on resume (written again)
 
     def __enter__(self) -> "CacheWriter":
-        from filelock import FileLock, Timeout
-
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self._lock = FileLock(str(self.folder / ".lock"))
-        try:
-            self._lock.acquire(timeout=0)
-        except Timeout:
-            raise KdpipeError(f"another kdpipe process is writing to {self.folder} (its .lock is held); wait for it or use another --cache") from None
+        self.store.makedirs()
+        self._lease = self._held.enter_context(self.store.writer_lock())
         try:
             self._prepare()
         except BaseException:
-            self._lock.release()
+            self._held.close()
             raise
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self._lock.release()
+        self._held.close()
 
     @property
     def done(self) -> set[int]:
@@ -89,7 +79,7 @@ class CacheWriter:
 
     def write(self, index: int, table: pa.Table) -> dict[str, Any]:
         """Write shard `index` and record it in the manifest (in that order: a crash between them is adopted on resume)."""
-        entry = write_shard(self.folder, index, table)
+        entry = write_shard(self.store, index, table)
         self._record(entry)
         return entry
 
@@ -99,62 +89,76 @@ class CacheWriter:
         self.manifest["totals"] = totals(shards)
         self.manifest["complete"] = not self.pending()
         self.manifest["updated"] = now()
-        write_manifest(self.folder, self.manifest)
+        self._lease.check()
+        write_manifest(self.store, self.manifest)
 
     def _prepare(self) -> None:
-        for tmp in self.folder.glob(".*.tmp"):
-            tmp.unlink()
-        path = self.folder / MANIFEST
+        store = self.store
+        names = store.names()
+        for tmp in [n for n in names if n.startswith(".") and n.endswith(".tmp")]:
+            store.delete(tmp)
         if self.overwrite:
-            for old in [path, *self.folder.glob("shard-*.parquet")]:
-                old.unlink(missing_ok=True)
-        if path.exists():
-            old = read_manifest(self.folder)
+            for old in [n for n in names if n == MANIFEST or (n.startswith("shard-") and n.endswith(".parquet"))]:
+                store.delete(old)
+            names = store.names()
+        if MANIFEST in names:
+            old = read_manifest(store)
             self._check_same_run(old)
             self.manifest["created"] = old.get("created", self.manifest.get("created"))
-            self.manifest["shards"] = [s for s in old["shards"] if self._intact(s)]
-        elif any(p.name != ".lock" for p in self.folder.iterdir()):
+            self.manifest["shards"] = [s for s in old["shards"] if self._intact(s, names)]
+        elif any(n not in (".lock", Lease.NAME) for n in names):
             raise KdpipeError(f"{self.folder} is not empty and holds no kdpipe cache; choose another --cache folder")
-        self._adopt_unrecorded()
+        self._adopt_unrecorded(set(store.names()))  # listed again: damaged shards were just removed
         self.manifest["complete"] = not self.pending()
         self.manifest["totals"] = totals(self.manifest["shards"])
-        write_manifest(self.folder, self.manifest)
+        write_manifest(store, self.manifest)
 
     def _check_same_run(self, old: dict[str, Any]) -> None:
         new = self.manifest
         if old.get("settings_hash") == new["settings_hash"] and old.get("sharding") == new["sharding"]:
             return
+        if old.get("settings_hash") == new["settings_hash"] and old.get("sharding", {}).get("num_shards", 1) > 1:
+            part = old["sharding"]
+            raise KdpipeError(
+                f"{self.folder} holds part {part['shard_index']} of {part['num_shards']} of this run: each --shard-index "
+                "writes its own folder (e.g. .../part-0, .../part-1), then `kdpipe cache merge PARTS... --output FOLDER` "
+                "joins them"
+            )
         differ = [key for key in ("teacher", "tokenizer", "template", "dataset", "sparse", "encoding", "sharding") if _core(old.get(key)) != _core(new.get(key))]
         raise KdpipeError(
             f"{self.folder} holds another run (different {', '.join(differ) or 'settings'}: "
             f"it was written by `{old.get('command', '?')}`); use another --cache folder or --overwrite to replace it"
         )
 
-    def _intact(self, shard: dict[str, Any]) -> bool:
+    def _intact(self, shard: dict[str, Any], names: list[str]) -> bool:
         """A recorded shard is kept when its size and sha256 match the manifest; otherwise it is removed and written again."""
-        path = self.folder / shard["file"]
-        if path.is_file() and path.stat().st_size == shard["bytes"] and file_sha256(path) == shard["sha256"]:
+        name = shard["file"]
+        if name in names and self.store.size(name) == shard["bytes"] and self.store.sha256(name) == shard["sha256"]:
             return True
-        path.unlink(missing_ok=True)  # never adopted below: a damaged file may still parse
-        self.rewritten.append(shard["file"])
+        self.store.delete(name)  # never adopted below: a damaged file may still parse
+        self.rewritten.append(name)
         return False
 
-    def _adopt_unrecorded(self) -> None:
-        """A shard renamed into place just before a crash (so missing from the manifest) is complete: record it."""
+    def _adopt_unrecorded(self, names: set[str]) -> None:
+        """A shard put in place just before a crash (so missing from the manifest) is complete: record it.
+
+        Locally a shard file only appears by rename, on object storage only as a whole upload; it is still
+        read back and checked (readable Parquet of this run) before it is adopted, and removed otherwise.
+        """
         for index in self.pending():
-            path = self.folder / shard_name(index)
-            if not path.is_file():
+            name = shard_name(index)
+            if name not in names:
                 continue
+            data = self.store.read_bytes(name)
             try:
-                table = pq.read_table(path)
+                table = pq.read_table(pa.BufferReader(data))
                 meta = json.loads(table.schema.metadata[METADATA_KEY])
             except Exception:
-                path.unlink()
+                self.store.delete(name)
                 continue
             if meta.get("settings_hash") != self.manifest["settings_hash"]:
-                path.unlink()
+                self.store.delete(name)
                 continue
-            data = path.read_bytes()
             self.manifest["shards"].append(shard_entry(index, table, data))
 
 

@@ -1,0 +1,192 @@
+"""Caches on object storage: cache-teacher, resume, verify, merge and train-student against a real
+S3-compatible server (moto's server mode on 127.0.0.1, spoken to over HTTP by pyarrow's S3 client)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from helpers import kdpipe
+
+from kdpipe.cache.format import read_manifest
+from kdpipe.errors import KdpipeError
+from kdpipe.cache.storage import Store
+
+K = 8
+BUCKET = "kdpipe-test"
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A moto S3 server on a random loopback port, with the AWS_* variables pointing at it; yields the bucket URL."""
+    moto_server = pytest.importorskip("moto.server", reason="moto[server] is not installed (pip install -e '.[test]')")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        import boto3
+
+        boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"]).create_bucket(Bucket=BUCKET)
+        yield f"s3://{BUCKET}"
+    server.stop()
+
+
+def cache_args(model: Path, cache: str, *extra: object) -> list[object]:
+    return ["cache-teacher", "--model", model, "--dataset", "kdpipe:arithmetic", "--limit", 60, "--top-k", K,
+            "--cache", cache, "--rows-per-shard", 25, "--batch-size", 7, "--dtype", "fp32", *extra]
+
+
+@pytest.fixture(scope="module")
+def local_cache(tmp_path_factory, tiny_model_dir) -> Path:
+    folder = tmp_path_factory.mktemp("local") / "arith"
+    kdpipe(*cache_args(tiny_model_dir, str(folder)))
+    return folder
+
+
+def shard_bytes(location: str | Path) -> dict[str, bytes]:
+    store = Store.open(location)
+    return {s["file"]: store.read_bytes(s["file"]) for s in read_manifest(store)["shards"]}
+
+
+def test_cache_on_s3_crash_resume_verify(s3, tiny_model_dir, local_cache, monkeypatch):
+    """A crash between a shard's upload and the manifest update, then a resume: same bytes as a local run."""
+    from kdpipe.cache import writer
+    from kdpipe.teacher import HFTeacher
+
+    url = f"{s3}/runs/arith"
+    real_record, scored = writer.CacheWriter._record, []
+
+    def crash_after_second_upload(self, entry):
+        if entry["index"] == 1:
+            raise RuntimeError("simulated crash")  # shard-00001 is uploaded, the manifest does not list it
+        return real_record(self, entry)
+
+    monkeypatch.setattr(writer.CacheWriter, "_record", crash_after_second_upload)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        kdpipe(*cache_args(tiny_model_dir, url))
+    partial, store = read_manifest(url), Store.open(url)
+    assert not partial["complete"] and [s["index"] for s in partial["shards"]] == [0]
+    assert store.names() == ["manifest.json", "shard-00000.parquet", "shard-00001.parquet"]
+
+    monkeypatch.setattr(writer.CacheWriter, "_record", real_record)
+    real_score = HFTeacher.score
+    monkeypatch.setattr(HFTeacher, "score", lambda self, batch: scored.extend(e.id for e in batch) or real_score(self, batch))
+    kdpipe(*cache_args(tiny_model_dir, url))
+    assert len(scored) == 10  # only shard 2 (rows 50..59) was scored again; shard 1 was adopted after checking it
+    done = read_manifest(url)
+    assert done["complete"] and done["totals"] == read_manifest(local_cache)["totals"]
+    assert shard_bytes(url) == shard_bytes(local_cache)  # byte-for-byte what a local run writes
+
+    result = kdpipe("cache", "verify", url)
+    assert result.output.strip() == f"ok   {url}"
+    info = kdpipe("cache", "info", url, "--json")
+    assert '"examples": 60' in info.output and '"shards": "3 of 3"' in info.output
+
+
+def test_verify_names_a_damaged_object(s3, local_cache):
+    url = f"{s3}/damaged"
+    kdpipe("cache", "merge", local_cache, "--output", url)  # local -> s3 copy
+    assert kdpipe("cache", "verify", url).exit_code == 0
+    store = Store.open(url)
+    data = bytearray(store.read_bytes("shard-00001.parquet"))
+    data[100] ^= 0xFF
+    store.write_bytes("shard-00001.parquet", bytes(data))
+    result = kdpipe("cache", "verify", url, ok=False)
+    assert result.exit_code != 0
+    assert f"FAIL {url}/shard-00001.parquet: sha256 checksum mismatch (the file is damaged)" in result.output
+
+
+def test_split_parts_on_s3_merge_into_one_cache(s3, tiny_model_dir, local_cache):
+    for i in (0, 1):
+        kdpipe(*cache_args(tiny_model_dir, f"{s3}/split/part{i}", "--num-shards", 2, "--shard-index", i))
+    assert Store.open(f"{s3}/split/part1").names() == ["manifest.json", "shard-00001.parquet"]
+    kdpipe("cache", "merge", f"{s3}/split/part0", f"{s3}/split/part1", "--output", f"{s3}/split/all")
+    merged = read_manifest(f"{s3}/split/all")
+    assert merged["complete"] and merged["sharding"]["num_shards"] == 1
+    assert shard_bytes(f"{s3}/split/all") == shard_bytes(local_cache)
+    result = kdpipe("cache", "merge", f"{s3}/split/part0", f"{s3}/split/part1", "--output", f"{s3}/split/all", ok=False)
+    assert f"{s3}/split/all is not empty; merge into a new folder" in result.output
+
+
+def test_train_student_reads_the_s3_cache(s3, tiny_model_dir, local_cache, tmp_path):
+    """Training on the S3 copy of a cache logs exactly the losses of training on the local folder."""
+    import json
+
+    url = f"{s3}/train"
+    kdpipe("cache", "merge", local_cache, "--output", url)
+    common = ["--model", tiny_model_dir, "--max-steps", 3, "--batch-size", 8, "--logging-steps", 1, "--lr", "1e-3",
+              "--seed", 0, "--shuffle-window", 1]
+    os.environ.setdefault("KDPIPE_NO_PROGRESS", "1")
+    kdpipe("train-student", "--cache", url, "--output", tmp_path / "s3run", *common)
+    kdpipe("train-student", "--cache", local_cache, "--output", tmp_path / "localrun", *common)
+
+    def losses(run: Path) -> list[float]:
+        history = json.loads((run / "kdpipe_run.json").read_text())["log_history"]
+        return [h["loss"] for h in history if "loss" in h]
+
+    assert len(losses(tmp_path / "s3run")) == 3
+    assert losses(tmp_path / "s3run") == losses(tmp_path / "localrun")
+
+
+def test_missing_bucket_is_a_clear_error(s3, tiny_model_dir):
+    result = kdpipe("cache", "verify", "s3://no-such-bucket-kdpipe/x", ok=False)
+    assert result.exit_code != 0
+    assert "s3://no-such-bucket-kdpipe/x is not a kdpipe cache: manifest.json is missing" in result.output
+
+
+def test_two_parts_in_one_folder_are_refused_with_the_way_out(s3, tiny_model_dir):
+    url = f"{s3}/one-folder"
+    kdpipe(*cache_args(tiny_model_dir, url, "--num-shards", 2, "--shard-index", 0))
+    result = kdpipe(*cache_args(tiny_model_dir, url, "--num-shards", 2, "--shard-index", 1), ok=False)
+    assert result.exit_code != 0
+    assert f"{url} holds part 0 of 2 of this run: each --shard-index writes its own folder" in result.output
+    assert Store.open(url).names() == ["manifest.json", "shard-00000.parquet", "shard-00002.parquet"]  # part 0 untouched
+
+
+def test_evaluate_fidelity_on_the_s3_cache(s3, tiny_model_dir, local_cache, tmp_path):
+    import json
+
+    url = f"{s3}/eval"
+    kdpipe("cache", "merge", local_cache, "--output", url)
+    results = {}
+    for name, cache in (("s3", url), ("local", local_cache)):
+        kdpipe("evaluate", "--model", tiny_model_dir, "--cache", cache, "--output", tmp_path / name)
+        results[name] = json.loads((tmp_path / name / "results.json").read_text())["models"][0]["metrics"]
+    assert results["s3"]["fidelity/top1_agreement"] == 1.0  # the teacher against its own cache
+    assert results["s3"] == results["local"]
+
+
+def test_any_fsspec_url_through_pyarrow(tiny_model_dir, local_cache):
+    """A protocol pyarrow has no filesystem for (fsspec's in-memory one) goes through fsspec's handler."""
+    url = "memory://kdpipe-test/arith"
+    kdpipe("cache", "merge", local_cache, "--output", url)
+    assert Store.open(url).local is False and shard_bytes(url) == shard_bytes(local_cache)
+    assert kdpipe("cache", "verify", url).output.strip() == f"ok   {url}"
+    from kdpipe.cache import open_cache
+
+    assert [e.id for e in open_cache(url).iter_examples()] == [e.id for e in open_cache(local_cache).iter_examples()]
+
+
+def test_a_second_writer_on_the_same_prefix_stops_the_first(s3, tiny_model_dir, local_cache):
+    """No lock on S3: the last writer to start owns the prefix, the earlier one stops before its next manifest."""
+    import pyarrow.parquet as pq
+
+    from kdpipe.cache.writer import CacheWriter
+
+    url = f"{s3}/two-writers"
+    manifest = read_manifest(local_cache)
+    header = {k: v for k, v in manifest.items() if k not in ("shards", "totals", "complete")}
+    table = pq.read_table(local_cache / "shard-00000.parquet")
+    with CacheWriter(url, header, [0, 1, 2]) as first:
+        assert ".writer" in Store.open(url).names()
+        with CacheWriter(url, header, [0, 1, 2]) as second:
+            with pytest.raises(KdpipeError, match="another kdpipe process started writing .*this one stops: one writer per prefix"):
+                first.write(0, table)
+            entry = second.write(0, table)
+        assert read_manifest(url)["shards"] == [entry]
+    assert Store.open(url).names() == ["manifest.json", "shard-00000.parquet"]  # the marker is gone with its owner
