@@ -65,6 +65,8 @@ class DistillLossConfig:
     (a (k+1)-th atom holding the mass outside the ids on both sides).
     chunk_size: positions per chunk.
     fused: use the fused linear path when the head is a plain ``nn.Linear`` (see module doc).
+    sampled: the targets are a sampled cache's unbiased estimate p̂ (``logprobs`` = log p̂,
+    not renormalised; see `teacher_targets`). Only fkl at T = 1 with the bucket tail is sound.
     """
 
     loss: str = "fkl"
@@ -75,6 +77,7 @@ class DistillLossConfig:
     tail: str = "bucket"
     chunk_size: int = 1024
     fused: bool = True
+    sampled: bool = False
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
@@ -89,6 +92,11 @@ class DistillLossConfig:
             raise ValueError(f"tail must be one of {', '.join(TAIL_MODES)}; got {self.tail!r}")
         if self.chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1; got {self.chunk_size}")
+        if self.sampled and self.alpha > 0:
+            for name, value, sound in (("loss", self.loss, "fkl"), ("temperature", self.temperature, 1.0), ("tail", self.tail, "bucket")):
+                if value != sound:
+                    raise ValueError(f"{name}={value!r} is not supported on a sampled cache (use {name}={sound!r}): "
+                                     "only forward KL at T = 1 over the full vocabulary has an unbiased sampled estimate")
 
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:
@@ -132,6 +140,20 @@ def teacher_atoms(logprobs: torch.Tensor, tail_mass: torch.Tensor, temperature: 
         log_tail = _upcast(tail_mass).clamp_min(0.0).log() / temperature
         t = torch.cat([t, log_tail.unsqueeze(-1)], -1)
     return t.log_softmax(-1)
+
+
+def teacher_targets(logprobs: torch.Tensor, tail_mass: torch.Tensor, cfg: DistillLossConfig) -> torch.Tensor:
+    """The teacher side of the divergence: `teacher_atoms`, or for a sampled cache log p̂ as stored.
+
+    A sampled cache's p̂(v) = count(v)/N · p(v)/q(v) has E[p̂] = p; it is used as is (plus the
+    bucket atom of mass `tail_mass`, the estimate's mass on ids the student cannot produce), never
+    renormalised: Σ p̂ is 1 only when the proposal is p itself, and dividing by it would bias the
+    estimate. Forward KL is linear in the teacher, so its gradient w.r.t. the student is then unbiased.
+    """
+    if not cfg.sampled:
+        return teacher_atoms(logprobs, tail_mass, cfg.temperature, cfg.tail)
+    log_tail = _upcast(tail_mass).clamp_min(0.0).log()
+    return torch.cat([_upcast(logprobs), log_tail.unsqueeze(-1)], -1)
 
 
 def _kl_terms(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
@@ -288,7 +310,7 @@ def _fused_chunk(
                 atoms = torch.cat([p, leaf("rest", rest_log).unsqueeze(-1)], -1) - lt.unsqueeze(-1)
             else:
                 atoms = p.log_softmax(-1)
-            teacher = teacher_atoms(logprobs, tail_mass, temp, cfg.tail)
+            teacher = teacher_targets(logprobs, tail_mass, cfg)
             total = total + alpha * temp**2 * divergence(atoms, teacher, cfg).sum()
         if ce:
             if temp != 1.0:
@@ -442,7 +464,7 @@ def distill_loss(
         valid = ~chunk.logprobs.isneginf()
         atoms, ce = checkpoint(_student_chunk, head, hidden[sl], chunk.ids, valid, chunk.labels, cfg, use_reentrant=False)
         if cfg.alpha > 0:
-            teacher = teacher_atoms(chunk.logprobs, chunk.tail, cfg.temperature, cfg.tail)
+            teacher = teacher_targets(chunk.logprobs, chunk.tail, cfg)
             total = total + cfg.alpha * cfg.temperature**2 * divergence(atoms, teacher, cfg).sum()
         if cfg.alpha < 1:
             total = total + (1.0 - cfg.alpha) * ce.sum()

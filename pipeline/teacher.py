@@ -6,7 +6,9 @@ positions, a chunk at a time, so full-vocabulary fp32 log-probs never exist for 
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -59,11 +61,59 @@ def sparse_targets(logits: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[
     return top_ids, top_values - lse[:, None], label_logits - lse, tail
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """Sampled mode: N draws per position from the proposal q ∝ p^(1/temperature), seeded per example."""
+
+    samples: int
+    temperature: float = 1.0
+    seed: int = 0
+
+    def uniforms(self, example_id: str, positions: int) -> np.ndarray:
+        """The example's [P, N] uniform numbers in [0, 1): a pure function of (seed, example id)."""
+        key = int.from_bytes(hashlib.sha256(example_id.encode()).digest()[:8], "little")
+        return np.random.default_rng([self.seed, key]).random((positions, self.samples))
+
+
+def sampled_targets(logits: torch.Tensor, labels: torch.Tensor, uniforms: torch.Tensor,
+                    temperature: float = 1.0) -> tuple[torch.Tensor, ...]:
+    """N draws per row of [C, V] logits by inverse CDF of the proposal q ∝ softmax(logits / temperature).
+
+    Returns the distinct ids [C, N] (most often drawn first, then by id; padded with 0), the log of
+    the unbiased estimate p̂(v) = count(v)/N · p(v)/q(v) at them [C, N] (-inf at padding), the counts
+    [C, N] (0 at padding) and the label's log-prob [C]. `uniforms` [C, N] in [0, 1) fix the draws.
+    """
+    logits = logits.float()
+    n = uniforms.shape[1]
+    lse = logits.logsumexp(-1)
+    target = logits.gather(1, labels[:, None]).squeeze(1) - lse
+    z = logits if temperature == 1.0 else logits / temperature  # at T != 1 `logits` stays intact for p(v)
+    peak = z.amax(-1, keepdim=True)
+    cdf = z.sub_(peak).exp_()  # in place: `z` is this chunk's own scratch
+    cdf = cdf.cumsum_(-1)
+    total = cdf[:, -1:]
+    draws = torch.searchsorted(cdf, uniforms.to(cdf.dtype) * total, right=True).clamp_(max=cdf.shape[1] - 1)
+    draws, _ = draws.sort(-1)
+    first = torch.ones_like(draws, dtype=torch.bool)
+    first[:, 1:] = draws[:, 1:] != draws[:, :-1]
+    slot = first.long().cumsum(-1) - 1  # which distinct id each draw is
+    counts = torch.zeros_like(draws).scatter_add_(1, slot, torch.ones_like(draws))
+    ids = torch.zeros_like(draws).scatter_(1, slot, draws)  # later draws of a slot write the same id
+    order = torch.argsort(counts * (cdf.shape[1] + 1) - ids, dim=-1, descending=True)  # count desc, then id asc
+    counts, ids = counts.gather(1, order), ids.gather(1, order)
+    est = torch.log(counts.double() / n)
+    if temperature != 1.0:
+        log_p = logits.gather(1, ids) - lse[:, None]
+        log_q = logits.gather(1, ids) / temperature - (peak + torch.log(total))
+        est = est + (log_p - log_q).double()
+    return ids.masked_fill(counts == 0, 0), est.float(), counts, target
+
+
 class HFTeacher:
     """A transformers causal LM as teacher, under `torch.inference_mode`."""
 
-    def __init__(self, model: Any, k: int, chunk_size: int = 2048):
-        self.model, self.k, self.chunk_size = model, k, chunk_size
+    def __init__(self, model: Any, k: int, chunk_size: int = 2048, sampling: Sampling | None = None):
+        self.model, self.k, self.chunk_size, self.sampling = model, k, chunk_size, sampling
         self.device = next(model.parameters()).device
         config = model.config
         # Heads that are not a plain linear map of the last hidden state need the model's own forward.
@@ -87,13 +137,19 @@ class HFTeacher:
         else:
             selected = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[rows, cols]
             project = None
+        if self.sampling:
+            uniforms = torch.from_numpy(np.concatenate([self.sampling.uniforms(e.id, len(e.positions)) for e in batch]))
         pieces = []
         for start in range(0, len(labels), self.chunk_size):
-            chunk = selected[start : start + self.chunk_size]
-            logits = project(chunk) if project is not None else chunk.clone()
-            pieces.append(sparse_targets(logits, labels[start : start + self.chunk_size], self.k))
-        ids, logprobs, target, tail = (torch.cat(parts).cpu().numpy() for parts in zip(*pieces))
-        return split_targets(batch, ids.astype(np.int32), logprobs, target, tail)
+            sl = slice(start, start + self.chunk_size)
+            logits = project(selected[sl]) if project is not None else selected[sl].clone()
+            if self.sampling:
+                ids, est, counts, target = sampled_targets(logits, labels[sl], uniforms[sl].to(self.device), self.sampling.temperature)
+                pieces.append((ids, est, target, torch.zeros_like(target), counts.to(torch.uint8)))
+            else:
+                pieces.append(sparse_targets(logits, labels[sl], self.k))
+        ids, logprobs, target, tail, *counts = (torch.cat(parts).cpu().numpy() for parts in zip(*pieces))
+        return split_targets(batch, ids.astype(np.int32), logprobs, target, tail, counts[0] if counts else None)
 
 
 def pad_batch(batch: Sequence[TokenizedExample], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,11 +163,13 @@ def pad_batch(batch: Sequence[TokenizedExample], pad_id: int, device: torch.devi
     return ids.to(device), mask.to(device)
 
 
-def split_targets(batch: Sequence[TokenizedExample], ids: np.ndarray, logprobs: np.ndarray, target: np.ndarray, tail: np.ndarray) -> list[Targets]:
+def split_targets(batch: Sequence[TokenizedExample], ids: np.ndarray, logprobs: np.ndarray, target: np.ndarray, tail: np.ndarray,
+                  counts: np.ndarray | None = None) -> list[Targets]:
     """Per-position arrays for the whole batch -> one `Targets` per example."""
     out, start = [], 0
     for e in batch:
         end = start + len(e.positions)
-        out.append(Targets(ids[start:end], logprobs[start:end].astype(np.float32), target[start:end].astype(np.float32), tail[start:end].astype(np.float32)))
+        out.append(Targets(ids[start:end], logprobs[start:end].astype(np.float32), target[start:end].astype(np.float32),
+                           tail[start:end].astype(np.float32), None if counts is None else counts[start:end]))
         start = end
     return out

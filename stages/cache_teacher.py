@@ -25,7 +25,7 @@ from kdpipe.config import option
 from kdpipe.data import DataConfig, load_examples
 from kdpipe.errors import KdpipeError
 from kdpipe.models import load_model, load_tokenizer, model_revision, resolve_model_name, vocab_hash
-from kdpipe.teacher import HFTeacher, TeacherBackend, make_batches
+from kdpipe.teacher import HFTeacher, Sampling, TeacherBackend, make_batches
 from kdpipe.templates import get_template
 from kdpipe.tokenize import tokenize_examples
 
@@ -41,8 +41,13 @@ class CacheTeacherConfig(DataConfig):
     backend: Literal["hf", "vllm"] = option("hf", "Teacher runtime: hf (transformers) or vllm.")
     cache: str | None = option(None, "Cache folder or object-storage URL (s3://bucket/prefix, gs://...; default: cache/<dataset name>).")
     top_k: int = option(32, "Teacher token ids and log-probs kept per position.")
-    sparse_mode: Literal["topk"] = option("topk", "What is stored per position: topk.")
-    encoding: Literal["plain"] = option("plain", "Column encoding of the shards: plain.")
+    sparse_mode: Literal["topk", "sampled"] = option(
+        "topk", "What is stored per position: topk (the k most likely ids) or sampled (N draws from the teacher: unbiased).")
+    samples: int = option(12, "Sampled mode: draws N per position (1-255); distinct ids are stored with their counts.")
+    proposal_temperature: float = option(
+        1.0, "Sampled mode: draw from p^(1/T) renormalised; T != 1 stores importance ratios so the estimate stays unbiased.")
+    encoding: Literal["plain", "compact", "compact16"] = option(
+        "plain", "Column encoding: plain (int32 ids, fp16 log-probs), compact (narrow ids, 8-bit log-prob codes) or compact16.")
     rows_per_shard: int = option(1000, "Examples per shard (the unit of resume and of multi-machine splits).")
     batch_size: int = option(32, "Most examples in one teacher batch.")
     max_batch_tokens: int = option(16384, "Most tokens (rows × longest row, padding included) in one batch.")
@@ -57,7 +62,7 @@ class CacheTeacherConfig(DataConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        positive = ("top_k", "rows_per_shard", "batch_size", "max_batch_tokens", "chunk_size", "num_shards",
+        positive = ("top_k", "samples", "rows_per_shard", "batch_size", "max_batch_tokens", "chunk_size", "num_shards",
                     "vllm_tensor_parallel_size")
         for name in positive:
             if getattr(self, name) < 1:
@@ -65,6 +70,10 @@ class CacheTeacherConfig(DataConfig):
         for name in ("vllm_max_model_len", "vllm_max_num_batched_tokens"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
+        if self.samples > 255:
+            raise ValueError(f"samples must be at most 255 (counts are stored as uint8), not {self.samples}")
+        if not self.proposal_temperature > 0:
+            raise ValueError(f"proposal_temperature must be > 0, not {self.proposal_temperature}")
         if not 0 < self.vllm_gpu_memory_utilization <= 1:
             raise ValueError(f"vllm_gpu_memory_utilization must be in (0, 1], not {self.vllm_gpu_memory_utilization}")
         if not 0 <= self.shard_index < self.num_shards:
@@ -87,6 +96,9 @@ def run(cfg: CacheTeacherConfig, command: str = "", teacher: TeacherBackend | No
     """
     if not cfg.model:
         raise KdpipeError("no teacher given: pass --model (or 'model:' in the config file)")
+    if cfg.backend == "vllm" and cfg.sparse_mode == "sampled":
+        raise KdpipeError("--sparse-mode sampled needs the teacher's full distribution, but --backend vllm only returns "
+                          "the top-k prompt log-probs: use --backend hf for sampled caches (or --sparse-mode topk with vllm)")
     tokenizer = load_tokenizer(cfg.model, cfg.revision)
     template = get_template(cfg.resolved_template(), cfg.label_names)
     selection = load_examples(cfg)
@@ -127,12 +139,25 @@ def _write(cfg: CacheTeacherConfig, command: str, tokenizer: Any, template: Any,
                 tokens += sum(len(rows[i].input_ids) for i in batch)
                 bar.update(len(batch))
                 bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - start, 1e-9):,.0f}")
-            table = encode([(e.id, e.input_ids, e.positions, t) for e, t in zip(rows, targets)], cfg.top_k, meta)
+            table = encode([(e.id, e.input_ids, e.positions, t) for e, t in zip(rows, targets)], width(cfg), meta)
             writer.write(index, table)
         bar.close()
         manifest = writer.manifest
     manifest["elapsed_s"] = round(time.perf_counter() - start, 2)
     return manifest
+
+
+def width(cfg: CacheTeacherConfig) -> int:
+    """Ids stored per position: k (top-k) or at most N distinct ids (sampled)."""
+    return cfg.samples if cfg.sparse_mode == "sampled" else cfg.top_k
+
+
+def sparse_section(cfg: CacheTeacherConfig) -> dict[str, Any]:
+    """The manifest's `sparse` section (top-k caches keep the version-1 keys, so their settings hash is unchanged)."""
+    if cfg.sparse_mode == "topk":
+        return {"mode": "topk", "k": cfg.top_k}
+    return {"mode": "sampled", "k": cfg.samples, "samples": cfg.samples,
+            "proposal_temperature": cfg.proposal_temperature, "seed": cfg.seed}
 
 
 def _check_model_limits(cfg: CacheTeacherConfig) -> None:
@@ -143,7 +168,7 @@ def _check_model_limits(cfg: CacheTeacherConfig) -> None:
         config = AutoConfig.from_pretrained(resolve_model_name(cfg.model), revision=cfg.revision).get_text_config()
     except Exception:  # the model load right after reports it clearly
         return
-    if cfg.top_k > config.vocab_size:
+    if cfg.sparse_mode == "topk" and cfg.top_k > config.vocab_size:
         raise KdpipeError(f"top_k={cfg.top_k} is larger than the teacher's vocabulary ({config.vocab_size} tokens)")
     context = getattr(config, "max_position_embeddings", None)
     if context and cfg.max_length > context:
@@ -163,7 +188,14 @@ def _load_teacher(cfg: CacheTeacherConfig) -> TeacherBackend:
             gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
             max_num_batched_tokens=cfg.vllm_max_num_batched_tokens,
         )
-    return HFTeacher(load_model(cfg.model, cfg.dtype, cfg.device, cfg.revision), cfg.top_k, cfg.chunk_size)
+    return HFTeacher(load_model(cfg.model, cfg.dtype, cfg.device, cfg.revision), cfg.top_k, cfg.chunk_size, sampling(cfg))
+
+
+def sampling(cfg: CacheTeacherConfig) -> Sampling | None:
+    """The HF backend's sampler for sampled mode (None for top-k)."""
+    if cfg.sparse_mode != "sampled":
+        return None
+    return Sampling(cfg.samples, cfg.proposal_temperature, cfg.seed)
 
 
 def _vllm_model_len(cfg: CacheTeacherConfig) -> int | None:
@@ -219,7 +251,7 @@ def _manifest_header(cfg: CacheTeacherConfig, command: str, tokenizer: Any, temp
             "max_length": cfg.max_length, "truncation": cfg.truncation,
             "examples": report.examples, "report": dict(report.counts),
         },
-        "sparse": {"mode": cfg.sparse_mode, "k": cfg.top_k},
+        "sparse": sparse_section(cfg),
         "encoding": cfg.encoding,
         "sharding": {"rows_per_shard": cfg.rows_per_shard, "total_shards": total_shards,
                      "num_shards": cfg.num_shards, "shard_index": cfg.shard_index},
@@ -234,13 +266,18 @@ def _manifest_header(cfg: CacheTeacherConfig, command: str, tokenizer: Any, temp
 
 def _file_metadata(header: dict[str, Any]) -> dict[str, Any]:
     """The key facts repeated in every Parquet file (identical across machines of a split run)."""
-    return {
+    meta = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "settings_hash": header["settings_hash"],
         "teacher": header["teacher"]["model"], "teacher_dtype": header["teacher"]["dtype"],
         "vocab_hash": header["tokenizer"]["vocab_hash"], "template": header["template"]["name"],
         "dataset": header["dataset"]["source"], "split": header["dataset"]["split"],
         "sparse_mode": header["sparse"]["mode"], "k": header["sparse"]["k"], "encoding": header["encoding"],
     }
+    if header["encoding"] != "plain":  # the id width follows from it
+        meta["vocab_size"] = header["teacher"]["vocab_size"]
+    if header["sparse"]["mode"] == "sampled":
+        meta.update(samples=header["sparse"]["samples"], proposal_temperature=header["sparse"]["proposal_temperature"])
+    return meta
 
 
 def summary(manifest: dict[str, Any]) -> str:

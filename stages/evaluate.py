@@ -539,6 +539,9 @@ def fidelity(model: Any, tokenizer: Any, cache: Any, cfg: EvaluateConfig, spec: 
     if vocab_hash(tokenizer) != cache.manifest["tokenizer"]["vocab_hash"]:
         spec.notes.append(f"no fidelity: its tokenizer differs from the cache's teacher ({cache.manifest['tokenizer']['name']})")
         return {}
+    if cache.manifest["sparse"]["mode"] != "topk":
+        spec.notes.append(f"no fidelity: cache {cache.path} is {cache.manifest['sparse']['mode']}; fidelity needs a top-k cache")
+        return {}
     rows = []
     for example in cache.iter_examples():
         rows.append(example)

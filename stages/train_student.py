@@ -53,8 +53,9 @@ class TrainStudentConfig(training.TrainConfig):
         if self.data_lanes is not None and self.data_lanes < 1:
             raise ValueError(f"data_lanes must be at least 1, not {self.data_lanes}")
 
-    def loss_config(self) -> DistillLossConfig:
-        return DistillLossConfig(self.loss, self.alpha, self.temperature, self.skew, self.beta, self.tail, self.chunk_size)
+    def loss_config(self, sampled: bool = False) -> DistillLossConfig:
+        return DistillLossConfig(self.loss, self.alpha, self.temperature, self.skew, self.beta, self.tail, self.chunk_size,
+                                 sampled=sampled)
 
     def output_folder(self) -> Path:
         if self.output:
@@ -70,6 +71,7 @@ def run(cfg: TrainStudentConfig, command: str = "", callbacks: list[Any] | None 
         raise KdpipeError("no student given: pass --model (or 'model:' in the config file)")
     cfg.output = str(cfg.output_folder())
     cache = open_checked(cfg.cache)
+    loss_config = sampled_loss_config(cfg, cache)
     tokenizer = load_tokenizer(cfg.model, cfg.revision)
     check_tokenizer(tokenizer, cache, cfg.model)
     identity = {"model": training.model_identity(cfg.model), "cache": cache.manifest["settings_hash"]}
@@ -84,7 +86,7 @@ def run(cfg: TrainStudentConfig, command: str = "", callbacks: list[Any] | None 
     sampler = BlockShuffleSampler(dataset.sizes, cfg.seed, cfg.shuffle_window, **lane_layout(cfg))
     collator = DistillCollator(tokenizer.pad_token_id, student_vocab_size(model), cache.k)
     trainer = training.make_trainer(
-        cfg.loss_config(), model=model, args=args, train_dataset=dataset,
+        loss_config, model=model, args=args, train_dataset=dataset,
         data_collator=collator, processing_class=tokenizer, sampler=sampler, callbacks=callbacks,
     )
     return training.fit(trainer, cfg, out, tokenizer, checkpoint)
@@ -101,6 +103,20 @@ def lane_layout(cfg: TrainStudentConfig) -> dict[str, int]:
             f"{processes} process(es)); pick a divisor"
         )
     return {"lanes": lanes, "stripe": rows // lanes}
+
+
+def sampled_loss_config(cfg: TrainStudentConfig, cache: Cache) -> DistillLossConfig:
+    """The loss for this cache; a sampled cache refuses the options whose estimate would be biased."""
+    sampled = cache.manifest["sparse"]["mode"] == "sampled"
+    if sampled and cfg.alpha > 0:
+        wrong = [f"{opt} {value}" for opt, value, sound in (("--loss", cfg.loss, "fkl"), ("--temperature", cfg.temperature, 1.0),
+                                                             ("--tail", cfg.tail, "bucket")) if value != sound]
+        if wrong:
+            raise KdpipeError(
+                f"{', '.join(wrong)} cannot train on the sampled cache {cache.path}: only forward KL at temperature 1 "
+                "over the whole vocabulary (--loss fkl --temperature 1 --tail bucket) has an unbiased estimate from "
+                "sampled tokens; use a top-k cache for the other losses")
+    return cfg.loss_config(sampled)
 
 
 def check_tokenizer(tokenizer: Any, cache: Cache, model: str) -> None:

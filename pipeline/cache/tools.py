@@ -28,7 +28,8 @@ def info(path: str | Path) -> dict[str, Any]:
         "dataset": f"{m['dataset']['source']} [{m['dataset']['split']}, part {m['dataset']['part']}]",
         "template": m["template"]["name"],
         "sparse_mode": m["sparse"]["mode"],
-        "k": m["sparse"]["k"],
+        **({"samples": m["sparse"]["samples"], "proposal_temperature": m["sparse"]["proposal_temperature"]}
+           if m["sparse"]["mode"] == "sampled" else {"k": m["sparse"]["k"]}),
         "encoding": m["encoding"],
         "shards": f"{t['shards']} of {m['sharding']['total_shards']}",
         "examples": t["rows"],
@@ -101,24 +102,50 @@ def open_checked(path: str | Path) -> Any:
 
 
 def check_values(table: Any, m: dict[str, Any]) -> list[str]:
-    """Decoded values are sane: log-probs <= 0, top-k sorted, tail mass in [0, 1], ids in the vocabulary."""
-    decode = ENCODINGS[m["encoding"]][1]
+    """Decoded values are sane: log-probs <= 0, top-k sorted, tail mass in [0, 1], ids in the vocabulary
+    (sampled caches: counts summing to N, distinct ids, an estimate that is finite and non-negative)."""
+    decode = ENCODINGS[m["encoding"]].decode
     vocab = m["teacher"].get("vocab_size") or np.iinfo(np.int32).max
+    sampled = m["sparse"]["mode"] == "sampled"
     problems = []
     for e in decode(table):
         t, where = e.targets, f"example '{e.id}'"
         if len(e.positions) != len(t.target_logprob) or (len(e.positions) and e.positions.max() + 1 >= len(e.input_ids)):
             problems.append(f"{where}: positions do not fit input_ids")
-        elif np.any(t.topk_logprobs > 0) or np.any(t.target_logprob > 1e-6) or np.isnan(t.topk_logprobs).any():
+        elif np.any(t.target_logprob > 1e-6) or np.isnan(t.target_logprob).any() or np.isnan(t.topk_logprobs).any():
+            problems.append(f"{where}: a log-prob is positive or NaN")
+        elif sampled:
+            problems += [f"{where}: {p}" for p in _check_sampled(t, int(m["sparse"]["samples"]),
+                                                                 float(m["sparse"]["proposal_temperature"]))][:1]
+        elif np.any(t.topk_logprobs > 0):
             problems.append(f"{where}: a log-prob is positive or NaN")
         elif np.any(np.diff(t.topk_logprobs, axis=1) > 0):
             problems.append(f"{where}: top-k log-probs are not sorted, most likely first")
         elif np.any((t.tail_mass < 0) | (t.tail_mass > 1)):
             problems.append(f"{where}: tail mass outside [0, 1]")
-        elif np.any((t.topk_ids < 0) | (t.topk_ids >= vocab)):
+        if not problems and np.any((t.topk_ids < 0) | (t.topk_ids >= vocab)):
             problems.append(f"{where}: token id outside the teacher's vocabulary")
         if len(problems) >= 5:
             break
+    return problems
+
+
+def _check_sampled(t: Any, n: int, proposal_temperature: float) -> list[str]:
+    """A sampled position: counts sum to N, ids distinct, most often drawn first, p̂ = counts/N at T = 1."""
+    counts = t.sample_counts.astype(np.int64)
+    drawn = counts > 0
+    ids = np.where(drawn, t.topk_ids, -1 - np.arange(counts.shape[1]))  # padding never collides
+    problems = []
+    if np.any(counts.sum(-1) != n):
+        problems.append(f"sample counts do not sum to N={n}")
+    elif np.any(np.diff(counts, axis=1) > 0):
+        problems.append("sampled ids are not sorted, most often drawn first")
+    elif np.any(np.sort(ids, axis=1)[:, 1:] == np.sort(ids, axis=1)[:, :-1]):
+        problems.append("a sampled id is stored twice at one position")
+    elif np.any(~np.isfinite(t.topk_logprobs[drawn])):
+        problems.append("the sampled estimate is not finite")
+    elif proposal_temperature == 1.0 and np.any(np.abs(np.exp(t.topk_logprobs[drawn]) - counts[drawn] / n) > 1e-6):
+        problems.append("the sampled estimate differs from counts / N")
     return problems
 
 

@@ -13,21 +13,27 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 
-from kdpipe.cache.format import MANIFEST, METADATA_KEY, read_manifest, shard_name, write_manifest
+from kdpipe.cache.format import ENCODINGS, MANIFEST, METADATA_KEY, read_manifest, shard_name, write_manifest
 from kdpipe.cache.storage import Lease, Store, as_store
 from kdpipe.errors import KdpipeError
 
-ZSTD_LEVEL = 3
 ROW_GROUP_ROWS = 256
 
 
 def write_shard(folder: str | Path | Store, index: int, table: pa.Table) -> dict[str, Any]:
     """Write `table` as shard `index`; return its manifest entry (rows, tokens, bytes, sha256)."""
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd", compression_level=ZSTD_LEVEL, row_group_size=ROW_GROUP_ROWS)
+    pq.write_table(table, sink, row_group_size=ROW_GROUP_ROWS, **parquet_options(table.schema))
     data = sink.getvalue().to_pybytes()
     as_store(folder).write_bytes(shard_name(index), data)
     return shard_entry(index, table, data)
+
+
+def parquet_options(schema: pa.Schema) -> dict[str, Any]:
+    """The write options of the table's encoding (named in its kdpipe metadata; plain when absent)."""
+    meta = json.loads((schema.metadata or {}).get(METADATA_KEY, b"{}"))
+    encoding = ENCODINGS.get(meta.get("encoding", "plain"), ENCODINGS["plain"])
+    return encoding.parquet_options(schema)
 
 
 def shard_entry(index: int, table: pa.Table, data: bytes) -> dict[str, Any]:
