@@ -11,7 +11,9 @@ dealt out to one lane per process, so each process reads its own part of the sha
 
 `DistillCollator` right-pads the tokens and flattens the sparse targets of a batch to its N target
 positions (``target_rows``/``target_cols`` index the padded [B, L] batch; ``labels`` [N] are the
-actual next tokens; ``topk_ids``/``topk_logprobs`` [N, k]; ``tail_mass`` [N]).
+actual next tokens; ``topk_ids``/``topk_logprobs`` [N, k]; ``tail_mass`` [N]). A sampled cache
+comes out the same way with k = its N draws: the distinct sampled ids, log p̂ (-inf at padding) and a
+tail of 0; the loss is told by ``DistillLossConfig(sampled=True)`` to use p̂ as is.
 
 Teacher vocabulary padded larger than the student's (e.g. Qwen checkpoints with 151936 vs 152064
 embedding rows over the same tokenizer): a cached id the student's head cannot produce
