@@ -103,7 +103,7 @@ def open_checked(path: str | Path) -> Any:
 
 def check_values(table: Any, m: dict[str, Any]) -> list[str]:
     """Decoded values are sane: log-probs <= 0, top-k sorted, tail mass in [0, 1], ids in the vocabulary
-    (sampled caches: counts summing to N, distinct ids, an estimate that is finite and non-negative)."""
+    (sampled caches: counts summing to N, distinct ids, most often drawn first, a finite estimate)."""
     decode = ENCODINGS[m["encoding"]].decode
     vocab = m["teacher"].get("vocab_size") or np.iinfo(np.int32).max
     sampled = m["sparse"]["mode"] == "sampled"
