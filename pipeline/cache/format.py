@@ -251,7 +251,7 @@ def _split(column: pa.ListArray, width: int | None = None) -> list[np.ndarray]:
 
 def plain_parquet_options(schema: pa.Schema) -> dict[str, Any]:
     """pyarrow write options of the plain encoding: zstd level 3, dictionary pages as pyarrow chooses."""
-    return {"compression": "zstd", "compression_level": 3}
+    return {"compression": "zstd", "compression_level": PLAIN_ZSTD_LEVEL}
 
 
 def compact_parquet_options(schema: pa.Schema) -> dict[str, Any]:
@@ -268,6 +268,7 @@ def compact_parquet_options(schema: pa.Schema) -> dict[str, Any]:
             "column_encoding": encodings}
 
 
+PLAIN_ZSTD_LEVEL = 3
 COMPACT_ZSTD_LEVEL = 9
 
 

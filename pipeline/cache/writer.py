@@ -13,10 +13,11 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 
-from kdpipe.cache.format import ENCODINGS, MANIFEST, METADATA_KEY, read_manifest, shard_name, write_manifest
+from kdpipe.cache.format import ENCODINGS, MANIFEST, METADATA_KEY, PLAIN_ZSTD_LEVEL, read_manifest, shard_name, write_manifest
 from kdpipe.cache.storage import Lease, Store, as_store
 from kdpipe.errors import KdpipeError
 
+ZSTD_LEVEL = PLAIN_ZSTD_LEVEL  # the plain encoding's; each encoding names its own Parquet options
 ROW_GROUP_ROWS = 256
 
 
