@@ -9,6 +9,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from helpers import kdpipe
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_properties import cache_rows
 
 from kdpipe.cache import open_cache
 from kdpipe.cache.format import CODE_STEP, ENCODINGS, Targets, logprob_codes, logprobs_from_codes
@@ -133,3 +136,22 @@ def test_verify_catches_a_bad_id_in_a_compact_cache(caches):
     bad = table.set_column(table.schema.get_field_index("topk_ids"), table.schema.field("topk_ids"), bad_ids)
     problems = check_values(bad, read_manifest(caches / "compact"))
     assert problems and "outside the teacher's vocabulary" in problems[0]
+
+
+@settings(max_examples=40, deadline=None)
+@given(cache_rows(), st.sampled_from(["compact", "compact16"]))
+def test_compact_round_trip_property(data, encoding):
+    """Any rows (any ids, log-probs down to -60, P = 0 included): ids exact, log-probs within the bound."""
+    k, rows = data
+    vocab = max([int(r[3].topk_ids.max(initial=0)) for r in rows] + [int(r[1].max()) for r in rows]) + 1
+    _, decoded = roundtrip(encoding, rows, k, vocab)
+    step, top = CODE_STEP[8 if encoding == "compact" else 16], (1 << (8 if encoding == "compact" else 16)) - 1
+    for e, (rid, input_ids, positions, t) in zip(decoded, rows):
+        assert e.id == rid
+        np.testing.assert_array_equal(e.input_ids, input_ids)
+        np.testing.assert_array_equal(e.positions, positions)
+        np.testing.assert_array_equal(e.targets.topk_ids, t.topk_ids)
+        true = t.topk_logprobs.astype(np.float64)
+        inside = -true < (top - 0.5) * step
+        assert np.all(np.abs(e.targets.topk_logprobs - true)[inside] <= step / 2 + 1e-6)
+        assert np.all(e.targets.topk_logprobs[~inside] == np.float32(-top * step))
