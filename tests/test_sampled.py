@@ -264,3 +264,27 @@ def test_vllm_backend_refuses_sampled_mode(tiny_model_dir, tmp_path):
                  "--backend", "vllm", "--sparse-mode", "sampled", "--cache", tmp_path / "c", ok=False).output
     assert "--sparse-mode sampled needs the teacher's full distribution, but --backend vllm only returns" in out
     assert not (tmp_path / "c").exists()
+
+
+def test_sampled_rows_without_positions_batch_with_the_others():
+    """A row with no distilled position decodes to [0, N] like the others, so a batch collates."""
+    from kdpipe.cache.format import ENCODINGS, Targets
+    from kdpipe.student_data import DistillCollator
+
+    gen = torch.Generator().manual_seed(3)
+    ids, est, counts, target = sampled_targets(torch.randn(4, 50, generator=gen), torch.zeros(4, dtype=torch.long),
+                                               torch.rand(4, 6, generator=gen, dtype=F64))
+    full = Targets(ids.numpy().astype(np.int32), est.numpy(), target.numpy(), np.zeros(4, np.float32), counts.numpy().astype(np.uint8))
+    empty = Targets(np.zeros((0, 6), np.int32), np.zeros((0, 6), np.float32), np.zeros(0, np.float32), np.zeros(0, np.float32),
+                    np.zeros((0, 6), np.uint8))
+    rows = [("a", np.arange(6, dtype=np.int32), np.arange(4, dtype=np.int32), full),
+            ("b", np.arange(3, dtype=np.int32), np.zeros(0, np.int32), empty)]
+    for encoding in ("plain", "compact"):
+        table = ENCODINGS[encoding].encode(rows, 6, {"encoding": encoding, "sparse_mode": "sampled", "samples": 6, "vocab_size": 50})
+        a, b = ENCODINGS[encoding].decode(table)
+        assert a.targets.topk_ids.shape == (4, 6) and b.targets.topk_ids.shape == (0, 6)
+        np.testing.assert_array_equal(a.targets.topk_ids, full.topk_ids)
+        np.testing.assert_array_equal(a.targets.sample_counts, full.sample_counts)
+        np.testing.assert_allclose(a.targets.topk_logprobs, full.topk_logprobs, rtol=1e-6)
+        batch = DistillCollator(0, 50, 6)([a, b])
+        assert batch["topk_ids"].shape == (4, 6)

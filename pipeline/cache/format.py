@@ -137,7 +137,8 @@ def decode(batch: pa.RecordBatch | pa.Table) -> list[CachedExample]:
     positions = _split(data["positions"])
     target = [a.astype(np.float32) for a in _split(data["target_logprob"])]
     if "sample_ids" in data:
-        targets = _decode_sampled(data, target)
+        meta = json.loads((batch.schema.metadata or {}).get(METADATA_KEY, b"{}"))
+        targets = _decode_sampled(data, target, meta.get("samples"))
     else:
         k = batch.schema.field("topk_ids").type.value_type.list_size
         topk_ids = [a.astype(np.int32) for a in _split(data["topk_ids"], k)]
@@ -153,8 +154,11 @@ def decode(batch: pa.RecordBatch | pa.Table) -> list[CachedExample]:
 decode_plain = decode  # the plain encoding's decoder (every decoder reads every encoding)
 
 
-def _decode_sampled(data: dict[str, pa.Array], target: list[np.ndarray]) -> list[Targets]:
-    """Distinct ids and counts per position -> padded [P, N] ids, log p̂ and counts."""
+def _decode_sampled(data: dict[str, pa.Array], target: list[np.ndarray], samples: int | None) -> list[Targets]:
+    """Distinct ids and counts per position -> padded [P, N] ids, log p̂ and counts.
+
+    N is the shard metadata's `samples`, else the counts' sum (a row without positions then gets width 1).
+    """
     sample_ids, counts = data["sample_ids"], data["sample_counts"]
     ratio = data.get("sample_log_ratio")
     row_off = sample_ids.offsets.to_numpy()
@@ -169,7 +173,7 @@ def _decode_sampled(data: dict[str, pa.Array], target: list[np.ndarray]) -> list
         p0, p1 = row_off[i] - row_off[0], row_off[i + 1] - row_off[0]
         starts, ends = pos_off[p0:p1] - base, pos_off[p0 + 1 : p1 + 1] - base
         sizes = ends - starts
-        n = int(flat_cnt[starts[0] : ends[0]].sum()) if len(starts) else 1
+        n = int(samples) if samples else int(flat_cnt[starts[0] : ends[0]].sum()) if len(starts) else 1
         width = max(n, int(sizes.max()) if len(sizes) else 1)
         rows_ = np.repeat(np.arange(len(sizes)), sizes)
         cols = np.arange(sizes.sum()) - np.repeat(np.cumsum(sizes) - sizes, sizes)
