@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from pathlib import Path
@@ -127,3 +128,8 @@ def _parse_pairs(text: str, where: str) -> dict[str, str]:
             raise KdpipeError(f"{where}: expected name=value pairs separated by commas, got {item!r}")
         pairs[key.strip()] = value.strip()
     return pairs
+
+
+def progress_disabled() -> bool:
+    """Progress bars off (``KDPIPE_NO_PROGRESS=1``: logs, CI, benchmarks)."""
+    return os.environ.get("KDPIPE_NO_PROGRESS") == "1"

@@ -8,7 +8,6 @@ positions are read, so a sequence scores the same alone or in any padded batch.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -16,12 +15,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from kdpipe.config import progress_disabled
 from kdpipe.training import causal_lm, student_hidden
 
 
 def progress(total: int, desc: str) -> Any:
     return tqdm(total=total, desc=desc, unit="ex", dynamic_ncols=True, mininterval=1.0, leave=False,
-                disable=os.environ.get("KDPIPE_NO_PROGRESS") == "1")
+                disable=progress_disabled())
 
 
 def length_batches(lengths: Sequence[int], batch_size: int, max_batch_tokens: int) -> list[list[int]]:

@@ -25,7 +25,7 @@ from typing import Any, Literal
 import torch
 
 import kdpipe
-from kdpipe.config import option, to_dict
+from kdpipe.config import option, progress_disabled, to_dict
 from kdpipe.errors import KdpipeError
 from kdpipe.losses import DistillLossConfig, SparseTargets, distill_loss
 from kdpipe.models import load_model, resolve_model_name
@@ -204,7 +204,7 @@ def training_arguments(cfg: TrainConfig, output: Path) -> Any:
             run_name=cfg.run_name,
             remove_unused_columns=False,
             dataloader_num_workers=cfg.num_workers,
-            disable_tqdm=os.environ.get("KDPIPE_NO_PROGRESS") == "1",
+            disable_tqdm=progress_disabled(),
         )
     except ValueError as e:
         raise KdpipeError(f"invalid training options: {str(e).splitlines()[0]}") from None

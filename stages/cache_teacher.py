@@ -21,7 +21,7 @@ import kdpipe
 from kdpipe.cache.format import ENCODINGS, FORMAT, FORMAT_VERSION
 from kdpipe.cache.storage import is_url
 from kdpipe.cache.writer import CacheWriter, now
-from kdpipe.config import option
+from kdpipe.config import option, progress_disabled
 from kdpipe.data import DataConfig, load_examples
 from kdpipe.errors import KdpipeError
 from kdpipe.models import load_model, load_tokenizer, model_revision, resolve_model_name, vocab_hash
@@ -129,7 +129,8 @@ def _write(cfg: CacheTeacherConfig, command: str, tokenizer: Any, template: Any,
                        "manifest): written again", err=True)
         todo = writer.pending()
         todo_rows = [examples[i * cfg.rows_per_shard : (i + 1) * cfg.rows_per_shard] for i in todo]
-        bar = tqdm(total=sum(map(len, todo_rows)), unit="ex", desc=f"caching {cfg.model}", dynamic_ncols=True, mininterval=1.0)
+        bar = tqdm(total=sum(map(len, todo_rows)), unit="ex", desc=f"caching {cfg.model}", dynamic_ncols=True, mininterval=1.0,
+                   disable=progress_disabled())
         tokens = 0
         for index, rows in zip(todo, todo_rows):
             targets = [None] * len(rows)
