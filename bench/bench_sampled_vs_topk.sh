@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sampled vs top-k caches on a *trained* teacher: the demo's (run `make demo` first).
 #
-#   bash bench/bench_sampled_vs_topk.sh [WORKDIR] [SEEDS]   (defaults /tmp/kdpipe-sampled-vs-topk, "0 1")
+#   bash bench/bench_sampled_vs_topk.sh [WORKDIR] [SEEDS]   (defaults /tmp/kdpipe-sampled-vs-topk, "0 1 2 3")
 #
 # Caches the demo teacher (runs/demo/teacher, vocabulary 300) on the 2,700 training numbers as top-k
 # k = 8 and 64 (plain) and sampled N = 6, 12, 24 (compact), distils the same untrained student
@@ -11,7 +11,7 @@
 # One table per training seed: the seed-to-seed spread is the noise floor of the comparison.
 set -euo pipefail
 W=${1:-/tmp/kdpipe-sampled-vs-topk}
-SEEDS=${2:-0 1}
+SEEDS=${2:-0 1 2 3}
 T=runs/demo/teacher S=runs/demo/student-init
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false KDPIPE_NO_PROGRESS=1 OMP_NUM_THREADS=1
 [ -d "$T" ] && [ -d "$S" ] || { echo "run 'make demo' first (needs $T and $S)"; exit 2; }
