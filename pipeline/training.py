@@ -495,7 +495,7 @@ def _read_run(path: Path) -> dict[str, Any] | None:
 
 
 def _write_run(path: Path, record: dict[str, Any]) -> None:
-    from kdpipe.cache.format import write_atomic
+    from kdpipe.cache.storage import write_atomic
 
     write_atomic(path, (json.dumps(record, indent=2, default=str) + "\n").encode())
 

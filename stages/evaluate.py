@@ -25,7 +25,7 @@ import torch
 
 import kdpipe
 from kdpipe import arithmetic, metrics, scoring
-from kdpipe.cache.format import write_atomic
+from kdpipe.cache.storage import write_atomic
 from kdpipe.config import option, to_dict
 from kdpipe.data import DataConfig, Example, load_examples
 from kdpipe.errors import KdpipeError

@@ -12,8 +12,8 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from kdpipe.cache.format import Targets, decode_plain, encode_plain
-from kdpipe.cache.writer import ROW_GROUP_ROWS, ZSTD_LEVEL
+from kdpipe.cache.format import Targets, decode, encode_plain
+from kdpipe.cache.writer import shard_bytes
 from kdpipe.losses import LOSSES, DistillLossConfig, SparseTargets, distill_loss
 
 F64 = torch.float64
@@ -52,11 +52,10 @@ def cache_rows(draw) -> tuple[int, list]:
 def test_shard_encode_decode_round_trip(data):
     k, rows = data
     table = encode_plain(rows, k, {"k": k})
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd", compression_level=ZSTD_LEVEL, row_group_size=ROW_GROUP_ROWS)
-    back = pq.read_table(pa.BufferReader(sink.getvalue()))
+    data = shard_bytes(table)
+    back = pq.read_table(pa.BufferReader(data))
     assert back.schema.names == table.schema.names and back.schema.metadata == table.schema.metadata
-    decoded = decode_plain(back)
+    decoded = decode(back)
     assert [e.id for e in decoded] == [r[0] for r in rows]
     for e, (_, input_ids, positions, t) in zip(decoded, rows):
         np.testing.assert_array_equal(e.input_ids, input_ids)
@@ -66,8 +65,8 @@ def test_shard_encode_decode_round_trip(data):
         np.testing.assert_array_equal(e.targets.topk_logprobs, t.topk_logprobs.astype(np.float32))  # float16 is exact
         np.testing.assert_array_equal(e.targets.target_logprob, t.target_logprob)
         np.testing.assert_array_equal(e.targets.tail_mass, t.tail_mass)
-    for batch in pq.ParquetFile(pa.BufferReader(sink.getvalue())).iter_batches(batch_size=2):  # the reader's path
-        assert all(len(e.targets.tail_mass) == len(e.positions) for e in decode_plain(batch))
+    for batch in pq.ParquetFile(pa.BufferReader(data)).iter_batches(batch_size=2):  # the reader's path
+        assert all(len(e.targets.tail_mass) == len(e.positions) for e in decode(batch))
 
 
 # ---------------------------------------------------------------- losses

@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import pyarrow as pa
 
-from kdpipe.cache.storage import Store, as_store, write_atomic  # noqa: F401  (write_atomic: re-exported)
+from kdpipe.cache.storage import Store, as_store
 from kdpipe.errors import KdpipeError
 
 FORMAT = "kdpipe-cache"
@@ -83,8 +83,7 @@ def _encode(rows: Rows, k: int, metadata: dict[str, Any], bits: int | None) -> p
     compact = bits is not None
     id_type = id_dtype(metadata.get("vocab_size")) if compact else np.int32
     real = np.float16 if compact else np.float32
-    counts = np.array([len(pos) for _, _, pos, _ in rows], np.int64)
-    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    offsets = _offsets([len(pos) for _, _, pos, _ in rows])
     targets = [r[3] for r in rows]
     columns: dict[str, pa.Array] = {
         "id": pa.array([r[0] for r in rows], pa.string()),
@@ -102,7 +101,7 @@ def _encode(rows: Rows, k: int, metadata: dict[str, Any], bits: int | None) -> p
             with np.errstate(divide="ignore", invalid="ignore"):
                 ratio.append((t.topk_logprobs.astype(np.float64) - np.log(t.sample_counts / np.maximum(n, 1)))[valid])
         per_pos = [t.sample_counts.astype(bool).sum(-1) for t in targets]
-        inner = np.concatenate([[0], np.cumsum(np.concatenate(per_pos))]).astype(np.int32) if targets else np.zeros(1, np.int32)
+        inner = _offsets(np.concatenate(per_pos) if per_pos else [])
 
         def nested(values: list[np.ndarray], dtype: Any) -> pa.Array:
             flat = pa.array(np.concatenate(values).astype(dtype)) if values else pa.array([], pa.from_numpy_dtype(dtype))
@@ -150,8 +149,6 @@ def decode(batch: pa.RecordBatch | pa.Table) -> list[CachedExample]:
         targets = [Targets(topk_ids[i], topk_lp[i], target[i], tail[i]) for i in range(len(ids))]
     return [CachedExample(ids[i], input_ids[i], positions[i], targets[i]) for i in range(len(ids))]
 
-
-decode_plain = decode  # the plain encoding's decoder (every decoder reads every encoding)
 
 
 def _decode_sampled(data: dict[str, pa.Array], target: list[np.ndarray], samples: int | None) -> list[Targets]:
@@ -233,9 +230,12 @@ def _per_position(offsets: np.ndarray, values: list[np.ndarray], dtype: Any, wid
 
 
 def _list_array(values: list[np.ndarray], dtype: Any) -> pa.Array:
-    offsets = np.concatenate([[0], np.cumsum([len(v) for v in values])]).astype(np.int32)
-    flat = np.concatenate(values).astype(dtype) if values else np.zeros(0, dtype)
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))
+    return _per_position(_offsets([len(v) for v in values]), values, dtype)
+
+
+def _offsets(lengths: Sequence[int] | np.ndarray) -> np.ndarray:
+    """Arrow list offsets (int32, starting at 0) of lists of these lengths."""
+    return np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int32)
 
 
 def _split(column: pa.ListArray, width: int | None = None) -> list[np.ndarray]:

@@ -13,21 +13,25 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 
-from kdpipe.cache.format import ENCODINGS, MANIFEST, METADATA_KEY, PLAIN_ZSTD_LEVEL, read_manifest, shard_name, write_manifest
+from kdpipe.cache.format import ENCODINGS, MANIFEST, METADATA_KEY, read_manifest, shard_name, write_manifest
 from kdpipe.cache.storage import Lease, Store, as_store
 from kdpipe.errors import KdpipeError
 
-ZSTD_LEVEL = PLAIN_ZSTD_LEVEL  # the plain encoding's; each encoding names its own Parquet options
 ROW_GROUP_ROWS = 256
 
 
 def write_shard(folder: str | Path | Store, index: int, table: pa.Table) -> dict[str, Any]:
     """Write `table` as shard `index`; return its manifest entry (rows, tokens, bytes, sha256)."""
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, row_group_size=ROW_GROUP_ROWS, **parquet_options(table.schema))
-    data = sink.getvalue().to_pybytes()
+    data = shard_bytes(table)
     as_store(folder).write_bytes(shard_name(index), data)
     return shard_entry(index, table, data)
+
+
+def shard_bytes(table: pa.Table) -> bytes:
+    """The Parquet file of a shard: row groups of ROW_GROUP_ROWS, its encoding's write options."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, row_group_size=ROW_GROUP_ROWS, **parquet_options(table.schema))
+    return sink.getvalue().to_pybytes()
 
 
 def parquet_options(schema: pa.Schema) -> dict[str, Any]:
