@@ -251,7 +251,7 @@ def step_state(step: Step, cfg: Any, anything_ran: bool) -> tuple[str, str]:
         out = Path(cfg.output)
         record = _read_json(out / RUN_FILE)
         if record is None:
-            if out.exists() and any(out.iterdir()):
+            if out.exists() and any(p.name != ".lock" for p in out.iterdir()):  # .lock: training.LOCK_FILE
                 raise KdpipeError(f"{out} already holds files that are not a kdpipe run; remove it or choose another output")
             return "run", ""
         want = "finetune" if step.kind == "finetune" else "train-student"
