@@ -24,7 +24,8 @@ from kdpipe.cache.writer import CacheWriter, now
 from kdpipe.config import option, progress_disabled
 from kdpipe.data import DataConfig, load_examples
 from kdpipe.errors import KdpipeError
-from kdpipe.models import load_model, load_tokenizer, model_revision, resolve_model_name, vocab_hash
+from kdpipe.models import (load_model, load_tokenizer, model_revision, pick_device, resolve_model_name,
+                           vocab_hash)
 from kdpipe.teacher import HFTeacher, Sampling, TeacherBackend, make_batches
 from kdpipe.templates import get_template
 from kdpipe.tokenize import tokenize_examples
@@ -99,6 +100,7 @@ def run(cfg: CacheTeacherConfig, command: str = "", teacher: TeacherBackend | No
     if cfg.backend == "vllm" and cfg.sparse_mode == "sampled":
         raise KdpipeError("--sparse-mode sampled needs the teacher's full distribution, but --backend vllm only returns "
                           "the top-k prompt log-probs: use --backend hf for sampled caches (or --sparse-mode topk with vllm)")
+    pick_device(cfg.device)  # a device this machine lacks: said now, not after tokenizing
     tokenizer = load_tokenizer(cfg.model, cfg.revision)
     template = get_template(cfg.resolved_template(), cfg.label_names)
     selection = load_examples(cfg)

@@ -29,7 +29,7 @@ from kdpipe.cache.storage import write_atomic
 from kdpipe.config import option, to_dict
 from kdpipe.data import DataConfig, Example, load_examples
 from kdpipe.errors import KdpipeError
-from kdpipe.models import load_model, load_tokenizer, resolve_model_name, vocab_hash
+from kdpipe.models import load_model, load_tokenizer, pick_device, resolve_model_name, vocab_hash
 from kdpipe.templates import Segment, Template, get_template, label_text
 from kdpipe.tokenize import special_prefix, tokenize_examples
 
@@ -115,6 +115,7 @@ class ModelSpec:
 def run(cfg: EvaluateConfig, command: str = "", echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Evaluate every model of `cfg`; write results.json/.csv (+ predictions, plots); return the results."""
     torch.manual_seed(cfg.seed)
+    pick_device(cfg.device)  # a device this machine lacks: said before anything loads
     specs, run_record = _models(cfg, echo)
     tasks = _tasks(cfg)
     if not tasks and not cfg.cache and not cfg.lm_eval:
@@ -234,6 +235,11 @@ def resolve_spec(source: str) -> ModelSpec:
         base = _read_json(path / "adapter_config.json").get("base_model_name_or_path")
         if not base:
             raise KdpipeError(f"{path}/adapter_config.json names no base model (base_model_name_or_path)")
+        if base.startswith(("/", ".", "~")) and not Path(base).expanduser().exists():
+            raise KdpipeError(
+                f"the LoRA adapter {source} is on the base model {base}, which does not exist (any more): that path "
+                f"comes from {path / 'adapter_config.json'} (base_model_name_or_path). Point it at where the base "
+                "model is now (a folder or hub id) by editing that key, or evaluate a merged model (kdpipe merge-lora)")
         return ModelSpec(path.resolve().name, source, "adapter", str(path), base=base, run=run)
     if (path / "config.json").is_file():
         return ModelSpec(path.resolve().name, source, "model", str(path), run=run)

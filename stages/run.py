@@ -161,9 +161,22 @@ def plan(path: str | Path) -> Plan:
     if not steps:
         raise KdpipeError(f"{source}: no steps; give at least one of the sections {', '.join(STEP_NAMES)}")
     labels = {}
-    for ref, label in (data.get("labels") or {}).items():
+    for ref, label in _label_pairs(data.get("labels"), source):
         labels[_resolve(ref, outputs, f"{source}: labels")] = str(label)
     return Plan(Path(path), name, steps, labels, outputs)
+
+
+def _label_pairs(labels: Any, source: str) -> list[tuple[Any, Any]]:
+    """`labels:` as a mapping, or as a list of one-key mappings (``- "@train": student``, a natural YAML slip)."""
+    if not labels:
+        return []
+    if isinstance(labels, list) and all(isinstance(item, dict) and len(item) == 1 for item in labels):
+        return [pair for item in labels for pair in item.items()]
+    if not isinstance(labels, dict):
+        raise KdpipeError(f"{source}: 'labels' must map a model to its name in the final table, e.g.\n"
+                          "labels:\n  \"@train\": student after KD\n  runs/old/student: previous student\n"
+                          f"(a mapping, not {type(labels).__name__} {labels!r})")
+    return list(labels.items())
 
 
 def _resolve(value: Any, outputs: dict[str, str], where: str) -> Any:
