@@ -35,6 +35,7 @@ from kdpipe.tokenize import special_prefix, tokenize_examples
 
 TASKS = ("auto", "classify", "exact-match", "perplexity")
 RUN_FILE = "kdpipe_run.json"
+EXPERIMENT_FILE = "kdpipe_experiment.json"  # written by `kdpipe run` above its step folders
 FINISHED = ("complete", "done")
 
 DEFINITIONS = {
@@ -203,15 +204,20 @@ def _models(cfg: EvaluateConfig, echo: Callable[[str], None]) -> tuple[list[Mode
                 break
     else:
         folder, record = latest_run()
-        echo(f"evaluating the latest finished run {folder}")
+        experiment = experiment_of(folder)
+        echo(f"evaluating the latest finished run {folder}"
+             + (f" (of the experiment {experiment['config']})" if experiment else ""))
         specs = [resolve_spec(str(folder))]
         specs[0].role = "student"
         base = (record.get("config") or {}).get("model") or (record.get("identity") or {}).get("model")
         if base:
             specs.append(ModelSpec(_short(base), base, "model", base, role="base"))
-        teacher = _run_teacher(record)
+        teacher = _run_teacher(record) or (experiment or {}).get("teacher")
         if teacher:
             specs.append(ModelSpec(_short(teacher), teacher, "model", teacher, role="teacher", optional=True))
+        if experiment and experiment.get("evaluate") and not cfg.dataset and not cfg.cache:
+            _settings_from_experiment(cfg, experiment["evaluate"])
+            echo(f"settings: the evaluate section of {experiment['config']} (data, tasks, cache)")
         if not cfg.dataset:
             _data_from_run(cfg, record, echo)
     _unique_names(specs)
@@ -249,15 +255,35 @@ def resolve_spec(source: str) -> ModelSpec:
 def latest_run(root: str | Path = "runs") -> tuple[Path, dict[str, Any]]:
     """The newest run folder under `root` whose kdpipe_run.json says it finished."""
     found = []
-    for file in Path(root).glob(f"*/{RUN_FILE}"):
+    for file in Path(root).rglob(RUN_FILE):  # runs/NAME and `kdpipe run`'s runs/NAME/STEP
         record = _read_json(file, quiet=True)
         if record and record.get("status") in FINISHED:
             found.append((str(record.get("updated", "")), file.stat().st_mtime, file.parent, record))
     if not found:
-        raise KdpipeError(f"no --model given and no finished run under {root}/ (a folder with {RUN_FILE}); "
+        raise KdpipeError(f"no --model given and no finished run under {root}/ (a folder with {RUN_FILE}, at any depth); "
                           "pass --model, or run `kdpipe train-student` first")
     _, _, folder, record = max(found, key=lambda f: (f[0], f[1]))
     return folder, record
+
+
+def experiment_of(folder: Path) -> dict[str, Any] | None:
+    """The `kdpipe run` experiment whose run `folder` is (its kdpipe_experiment.json in a folder above), or None."""
+    run = str(folder.resolve())
+    for parent in folder.resolve().parents:
+        record = _read_json(parent / EXPERIMENT_FILE, quiet=True)
+        if run in record.get("runs", []):
+            return record
+        if parent == Path.cwd():
+            return None
+    return None
+
+
+def _settings_from_experiment(cfg: EvaluateConfig, settings: dict[str, Any]) -> None:
+    """The experiment's own `evaluate:` options, except its models and output folder (these follow the latest run)."""
+    defaults = EvaluateConfig()
+    for name, value in settings.items():
+        if name not in ("model", "output") and hasattr(cfg, name) and getattr(cfg, name) == getattr(defaults, name):
+            setattr(cfg, name, value)
 
 
 def _run_teacher(record: dict[str, Any]) -> str | None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shlex
 import shutil
 import time
@@ -39,6 +40,7 @@ from kdpipe.stages.finetune import FinetuneConfig
 from kdpipe.stages.train_student import TrainStudentConfig
 
 INIT_FILE = "kdpipe_init.json"
+EXPERIMENT_FILE = "kdpipe_experiment.json"  # read by `kdpipe evaluate` (stages/evaluate.py)
 RUN_FILE = "kdpipe_run.json"
 
 
@@ -155,6 +157,7 @@ def plan(path: str | Path) -> Plan:
         if seed is not None and "seed" in fields and "seed" not in values:
             values["seed"] = seed
         values = {k: _resolve(v, outputs, f"{source}: section '{step.name}', key '{k}'") for k, v in values.items()}
+        values = {k: _beside(Path(path), k, v) for k, v in values.items()}
         cfg = build_config(step.cls, values, source=f"{source}: section '{step.name}'")
         outputs[step.name] = _set_output(step, cfg, name)
         steps.append((step, cfg))
@@ -177,6 +180,41 @@ def _label_pairs(labels: Any, source: str) -> list[tuple[Any, Any]]:
                           "labels:\n  \"@train\": student after KD\n  runs/old/student: previous student\n"
                           f"(a mapping, not {type(labels).__name__} {labels!r})")
     return list(labels.items())
+
+
+INPUT_FILES = ("dataset", "train_tokenizer_on", "template", "checker")  # keys naming a file the step reads
+
+
+def _beside(config: Path, key: str, value: Any) -> Any:
+    """A relative data, template or checker file of the config is found next to the config file (as `base:` is).
+
+    Model, cache and output folders stay relative to the working directory: that is where the steps write
+    and where `kdpipe evaluate` and the other commands find them.
+    """
+    if key not in INPUT_FILES or not isinstance(value, str):
+        return value
+    file, sep, function = value.rpartition(":") if key == "checker" else (value, "", "")
+    local = Path(file).suffix.lower() in (".jsonl", ".json", ".csv", ".parquet", ".yaml", ".yml", ".py")
+    if not local or Path(file).is_absolute() or file.startswith("~"):
+        return value
+    return os.path.normpath(config.parent / file) + sep + function
+
+
+def missing_inputs(step: Step, cfg: Any, produced: set[str]) -> list[str]:
+    """Files and folders the step reads that do not exist and that no earlier step writes (for --dry-run)."""
+    missing = []
+    for key in (*INPUT_FILES, "model", "tokenizer", "cache"):
+        value = getattr(cfg, key, None)
+        if key == "cache" and step.kind == "cache":
+            continue  # the step writes it
+        for item in value if isinstance(value, list) else [value]:
+            if not isinstance(item, str) or item in produced or "://" in item:
+                continue
+            file = item.rpartition(":")[0] if key == "checker" else item
+            looks_local = Path(file).suffix.lower() in (".jsonl", ".json", ".csv", ".parquet", ".yaml", ".yml", ".py")
+            if (looks_local or key == "cache" or file.startswith(("/", ".", "~"))) and not Path(file).expanduser().exists():
+                missing.append(f"{key} {file} does not exist")
+    return missing
 
 
 def _resolve(value: Any, outputs: dict[str, str], where: str) -> Any:
@@ -346,7 +384,10 @@ def select(p: Plan, start: str | None = None, only: str | None = None) -> list[t
 
 def describe(p: Plan, steps: list[tuple[Step, Any]]) -> str:
     """The plan: each step, its equivalent command and what would happen now."""
-    lines = [f"experiment {p.name} ({p.path}): {len(steps)} step(s)"]
+    lines = [f"experiment {p.name} ({p.path}): {len(steps)} step(s); each command shows the options that differ "
+             "from their defaults (`kdpipe COMMAND --help` lists the defaults)"]
+    first = [s.name for s, _ in p.steps].index(steps[0][0].name) if steps else 0
+    produced = {p.outputs[s.name] for s, _ in p.steps[:first]}  # --from / --only: the earlier steps are done
     for i, (step, cfg) in enumerate(steps, 1):
         try:
             state, why = step_state(step, cfg, anything_ran=False)
@@ -354,6 +395,8 @@ def describe(p: Plan, steps: list[tuple[Step, Any]]) -> str:
             state, why = "error", e.message
         lines.append(f"{i}. {step.name:<14} [{state}] {why}".rstrip())
         lines.append(f"     {standalone_command(step, cfg)}")
+        lines += [f"     missing: {what}" for what in missing_inputs(step, cfg, produced)]
+        produced.add(p.outputs[step.name])
     return "\n".join(lines)
 
 
@@ -365,6 +408,7 @@ def run(path: str | Path, start: str | None = None, only: str | None = None, dry
     if dry_run:
         echo(describe(p, steps))
         return {"plan": [s.name for s, _ in steps], "done": {}}
+    write_experiment_record(p)
     done: dict[str, dict[str, Any]] = {}
     results = None
     anything_ran = False
@@ -392,6 +436,31 @@ def run(path: str | Path, start: str | None = None, only: str | None = None, dry
         echo("")
         echo(final_table(p, results))
     return {"plan": [s.name for s, _ in steps], "done": done, "results": results}
+
+
+def write_experiment_record(p: Plan) -> None:
+    """kdpipe_experiment.json in the folder above the step folders (runs/NAME): the experiment's runs, teacher and
+    evaluate settings, so that `kdpipe evaluate` without options evaluates its latest run as the experiment does."""
+    runs = [str(Path(cfg.output).resolve()) for step, cfg in p.steps if step.kind in ("finetune", "train")]
+    if not runs:
+        return
+    folders = runs + [str(Path(cfg.output).resolve()) for step, cfg in p.steps if step.kind in ("init", "evaluate")]
+    home = Path(os.path.commonpath(folders))
+    while str(home) in folders:  # never inside a step's own folder (a training step wants it empty)
+        home = home.parent
+    teacher = next((cfg.model for step, cfg in p.steps if step.kind == "cache"), None)
+    evaluate = next((to_dict(cfg) for step, cfg in p.steps if step.kind == "evaluate"), None)
+    if evaluate:
+        for key in ("cache", "dataset", "template"):
+            value = evaluate.get(key)
+            if value and "://" not in value and (key == "cache" or Path(value).is_file()):
+                evaluate[key] = str(Path(value).resolve())
+    if teacher and (teacher in p.outputs.values() or Path(teacher).exists()):
+        teacher = str(Path(teacher).resolve())  # a folder, not a hub id
+    record = {"kind": "kdpipe run", "config": str(p.path.resolve()), "name": p.name, "runs": runs,
+              "teacher": teacher, "evaluate": evaluate}
+    home.mkdir(parents=True, exist_ok=True)
+    (home / EXPERIMENT_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
 
 def _run_step(step: Step, cfg: Any, command: str, state: str, echo: Callable[[str], None]) -> Any:
