@@ -52,7 +52,8 @@ class InitModelConfig:
     tokenizer: str | None = option(None, "Use this model's tokenizer (hub id or path) ...")
     train_tokenizer_on: str | None = option(None, "... or train a byte-level BPE on this dataset's rendered examples.")
     template: str = option("auto", "Template used to render the tokenizer corpus.")
-    vocab_size: int = option(512, "Vocabulary of a trained tokenizer.")
+    vocab_size: int = option(512, "Vocabulary of a trained tokenizer: 256 bytes + 2 special tokens + merges (at least 258).")
+    char_level: bool = option(False, "Train no merges: one token per byte (per character of ASCII text).")
     hidden_size: int = option(64, "Hidden size.")
     layers: int = option(2, "Decoder layers.")
     heads: int = option(4, "Attention heads.")
@@ -282,7 +283,7 @@ def step_state(step: Step, cfg: Any, anything_ran: bool) -> tuple[str, str]:
         out = Path(cfg.output)
         record = _read_json(out / INIT_FILE)
         if record is not None and (out / "config.json").is_file():
-            if record.get("options") == to_dict(cfg):
+            if {**to_dict(InitModelConfig()), **(record.get("options") or {})} == to_dict(cfg):  # options added later: defaults
                 return "skip", f"{out} holds this model"
             raise KdpipeError(f"{out} holds a model initialised with other options ({_changed(record.get('options'), to_dict(cfg))}); "
                               "remove it or choose another output")
@@ -482,7 +483,7 @@ SMALL_MODEL = 20_000_000  # parameters
 
 def _run_stage(step: Step, cfg: Any, command: str, state: str, echo: Callable[[str], None]) -> Any:
     if step.kind == "init":
-        return init_model(cfg)
+        return init_model(cfg, echo)
     if step.kind == "cache":
         from kdpipe.stages import cache_teacher
 
@@ -506,7 +507,7 @@ def _run_stage(step: Step, cfg: Any, command: str, state: str, echo: Callable[[s
     return results
 
 
-def init_model(cfg: InitModelConfig) -> None:
+def init_model(cfg: InitModelConfig, echo: Callable[[str], None] = print) -> None:
     from kdpipe import tiny
     from kdpipe.data import DataConfig, load_examples
     from kdpipe.models import load_tokenizer
@@ -520,7 +521,10 @@ def init_model(cfg: InitModelConfig) -> None:
         data = DataConfig(dataset=cfg.train_tokenizer_on, template=cfg.template)
         template = get_template(data.resolved_template(), data.label_names)
         corpus = ["".join(s.text for s in template.render(e.fields, e.id)) for e in load_examples(data).examples]
-        tok = tiny.train_tokenizer(corpus, cfg.vocab_size)
+        tok = tiny.train_tokenizer(corpus, cfg.vocab_size, cfg.char_level)
+        note = tiny.vocabulary_note(tok, cfg.vocab_size, cfg.char_level)
+        if note:
+            echo("      " + note)
     tiny.init_model(cfg.output, tok, cfg.hidden_size, cfg.layers, cfg.heads, cfg.kv_heads, cfg.head_dim,
                     intermediate_size=cfg.intermediate_size, seed=cfg.seed)
     (Path(cfg.output) / INIT_FILE).write_text(json.dumps({"kind": "init-model", "options": to_dict(cfg)}, indent=2) + "\n")

@@ -80,3 +80,38 @@ def test_adapter_whose_base_folder_is_gone_names_adapter_config(world, tmp_path)
                  match=f"the LoRA adapter {adapter} is on the base model {base}, which does not exist (any more): that "
                        f"path comes from {adapter / 'adapter_config.json'} (base_model_name_or_path). Point it at where "
                        "the base model is now")
+
+
+def test_init_model_says_when_the_vocabulary_is_raised_and_offers_one_token_per_character(tmp_path):
+    from transformers import AutoTokenizer
+
+    raised = run_cli("init-model", "--output", tmp_path / "small", "--train-tokenizer-on", "kdpipe:arithmetic",
+                     "--vocab-size", 100, "--hidden-size", 32, "--layers", 1, "--heads", 2, "--kv-heads", 1)
+    assert ("note: --vocab-size 100 is raised to 258: a byte-level vocabulary holds the 256 byte tokens and 2 special "
+            "tokens before any merge") in raised.output
+    assert len(AutoTokenizer.from_pretrained(tmp_path / "small")) == 258
+    chars = run_cli("init-model", "--output", tmp_path / "chars", "--train-tokenizer-on", "kdpipe:arithmetic",
+                    "--char-level", "--hidden-size", 32, "--layers", 1, "--heads", 2, "--kv-heads", 1)
+    assert "note: --char-level: 258 tokens (256 bytes + 2 special tokens, no merges)" in chars.output
+    tok = AutoTokenizer.from_pretrained(tmp_path / "chars")
+    for text in ("8420 = 7000 + 1420", "zs sz", "Write 12 as a sum"):
+        pieces = tok.convert_ids_to_tokens(tok(text, add_special_tokens=False)["input_ids"])
+        assert len(pieces) == len(text) and tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
+
+
+def test_a_run_config_takes_char_level(tmp_path, monkeypatch):
+    from transformers import AutoTokenizer
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.yaml").write_text("student_init:\n  train_tokenizer_on: kdpipe:arithmetic\n  char_level: true\n"
+                                     "  hidden_size: 32\n  layers: 1\n  heads: 2\n  kv_heads: 1\n")
+    out = run_cli("run", "c.yaml").output
+    assert "note: --char-level: 258 tokens" in out
+    assert len(AutoTokenizer.from_pretrained(tmp_path / "runs/c/student-init")) == 258
+    record_file = tmp_path / "runs/c/student-init/kdpipe_init.json"
+    record = json.loads(record_file.read_text())
+    assert "student_init: skipped" in run_cli("run", "c.yaml").output
+    del record["options"]["char_level"]  # a folder written before the option existed: taken as its default (false)
+    record_file.write_text(json.dumps(record))
+    (tmp_path / "c.yaml").write_text((tmp_path / "c.yaml").read_text().replace("  char_level: true\n", ""))
+    assert "student_init: skipped" in run_cli("run", "c.yaml").output
