@@ -402,9 +402,11 @@ def _check_examples(examples: list[Example], template: Template, tasks: list[str
 def _data_info(cfg: EvaluateConfig, examples: list[Example], template: Template | None, tasks: list[str]) -> dict[str, Any]:
     if not tasks:
         return {}
+    labels = {"label_names": list(cfg.label_names)} if "classify" in tasks else {}  # meaningless for the others
+    config = {k: v for k, v in to_dict(cfg).items() if k != "label_names" or labels}
     return {"dataset": cfg.dataset, "split": cfg.split, "part": cfg.part, "heldout_fraction": cfg.heldout_fraction,
             "seed": cfg.seed, "limit": cfg.limit, "examples": len(examples), "template": template.name,
-            "label_names": list(cfg.label_names), "tasks": tasks, "config": to_dict(cfg)}
+            **labels, "tasks": tasks, "config": config}
 
 
 def split_prompt(segments: list[Segment]) -> tuple[list[str], str]:

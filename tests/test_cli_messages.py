@@ -115,3 +115,27 @@ def test_a_run_config_takes_char_level(tmp_path, monkeypatch):
     record_file.write_text(json.dumps(record))
     (tmp_path / "c.yaml").write_text((tmp_path / "c.yaml").read_text().replace("  char_level: true\n", ""))
     assert "student_init: skipped" in run_cli("run", "c.yaml").output
+
+
+def test_exact_match_results_record_no_label_names_and_cache_info_explains_its_report(world, tmp_path):
+    run_cli("evaluate", "--model", world.student, "--dataset", "kdpipe:arithmetic", "--split", "test", "--limit", 3,
+            "--task", "exact-match", "--max-new-tokens", 3, "--no-plot", "--output", tmp_path / "eval")
+    data = json.loads((tmp_path / "eval" / "results.json").read_text())["data"]
+    assert data["tasks"] == ["exact-match"] and "label_names" not in data and "label_names" not in data["config"]
+    info = run_cli("cache", "info", world.cache).output
+    assert "tokenize_report" not in info
+    assert "examples_cut_or_skipped         none (every example fit max_length=2048)" in info, info
+
+
+def test_make_install_leaves_out_the_test_extras_and_the_license_is_an_spdx_string():
+    import subprocess
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    plan = subprocess.run(["make", "-n", "install", "VENV=/nonexistent-venv"], cwd=root, capture_output=True,
+                          text=True, check=True).stdout
+    assert "pip install -q -e .\n" in plan and "[test]" not in plan
+    project = tomllib.loads((root / "pyproject.toml").read_text())
+    assert project["project"]["license"] == "Apache-2.0"
+    assert "setuptools>=77" in project["build-system"]["requires"]  # the first setuptools that reads SPDX strings
