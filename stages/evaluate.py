@@ -126,7 +126,7 @@ def run(cfg: EvaluateConfig, command: str = "", echo: Callable[[str], None] = pr
     examples = load_examples(cfg).examples if tasks else []
     if tasks and template.name != "chat":
         _check_examples(examples, template, tasks, cfg)
-    cache = _open_cache(cfg.cache, echo) if cfg.cache else None
+    cache = _open_cache(cfg.cache, echo, specs) if cfg.cache else None
 
     tokenizers = {}
     for spec in list(specs):
@@ -558,14 +558,46 @@ TASK_FUNCTIONS = {"classify": classify, "exact-match": exact_match, "perplexity"
 # ---------------------------------------------------------------- fidelity to the teacher
 
 
-def _open_cache(path: str, echo: Callable[[str], None] = print) -> Any:
+def _open_cache(path: str, echo: Callable[[str], None] = print, specs: list[ModelSpec] = ()) -> Any:
+    """The held-out cache; a note when its examples are in a run's training cache (or, with no run to compare
+    with, when nothing says it is held out)."""
     from kdpipe.cache.tools import open_checked
 
     cache = open_checked(path)
-    part = (cache.manifest.get("dataset") or {}).get("part")
-    if part != "heldout" and (cache.manifest.get("dataset") or {}).get("split") == "train":
-        echo(f"note: cache {path} is not a held-out part (part={part}); fidelity on training data flatters a student")
+    data = cache.manifest.get("dataset") or {}
+    trained = {(_read_json(s.run / RUN_FILE, quiet=True).get("config") or {}).get("cache") for s in specs if s.run}
+    trained = [t for t in trained if t and _exists(t)]
+    if trained:
+        mine = example_hashes(cache)
+        for other in sorted(trained):
+            shared = len(mine & example_hashes(open_checked(other)))
+            if shared:
+                echo(f"note: {shared} of the {len(mine)} examples of cache {path} are also in {other}, the training "
+                     "cache of a run evaluated here; fidelity on training data flatters a student")
+    elif not (data.get("heldout") or data.get("part") == "heldout" or data.get("split") != "train"):
+        echo(f"note: cache {path} is of training data as far as its manifest says (split=train, part={data.get('part')}); "
+             "fidelity on training data flatters a student. A separate test file: cache it with --heldout")
     return cache
+
+
+def example_hashes(cache: Any) -> set[bytes]:
+    """sha256 of each cached example's token ids (ids like train-0 repeat across files; the tokens do not)."""
+    import hashlib
+
+    hashes = set()
+    for shard in cache.shards:
+        for ids in cache.store.parquet(shard["file"]).read(columns=["input_ids"])["input_ids"].to_pylist():
+            hashes.add(hashlib.sha256(np.asarray(ids, np.int64).tobytes()).digest())
+    return hashes
+
+
+def _exists(location: str) -> bool:
+    from kdpipe.cache.format import read_manifest
+
+    try:
+        return bool(read_manifest(location))
+    except (KdpipeError, OSError):
+        return False
 
 
 def fidelity(model: Any, tokenizer: Any, cache: Any, cfg: EvaluateConfig, spec: ModelSpec) -> dict[str, float]:
