@@ -91,7 +91,7 @@ class Selection:
     source: str
     columns: list[str]
     fingerprint: str = field(default="")
-    file: dict[str, str] | None = None  # a local file: its absolute path and sha256 (which file the data came from)
+    file: dict[str, str] | None = None  # a local file's absolute path and sha256 (where the data came from)
 
 
 def load_examples(cfg: DataConfig) -> Selection:

@@ -79,8 +79,8 @@ def pick_device(device: str = "auto") -> torch.device:
     if picked.type == "cuda":
         if not torch.cuda.is_available():
             why = "was built without CUDA" if torch.version.cuda is None else "finds no CUDA GPU"
-            raise KdpipeError(f"--device {device}: this torch ({torch.__version__}) {why}; use --device cpu, or auto "
-                              "(CUDA when there is a GPU)")
+            raise KdpipeError(f"--device {device}: this torch ({torch.__version__}) {why}; use --device cpu, "
+                              "or auto (CUDA when there is a GPU)")
         if picked.index is not None and picked.index >= torch.cuda.device_count():
             raise KdpipeError(f"--device {device}: only {torch.cuda.device_count()} CUDA GPU(s) are visible "
                               f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")

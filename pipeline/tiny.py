@@ -29,7 +29,7 @@ def base_vocabulary() -> int:
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 512, char_level: bool = False) -> Any:
-    """A byte-level BPE tokenizer (``PreTrainedTokenizerFast``) trained on `texts` (no merges with `char_level`)."""
+    """A byte-level BPE tokenizer (``PreTrainedTokenizerFast``) of `texts`; `char_level`: no merges."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -50,12 +50,14 @@ def vocabulary_note(tokenizer: Any, vocab_size: int, char_level: bool = False) -
     """What to tell the user when the trained vocabulary is not the size asked for (None when it is)."""
     size, floor = len(tokenizer), base_vocabulary()
     if char_level:
-        return f"note: --char-level: {size} tokens (256 bytes + {len(SPECIAL_TOKENS)} special tokens, no merges)"
+        return (f"note: --char-level: {size} tokens (256 bytes + {len(SPECIAL_TOKENS)} special tokens, "
+                "no merges)")
     if vocab_size < floor:
-        return (f"note: --vocab-size {vocab_size} is raised to {size}: a byte-level vocabulary holds the 256 byte "
-                f"tokens and {len(SPECIAL_TOKENS)} special tokens before any merge")
+        return (f"note: --vocab-size {vocab_size} is raised to {size}: a byte-level vocabulary holds the "
+                f"256 byte tokens and {len(SPECIAL_TOKENS)} special tokens before any merge")
     if size < vocab_size:
-        return f"note: the corpus gave only {size - floor} merges: {size} tokens, not --vocab-size {vocab_size}"
+        return (f"note: the corpus gave only {size - floor} merges: "
+                f"{size} tokens, not --vocab-size {vocab_size}")
     return None
 
 

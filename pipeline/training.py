@@ -202,7 +202,7 @@ def training_arguments(cfg: TrainConfig, output: Path) -> Any:
             seed=cfg.seed,
             data_seed=cfg.seed,
             logging_steps=cfg.logging_steps,
-            logging_nan_inf_filter=False,  # a non-finite loss stops the run (KdpipeTrainer.training_step), never hidden
+            logging_nan_inf_filter=False,  # a non-finite loss stops the run (KdpipeTrainer.training_step)
             save_strategy="steps",
             save_steps=cfg.save_steps,
             save_total_limit=cfg.save_total_limit,
@@ -353,7 +353,7 @@ def _gather_fsdp_root(model: Any) -> None:
 
 
 def locked(run_fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Decorate a stage's `run(cfg, ...)`: it holds its run folder's lock (``OUTPUT/.lock``) from start to end."""
+    """Decorate a stage's `run(cfg, ...)`: it holds its run folder's lock (``OUTPUT/.lock``) throughout."""
     @functools.wraps(run_fn)
     def run(cfg: Any, *args: Any, **kwargs: Any) -> Any:
         with run_lock(Path(cfg.output_folder())):
@@ -368,7 +368,7 @@ def run_lock(out: Path) -> Iterator[None]:
 
     A folder made only for the lock is removed again when the run fails before writing anything.
     """
-    if int(os.environ.get("RANK", "0")) != 0 or (out.exists() and not out.is_dir()):  # check_output reports a file
+    if int(os.environ.get("RANK", "0")) != 0 or (out.exists() and not out.is_dir()):  # a file: check_output
         yield
         return
     from filelock import FileLock, Timeout
@@ -379,8 +379,8 @@ def run_lock(out: Path) -> Iterator[None]:
     try:
         lock.acquire(timeout=0)
     except Timeout:
-        raise KdpipeError(f"another kdpipe run is writing to {out} (its {LOCK_FILE} is held); wait for it to finish "
-                          "or choose another --output") from None
+        raise KdpipeError(f"another kdpipe run is writing to {out} (its {LOCK_FILE} is held); wait for it to "
+                          "finish or choose another --output") from None
     try:
         yield
     finally:
@@ -447,8 +447,8 @@ def start_run(cfg: TrainConfig, kind: str, identity: dict[str, Any], command: st
 
 
 def last_checkpoint(folder: Path, echo: Callable[[str], None] | None = None) -> str | None:
-    """The checkpoint-N folder with the largest N that holds Trainer's state and intact weight files (a complete
-    checkpoint); `echo` is told about each newer one passed over as damaged."""
+    """The checkpoint-N folder with the largest N that holds Trainer's state and intact weight files (a
+    complete checkpoint); `echo` is told about each newer one passed over as damaged."""
     if not folder.is_dir():
         return None
     found = []
@@ -466,8 +466,8 @@ def last_checkpoint(folder: Path, echo: Callable[[str], None] | None = None) -> 
 
 
 def damaged_files(checkpoint: Path) -> list[str]:
-    """Weight and state files of a checkpoint that are cut short: a safetensors file shorter or longer than its
-    header says, a torch.save zip without its end record (a disk that filled, a copy that stopped)."""
+    """Weight and state files of a checkpoint that are cut short: a safetensors file shorter or longer than
+    its header says, a torch.save zip without its end record (a disk that filled, a copy that stopped)."""
     import zipfile
 
     damaged = []
@@ -495,17 +495,18 @@ def fit(trainer: Any, cfg: TrainConfig, out: Path, tokenizer: Any, checkpoint: s
     start = time.perf_counter()
     try:
         result = trainer.train(resume_from_checkpoint=checkpoint)
-        bad = [n for n, p in trainer.model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+        params = trainer.model.named_parameters()
+        bad = [n for n, p in params if p.requires_grad and not torch.isfinite(p).all()]
         if bad:
-            raise Diverged(f"{len(bad)} trained weight tensor(s) hold nan or inf after step {trainer.state.global_step} "
-                           f"({bad[0]}{', ...' if len(bad) > 1 else ''})")
+            raise Diverged(f"{len(bad)} trained weight tensor(s) hold nan or inf after step "
+                           f"{trainer.state.global_step} ({bad[0]}{', ...' if len(bad) > 1 else ''})")
     except Diverged as e:
-        message = (f"training diverged: {e}. Nothing was saved as the model and {out} is marked failed, not complete. "
-                   f"Lower --lr (now {cfg.learning_rate:g}), keep --max-grad-norm on, or check the data, "
-                   "then train again into a new --output")
+        message = (f"training diverged: {e}. Nothing was saved as the model and {out} is marked failed, not "
+                   f"complete. Lower --lr (now {cfg.learning_rate:g}), keep --max-grad-norm on, or check the "
+                   "data, then train again into a new --output")
         if trainer.is_world_process_zero():
-            _write_run(out / RUN_FILE, {**(_read_run(out / RUN_FILE) or {}), "status": "failed", "error": message,
-                                        "updated": _now()})
+            record = _read_run(out / RUN_FILE) or {}
+            _write_run(out / RUN_FILE, {**record, "status": "failed", "error": message, "updated": _now()})
         raise KdpipeError(message) from None
     with write_errors(out):
         return _save(trainer, cfg, out, tokenizer, result, start)

@@ -56,9 +56,9 @@ class CacheTeacherConfig(DataConfig):
     num_shards: int = option(1, "Split the work across this many machines ...")
     shard_index: int = option(0, "... and do this machine's part (0-based); join the parts with `kdpipe cache merge`.")
     overwrite: bool = option(False, "Replace an existing cache of another run in the folder.")
-    heldout: bool = option(False, "Mark this data as held out from training (e.g. a separate test file): evaluate --cache "
-                                  "then uses it for fidelity without the training-data note (it still checks the overlap "
-                                  "with the run's training cache).")
+    heldout: bool = option(False, "Mark this data as held out from training (e.g. a separate test file): "
+                                  "evaluate --cache then uses it for fidelity without the training-data note "
+                                  "(it still checks the overlap with the run's training cache).")
     vllm_tensor_parallel_size: int = option(1, "vLLM backend: GPUs the teacher is split across (tensor parallel).")
     vllm_max_model_len: int | None = option(None, "vLLM backend: context length (default: max_length + 1, capped by the model's).")
     vllm_gpu_memory_utilization: float = option(0.9, "vLLM backend: fraction of GPU memory for weights and KV cache.")
@@ -266,7 +266,7 @@ def _manifest_header(cfg: CacheTeacherConfig, command: str, tokenizer: Any, temp
     content = {key: header[key] for key in ("teacher", "tokenizer", "template", "dataset", "sparse", "encoding")}
     content["teacher"] = {k: v for k, v in content["teacher"].items() if k != "backend_version"}
     content["dataset"] = {k: v for k, v in content["dataset"].items()
-                          if k not in ("examples", "report", "heldout", "file")}  # facts about the data, not settings
+                          if k not in ("examples", "report", "heldout", "file")}  # facts, not settings
     content["rows_per_shard"] = cfg.rows_per_shard
     header["settings_hash"] = hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
     return header

@@ -243,9 +243,10 @@ def resolve_spec(source: str) -> ModelSpec:
             raise KdpipeError(f"{path}/adapter_config.json names no base model (base_model_name_or_path)")
         if base.startswith(("/", ".", "~")) and not Path(base).expanduser().exists():
             raise KdpipeError(
-                f"the LoRA adapter {source} is on the base model {base}, which does not exist (any more): that path "
-                f"comes from {path / 'adapter_config.json'} (base_model_name_or_path). Point it at where the base "
-                "model is now (a folder or hub id) by editing that key, or evaluate a merged model (kdpipe merge-lora)")
+                f"the LoRA adapter {source} is on the base model {base}, which does not exist (any more): "
+                f"that path comes from {path / 'adapter_config.json'} (base_model_name_or_path). Point it at "
+                "where the base model is now (a folder or hub id) by editing that key, or evaluate a merged "
+                "model (kdpipe merge-lora)")
         return ModelSpec(path.resolve().name, source, "adapter", str(path), base=base, run=run)
     if (path / "config.json").is_file():
         return ModelSpec(path.resolve().name, source, "model", str(path), run=run)
@@ -260,14 +261,15 @@ def latest_run(root: str | Path = "runs") -> tuple[Path, dict[str, Any]]:
         if record and record.get("status") in FINISHED:
             found.append((str(record.get("updated", "")), file.stat().st_mtime, file.parent, record))
     if not found:
-        raise KdpipeError(f"no --model given and no finished run under {root}/ (a folder with {RUN_FILE}, at any depth); "
+        raise KdpipeError(f"no --model given and no finished run under {root}/ (a folder with {RUN_FILE}, "
+                          "at any depth); "
                           "pass --model, or run `kdpipe train-student` first")
     _, _, folder, record = max(found, key=lambda f: (f[0], f[1]))
     return folder, record
 
 
 def experiment_of(folder: Path) -> dict[str, Any] | None:
-    """The `kdpipe run` experiment whose run `folder` is (its kdpipe_experiment.json in a folder above), or None."""
+    """The `kdpipe run` experiment that `folder` is a run of (its kdpipe_experiment.json above), or None."""
     run = str(folder.resolve())
     for parent in folder.resolve().parents:
         record = _read_json(parent / EXPERIMENT_FILE, quiet=True)
@@ -279,10 +281,11 @@ def experiment_of(folder: Path) -> dict[str, Any] | None:
 
 
 def _settings_from_experiment(cfg: EvaluateConfig, settings: dict[str, Any]) -> None:
-    """The experiment's own `evaluate:` options, except its models and output folder (these follow the latest run)."""
+    """The experiment's own `evaluate:` options, but for models and output folder (the latest run's)."""
     defaults = EvaluateConfig()
     for name, value in settings.items():
-        if name not in ("model", "output") and hasattr(cfg, name) and getattr(cfg, name) == getattr(defaults, name):
+        unset = hasattr(cfg, name) and getattr(cfg, name) == getattr(defaults, name)
+        if unset and name not in ("model", "output"):
             setattr(cfg, name, value)
 
 
@@ -402,7 +405,7 @@ def _check_examples(examples: list[Example], template: Template, tasks: list[str
 def _data_info(cfg: EvaluateConfig, examples: list[Example], template: Template | None, tasks: list[str]) -> dict[str, Any]:
     if not tasks:
         return {}
-    labels = {"label_names": list(cfg.label_names)} if "classify" in tasks else {}  # meaningless for the others
+    labels = {"label_names": list(cfg.label_names)} if "classify" in tasks else {}  # only classify has labels
     config = {k: v for k, v in to_dict(cfg).items() if k != "label_names" or labels}
     return {"dataset": cfg.dataset, "split": cfg.split, "part": cfg.part, "heldout_fraction": cfg.heldout_fraction,
             "seed": cfg.seed, "limit": cfg.limit, "examples": len(examples), "template": template.name,
@@ -565,18 +568,19 @@ def _open_cache(path: str, echo: Callable[[str], None] = print, specs: list[Mode
 
     cache = open_checked(path)
     data = cache.manifest.get("dataset") or {}
-    trained = {(_read_json(s.run / RUN_FILE, quiet=True).get("config") or {}).get("cache") for s in specs if s.run}
-    trained = [t for t in trained if t and _exists(t)]
+    records = [_read_json(s.run / RUN_FILE, quiet=True) for s in specs if s.run]
+    trained = [t for t in {(r.get("config") or {}).get("cache") for r in records} if t and _exists(t)]
     if trained:
         mine = example_hashes(cache)
         for other in sorted(trained):
             shared = len(mine & example_hashes(open_checked(other)))
             if shared:
-                echo(f"note: {shared} of the {len(mine)} examples of cache {path} are also in {other}, the training "
-                     "cache of a run evaluated here; fidelity on training data flatters a student")
+                echo(f"note: {shared} of the {len(mine)} examples of cache {path} are also in {other}, the "
+                     "training cache of a run evaluated here; fidelity on training data flatters a student")
     elif not (data.get("heldout") or data.get("part") == "heldout" or data.get("split") != "train"):
-        echo(f"note: cache {path} is of training data as far as its manifest says (split=train, part={data.get('part')}); "
-             "fidelity on training data flatters a student. A separate test file: cache it with --heldout")
+        echo(f"note: cache {path} is of training data as far as its manifest says (split=train, "
+             f"part={data.get('part')}); fidelity on training data flatters a student. A separate test file: "
+             "cache it with --heldout")
     return cache
 
 

@@ -52,7 +52,7 @@ class InitModelConfig:
     tokenizer: str | None = option(None, "Use this model's tokenizer (hub id or path) ...")
     train_tokenizer_on: str | None = option(None, "... or train a byte-level BPE on this dataset's rendered examples.")
     template: str = option("auto", "Template used to render the tokenizer corpus.")
-    vocab_size: int = option(512, "Vocabulary of a trained tokenizer: 256 bytes + 2 special tokens + merges (at least 258).")
+    vocab_size: int = option(512, "Vocabulary of a trained tokenizer: 256 bytes, 2 specials, merges (>=258).")
     char_level: bool = option(False, "Train no merges: one token per byte (per character of ASCII text).")
     hidden_size: int = option(64, "Hidden size.")
     layers: int = option(2, "Decoder layers.")
@@ -171,7 +171,7 @@ def plan(path: str | Path) -> Plan:
 
 
 def _label_pairs(labels: Any, source: str) -> list[tuple[Any, Any]]:
-    """`labels:` as a mapping, or as a list of one-key mappings (``- "@train": student``, a natural YAML slip)."""
+    """`labels:` as a mapping, or a list of one-key mappings (``- "@train": student``, an easy YAML slip)."""
     if not labels:
         return []
     if isinstance(labels, list) and all(isinstance(item, dict) and len(item) == 1 for item in labels):
@@ -184,10 +184,11 @@ def _label_pairs(labels: Any, source: str) -> list[tuple[Any, Any]]:
 
 
 INPUT_FILES = ("dataset", "train_tokenizer_on", "template", "checker")  # keys naming a file the step reads
+INPUT_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".yaml", ".yml", ".py")  # data, template, checker
 
 
 def _beside(config: Path, key: str, value: Any) -> Any:
-    """A relative data, template or checker file of the config is found next to the config file (as `base:` is).
+    """A relative data, template or checker file of the config is found next to the config (as `base:` is).
 
     Model, cache and output folders stay relative to the working directory: that is where the steps write
     and where `kdpipe evaluate` and the other commands find them.
@@ -195,7 +196,7 @@ def _beside(config: Path, key: str, value: Any) -> Any:
     if key not in INPUT_FILES or not isinstance(value, str):
         return value
     file, sep, function = value.rpartition(":") if key == "checker" else (value, "", "")
-    local = Path(file).suffix.lower() in (".jsonl", ".json", ".csv", ".parquet", ".yaml", ".yml", ".py")
+    local = Path(file).suffix.lower() in INPUT_SUFFIXES
     if not local or Path(file).is_absolute() or file.startswith("~"):
         return value
     return os.path.normpath(config.parent / file) + sep + function
@@ -212,8 +213,8 @@ def missing_inputs(step: Step, cfg: Any, produced: set[str]) -> list[str]:
             if not isinstance(item, str) or item in produced or "://" in item:
                 continue
             file = item.rpartition(":")[0] if key == "checker" else item
-            looks_local = Path(file).suffix.lower() in (".jsonl", ".json", ".csv", ".parquet", ".yaml", ".yml", ".py")
-            if (looks_local or key == "cache" or file.startswith(("/", ".", "~"))) and not Path(file).expanduser().exists():
+            local = Path(file).suffix.lower() in INPUT_SUFFIXES or file.startswith(("/", ".", "~"))
+            if (local or key == "cache") and not Path(file).expanduser().exists():
                 missing.append(f"{key} {file} does not exist")
     return missing
 
@@ -283,7 +284,8 @@ def step_state(step: Step, cfg: Any, anything_ran: bool) -> tuple[str, str]:
         out = Path(cfg.output)
         record = _read_json(out / INIT_FILE)
         if record is not None and (out / "config.json").is_file():
-            if {**to_dict(InitModelConfig()), **(record.get("options") or {})} == to_dict(cfg):  # options added later: defaults
+            before = {**to_dict(InitModelConfig()), **(record.get("options") or {})}  # new options: defaults
+            if before == to_dict(cfg):
                 return "skip", f"{out} holds this model"
             raise KdpipeError(f"{out} holds a model initialised with other options ({_changed(record.get('options'), to_dict(cfg))}); "
                               "remove it or choose another output")
@@ -385,8 +387,8 @@ def select(p: Plan, start: str | None = None, only: str | None = None) -> list[t
 
 def describe(p: Plan, steps: list[tuple[Step, Any]]) -> str:
     """The plan: each step, its equivalent command and what would happen now."""
-    lines = [f"experiment {p.name} ({p.path}): {len(steps)} step(s); each command shows the options that differ "
-             "from their defaults (`kdpipe COMMAND --help` lists the defaults)"]
+    lines = [f"experiment {p.name} ({p.path}): {len(steps)} step(s); each command shows the options that "
+             "differ from their defaults (`kdpipe COMMAND --help` lists the defaults)"]
     first = [s.name for s, _ in p.steps].index(steps[0][0].name) if steps else 0
     produced = {p.outputs[s.name] for s, _ in p.steps[:first]}  # --from / --only: the earlier steps are done
     for i, (step, cfg) in enumerate(steps, 1):
@@ -440,12 +442,13 @@ def run(path: str | Path, start: str | None = None, only: str | None = None, dry
 
 
 def write_experiment_record(p: Plan) -> None:
-    """kdpipe_experiment.json in the folder above the step folders (runs/NAME): the experiment's runs, teacher and
-    evaluate settings, so that `kdpipe evaluate` without options evaluates its latest run as the experiment does."""
+    """kdpipe_experiment.json in the folder above the step folders (runs/NAME): the experiment's runs, teacher
+    and evaluate settings, so that `kdpipe evaluate` without options evaluates its latest run as it does."""
     runs = [str(Path(cfg.output).resolve()) for step, cfg in p.steps if step.kind in ("finetune", "train")]
     if not runs:
         return
-    folders = runs + [str(Path(cfg.output).resolve()) for step, cfg in p.steps if step.kind in ("init", "evaluate")]
+    others = [str(Path(cfg.output).resolve()) for step, cfg in p.steps if step.kind in ("init", "evaluate")]
+    folders = runs + others
     home = Path(os.path.commonpath(folders))
     while str(home) in folders:  # never inside a step's own folder (a training step wants it empty)
         home = home.parent
@@ -554,7 +557,12 @@ def final_table(p: Plan, results: dict[str, Any]) -> str:
         rows.append(cells)
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
     fmt = lambda r: "  ".join(c.ljust(widths[0]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(r))  # noqa: E731
-    return "\n".join([fmt(header), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows])
+    table = [fmt(header), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows]
+    if sum(r[-2] != "—" for r in rows) > 1:  # two training times side by side invite a ratio
+        table.append("train s: each run's wall time, the runs measured one after the other (not "
+                     "alternated): a change of machine load between them moves their ratio; "
+                     "bench/bench_train.py compares step times fairly")
+    return "\n".join(table)
 
 
 def _label(p: Plan, m: dict[str, Any]) -> str:

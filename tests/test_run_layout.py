@@ -80,7 +80,9 @@ evaluate:
 def test_evaluate_without_options_finds_the_latest_run_of_an_experiment(world, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "lay.yaml").write_text(EXPERIMENT.format(teacher=world.teacher, student=world.student))
-    run_cli("run", "lay.yaml")
+    table = run_cli("run", "lay.yaml").output
+    assert ("train s: each run's wall time, the runs measured one after the other (not alternated): a change of "
+            "machine load between them moves their ratio") in table  # the two students' times are not a benchmark
     result = run_cli("evaluate")
     assert f"evaluating the latest finished run runs/lay/baseline (of the experiment {tmp_path / 'lay.yaml'})" \
         in result.output, result.output
