@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from train_fixtures import *  # noqa: F401,F403
 from train_fixtures import run_cli
 
 from kdpipe import training
+from kdpipe.errors import KdpipeError
 
 
 def expect_error(*args, match):
@@ -102,13 +104,13 @@ def test_weights_that_become_non_finite_at_the_last_step_are_not_saved(world, tm
     class PoisonLastUpdate(TrainerCallback):  # stands for an update that overflowed after the last loss was computed
         def on_step_end(self, args, state, control, model=None, **kwargs):
             if state.global_step == state.max_steps:
-                with training.torch.no_grad():
+                with torch.no_grad():
                     training.causal_lm(model).lm_head.weight[0, 0] = float("nan")
 
     out = tmp_path / "poisoned"
     cfg = train_student.TrainStudentConfig(model=str(world.student), cache=str(world.cache), output=str(out),
                                            lora=False, max_steps=2)
-    with pytest.raises(training.KdpipeError, match=r"1 trained weight tensor\(s\) hold nan or inf after step 2 "
+    with pytest.raises(KdpipeError, match=r"1 trained weight tensor\(s\) hold nan or inf after step 2 "
                                                    r"\(lm_head.weight\)"):
         train_student.run(cfg, callbacks=[PoisonLastUpdate()])
     assert json.loads((out / "kdpipe_run.json").read_text())["status"] == "failed"
