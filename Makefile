@@ -2,6 +2,7 @@
 #   make demo   install kdpipe into .venv and run the offline demo (kdpipe run configs/demo.yaml: build and
 #               train a tiny teacher, cache it, distil a student, SFT baseline, table; no hub, CPU)
 #   make test   install kdpipe with its test extras into .venv and run the test suite
+#   make install  only install kdpipe (no test extras) into .venv
 PYTHON ?= python3
 VENV   ?= .venv
 TORCH  ?= torch==2.13.0
@@ -21,10 +22,14 @@ $(BIN)/python:
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/pip install -q -e ".[test]"
 	touch $@
 
-$(VENV)/.installed-vllm: $(VENV)/.installed
+$(VENV)/.installed-vllm: $(VENV)/.installed-test
 	if [ -n "$(VLLM)" ]; then \
 	  $(BIN)/pip install -q "$(VLLM)" && \
 	  $(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec triton; \

@@ -231,6 +231,11 @@ def main() -> None:
             if memory:
                 line += f", peak +MB {memory[mode]['peak_delta_mb'] / memory['sft']['peak_delta_mb']:.2f}x"
             print(line + "   [goal <= 1.15x]")
+            # the two steps of one round ran back to back: their ratio sees one machine load; its spread
+            # over the rounds is how much a single pair of timings (two runs one after the other) can mislead
+            pairs = sorted(k / s for k, s in zip(times[mode], times["sft"]))
+            print(f"  per round ({len(pairs)} rounds): {pairs[0]:.2f}x to {pairs[-1]:.2f}x, "
+                  f"median {statistics.median(pairs):.2f}x  [" + ", ".join(f"{r:.2f}" for r in pairs) + "]")
     if "sft-fused" in modes and "kd-bucket" in modes:
         line = f"train-student (bucket) / SFT with the same fused CE: step time {med['kd-bucket'] / med['sft-fused']:.2f}x (median)"
         if memory:

@@ -152,7 +152,10 @@ def cache_merge_cmd(parts: tuple[str, ...], output: str) -> None:
 @click.option("--train-tokenizer-on", "corpus", default=None,
               help="... or train a byte-level BPE on this dataset's rendered examples (e.g. kdpipe:arithmetic).")
 @click.option("--template", default="auto", show_default=True, help="Template used to render the tokenizer corpus.")
-@click.option("--vocab-size", type=int, default=512, show_default=True, help="Vocabulary of a trained tokenizer.")
+@click.option("--vocab-size", type=int, default=512, show_default=True,
+              help="Vocabulary of a trained tokenizer: 256 bytes + 2 special tokens + merges (at least 258).")
+@click.option("--char-level", is_flag=True,
+              help="Train no merges: one token per byte (per character of ASCII text).")
 @click.option("--hidden-size", type=int, default=64, show_default=True)
 @click.option("--layers", type=int, default=2, show_default=True)
 @click.option("--heads", type=int, default=4, show_default=True)
@@ -160,7 +163,8 @@ def cache_merge_cmd(parts: tuple[str, ...], output: str) -> None:
 @click.option("--head-dim", type=int, default=32, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 def init_model_cmd(output: str, tokenizer: str | None, corpus: str | None, template: str, vocab_size: int,
-                   hidden_size: int, layers: int, heads: int, kv_heads: int, head_dim: int, seed: int) -> None:
+                   char_level: bool, hidden_size: int, layers: int, heads: int, kv_heads: int, head_dim: int,
+                   seed: int) -> None:
     """Build a randomly initialised Qwen3-architecture model (a custom student, or the offline demo's teacher)."""
     from kdpipe import tiny
     from kdpipe.models import load_tokenizer
@@ -170,7 +174,10 @@ def init_model_cmd(output: str, tokenizer: str | None, corpus: str | None, templ
     if tokenizer:
         tok = load_tokenizer(tokenizer)
     else:
-        tok = tiny.train_tokenizer(_corpus(corpus, template), vocab_size)
+        tok = tiny.train_tokenizer(_corpus(corpus, template), vocab_size, char_level)
+        note = tiny.vocabulary_note(tok, vocab_size, char_level)
+        if note:
+            click.echo(note, err=True)
     if heads % kv_heads:
         raise KdpipeError(f"--heads ({heads}) must be a multiple of --kv-heads ({kv_heads})")
     model = tiny.init_model(output, tok, hidden_size, layers, heads, kv_heads, head_dim, seed=seed)

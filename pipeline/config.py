@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -110,9 +111,12 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if isinstance(value, bool) or (hint is int and isinstance(value, float) and not value.is_integer()):
             raise KdpipeError(f"{where} must be {'an integer' if hint is int else 'a number'}, not {value!r}")
         try:
-            return hint(value)
+            number = hint(value)
         except (TypeError, ValueError):
             raise KdpipeError(f"{where} must be {'an integer' if hint is int else 'a number'}, not {value!r}") from None
+        if not math.isfinite(number):  # nan passes every range check (all comparisons are false), inf most
+            raise KdpipeError(f"{where} must be a finite number, not {value!r}")
+        return number
     if hint is str:
         if isinstance(value, (dict, list)):
             raise KdpipeError(f"{where} must be a string, not {value!r}")

@@ -91,6 +91,7 @@ class Selection:
     source: str
     columns: list[str]
     fingerprint: str = field(default="")
+    file: dict[str, str] | None = None  # a local file's absolute path and sha256 (where the data came from)
 
 
 def load_examples(cfg: DataConfig) -> Selection:
@@ -126,7 +127,19 @@ def load_examples(cfg: DataConfig) -> Selection:
         examples = examples[: cfg.limit]
     if not examples:
         raise KdpipeError(f"no examples left in {cfg.dataset} after choosing part={cfg.part}, limit={cfg.limit}")
-    return Selection(examples, cfg.dataset, columns, fingerprint(examples))
+    return Selection(examples, cfg.dataset, columns, fingerprint(examples), source_file(cfg.dataset))
+
+
+def source_file(source: str) -> dict[str, str] | None:
+    """{"path", "sha256"} of a local dataset file, None for the hub and the built-in datasets."""
+    path = Path(source)
+    if source.startswith("kdpipe:") or not path.is_file():
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return {"path": str(path.resolve()), "sha256": h.hexdigest()}
 
 
 def is_heldout(example_id: str, fraction: float, seed: int) -> bool:

@@ -55,6 +55,7 @@ def load_model(name: str, dtype: str = "auto", device: str = "auto", revision: s
     from transformers import AutoModelForCausalLM
 
     resolved = resolve_model_name(name)
+    target = pick_device(device)  # an unusable device is reported before the weights load
     kwargs: dict[str, Any] = {"dtype": DTYPES[dtype], "revision": revision}
     if device == "auto" and torch.cuda.is_available() and torch.cuda.device_count() > 1:
         kwargs["device_map"] = "auto"
@@ -63,14 +64,27 @@ def load_model(name: str, dtype: str = "auto", device: str = "auto", revision: s
     except Exception as e:
         raise KdpipeError(_load_error("model", name, resolved, e)) from None
     if "device_map" not in kwargs:
-        model.to(pick_device(device))
+        model.to(target)
     return model.eval()
 
 
 def pick_device(device: str = "auto") -> torch.device:
+    """The torch device for --device; a KdpipeError for one this machine does not have."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        picked = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise KdpipeError(f"--device {device} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if picked.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "was built without CUDA" if torch.version.cuda is None else "finds no CUDA GPU"
+            raise KdpipeError(f"--device {device}: this torch ({torch.__version__}) {why}; use --device cpu, "
+                              "or auto (CUDA when there is a GPU)")
+        if picked.index is not None and picked.index >= torch.cuda.device_count():
+            raise KdpipeError(f"--device {device}: only {torch.cuda.device_count()} CUDA GPU(s) are visible "
+                              f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    return picked
 
 
 def vocab_hash(tokenizer: Any) -> str:

@@ -2,6 +2,12 @@
 
 `train_tokenizer` trains a byte-level BPE on a corpus; `init_model` builds a randomly initialised
 Qwen3 of the given size with that tokenizer (or an existing one) and saves both.
+
+The vocabulary is the 256 byte tokens, the special tokens (`SPECIAL_TOKENS`), then the merges BPE
+learns from the corpus until `vocab_size`: never fewer than 258 tokens, and fewer merges than asked
+when the corpus has no more pairs to merge. `char_level=True` learns no merges: one token per byte,
+so one per character of ASCII text (a task that works on letters, e.g. reversing words, wants that:
+merges cut a word and its reverse into different pieces).
 """
 
 from __future__ import annotations
@@ -15,8 +21,15 @@ import torch
 SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>"]
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> Any:
-    """A byte-level BPE tokenizer (``PreTrainedTokenizerFast``) trained on `texts`."""
+def base_vocabulary() -> int:
+    """Tokens of every byte-level vocabulary before any merge: the 256 bytes and the special tokens."""
+    from tokenizers import pre_tokenizers
+
+    return len(pre_tokenizers.ByteLevel.alphabet()) + len(SPECIAL_TOKENS)
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 512, char_level: bool = False) -> Any:
+    """A byte-level BPE tokenizer (``PreTrainedTokenizerFast``) of `texts`; `char_level`: no merges."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -24,13 +37,28 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> Any:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
+        vocab_size=base_vocabulary() if char_level else vocab_size,
         special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|pad|>")
+
+
+def vocabulary_note(tokenizer: Any, vocab_size: int, char_level: bool = False) -> str | None:
+    """What to tell the user when the trained vocabulary is not the size asked for (None when it is)."""
+    size, floor = len(tokenizer), base_vocabulary()
+    if char_level:
+        return (f"note: --char-level: {size} tokens (256 bytes + {len(SPECIAL_TOKENS)} special tokens, "
+                "no merges)")
+    if vocab_size < floor:
+        return (f"note: --vocab-size {vocab_size} is raised to {size}: a byte-level vocabulary holds the "
+                f"256 byte tokens and {len(SPECIAL_TOKENS)} special tokens before any merge")
+    if size < vocab_size:
+        return (f"note: the corpus gave only {size - floor} merges: "
+                f"{size} tokens, not --vocab-size {vocab_size}")
+    return None
 
 
 def init_model(

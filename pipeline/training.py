@@ -12,16 +12,18 @@ command, status, log history) and, at the end, the trained model with its tokeni
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import click
 import torch
 
 import kdpipe
@@ -31,6 +33,7 @@ from kdpipe.losses import DistillLossConfig, SparseTargets, distill_loss
 from kdpipe.models import load_model, resolve_model_name
 
 RUN_FILE = "kdpipe_run.json"
+LOCK_FILE = ".lock"  # held by the running train-student / finetune for its whole run
 
 # LoRA target modules per model type: every linear projection of the blocks (not the LM head).
 _DECODER_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -92,6 +95,8 @@ class TrainConfig:
             raise ValueError(f"epochs must be positive, not {self.epochs}")
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"lr must be positive, not {self.lr}")
+        if not self.lora_alpha > 0:
+            raise ValueError(f"lora_alpha must be positive, not {self.lora_alpha}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), not {self.lora_dropout}")
         if self.warmup < 0 or self.weight_decay < 0 or self.max_grad_norm < 0 or self.num_workers < 0:
@@ -197,6 +202,7 @@ def training_arguments(cfg: TrainConfig, output: Path) -> Any:
             seed=cfg.seed,
             data_seed=cfg.seed,
             logging_steps=cfg.logging_steps,
+            logging_nan_inf_filter=False,  # a non-finite loss stops the run (KdpipeTrainer.training_step)
             save_strategy="steps",
             save_steps=cfg.save_steps,
             save_total_limit=cfg.save_total_limit,
@@ -246,6 +252,12 @@ def _trainer_classes() -> tuple[type, type]:
 
         def _get_train_sampler(self, train_dataset: Any = None) -> Any:
             return self._kdpipe_sampler if self._kdpipe_sampler is not None else super()._get_train_sampler(train_dataset)
+
+        def training_step(self, *args: Any, **kwargs: Any) -> Any:
+            loss = super().training_step(*args, **kwargs)
+            if not torch.isfinite(loss):  # one sync per step, as Trainer's own NaN filter costs (turned off)
+                raise Diverged(f"the loss became {float(loss)} at step {self.state.global_step + 1}")
+            return loss
 
         def _save_checkpoint(self, model: Any, trial: Any) -> None:
             with write_errors(Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"):
@@ -340,6 +352,46 @@ def _gather_fsdp_root(model: Any) -> None:
 # ---------------------------------------------------------------- run folder
 
 
+def locked(run_fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorate a stage's `run(cfg, ...)`: it holds its run folder's lock (``OUTPUT/.lock``) throughout."""
+    @functools.wraps(run_fn)
+    def run(cfg: Any, *args: Any, **kwargs: Any) -> Any:
+        with run_lock(Path(cfg.output_folder())):
+            return run_fn(cfg, *args, **kwargs)
+    return run
+
+
+@contextmanager
+def run_lock(out: Path) -> Iterator[None]:
+    """The right to write run folder `out`: a second run into it fails at once (the checks before training
+    write nothing, so without this two runs would both pass them and mix their outputs).
+
+    A folder made only for the lock is removed again when the run fails before writing anything.
+    """
+    if int(os.environ.get("RANK", "0")) != 0 or (out.exists() and not out.is_dir()):  # a file: check_output
+        yield
+        return
+    from filelock import FileLock, Timeout
+
+    made = [p for p in (out, *out.parents) if not p.exists()]
+    out.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(out / LOCK_FILE)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise KdpipeError(f"another kdpipe run is writing to {out} (its {LOCK_FILE} is held); wait for it to "
+                          "finish or choose another --output") from None
+    try:
+        yield
+    finally:
+        lock.release()
+        if made and [p.name for p in out.iterdir()] == [LOCK_FILE]:
+            (out / LOCK_FILE).unlink()
+            for folder in made:
+                if folder.is_dir() and not any(folder.iterdir()):
+                    folder.rmdir()
+
+
 def check_output(cfg: TrainConfig, kind: str, identity: dict[str, Any]) -> str | None:
     """Check the run folder (writing nothing); returns the checkpoint to resume from, or None.
 
@@ -351,7 +403,7 @@ def check_output(cfg: TrainConfig, kind: str, identity: dict[str, Any]) -> str |
         return last_checkpoint(out) if cfg.resume else None
     previous = _read_run(out / RUN_FILE)
     if cfg.resume:
-        checkpoint = last_checkpoint(out)
+        checkpoint = last_checkpoint(out, echo=lambda m: click.echo(m, err=True))
         if checkpoint is None and (previous is None or previous.get("status") == "complete"):  # an unfinished run starts over
             raise KdpipeError(
                 f"--resume: {out} holds no checkpoint to resume from (Trainer writes checkpoint-N/ every --save-steps "
@@ -370,7 +422,7 @@ def check_output(cfg: TrainConfig, kind: str, identity: dict[str, Any]) -> str |
                 )
     else:
         checkpoint = None
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if out.exists() and (not out.is_dir() or any(p.name != LOCK_FILE for p in out.iterdir())):
             what = f"a `kdpipe {previous.get('kind')}` run" if previous else "other files"
             hint = " (pass --resume to continue it from its last checkpoint)" if last_checkpoint(out) else ""
             raise KdpipeError(f"output folder {out} already holds {what}{hint}; choose another --output or remove it yourself")
@@ -394,8 +446,9 @@ def start_run(cfg: TrainConfig, kind: str, identity: dict[str, Any], command: st
     return out
 
 
-def last_checkpoint(folder: Path) -> str | None:
-    """The checkpoint-N folder with the largest N that holds Trainer's state (a complete checkpoint)."""
+def last_checkpoint(folder: Path, echo: Callable[[str], None] | None = None) -> str | None:
+    """The checkpoint-N folder with the largest N that holds Trainer's state and intact weight files (a
+    complete checkpoint); `echo` is told about each newer one passed over as damaged."""
     if not folder.is_dir():
         return None
     found = []
@@ -403,13 +456,58 @@ def last_checkpoint(folder: Path) -> str | None:
         step = path.name.removeprefix("checkpoint-")
         if path.is_dir() and step.isdigit() and _read_run(path / "trainer_state.json") is not None:
             found.append((int(step), str(path)))  # Trainer writes trainer_state.json last: a kill mid-save leaves none or a torn one
-    return max(found)[1] if found else None
+    for _, path in sorted(found, reverse=True):
+        damaged = damaged_files(Path(path))
+        if not damaged:
+            return path
+        if echo:
+            echo(f"note: {path} is damaged ({', '.join(damaged)}); passing over it to an earlier checkpoint")
+    return None
+
+
+def damaged_files(checkpoint: Path) -> list[str]:
+    """Weight and state files of a checkpoint that are cut short: a safetensors file shorter or longer than
+    its header says, a torch.save zip without its end record (a disk that filled, a copy that stopped)."""
+    import zipfile
+
+    damaged = []
+    for file in sorted(checkpoint.iterdir()):
+        if file.suffix == ".safetensors":
+            try:
+                with open(file, "rb") as f:
+                    size = int.from_bytes(f.read(8), "little")
+                    header = json.loads(f.read(size))
+                end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+                ok = file.stat().st_size == 8 + size + end
+            except (OSError, ValueError, KeyError, TypeError):
+                ok = False
+        elif file.suffix in (".pt", ".pth", ".bin"):
+            ok = zipfile.is_zipfile(file)
+        else:
+            continue
+        if not ok:
+            damaged.append(f"{file.name} is truncated or unreadable")
+    return damaged
 
 
 def fit(trainer: Any, cfg: TrainConfig, out: Path, tokenizer: Any, checkpoint: str | None) -> dict[str, Any]:
     """Train (resuming from `checkpoint`), then save the model and tokenizer into `out`; returns the run record."""
     start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=checkpoint)
+    try:
+        result = trainer.train(resume_from_checkpoint=checkpoint)
+        params = trainer.model.named_parameters()
+        bad = [n for n, p in params if p.requires_grad and not torch.isfinite(p).all()]
+        if bad:
+            raise Diverged(f"{len(bad)} trained weight tensor(s) hold nan or inf after step "
+                           f"{trainer.state.global_step} ({bad[0]}{', ...' if len(bad) > 1 else ''})")
+    except Diverged as e:
+        message = (f"training diverged: {e}. Nothing was saved as the model and {out} is marked failed, not "
+                   f"complete. Lower --lr (now {cfg.learning_rate:g}), keep --max-grad-norm on, or check the "
+                   "data, then train again into a new --output")
+        if trainer.is_world_process_zero():
+            record = _read_run(out / RUN_FILE) or {}
+            _write_run(out / RUN_FILE, {**record, "status": "failed", "error": message, "updated": _now()})
+        raise KdpipeError(message) from None
     with write_errors(out):
         return _save(trainer, cfg, out, tokenizer, result, start)
 
@@ -438,6 +536,10 @@ def _save(trainer: Any, cfg: TrainConfig, out: Path, tokenizer: Any, result: Any
         _write_run(out / RUN_FILE, record)
         return record
     return {}
+
+
+class Diverged(Exception):
+    """The loss or the trained weights became non-finite (nan or inf): the run stops, nothing is saved."""
 
 
 @contextmanager

@@ -24,7 +24,8 @@ from kdpipe.cache.writer import CacheWriter, now
 from kdpipe.config import option, progress_disabled
 from kdpipe.data import DataConfig, load_examples
 from kdpipe.errors import KdpipeError
-from kdpipe.models import load_model, load_tokenizer, model_revision, resolve_model_name, vocab_hash
+from kdpipe.models import (load_model, load_tokenizer, model_revision, pick_device, resolve_model_name,
+                           vocab_hash)
 from kdpipe.teacher import HFTeacher, Sampling, TeacherBackend, make_batches
 from kdpipe.templates import get_template
 from kdpipe.tokenize import tokenize_examples
@@ -55,6 +56,9 @@ class CacheTeacherConfig(DataConfig):
     num_shards: int = option(1, "Split the work across this many machines ...")
     shard_index: int = option(0, "... and do this machine's part (0-based); join the parts with `kdpipe cache merge`.")
     overwrite: bool = option(False, "Replace an existing cache of another run in the folder.")
+    heldout: bool = option(False, "Mark this data as held out from training (e.g. a separate test file): "
+                                  "evaluate --cache then uses it for fidelity without the training-data note "
+                                  "(it still checks the overlap with the run's training cache).")
     vllm_tensor_parallel_size: int = option(1, "vLLM backend: GPUs the teacher is split across (tensor parallel).")
     vllm_max_model_len: int | None = option(None, "vLLM backend: context length (default: max_length + 1, capped by the model's).")
     vllm_gpu_memory_utilization: float = option(0.9, "vLLM backend: fraction of GPU memory for weights and KV cache.")
@@ -99,6 +103,7 @@ def run(cfg: CacheTeacherConfig, command: str = "", teacher: TeacherBackend | No
     if cfg.backend == "vllm" and cfg.sparse_mode == "sampled":
         raise KdpipeError("--sparse-mode sampled needs the teacher's full distribution, but --backend vllm only returns "
                           "the top-k prompt log-probs: use --backend hf for sampled caches (or --sparse-mode topk with vllm)")
+    pick_device(cfg.device)  # a device this machine lacks: said now, not after tokenizing
     tokenizer = load_tokenizer(cfg.model, cfg.revision)
     template = get_template(cfg.resolved_template(), cfg.label_names)
     selection = load_examples(cfg)
@@ -251,6 +256,7 @@ def _manifest_header(cfg: CacheTeacherConfig, command: str, tokenizer: Any, temp
             "seed": cfg.seed, "limit": cfg.limit, "columns": cfg.resolved_columns(), "fingerprint": selection.fingerprint,
             "max_length": cfg.max_length, "truncation": cfg.truncation,
             "examples": report.examples, "report": dict(report.counts),
+            "heldout": cfg.heldout or cfg.part == "heldout", "file": selection.file,
         },
         "sparse": sparse_section(cfg),
         "encoding": cfg.encoding,
@@ -259,7 +265,8 @@ def _manifest_header(cfg: CacheTeacherConfig, command: str, tokenizer: Any, temp
     }
     content = {key: header[key] for key in ("teacher", "tokenizer", "template", "dataset", "sparse", "encoding")}
     content["teacher"] = {k: v for k, v in content["teacher"].items() if k != "backend_version"}
-    content["dataset"] = {k: v for k, v in content["dataset"].items() if k not in ("examples", "report")}
+    content["dataset"] = {k: v for k, v in content["dataset"].items()
+                          if k not in ("examples", "report", "heldout", "file")}  # facts, not settings
     content["rows_per_shard"] = cfg.rows_per_shard
     header["settings_hash"] = hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
     return header

@@ -29,12 +29,13 @@ from kdpipe.cache.storage import write_atomic
 from kdpipe.config import option, to_dict
 from kdpipe.data import DataConfig, Example, load_examples
 from kdpipe.errors import KdpipeError
-from kdpipe.models import load_model, load_tokenizer, resolve_model_name, vocab_hash
+from kdpipe.models import load_model, load_tokenizer, pick_device, resolve_model_name, vocab_hash
 from kdpipe.templates import Segment, Template, get_template, label_text
 from kdpipe.tokenize import special_prefix, tokenize_examples
 
 TASKS = ("auto", "classify", "exact-match", "perplexity")
 RUN_FILE = "kdpipe_run.json"
+EXPERIMENT_FILE = "kdpipe_experiment.json"  # written by `kdpipe run` above its step folders
 FINISHED = ("complete", "done")
 
 DEFINITIONS = {
@@ -115,6 +116,7 @@ class ModelSpec:
 def run(cfg: EvaluateConfig, command: str = "", echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Evaluate every model of `cfg`; write results.json/.csv (+ predictions, plots); return the results."""
     torch.manual_seed(cfg.seed)
+    pick_device(cfg.device)  # a device this machine lacks: said before anything loads
     specs, run_record = _models(cfg, echo)
     tasks = _tasks(cfg)
     if not tasks and not cfg.cache and not cfg.lm_eval:
@@ -124,7 +126,7 @@ def run(cfg: EvaluateConfig, command: str = "", echo: Callable[[str], None] = pr
     examples = load_examples(cfg).examples if tasks else []
     if tasks and template.name != "chat":
         _check_examples(examples, template, tasks, cfg)
-    cache = _open_cache(cfg.cache, echo) if cfg.cache else None
+    cache = _open_cache(cfg.cache, echo, specs) if cfg.cache else None
 
     tokenizers = {}
     for spec in list(specs):
@@ -202,15 +204,20 @@ def _models(cfg: EvaluateConfig, echo: Callable[[str], None]) -> tuple[list[Mode
                 break
     else:
         folder, record = latest_run()
-        echo(f"evaluating the latest finished run {folder}")
+        experiment = experiment_of(folder)
+        echo(f"evaluating the latest finished run {folder}"
+             + (f" (of the experiment {experiment['config']})" if experiment else ""))
         specs = [resolve_spec(str(folder))]
         specs[0].role = "student"
         base = (record.get("config") or {}).get("model") or (record.get("identity") or {}).get("model")
         if base:
             specs.append(ModelSpec(_short(base), base, "model", base, role="base"))
-        teacher = _run_teacher(record)
+        teacher = _run_teacher(record) or (experiment or {}).get("teacher")
         if teacher:
             specs.append(ModelSpec(_short(teacher), teacher, "model", teacher, role="teacher", optional=True))
+        if experiment and experiment.get("evaluate") and not cfg.dataset and not cfg.cache:
+            _settings_from_experiment(cfg, experiment["evaluate"])
+            echo(f"settings: the evaluate section of {experiment['config']} (data, tasks, cache)")
         if not cfg.dataset:
             _data_from_run(cfg, record, echo)
     _unique_names(specs)
@@ -234,6 +241,12 @@ def resolve_spec(source: str) -> ModelSpec:
         base = _read_json(path / "adapter_config.json").get("base_model_name_or_path")
         if not base:
             raise KdpipeError(f"{path}/adapter_config.json names no base model (base_model_name_or_path)")
+        if base.startswith(("/", ".", "~")) and not Path(base).expanduser().exists():
+            raise KdpipeError(
+                f"the LoRA adapter {source} is on the base model {base}, which does not exist (any more): "
+                f"that path comes from {path / 'adapter_config.json'} (base_model_name_or_path). Point it at "
+                "where the base model is now (a folder or hub id) by editing that key, or evaluate a merged "
+                "model (kdpipe merge-lora)")
         return ModelSpec(path.resolve().name, source, "adapter", str(path), base=base, run=run)
     if (path / "config.json").is_file():
         return ModelSpec(path.resolve().name, source, "model", str(path), run=run)
@@ -243,15 +256,37 @@ def resolve_spec(source: str) -> ModelSpec:
 def latest_run(root: str | Path = "runs") -> tuple[Path, dict[str, Any]]:
     """The newest run folder under `root` whose kdpipe_run.json says it finished."""
     found = []
-    for file in Path(root).glob(f"*/{RUN_FILE}"):
+    for file in Path(root).rglob(RUN_FILE):  # runs/NAME and `kdpipe run`'s runs/NAME/STEP
         record = _read_json(file, quiet=True)
         if record and record.get("status") in FINISHED:
             found.append((str(record.get("updated", "")), file.stat().st_mtime, file.parent, record))
     if not found:
-        raise KdpipeError(f"no --model given and no finished run under {root}/ (a folder with {RUN_FILE}); "
+        raise KdpipeError(f"no --model given and no finished run under {root}/ (a folder with {RUN_FILE}, "
+                          "at any depth); "
                           "pass --model, or run `kdpipe train-student` first")
     _, _, folder, record = max(found, key=lambda f: (f[0], f[1]))
     return folder, record
+
+
+def experiment_of(folder: Path) -> dict[str, Any] | None:
+    """The `kdpipe run` experiment that `folder` is a run of (its kdpipe_experiment.json above), or None."""
+    run = str(folder.resolve())
+    for parent in folder.resolve().parents:
+        record = _read_json(parent / EXPERIMENT_FILE, quiet=True)
+        if run in record.get("runs", []):
+            return record
+        if parent == Path.cwd():
+            return None
+    return None
+
+
+def _settings_from_experiment(cfg: EvaluateConfig, settings: dict[str, Any]) -> None:
+    """The experiment's own `evaluate:` options, but for models and output folder (the latest run's)."""
+    defaults = EvaluateConfig()
+    for name, value in settings.items():
+        unset = hasattr(cfg, name) and getattr(cfg, name) == getattr(defaults, name)
+        if unset and name not in ("model", "output"):
+            setattr(cfg, name, value)
 
 
 def _run_teacher(record: dict[str, Any]) -> str | None:
@@ -370,9 +405,11 @@ def _check_examples(examples: list[Example], template: Template, tasks: list[str
 def _data_info(cfg: EvaluateConfig, examples: list[Example], template: Template | None, tasks: list[str]) -> dict[str, Any]:
     if not tasks:
         return {}
+    labels = {"label_names": list(cfg.label_names)} if "classify" in tasks else {}  # only classify has labels
+    config = {k: v for k, v in to_dict(cfg).items() if k != "label_names" or labels}
     return {"dataset": cfg.dataset, "split": cfg.split, "part": cfg.part, "heldout_fraction": cfg.heldout_fraction,
             "seed": cfg.seed, "limit": cfg.limit, "examples": len(examples), "template": template.name,
-            "label_names": list(cfg.label_names), "tasks": tasks, "config": to_dict(cfg)}
+            **labels, "tasks": tasks, "config": config}
 
 
 def split_prompt(segments: list[Segment]) -> tuple[list[str], str]:
@@ -524,14 +561,47 @@ TASK_FUNCTIONS = {"classify": classify, "exact-match": exact_match, "perplexity"
 # ---------------------------------------------------------------- fidelity to the teacher
 
 
-def _open_cache(path: str, echo: Callable[[str], None] = print) -> Any:
+def _open_cache(path: str, echo: Callable[[str], None] = print, specs: list[ModelSpec] = ()) -> Any:
+    """The held-out cache; a note when its examples are in a run's training cache (or, with no run to compare
+    with, when nothing says it is held out)."""
     from kdpipe.cache.tools import open_checked
 
     cache = open_checked(path)
-    part = (cache.manifest.get("dataset") or {}).get("part")
-    if part != "heldout" and (cache.manifest.get("dataset") or {}).get("split") == "train":
-        echo(f"note: cache {path} is not a held-out part (part={part}); fidelity on training data flatters a student")
+    data = cache.manifest.get("dataset") or {}
+    records = [_read_json(s.run / RUN_FILE, quiet=True) for s in specs if s.run]
+    trained = [t for t in {(r.get("config") or {}).get("cache") for r in records} if t and _exists(t)]
+    if trained:
+        mine = example_hashes(cache)
+        for other in sorted(trained):
+            shared = len(mine & example_hashes(open_checked(other)))
+            if shared:
+                echo(f"note: {shared} of the {len(mine)} examples of cache {path} are also in {other}, the "
+                     "training cache of a run evaluated here; fidelity on training data flatters a student")
+    elif not (data.get("heldout") or data.get("part") == "heldout" or data.get("split") != "train"):
+        echo(f"note: cache {path} is of training data as far as its manifest says (split=train, "
+             f"part={data.get('part')}); fidelity on training data flatters a student. A separate test file: "
+             "cache it with --heldout")
     return cache
+
+
+def example_hashes(cache: Any) -> set[bytes]:
+    """sha256 of each cached example's token ids (ids like train-0 repeat across files; the tokens do not)."""
+    import hashlib
+
+    hashes = set()
+    for shard in cache.shards:
+        for ids in cache.store.parquet(shard["file"]).read(columns=["input_ids"])["input_ids"].to_pylist():
+            hashes.add(hashlib.sha256(np.asarray(ids, np.int64).tobytes()).digest())
+    return hashes
+
+
+def _exists(location: str) -> bool:
+    from kdpipe.cache.format import read_manifest
+
+    try:
+        return bool(read_manifest(location))
+    except (KdpipeError, OSError):
+        return False
 
 
 def fidelity(model: Any, tokenizer: Any, cache: Any, cfg: EvaluateConfig, spec: ModelSpec) -> dict[str, float]:

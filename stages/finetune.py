@@ -37,6 +37,7 @@ class FinetuneConfig(training.TrainConfig, DataConfig):
         return Path("runs") / _slug(f"sft-{stem}-{Path(self.model or 'model').name}")
 
 
+@training.locked
 def run(cfg: FinetuneConfig, command: str = "", callbacks: list[Any] | None = None) -> dict[str, Any]:
     """Fine-tune `cfg.model` on `cfg.dataset`; returns the run record (kdpipe_run.json)."""
     if not cfg.model:

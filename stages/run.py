@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shlex
 import shutil
 import time
@@ -39,6 +40,7 @@ from kdpipe.stages.finetune import FinetuneConfig
 from kdpipe.stages.train_student import TrainStudentConfig
 
 INIT_FILE = "kdpipe_init.json"
+EXPERIMENT_FILE = "kdpipe_experiment.json"  # read by `kdpipe evaluate` (stages/evaluate.py)
 RUN_FILE = "kdpipe_run.json"
 
 
@@ -50,7 +52,8 @@ class InitModelConfig:
     tokenizer: str | None = option(None, "Use this model's tokenizer (hub id or path) ...")
     train_tokenizer_on: str | None = option(None, "... or train a byte-level BPE on this dataset's rendered examples.")
     template: str = option("auto", "Template used to render the tokenizer corpus.")
-    vocab_size: int = option(512, "Vocabulary of a trained tokenizer.")
+    vocab_size: int = option(512, "Vocabulary of a trained tokenizer: 256 bytes, 2 specials, merges (>=258).")
+    char_level: bool = option(False, "Train no merges: one token per byte (per character of ASCII text).")
     hidden_size: int = option(64, "Hidden size.")
     layers: int = option(2, "Decoder layers.")
     heads: int = option(4, "Attention heads.")
@@ -155,15 +158,65 @@ def plan(path: str | Path) -> Plan:
         if seed is not None and "seed" in fields and "seed" not in values:
             values["seed"] = seed
         values = {k: _resolve(v, outputs, f"{source}: section '{step.name}', key '{k}'") for k, v in values.items()}
+        values = {k: _beside(Path(path), k, v) for k, v in values.items()}
         cfg = build_config(step.cls, values, source=f"{source}: section '{step.name}'")
         outputs[step.name] = _set_output(step, cfg, name)
         steps.append((step, cfg))
     if not steps:
         raise KdpipeError(f"{source}: no steps; give at least one of the sections {', '.join(STEP_NAMES)}")
     labels = {}
-    for ref, label in (data.get("labels") or {}).items():
+    for ref, label in _label_pairs(data.get("labels"), source):
         labels[_resolve(ref, outputs, f"{source}: labels")] = str(label)
     return Plan(Path(path), name, steps, labels, outputs)
+
+
+def _label_pairs(labels: Any, source: str) -> list[tuple[Any, Any]]:
+    """`labels:` as a mapping, or a list of one-key mappings (``- "@train": student``, an easy YAML slip)."""
+    if not labels:
+        return []
+    if isinstance(labels, list) and all(isinstance(item, dict) and len(item) == 1 for item in labels):
+        return [pair for item in labels for pair in item.items()]
+    if not isinstance(labels, dict):
+        raise KdpipeError(f"{source}: 'labels' must map a model to its name in the final table, e.g.\n"
+                          "labels:\n  \"@train\": student after KD\n  runs/old/student: previous student\n"
+                          f"(a mapping, not {type(labels).__name__} {labels!r})")
+    return list(labels.items())
+
+
+INPUT_FILES = ("dataset", "train_tokenizer_on", "template", "checker")  # keys naming a file the step reads
+INPUT_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".yaml", ".yml", ".py")  # data, template, checker
+
+
+def _beside(config: Path, key: str, value: Any) -> Any:
+    """A relative data, template or checker file of the config is found next to the config (as `base:` is).
+
+    Model, cache and output folders stay relative to the working directory: that is where the steps write
+    and where `kdpipe evaluate` and the other commands find them.
+    """
+    if key not in INPUT_FILES or not isinstance(value, str):
+        return value
+    file, sep, function = value.rpartition(":") if key == "checker" else (value, "", "")
+    local = Path(file).suffix.lower() in INPUT_SUFFIXES
+    if not local or Path(file).is_absolute() or file.startswith("~"):
+        return value
+    return os.path.normpath(config.parent / file) + sep + function
+
+
+def missing_inputs(step: Step, cfg: Any, produced: set[str]) -> list[str]:
+    """Files and folders the step reads that do not exist and that no earlier step writes (for --dry-run)."""
+    missing = []
+    for key in (*INPUT_FILES, "model", "tokenizer", "cache"):
+        value = getattr(cfg, key, None)
+        if key == "cache" and step.kind == "cache":
+            continue  # the step writes it
+        for item in value if isinstance(value, list) else [value]:
+            if not isinstance(item, str) or item in produced or "://" in item:
+                continue
+            file = item.rpartition(":")[0] if key == "checker" else item
+            local = Path(file).suffix.lower() in INPUT_SUFFIXES or file.startswith(("/", ".", "~"))
+            if (local or key == "cache") and not Path(file).expanduser().exists():
+                missing.append(f"{key} {file} does not exist")
+    return missing
 
 
 def _resolve(value: Any, outputs: dict[str, str], where: str) -> Any:
@@ -231,7 +284,8 @@ def step_state(step: Step, cfg: Any, anything_ran: bool) -> tuple[str, str]:
         out = Path(cfg.output)
         record = _read_json(out / INIT_FILE)
         if record is not None and (out / "config.json").is_file():
-            if record.get("options") == to_dict(cfg):
+            before = {**to_dict(InitModelConfig()), **(record.get("options") or {})}  # new options: defaults
+            if before == to_dict(cfg):
                 return "skip", f"{out} holds this model"
             raise KdpipeError(f"{out} holds a model initialised with other options ({_changed(record.get('options'), to_dict(cfg))}); "
                               "remove it or choose another output")
@@ -251,7 +305,7 @@ def step_state(step: Step, cfg: Any, anything_ran: bool) -> tuple[str, str]:
         out = Path(cfg.output)
         record = _read_json(out / RUN_FILE)
         if record is None:
-            if out.exists() and any(out.iterdir()):
+            if out.exists() and any(p.name != ".lock" for p in out.iterdir()):  # .lock: training.LOCK_FILE
                 raise KdpipeError(f"{out} already holds files that are not a kdpipe run; remove it or choose another output")
             return "run", ""
         want = "finetune" if step.kind == "finetune" else "train-student"
@@ -333,7 +387,10 @@ def select(p: Plan, start: str | None = None, only: str | None = None) -> list[t
 
 def describe(p: Plan, steps: list[tuple[Step, Any]]) -> str:
     """The plan: each step, its equivalent command and what would happen now."""
-    lines = [f"experiment {p.name} ({p.path}): {len(steps)} step(s)"]
+    lines = [f"experiment {p.name} ({p.path}): {len(steps)} step(s); each command shows the options that "
+             "differ from their defaults (`kdpipe COMMAND --help` lists the defaults)"]
+    first = [s.name for s, _ in p.steps].index(steps[0][0].name) if steps else 0
+    produced = {p.outputs[s.name] for s, _ in p.steps[:first]}  # --from / --only: the earlier steps are done
     for i, (step, cfg) in enumerate(steps, 1):
         try:
             state, why = step_state(step, cfg, anything_ran=False)
@@ -341,6 +398,8 @@ def describe(p: Plan, steps: list[tuple[Step, Any]]) -> str:
             state, why = "error", e.message
         lines.append(f"{i}. {step.name:<14} [{state}] {why}".rstrip())
         lines.append(f"     {standalone_command(step, cfg)}")
+        lines += [f"     missing: {what}" for what in missing_inputs(step, cfg, produced)]
+        produced.add(p.outputs[step.name])
     return "\n".join(lines)
 
 
@@ -352,6 +411,7 @@ def run(path: str | Path, start: str | None = None, only: str | None = None, dry
     if dry_run:
         echo(describe(p, steps))
         return {"plan": [s.name for s, _ in steps], "done": {}}
+    write_experiment_record(p)
     done: dict[str, dict[str, Any]] = {}
     results = None
     anything_ran = False
@@ -381,6 +441,32 @@ def run(path: str | Path, start: str | None = None, only: str | None = None, dry
     return {"plan": [s.name for s, _ in steps], "done": done, "results": results}
 
 
+def write_experiment_record(p: Plan) -> None:
+    """kdpipe_experiment.json in the folder above the step folders (runs/NAME): the experiment's runs, teacher
+    and evaluate settings, so that `kdpipe evaluate` without options evaluates its latest run as it does."""
+    runs = [str(Path(cfg.output).resolve()) for step, cfg in p.steps if step.kind in ("finetune", "train")]
+    if not runs:
+        return
+    others = [str(Path(cfg.output).resolve()) for step, cfg in p.steps if step.kind in ("init", "evaluate")]
+    folders = runs + others
+    home = Path(os.path.commonpath(folders))
+    while str(home) in folders:  # never inside a step's own folder (a training step wants it empty)
+        home = home.parent
+    teacher = next((cfg.model for step, cfg in p.steps if step.kind == "cache"), None)
+    evaluate = next((to_dict(cfg) for step, cfg in p.steps if step.kind == "evaluate"), None)
+    if evaluate:
+        for key in ("cache", "dataset", "template"):
+            value = evaluate.get(key)
+            if value and "://" not in value and (key == "cache" or Path(value).is_file()):
+                evaluate[key] = str(Path(value).resolve())
+    if teacher and (teacher in p.outputs.values() or Path(teacher).exists()):
+        teacher = str(Path(teacher).resolve())  # a folder, not a hub id
+    record = {"kind": "kdpipe run", "config": str(p.path.resolve()), "name": p.name, "runs": runs,
+              "teacher": teacher, "evaluate": evaluate}
+    home.mkdir(parents=True, exist_ok=True)
+    (home / EXPERIMENT_FILE).write_text(json.dumps(record, indent=2) + "\n")
+
+
 def _run_step(step: Step, cfg: Any, command: str, state: str, echo: Callable[[str], None]) -> Any:
     """Run one step; a tiny model on a CPU uses one thread (thread hand-offs cost more than they save)."""
     import torch
@@ -400,7 +486,7 @@ SMALL_MODEL = 20_000_000  # parameters
 
 def _run_stage(step: Step, cfg: Any, command: str, state: str, echo: Callable[[str], None]) -> Any:
     if step.kind == "init":
-        return init_model(cfg)
+        return init_model(cfg, echo)
     if step.kind == "cache":
         from kdpipe.stages import cache_teacher
 
@@ -424,7 +510,7 @@ def _run_stage(step: Step, cfg: Any, command: str, state: str, echo: Callable[[s
     return results
 
 
-def init_model(cfg: InitModelConfig) -> None:
+def init_model(cfg: InitModelConfig, echo: Callable[[str], None] = print) -> None:
     from kdpipe import tiny
     from kdpipe.data import DataConfig, load_examples
     from kdpipe.models import load_tokenizer
@@ -438,7 +524,10 @@ def init_model(cfg: InitModelConfig) -> None:
         data = DataConfig(dataset=cfg.train_tokenizer_on, template=cfg.template)
         template = get_template(data.resolved_template(), data.label_names)
         corpus = ["".join(s.text for s in template.render(e.fields, e.id)) for e in load_examples(data).examples]
-        tok = tiny.train_tokenizer(corpus, cfg.vocab_size)
+        tok = tiny.train_tokenizer(corpus, cfg.vocab_size, cfg.char_level)
+        note = tiny.vocabulary_note(tok, cfg.vocab_size, cfg.char_level)
+        if note:
+            echo("      " + note)
     tiny.init_model(cfg.output, tok, cfg.hidden_size, cfg.layers, cfg.heads, cfg.kv_heads, cfg.head_dim,
                     intermediate_size=cfg.intermediate_size, seed=cfg.seed)
     (Path(cfg.output) / INIT_FILE).write_text(json.dumps({"kind": "init-model", "options": to_dict(cfg)}, indent=2) + "\n")
@@ -468,7 +557,12 @@ def final_table(p: Plan, results: dict[str, Any]) -> str:
         rows.append(cells)
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
     fmt = lambda r: "  ".join(c.ljust(widths[0]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(r))  # noqa: E731
-    return "\n".join([fmt(header), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows])
+    table = [fmt(header), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows]
+    if sum(r[-2] != "—" for r in rows) > 1:  # two training times side by side invite a ratio
+        table.append("train s: each run's wall time, the runs measured one after the other (not "
+                     "alternated): a change of machine load between them moves their ratio; "
+                     "bench/bench_train.py compares step times fairly")
+    return "\n".join(table)
 
 
 def _label(p: Plan, m: dict[str, Any]) -> str:

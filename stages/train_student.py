@@ -63,6 +63,7 @@ class TrainStudentConfig(training.TrainConfig):
         return Path("runs") / _slug(f"{Path(self.cache or 'cache').name}-{Path(self.model or 'student').name}")
 
 
+@training.locked
 def run(cfg: TrainStudentConfig, command: str = "", callbacks: list[Any] | None = None) -> dict[str, Any]:
     """Train the student of `cfg` on its cache; returns the run record (kdpipe_run.json)."""
     if not cfg.cache:

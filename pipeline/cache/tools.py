@@ -18,6 +18,8 @@ def info(path: str | Path) -> dict[str, Any]:
     """A summary of a cache: teacher, data, sparse mode, encoding, sizes, completeness."""
     m = read_manifest(path)
     t = m["totals"]
+    # over-long examples cut or skipped (see kdpipe.tokenize); none is the norm
+    cut = "; ".join(f"{n} {what}" for what, n in sorted(m["dataset"].get("report", {}).items()) if n)
     return {
         "path": str(path),
         "complete": m["complete"],
@@ -38,7 +40,7 @@ def info(path: str | Path) -> dict[str, Any]:
         "mean_target_tokens_per_example": round(t["target_tokens"] / t["rows"], 1) if t["rows"] else 0,
         "bytes": t["bytes"],
         "bytes_per_target_token": t["bytes_per_target_token"],
-        "tokenize_report": m["dataset"].get("report", {}),
+        "examples_cut_or_skipped": cut or f"none (every example fit max_length={m['dataset']['max_length']})",
         "kdpipe_version": m["kdpipe_version"],
         "command": m["command"],
     }
