@@ -262,6 +262,7 @@ def write_atomic(path: Path, data: bytes) -> None:
     with disk_errors(path):
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
+            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it 0600; a file written in place would honour the umask
             with os.fdopen(fd, "wb") as f:
                 view = memoryview(data)
                 f.write(view[: len(view) // 2])
@@ -276,6 +277,13 @@ def write_atomic(path: Path, data: bytes) -> None:
             raise
     fault("renamed", path.name)
     _fsync_dir(path.parent)
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it and putting it back: os has no getter)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(folder: Path) -> None:

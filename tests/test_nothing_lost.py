@@ -1,0 +1,103 @@
+"""Nothing lost, nothing silent (issue 14, the cache side): a shard proves which shard it is, verify checks
+the listing against the totals, non-finite teacher values are refused where written and where read,
+labels are validated, merge verifies its parts and survives a kill, a damaged manifest is rebuilt,
+bad --cache and --dataset paths are named before the teacher loads, files honour the umask.
+
+Every case is a real CLI run (in-process through click, or a `python -m kdpipe.cli` subprocess where a
+kill or a dropped capability is needed) on the tiny test teacher.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from helpers import kdpipe, write_jsonl
+
+from kdpipe.cache import open_cache
+from kdpipe.cache.format import METADATA_KEY, read_manifest
+from kdpipe.cache.tools import open_checked, verify
+from kdpipe.cache.writer import shard_bytes, totals
+from kdpipe.errors import KdpipeError
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+       "TOKENIZERS_PARALLELISM": "false", "KDPIPE_NO_PROGRESS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+ENV.pop("KDPIPE_FAULT", None)
+
+
+def args(model: Path, folder: Path, *extra: object) -> list[object]:
+    """The cache-teacher command of these tests: 30 arithmetic examples in 3 shards of 10, k = 4."""
+    return ["cache-teacher", "--model", model, "--dataset", "kdpipe:arithmetic", "--limit", 30, "--top-k", 4,
+            "--rows-per-shard", 10, "--device", "cpu", "--cache", folder, *extra]
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory, tiny_model_dir) -> Path:
+    folder = tmp_path_factory.mktemp("lost") / "good"
+    kdpipe(*args(tiny_model_dir, folder))
+    return folder
+
+
+@pytest.fixture
+def cache(tmp_path, good) -> Path:
+    copy = tmp_path / "copy"
+    shutil.copytree(good, copy)
+    return copy
+
+
+def manifest(folder: Path) -> dict:
+    return json.loads((folder / "manifest.json").read_text())
+
+
+def save_manifest(folder: Path, m: dict) -> None:
+    (folder / "manifest.json").write_text(json.dumps(m, indent=2))
+
+
+def shas(folder: Path) -> list[tuple[str, str]]:
+    return [(s["file"], s["sha256"]) for s in read_manifest(folder)["shards"]]
+
+
+def rewrite_shard(folder: Path, name: str, table: pa.Table, into: str | None = None) -> None:
+    """Write `table` as the shard file `into` (default `name`) and make the manifest's size, sha256 and totals
+    agree: what a hand-made shard looks like to every checksum."""
+    import hashlib
+
+    data = shard_bytes(table)
+    (folder / (into or name)).write_bytes(data)
+    m = manifest(folder)
+    for s in m["shards"]:
+        if s["file"] == (into or name):
+            s.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest(), rows=table.num_rows)
+            s.pop("ids_sha256", None) if into else None
+    m["totals"] = totals(m["shards"])
+    save_manifest(folder, m)
+
+
+def footer(table: pa.Table) -> dict:
+    return json.loads(table.schema.metadata[METADATA_KEY])
+
+
+# ---------------------------------------------------------------- 15: the umask
+
+
+def test_written_files_honour_the_umask(tmp_path, tiny_model_dir):
+    from kdpipe import training
+
+    old = os.umask(0o027)
+    try:
+        kdpipe(*args(tiny_model_dir, tmp_path / "c", "--limit", 10))
+        training._write_run(tmp_path / "kdpipe_run.json", {"status": "complete"})  # the run record's writer
+    finally:
+        os.umask(old)
+    files = [tmp_path / "c" / "manifest.json", tmp_path / "c" / "shard-00000.parquet", tmp_path / "kdpipe_run.json"]
+    assert {f.name: oct(stat.S_IMODE(f.stat().st_mode)) for f in files} == {f.name: "0o640" for f in files}
