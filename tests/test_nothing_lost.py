@@ -87,6 +87,29 @@ def footer(table: pa.Table) -> dict:
     return json.loads(table.schema.metadata[METADATA_KEY])
 
 
+# ---------------------------------------------------------------- 12: empty files and folders as --dataset
+
+
+@pytest.mark.parametrize("name", ["d.jsonl", "d.csv", "d.parquet"])
+def test_zero_byte_dataset_file(tmp_path, tiny_model_dir, name):
+    (tmp_path / name).write_bytes(b"")
+    result = kdpipe("cache-teacher", "--model", tiny_model_dir, "--dataset", tmp_path / name, "--cache", tmp_path / "c",
+                    ok=False)
+    assert result.exit_code == 2
+    assert f"dataset file {tmp_path / name} is empty (0 bytes); it needs at least one example" in result.output
+    assert not (tmp_path / "c").exists()
+
+
+def test_blank_jsonl_and_a_directory_as_dataset(tmp_path, tiny_model_dir):
+    (tmp_path / "blank.jsonl").write_text("\n  \n")
+    (tmp_path / "data").mkdir()
+    for dataset, message in ((tmp_path / "blank.jsonl", "holds no example (only blank lines)"),
+                             (tmp_path / "data", f"dataset {tmp_path / 'data'} is a directory; --dataset takes one "
+                                                 ".jsonl/.json/.csv/.parquet file")):
+        result = kdpipe("cache-teacher", "--model", tiny_model_dir, "--dataset", dataset, "--cache", tmp_path / "c", ok=False)
+        assert result.exit_code == 2 and message in result.output, result.output
+
+
 # ---------------------------------------------------------------- 15: the umask
 
 
