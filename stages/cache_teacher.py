@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 import kdpipe
 from kdpipe.cache.format import ENCODINGS, FORMAT, FORMAT_VERSION
-from kdpipe.cache.storage import is_url
+from kdpipe.cache.storage import Store, is_url
 from kdpipe.cache.writer import CacheWriter, now
 from kdpipe.config import option, progress_disabled
 from kdpipe.data import DataConfig, load_examples
@@ -107,6 +107,7 @@ def run(cfg: CacheTeacherConfig, command: str = "", teacher: TeacherBackend | No
 
     total_shards = -(-len(examples) // cfg.rows_per_shard)
     assigned = [i for i in range(total_shards) if i % cfg.num_shards == cfg.shard_index]
+    Store.open(cfg.cache_folder()).check_writable()  # before the teacher loads (minutes for a large one)
     owned = teacher is None
     teacher = _load_teacher(cfg) if owned else teacher
     try:

@@ -87,6 +87,46 @@ def footer(table: pa.Table) -> dict:
     return json.loads(table.schema.metadata[METADATA_KEY])
 
 
+# ---------------------------------------------------------------- 9: a bad --cache, named before the teacher loads
+
+
+@pytest.fixture(scope="module")
+def unloadable_teacher(tmp_path_factory, tiny_model_dir) -> Path:
+    """The tiny teacher with truncated weights: its tokenizer and config load, the model does not. A check
+    that ran after the model load would report the weights instead."""
+    folder = tmp_path_factory.mktemp("models") / "torn"
+    shutil.copytree(tiny_model_dir, folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    return folder
+
+
+def test_cache_path_that_is_a_file_is_named_before_the_teacher_loads(tmp_path, unloadable_teacher):
+    file = tmp_path / "notes.txt"
+    file.write_text("mine")
+    for target, message in ((file, f"--cache {file} is a file, not a folder"),
+                            (file / "sub", f"--cache {file / 'sub'} runs through the file {file}, not a folder")):
+        result = kdpipe(*args(unloadable_teacher, target), ok=False)
+        assert result.exit_code == 2 and message in result.output, result.output
+    assert file.read_text() == "mine"
+
+
+def test_read_only_cache_folder_is_named_before_the_teacher_loads(tmp_path, unloadable_teacher):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    # root writes anywhere: drop the capability that lets it, as an ordinary user runs
+    prefix = ["setpriv", "--inh-caps=-dac_override", "--bounding-set=-dac_override"] if os.geteuid() == 0 else []
+    if prefix and not shutil.which("setpriv"):
+        pytest.skip("running as root without setpriv: a read-only folder cannot be simulated")
+    for target, where in ((folder / "new", f" (it would be made inside {folder})"),):  # one run: torch imports are slow
+        result = subprocess.run([*prefix, sys.executable, "-m", "kdpipe.cli", *map(str, args(unloadable_teacher, target))],
+                                env=ENV, capture_output=True, text=True)
+        assert result.returncode == 2, result.stderr
+        assert f"--cache {target} cannot be written{where}: Permission denied; choose a folder you can write to" in result.stderr
+    assert not any(folder.iterdir())
+
+
 # ---------------------------------------------------------------- 12: empty files and folders as --dataset
 
 
