@@ -87,6 +87,40 @@ def footer(table: pa.Table) -> dict:
     return json.loads(table.schema.metadata[METADATA_KEY])
 
 
+# ---------------------------------------------------------------- 6: labels as evaluate reads them
+
+
+def reviews(labels: list) -> list[dict]:
+    texts = ["a great film, wonderful acting", "boring and far too long", "a terrible plot", "wonderful"]
+    return [{"text": t, "label": label} for t, label in zip(texts, labels)]
+
+
+def cache_reviews(tmp_path: Path, model: Path, name: str, labels: list, ok: bool = True):
+    data = write_jsonl(tmp_path / f"{name}.jsonl", reviews(labels))
+    return kdpipe("cache-teacher", "--model", model, "--dataset", data, "--template", "sentiment", "--top-k", 4,
+                  "--cache", tmp_path / name, ok=ok)
+
+
+def test_integral_float_labels_are_their_names(tmp_path, tiny_model_dir):
+    cache_reviews(tmp_path, tiny_model_dir, "ints", [1, 0, 0, 1])
+    cache_reviews(tmp_path, tiny_model_dir, "floats", [1.0, 0.0, "negative", 1.0])
+    ints, floats = (list(open_cache(tmp_path / n).iter_examples()) for n in ("ints", "floats"))
+    for a, b in zip(ints, floats):
+        np.testing.assert_array_equal(a.input_ids, b.input_ids)
+
+
+@pytest.mark.parametrize("label, message", [
+    ("neutral", "example 'train-2' has the label 'neutral', which is not among the label names ['negative', 'positive']; "
+                "pass --label-names covering every label of the data"),
+    (0.5, "example 'train-2': label 0.5 is neither an integer nor a name"),
+    (2, "example 'train-2': label 2 has no name; label_names are ['negative', 'positive']"),
+])
+def test_a_label_outside_the_label_names_is_refused(tmp_path, tiny_model_dir, label, message):
+    result = cache_reviews(tmp_path, tiny_model_dir, "bad", [1, 0, label, 1], ok=False)
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert not (tmp_path / "bad").exists()
+
+
 # ---------------------------------------------------------------- 9: a bad --cache, named before the teacher loads
 
 
