@@ -121,6 +121,44 @@ def test_a_label_outside_the_label_names_is_refused(tmp_path, tiny_model_dir, la
     assert not (tmp_path / "bad").exists()
 
 
+# ---------------------------------------------------------------- 7: merge
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory, tiny_model_dir) -> Path:
+    root = tmp_path_factory.mktemp("parts")
+    for i in range(2):
+        kdpipe(*args(tiny_model_dir, root / f"part{i}", "--num-shards", 2, "--shard-index", i))
+    return root
+
+
+def test_merge_refuses_a_damaged_part(parts, tmp_path):
+    damaged = tmp_path / "part1"
+    shutil.copytree(parts / "part1", damaged)
+    data = bytearray((damaged / "shard-00001.parquet").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (damaged / "shard-00001.parquet").write_bytes(bytes(data))
+    result = kdpipe("cache", "merge", parts / "part0", damaged, "--output", tmp_path / "merged", ok=False)
+    assert result.exit_code == 2
+    assert "cannot merge, a part is damaged: " in result.output
+    assert "part1/shard-00001.parquet: sha256 checksum mismatch" in result.output
+    assert not (tmp_path / "merged").exists() or not any((tmp_path / "merged").iterdir())
+
+
+def test_a_killed_merge_is_rerunnable(parts, good, tmp_path):
+    out = tmp_path / "merged"
+    merge = [sys.executable, "-m", "kdpipe.cli", "cache", "merge", str(parts / "part0"), str(parts / "part1"),
+             "--output", str(out)]
+    killed = subprocess.run(merge, env={**ENV, "KDPIPE_FAULT": "mid-write:manifest.json"}, capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert not (out / "manifest.json").exists() and list(out.glob(".manifest.json.*.tmp"))  # the torn temp manifest
+    kdpipe("cache", "merge", parts / "part0", parts / "part1", "--output", out)
+    assert shas(out) == shas(good) and verify(out) == []
+    assert not list(out.glob(".*.tmp"))
+    again = kdpipe("cache", "merge", parts / "part0", parts / "part1", "--output", out, ok=False)  # a finished merge
+    assert f"{out} is not empty; merge into a new folder" in again.output
+
+
 # ---------------------------------------------------------------- 9: a bad --cache, named before the teacher loads
 
 

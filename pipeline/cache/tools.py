@@ -152,6 +152,9 @@ def _check_sampled(t: Any, n: int, proposal_temperature: float) -> list[str]:
 def merge(parts: list[str | Path], output: str | Path) -> dict[str, Any]:
     """Join the caches of a `--num-shards/--shard-index` split into one folder (hard links where possible).
 
+    Every part's shards are verified first (size, sha256, the shard they are); nothing is linked from a
+    damaged part. A merge that was killed leaves shard files and perhaps a temp manifest but no manifest
+    (written last): a rerun keeps the shards already in place that match, links the rest and writes it.
     Parts and output may be local folders or object-storage URLs (objects are copied there).
     """
     out = Store.open(output)
@@ -171,16 +174,34 @@ def merge(parts: list[str | Path], output: str | Path) -> dict[str, Any]:
     missing = sorted(set(range(total)) - set(shards))
     if missing:
         raise KdpipeError(f"the parts lack shard(s) {missing[:10]} of {total}: finish those parts first (rerun them)")
-    if out.names():
-        raise KdpipeError(f"{out} is not empty; merge into a new folder")
-    out.makedirs()
-    for _, (store, s) in sorted(shards.items()):
-        out.copy_from(store, s["file"])
+    owner = {s["index"]: m for m in manifests for s in m["shards"]}
+    problems = [p for i, (store, s) in sorted(shards.items()) for p in _verify_shard(store, s, owner[i], values=False)]
+    if problems:
+        raise KdpipeError(f"cannot merge, a part is damaged: {'; '.join(problems[:5])}. Rerun that part's cache-teacher "
+                          "command (it rewrites damaged shards), then merge again; nothing was merged")
     entries = [s for _, (_, s) in sorted(shards.items())]
-    merged = {**first, "shards": entries, "totals": totals(entries), "complete": True, "updated": now(),
-              "sharding": {**first["sharding"], "num_shards": 1, "shard_index": 0},
-              "merged_from": [{"path": str(p), "command": m["command"]} for p, m in zip(parts, manifests)]}
-    merged["dataset"] = {**first["dataset"], "examples": merged["totals"]["rows"]}
-    write_manifest(out, merged)
+    _check_merge_output(out)
+    out.makedirs()
+    with out.writer_lock():
+        for name in [n for n in out.names() if n.startswith(".") and n.endswith(".tmp")]:
+            out.delete(name)  # a temp file of a killed merge
+        for _, (store, s) in sorted(shards.items()):
+            if out.is_file(s["file"]) and out.size(s["file"]) == s["bytes"] and out.sha256(s["file"]) == s["sha256"]:
+                continue  # put in place by a merge that was killed
+            out.delete(s["file"])
+            out.copy_from(store, s["file"])
+        merged = {**first, "shards": entries, "totals": totals(entries), "complete": True, "updated": now(),
+                  "sharding": {**first["sharding"], "num_shards": 1, "shard_index": 0},
+                  "merged_from": [{"path": str(p), "command": m["command"]} for p, m in zip(parts, manifests)]}
+        merged["dataset"] = {**first["dataset"], "examples": merged["totals"]["rows"]}
+        write_manifest(out, merged)  # last, atomically: a folder with a manifest is a finished merge
     return merged
 
+
+def _check_merge_output(out: Store) -> None:
+    """The output is new, or what a killed merge left: shard files and temp files, no manifest (written last)."""
+    names = [n for n in out.names() if n not in (".lock", ".writer")]
+    strays = [n for n in names if not (n.startswith("shard-") and n.endswith(".parquet"))
+              and not (n.startswith(".") and n.endswith(".tmp"))]
+    if strays:
+        raise KdpipeError(f"{out} is not empty; merge into a new folder")
