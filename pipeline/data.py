@@ -203,7 +203,8 @@ def _check_json_lines(path: Path) -> None:
                 raise KdpipeError(f"dataset file {path}, line {number}: expected a JSON object, got {type(value).__name__}")
             objects += 1
     if not objects:
-        raise KdpipeError(f"dataset file {path} holds no example (only blank lines); it needs at least one JSON object")
+        raise KdpipeError(f"dataset file {path} holds no example (only blank lines); "
+                          "it needs at least one JSON object")
 
 
 def _read_hub(name: str, split: str) -> tuple[list[dict[str, Any]], list[str]]:

@@ -56,7 +56,8 @@ class Template:
     def render(self, fields: Fields, example_id: str, tokenizer: Any = None) -> list[Segment]:
         for name in self.required:
             value = fields.get(name)
-            if value is None or value != value or (isinstance(value, str) and not value.strip()):  # NaN: a gap in a CSV
+            # NaN (value != value): what a gap in a CSV column gives
+            if value is None or value != value or (isinstance(value, str) and not value.strip()):
                 state = "missing" if name not in fields else "empty"
                 raise KdpipeError(f"example '{example_id}': field '{name}' required by template {self.name} is {state}")
             if not isinstance(value, (str, int, float)):
@@ -76,8 +77,9 @@ class Template:
         except KdpipeError as e:
             raise KdpipeError(f"example '{example_id}': {e.message}") from None
         if self.lists_labels and name not in self.label_names:
-            raise KdpipeError(f"example '{example_id}' has the label '{name}', which is not among the label names "
-                              f"{list(self.label_names)}; pass --label-names covering every label of the data")
+            raise KdpipeError(f"example '{example_id}' has the label '{name}', which is not among the label "
+                              f"names {list(self.label_names)}; pass --label-names covering every label of the "
+                              "data")
 
 
 def label_text(value: Any, names: tuple[str, ...]) -> str:
@@ -180,7 +182,8 @@ def get_template(name: str, label_names: tuple[str, ...] | list[str] = ("negativ
     """A built-in template by name, or a user template from a .yaml/.yml/.json file."""
     if name in BUILTIN:
         required, fn, add_eos = BUILTIN[name]
-        return Template(name, required, fn, add_eos, tuple(label_names), lists_labels=name.startswith("sentiment"))
+        lists_labels = name.startswith("sentiment")  # their prompt names the choices
+        return Template(name, required, fn, add_eos, tuple(label_names), lists_labels)
     if Path(name).suffix in (".yaml", ".yml", ".json"):
         return _user_template(Path(name), tuple(label_names))
     raise KdpipeError(f"unknown template '{name}'; use one of {', '.join(BUILTIN)} or a template .yaml file")

@@ -143,8 +143,9 @@ def _write(cfg: CacheTeacherConfig, command: str, tokenizer: Any, template: Any,
                 tokens += sum(len(rows[i].input_ids) for i in batch)
                 bar.update(len(batch))
                 bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - start, 1e-9):,.0f}")
-            shard_meta = {**meta, "shard_index": index, "ids_sha256": shard_ids[index], "stats": value_stats(targets)}
-            table = encode([(e.id, e.input_ids, e.positions, t) for e, t in zip(rows, targets)], width(cfg), shard_meta)
+            own = {"shard_index": index, "ids_sha256": shard_ids[index], "stats": value_stats(targets)}
+            table = encode([(e.id, e.input_ids, e.positions, t) for e, t in zip(rows, targets)], width(cfg),
+                           {**meta, **own})
             writer.write(index, table)
         bar.close()
         manifest = writer.manifest
@@ -155,8 +156,9 @@ def _write(cfg: CacheTeacherConfig, command: str, tokenizer: Any, template: Any,
 def _resume_notes(writer: CacheWriter) -> None:
     """Say what the resume found and repaired."""
     if writer.rebuilt:
-        click.echo(f"note: {writer.rebuilt}: rebuilt from the shards' own metadata ({len(writer.manifest['shards'])} "
-                   "verified and kept, the rest computed again)", err=True)
+        kept = len(writer.manifest["shards"])
+        click.echo(f"note: {writer.rebuilt}: rebuilt from the shards' own metadata ({kept} verified and "
+                   "kept, the rest computed again)", err=True)
     if writer.rewritten:
         click.echo(f"note: {', '.join(writer.rewritten)} missing or damaged (size or sha256 differs from the "
                    "manifest): written again", err=True)
@@ -170,10 +172,10 @@ def _check_finite(t: Targets, example: Any, index: int, header: dict[str, Any]) 
     if problem:
         dtype = header["teacher"]["dtype"]
         hint = (f"A {dtype} teacher can overflow: rerun with {RECOMPUTE}" if dtype != "float32" else
-                "The teacher already runs in float32 (--dtype fp32), so its checkpoint itself gives them (NaN or inf "
-                "weights?): check the model")
-        raise KdpipeError(f"the teacher gave example '{example.id}' (shard {index}) {problem}; nothing was cached for "
-                          f"that shard. {hint}")
+                "The teacher already runs in float32 (--dtype fp32), so its checkpoint itself gives them "
+                "(NaN or inf weights?): check the model")
+        raise KdpipeError(f"the teacher gave example '{example.id}' (shard {index}) {problem}; nothing was "
+                          f"cached for that shard. {hint}")
 
 
 def width(cfg: CacheTeacherConfig) -> int:

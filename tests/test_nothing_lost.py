@@ -298,7 +298,7 @@ def fp16_overflowing_teacher(tmp_path_factory, tiny_model_dir) -> Path:
 
     folder = tmp_path_factory.mktemp("models") / "loud"
     shutil.copytree(tiny_model_dir, folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     with torch.no_grad():
         model.lm_head.weight.mul_(2e5)
     model.save_pretrained(folder)
@@ -326,7 +326,7 @@ def test_vllm_backend_refuses_a_nan_teacher(tmp_path, tiny_tokenizer):
 
     teacher = tmp_path / "nan-teacher"
     tiny.init_model(teacher, tiny_tokenizer, num_layers=1, seed=0)
-    model = AutoModelForCausalLM.from_pretrained(teacher, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32)
     with torch.no_grad():
         model.lm_head.weight[7] = float("nan")
     model.save_pretrained(teacher)

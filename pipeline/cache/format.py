@@ -31,12 +31,13 @@ def shard_name(index: int) -> str:
 
 
 def ids_hash(ids: Sequence[str]) -> str:
-    """sha256 of a shard's example ids in order (of their JSON array, no spaces): what proves which shard it is."""
-    return hashlib.sha256(json.dumps(list(ids), ensure_ascii=False, separators=(",", ":")).encode()).hexdigest()
+    """sha256 of a shard's example ids in row order (a compact JSON array): what proves which shard it is."""
+    text = json.dumps(list(ids), ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 class DamagedManifest(KdpipeError):
-    """manifest.json is not a readable kdpipe manifest (torn, edited, overwritten); the shards may be intact."""
+    """manifest.json is no readable kdpipe manifest (torn, edited, overwritten); the shards may be intact."""
 
 
 @dataclass
@@ -340,9 +341,11 @@ def read_manifest(folder: str | Path | Store) -> dict[str, Any]:
 
 
 # What the code indexes in a manifest, and the types it relies on.
-_SECTIONS = {"settings_hash": str, "complete": bool, "encoding": str, "totals": dict, "sharding": dict, "shards": list,
-             "teacher": dict, "tokenizer": dict, "template": dict, "dataset": dict, "sparse": dict}
-_SHARD_KEYS = {"file": str, "index": int, "rows": int, "tokens": int, "target_tokens": int, "bytes": int, "sha256": str}
+_SECTIONS = {"settings_hash": str, "complete": bool, "encoding": str, "totals": dict, "sharding": dict,
+             "shards": list, "teacher": dict, "tokenizer": dict, "template": dict, "dataset": dict,
+             "sparse": dict}
+_SHARD_KEYS = {"file": str, "index": int, "rows": int, "tokens": int, "target_tokens": int, "bytes": int,
+               "sha256": str}
 
 
 def _structure_problem(manifest: dict[str, Any]) -> str | None:

@@ -280,7 +280,7 @@ def write_atomic(path: Path, data: bytes) -> None:
     with disk_errors(path):
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
-            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it 0600; a file written in place would honour the umask
+            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 ignores the umask; an open() would honour it
             with os.fdopen(fd, "wb") as f:
                 view = memoryview(data)
                 f.write(view[: len(view) // 2])

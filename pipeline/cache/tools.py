@@ -9,7 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from kdpipe.cache.format import ENCODINGS, MANIFEST, METADATA_KEY, ids_hash, read_manifest, shard_name, write_manifest
+from kdpipe.cache.format import (ENCODINGS, MANIFEST, METADATA_KEY, ids_hash, read_manifest, shard_name,
+                                 write_manifest)
 from kdpipe.cache.storage import Store
 from kdpipe.cache.values import nonfinite
 from kdpipe.cache.writer import now, totals
@@ -80,24 +81,27 @@ def check_listing(m: dict[str, Any], where: str) -> list[str]:
     if twice:
         problems.append(f"{where}: shard(s) {twice} listed twice")
     if isinstance(examples, int) and -(-examples // rps) != total:
-        problems.append(f"{where}: {examples} examples in shards of {rps} make {-(-examples // rps)} shards, not {total}")
+        problems.append(f"{where}: {examples} examples in shards of {rps} make {-(-examples // rps)} shards, "
+                        f"not {total}")
     for s in shards:
         i = s["index"]
         if i not in part:
+            of_part = " (of its part)" if sharding.get("num_shards", 1) > 1 and 0 <= i < total else ""
             problems.append(f"{where}: lists shard {i}, which is not one of this cache's {total} shards"
-                            + (" (of its part)" if sharding.get("num_shards", 1) > 1 and 0 <= i < total else ""))
+                            f"{of_part}")
         elif s["file"] != shard_name(i):
             problems.append(f"{where}: shard {i} is listed as {s['file']}, not {shard_name(i)}")
         elif isinstance(examples, int) and s["rows"] != min(rps, examples - i * rps):
-            problems.append(f"{where}: shard {i} is listed with {s['rows']} rows; of {examples} examples in shards of "
-                            f"{rps} it holds {min(rps, examples - i * rps)}")
+            problems.append(f"{where}: shard {i} is listed with {s['rows']} rows; of {examples} examples in "
+                            f"shards of {rps} it holds {min(rps, examples - i * rps)}")
     missing = sorted(part - set(indices))
     if m["complete"] and missing:
         problems.append(f"{where} says the cache is complete but does not list shard(s) {missing[:10]} "
                         f"({len(set(indices) & part)} of {len(part)} listed); rerun the cache-teacher command "
                         "that wrote it to compute them")
     listed = totals(shards)
-    differ = [k for k in ("shards", "rows", "tokens", "target_tokens", "bytes") if m["totals"].get(k) != listed[k]]
+    differ = [k for k in ("shards", "rows", "tokens", "target_tokens", "bytes")
+              if m["totals"].get(k) != listed[k]]
     if differ:
         claimed = ", ".join(f"{k} {m['totals'].get(k)}" for k in differ)
         problems.append(f"{where}: its totals ({claimed}) differ from the listed shards' "
@@ -138,20 +142,24 @@ def _verify_shard(store: Store, shard: dict[str, Any], m: dict[str, Any], values
     return problems
 
 
-def _identity_problems(table: Any, meta: dict[str, Any], shard: dict[str, Any], seen: dict[str, str] | None) -> list[str]:
+def _identity_problems(table: Any, meta: dict[str, Any], shard: dict[str, Any],
+                       seen: dict[str, str] | None) -> list[str]:
     """The shard is the one it is listed as: its metadata's shard index, the hash of its example ids (both
-    absent from caches written before kdpipe recorded them, which are then not checked for it), and no example id in two shards."""
+    absent from caches written before kdpipe recorded them, which are then not checked for them), and no
+    example id in two shards."""
     ids = table["id"].to_pylist()
     digest, problems = ids_hash(ids), []
     if meta.get("shard_index", shard["index"]) != shard["index"]:
-        problems.append(f"its metadata says it is shard {meta['shard_index']}, the manifest lists it as shard {shard['index']}")
+        problems.append(f"its metadata says it is shard {meta['shard_index']}, "
+                        f"the manifest lists it as shard {shard['index']}")
     for whose, recorded in (("manifest's", shard.get("ids_sha256")), ("metadata's", meta.get("ids_sha256"))):
         if recorded is not None and recorded != digest:
             problems.append(f"its example ids do not match the {whose} ids hash (it holds other examples)")
     if seen is not None:
         for example_id in ids:
             if example_id in seen and not problems:
-                problems.append(f"example id '{example_id}' is also in {seen[example_id]} (a shard copied over another)")
+                problems.append(f"example id '{example_id}' is also in {seen[example_id]} "
+                                "(a shard copied over another)")
             seen.setdefault(example_id, shard["file"])
     return problems
 
@@ -245,10 +253,12 @@ def merge(parts: list[str | Path], output: str | Path) -> dict[str, Any]:
     if missing:
         raise KdpipeError(f"the parts lack shard(s) {missing[:10]} of {total}: finish those parts first (rerun them)")
     owner = {s["index"]: m for m in manifests for s in m["shards"]}
-    problems = [p for i, (store, s) in sorted(shards.items()) for p in _verify_shard(store, s, owner[i], values=False)]
+    problems = [p for i, (store, s) in sorted(shards.items())
+                for p in _verify_shard(store, s, owner[i], values=False)]
     if problems:
-        raise KdpipeError(f"cannot merge, a part is damaged: {'; '.join(problems[:5])}. Rerun that part's cache-teacher "
-                          "command (it rewrites damaged shards), then merge again; nothing was merged")
+        raise KdpipeError(f"cannot merge, a part is damaged: {'; '.join(problems[:5])}. Rerun that part's "
+                          "cache-teacher command (it rewrites damaged shards), then merge again; "
+                          "nothing was merged")
     entries = [s for _, (_, s) in sorted(shards.items())]
     _check_merge_output(out)
     out.makedirs()
@@ -256,7 +266,8 @@ def merge(parts: list[str | Path], output: str | Path) -> dict[str, Any]:
         for name in [n for n in out.names() if n.startswith(".") and n.endswith(".tmp")]:
             out.delete(name)  # a temp file of a killed merge
         for _, (store, s) in sorted(shards.items()):
-            if out.is_file(s["file"]) and out.size(s["file"]) == s["bytes"] and out.sha256(s["file"]) == s["sha256"]:
+            name = s["file"]
+            if out.is_file(name) and out.size(name) == s["bytes"] and out.sha256(name) == s["sha256"]:
                 continue  # put in place by a merge that was killed
             out.delete(s["file"])
             out.copy_from(store, s["file"])
@@ -269,7 +280,7 @@ def merge(parts: list[str | Path], output: str | Path) -> dict[str, Any]:
 
 
 def _check_merge_output(out: Store) -> None:
-    """The output is new, or what a killed merge left: shard files and temp files, no manifest (written last)."""
+    """The output is new, or what a killed merge left: shard and temp files, no manifest (written last)."""
     names = [n for n in out.names() if n not in (".lock", ".writer")]
     strays = [n for n in names if not (n.startswith("shard-") and n.endswith(".parquet"))
               and not (n.startswith(".") and n.endswith(".tmp"))]

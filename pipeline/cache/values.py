@@ -20,15 +20,17 @@ RECOMPUTE = "--dtype fp32 (or bf16 on a GPU with compute capability >= 8)"
 
 
 def nonfinite(t: Targets, positions: np.ndarray | None = None) -> str | None:
-    """What in one example's targets is NaN or infinite ("2 NaN top-k log-probs, first at position 7"), or None."""
+    """What in one example's targets is NaN or infinite ("2 NaN top-k log-probs, the first at position 7")."""
     drawn = t.sample_counts > 0 if t.sample_counts is not None else np.ones(t.topk_logprobs.shape, bool)
-    for what, values, valid in (("top-k log-prob", t.topk_logprobs, drawn), ("target log-prob", t.target_logprob, None),
-                                ("tail mass", t.tail_mass, None)):
+    checked = (("top-k log-prob", t.topk_logprobs, drawn), ("target log-prob", t.target_logprob, None),
+               ("tail mass", t.tail_mass, None))
+    for what, values, valid in checked:
         bad = ~np.isfinite(values) if valid is None else valid & ~np.isfinite(values)
         if bad.any():
             row = int(np.flatnonzero(bad.reshape(len(bad), -1).any(-1))[0])
-            kind = "NaN" if np.isnan(values[bad]).all() else "inf" if not np.isnan(values[bad]).any() else "NaN/inf"
-            where = f"position {int(positions[row])}" if positions is not None and row < len(positions) else f"row {row}"
+            nan = np.isnan(values[bad])
+            kind = "NaN" if nan.all() else "inf" if not nan.any() else "NaN/inf"
+            where = f"position {int(positions[row])}" if positions is not None else f"row {row}"
             return f"{int(bad.sum())} {kind} {what}{'s' if bad.sum() > 1 else ''}, the first at {where}"
     return None
 
@@ -39,8 +41,8 @@ def check_decoded(rows: Sequence[CachedExample], where: str) -> list[CachedExamp
         problem = nonfinite(e.targets, e.positions)
         if problem:
             raise KdpipeError(
-                f"{where}: example '{e.id}' has {problem}: this cache holds non-finite teacher values and would train "
-                f"or score NaN. Compute it again (cache-teacher --overwrite, with {RECOMPUTE})"
+                f"{where}: example '{e.id}' has {problem}: this cache holds non-finite teacher values and "
+                f"would train or score NaN. Compute it again: cache-teacher --overwrite with {RECOMPUTE}"
             )
     return list(rows)
 
@@ -53,7 +55,7 @@ def value_stats(targets: Sequence[Targets]) -> dict[str, Any]:
              "tail_mass": [t.tail_mass for t in targets]}
     stats: dict[str, Any] = {"nonfinite": 0}
     for name, arrays in parts.items():
-        values = np.concatenate([np.asarray(a, np.float64).ravel() for a in arrays]) if arrays else np.zeros(0)
+        values = np.concatenate([np.asarray(a, np.float64).ravel() for a in arrays] or [np.zeros(0)])
         stats["nonfinite"] += int((~np.isfinite(values)).sum())
         finite = values[np.isfinite(values)]
         stats[f"{name}_min"] = round(float(finite.min()), 6) if finite.size else None

@@ -13,8 +13,8 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 
-from kdpipe.cache.format import (ENCODINGS, MANIFEST, METADATA_KEY, DamagedManifest, ids_hash, read_manifest, shard_name,
-                                 write_manifest)
+from kdpipe.cache.format import (ENCODINGS, MANIFEST, METADATA_KEY, DamagedManifest, ids_hash, read_manifest,
+                                 shard_name, write_manifest)
 from kdpipe.cache.storage import Lease, Store, as_store
 from kdpipe.errors import KdpipeError
 
@@ -43,7 +43,7 @@ def parquet_options(schema: pa.Schema) -> dict[str, Any]:
 
 
 def shard_entry(index: int, table: pa.Table, data: bytes) -> dict[str, Any]:
-    """A shard's manifest entry: counts, size, sha256, the hash of its example ids and its value statistics."""
+    """A shard's manifest entry: counts, size, sha256, the hash of its example ids, its value statistics."""
     stats = footer(table.schema).get("stats")
     return {
         "file": shard_name(index),
@@ -72,8 +72,8 @@ class CacheWriter:
     `shard_ids` the `ids_hash` of each shard's examples, which a file found on resume must match.
     """
 
-    def __init__(self, folder: str | Path, manifest: dict[str, Any], assigned: list[int], overwrite: bool = False,
-                 shard_ids: dict[int, str] | None = None):
+    def __init__(self, folder: str | Path, manifest: dict[str, Any], assigned: list[int],
+                 overwrite: bool = False, shard_ids: dict[int, str] | None = None):
         self.store, self.assigned, self.overwrite = as_store(folder), assigned, overwrite
         self.folder = self.store.url
         self.manifest = {**manifest, "complete": False, "shards": [], "totals": {}}
@@ -132,7 +132,7 @@ class CacheWriter:
         except DamagedManifest as e:
             if any(n not in (MANIFEST, ".lock", Lease.NAME) and not _is_shard(n) for n in names):
                 raise
-            self.rebuilt, old = e.message.split("; ")[0], None  # only shards beside it: adopted below if they prove out
+            self.rebuilt, old = e.message.split("; ")[0], None  # only shards beside it: adopted once checked
         if old is not None:
             self._check_same_run(old)
             self.manifest["created"] = old.get("created", self.manifest.get("created"))
@@ -196,19 +196,20 @@ class CacheWriter:
                 meta = json.loads(table.schema.metadata[METADATA_KEY])
                 check_decoded(ENCODINGS[self.manifest["encoding"]].decode(table), name)
             except Exception as e:
-                self._refuse(name, "unreadable or holding non-finite values" if not isinstance(e, KdpipeError) else
-                             "holding non-finite values")
+                self._refuse(name, "holding non-finite values" if isinstance(e, KdpipeError) else
+                             "unreadable")
                 continue
             if meta.get("settings_hash") != self.manifest["settings_hash"]:
                 if self.rebuilt:  # no manifest says whose it is: refuse rather than delete another run's work
-                    raise KdpipeError(f"{self.store.display(name)} belongs to another run (settings hash differs) and "
-                                      f"{MANIFEST} is damaged; use another --cache folder or --overwrite to replace it")
+                    raise KdpipeError(f"{self.store.display(name)} belongs to another run (settings hash "
+                                      f"differs) and {MANIFEST} is damaged; use another --cache folder or "
+                                      "--overwrite to replace it")
                 self._refuse(name, "of another run")
                 continue
             claimed, expected = meta.get("shard_index", index), self.shard_ids.get(index)
             if claimed != index or (expected is not None and ids_hash(table["id"].to_pylist()) != expected):
-                self._refuse(name, f"not shard {index}: its metadata says shard {claimed}" if claimed != index else
-                             f"not shard {index}: it holds other examples")
+                why = f"its metadata says shard {claimed}" if claimed != index else "it holds other examples"
+                self._refuse(name, f"not shard {index}: {why}")
                 continue
             self.manifest["shards"].append(shard_entry(index, table, data))
         self.manifest["shards"].sort(key=lambda s: s["index"])
@@ -219,7 +220,8 @@ class CacheWriter:
 
 
 def _is_shard(name: str) -> bool:
-    return name.startswith("shard-") and name.endswith(".parquet") or name.startswith(".") and name.endswith(".tmp")
+    shard = name.startswith("shard-") and name.endswith(".parquet")
+    return shard or (name.startswith(".") and name.endswith(".tmp"))  # a shard or the temp file of one
 
 
 def totals(shards: list[dict[str, Any]]) -> dict[str, Any]:
