@@ -175,8 +175,13 @@ def _read_local(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
     import datasets
 
     fmt = LOCAL_FORMATS.get(path.suffix.lower())
+    if path.is_dir():
+        raise KdpipeError(f"dataset {path} is a directory; --dataset takes one {'/'.join(LOCAL_FORMATS)} file "
+                          "(or a hub dataset name or kdpipe:arithmetic)")
     if not path.is_file():
         raise KdpipeError(f"dataset file {path} does not exist")
+    if path.stat().st_size == 0:
+        raise KdpipeError(f"dataset file {path} is empty (0 bytes); it needs at least one example")
     if fmt is None:
         raise KdpipeError(f"dataset file {path}: unsupported type; use one of {', '.join(LOCAL_FORMATS)}")
     if fmt == "json":
@@ -194,6 +199,7 @@ def _check_json_lines(path: Path) -> None:
         head = f.read(1).lstrip()
     if head == b"[":  # a JSON array, not JSON lines
         return
+    objects = 0
     with open(path, "rb") as f:
         for number, raw in enumerate(f, 1):
             try:
@@ -208,6 +214,10 @@ def _check_json_lines(path: Path) -> None:
                 raise KdpipeError(f"dataset file {path}, line {number}: malformed JSON ({e.msg})") from None
             if not isinstance(value, dict):
                 raise KdpipeError(f"dataset file {path}, line {number}: expected a JSON object, got {type(value).__name__}")
+            objects += 1
+    if not objects:
+        raise KdpipeError(f"dataset file {path} holds no example (only blank lines); "
+                          "it needs at least one JSON object")
 
 
 def _read_hub(name: str, split: str) -> tuple[list[dict[str, Any]], list[str]]:

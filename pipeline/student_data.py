@@ -33,6 +33,7 @@ import torch
 
 from kdpipe.cache.format import CachedExample
 from kdpipe.cache.reader import Cache
+from kdpipe.cache.values import check_decoded
 from kdpipe.tokenize import TokenizedExample
 
 
@@ -70,7 +71,7 @@ class CacheDataset(torch.utils.data.Dataset):
             return self._cache[g]
         file, index = self.groups[g]
         table = self.store.parquet(file).read_row_group(index)
-        rows = self._decode(table)
+        rows = check_decoded(self._decode(table), f"{self.store.display(file)} (row group {index})")
         self._cache[g] = rows
         while len(self._cache) > self.keep_groups:
             self._cache.popitem(last=False)

@@ -51,11 +51,13 @@ class Template:
     render_fn: Callable[[Fields, Any], list[Segment]]
     add_eos: bool = True
     label_names: tuple[str, ...] = ("negative", "positive")
+    lists_labels: bool = False  # its prompt lists the label names as the choices: a label must be one of them
 
     def render(self, fields: Fields, example_id: str, tokenizer: Any = None) -> list[Segment]:
         for name in self.required:
             value = fields.get(name)
-            if value is None or (isinstance(value, str) and not value.strip()):
+            # NaN (value != value): what a gap in a CSV column gives
+            if value is None or value != value or (isinstance(value, str) and not value.strip()):
                 state = "missing" if name not in fields else "empty"
                 raise KdpipeError(f"example '{example_id}': field '{name}' required by template {self.name} is {state}")
             if not isinstance(value, (str, int, float)):
@@ -63,11 +65,29 @@ class Template:
                     f"example '{example_id}': field '{name}' required by template {self.name} must be text or a number, "
                     f"not a {type(value).__name__} ({str(value)[:60]})"
                 )
+        if "label" in self.required:
+            self._check_label(fields["label"], example_id)
         return self.render_fn({**fields, "_labels": self.label_names}, tokenizer)
+
+    def _check_label(self, value: Any, example_id: str) -> None:
+        """The label names a label: an index of label_names (1, or 1.0 from a CSV column with a gap) or,
+        where the prompt lists the choices, one of the names (as evaluate requires)."""
+        try:
+            name = label_text(value, self.label_names)
+        except KdpipeError as e:
+            raise KdpipeError(f"example '{example_id}': {e.message}") from None
+        if self.lists_labels and name not in self.label_names:
+            raise KdpipeError(f"example '{example_id}' has the label '{name}', which is not among the label "
+                              f"names {list(self.label_names)}; pass --label-names covering every label of the "
+                              "data")
 
 
 def label_text(value: Any, names: tuple[str, ...]) -> str:
-    """An integer label as its name (``1`` -> ``positive``); a string label as it is."""
+    """An integer label as its name (``1`` or ``1.0`` -> ``positive``); a string label as it is."""
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise KdpipeError(f"label {value} is neither an integer nor a name; label_names are {list(names)}")
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
         return str(value).strip()
     if not 0 <= value < len(names):
@@ -162,7 +182,8 @@ def get_template(name: str, label_names: tuple[str, ...] | list[str] = ("negativ
     """A built-in template by name, or a user template from a .yaml/.yml/.json file."""
     if name in BUILTIN:
         required, fn, add_eos = BUILTIN[name]
-        return Template(name, required, fn, add_eos, tuple(label_names))
+        lists_labels = name.startswith("sentiment")  # their prompt names the choices
+        return Template(name, required, fn, add_eos, tuple(label_names), lists_labels)
     if Path(name).suffix in (".yaml", ".yml", ".json"):
         return _user_template(Path(name), tuple(label_names))
     raise KdpipeError(f"unknown template '{name}'; use one of {', '.join(BUILTIN)} or a template .yaml file")

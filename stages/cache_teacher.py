@@ -18,8 +18,9 @@ import click
 from tqdm.auto import tqdm
 
 import kdpipe
-from kdpipe.cache.format import ENCODINGS, FORMAT, FORMAT_VERSION
-from kdpipe.cache.storage import is_url
+from kdpipe.cache.format import ENCODINGS, FORMAT, FORMAT_VERSION, Targets, ids_hash
+from kdpipe.cache.storage import Store, is_url
+from kdpipe.cache.values import RECOMPUTE, nonfinite, value_stats
 from kdpipe.cache.writer import CacheWriter, now
 from kdpipe.config import option, progress_disabled
 from kdpipe.data import DataConfig, load_examples
@@ -112,6 +113,7 @@ def run(cfg: CacheTeacherConfig, command: str = "", teacher: TeacherBackend | No
 
     total_shards = -(-len(examples) // cfg.rows_per_shard)
     assigned = [i for i in range(total_shards) if i % cfg.num_shards == cfg.shard_index]
+    Store.open(cfg.cache_folder()).check_writable()  # before the teacher loads (minutes for a large one)
     owned = teacher is None
     teacher = _load_teacher(cfg) if owned else teacher
     try:
@@ -128,12 +130,12 @@ def _write(cfg: CacheTeacherConfig, command: str, tokenizer: Any, template: Any,
     encode = ENCODINGS[cfg.encoding][0]
     meta = _file_metadata(header)
     start = time.perf_counter()
-    with CacheWriter(cfg.cache_folder(), header, assigned, cfg.overwrite) as writer:
-        if writer.rewritten:
-            click.echo(f"note: {', '.join(writer.rewritten)} missing or damaged (size or sha256 differs from the "
-                       "manifest): written again", err=True)
+    rows_of = {i: examples[i * cfg.rows_per_shard : (i + 1) * cfg.rows_per_shard] for i in assigned}
+    shard_ids = {i: ids_hash([e.id for e in rows]) for i, rows in rows_of.items()}
+    with CacheWriter(cfg.cache_folder(), header, assigned, cfg.overwrite, shard_ids) as writer:
+        _resume_notes(writer)
         todo = writer.pending()
-        todo_rows = [examples[i * cfg.rows_per_shard : (i + 1) * cfg.rows_per_shard] for i in todo]
+        todo_rows = [rows_of[i] for i in todo]
         bar = tqdm(total=sum(map(len, todo_rows)), unit="ex", desc=f"caching {cfg.model}", dynamic_ncols=True, mininterval=1.0,
                    disable=progress_disabled())
         tokens = 0
@@ -141,16 +143,44 @@ def _write(cfg: CacheTeacherConfig, command: str, tokenizer: Any, template: Any,
             targets = [None] * len(rows)
             for batch in _batches(teacher, rows, cfg):
                 for i, t in zip(batch, teacher.score([rows[i] for i in batch])):
+                    _check_finite(t, rows[i], index, header)
                     targets[i] = t
                 tokens += sum(len(rows[i].input_ids) for i in batch)
                 bar.update(len(batch))
                 bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - start, 1e-9):,.0f}")
-            table = encode([(e.id, e.input_ids, e.positions, t) for e, t in zip(rows, targets)], width(cfg), meta)
+            own = {"shard_index": index, "ids_sha256": shard_ids[index], "stats": value_stats(targets)}
+            table = encode([(e.id, e.input_ids, e.positions, t) for e, t in zip(rows, targets)], width(cfg),
+                           {**meta, **own})
             writer.write(index, table)
         bar.close()
         manifest = writer.manifest
     manifest["elapsed_s"] = round(time.perf_counter() - start, 2)
     return manifest
+
+
+def _resume_notes(writer: CacheWriter) -> None:
+    """Say what the resume found and repaired."""
+    if writer.rebuilt:
+        kept = len(writer.manifest["shards"])
+        click.echo(f"note: {writer.rebuilt}: rebuilt from the shards' own metadata ({kept} verified and "
+                   "kept, the rest computed again)", err=True)
+    if writer.rewritten:
+        click.echo(f"note: {', '.join(writer.rewritten)} missing or damaged (size or sha256 differs from the "
+                   "manifest): written again", err=True)
+    if writer.refused:
+        click.echo(f"note: not adopted, computed again: {', '.join(writer.refused)}", err=True)
+
+
+def _check_finite(t: Targets, example: Any, index: int, header: dict[str, Any]) -> None:
+    """Refuse a non-finite teacher value where it appears (before anything of its shard is written)."""
+    problem = nonfinite(t, example.positions)
+    if problem:
+        dtype = header["teacher"]["dtype"]
+        hint = (f"A {dtype} teacher can overflow: rerun with {RECOMPUTE}" if dtype != "float32" else
+                "The teacher already runs in float32 (--dtype fp32), so its checkpoint itself gives them "
+                "(NaN or inf weights?): check the model")
+        raise KdpipeError(f"the teacher gave example '{example.id}' (shard {index}) {problem}; nothing was "
+                          f"cached for that shard. {hint}")
 
 
 def width(cfg: CacheTeacherConfig) -> int:

@@ -7,6 +7,7 @@ other tools can rely on.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,6 +28,16 @@ METADATA_KEY = b"kdpipe"
 
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}.parquet"
+
+
+def ids_hash(ids: Sequence[str]) -> str:
+    """sha256 of a shard's example ids in row order (a compact JSON array): what proves which shard it is."""
+    text = json.dumps(list(ids), ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+class DamagedManifest(KdpipeError):
+    """manifest.json is no readable kdpipe manifest (torn, edited, overwritten); the shards may be intact."""
 
 
 @dataclass
@@ -310,19 +321,47 @@ def read_manifest(folder: str | Path | Store) -> dict[str, Any]:
         text = None
     if text is None:
         raise KdpipeError(f"{folder} is not a kdpipe cache: {MANIFEST} is missing")
+    repair = "rerunning the cache-teacher command that wrote it rebuilds it from the shards' own metadata"
     try:
         manifest = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise KdpipeError(f"{path} is damaged (not valid JSON: {e})") from None
+        raise DamagedManifest(f"{path} is damaged (not valid JSON: {e}); {repair}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise KdpipeError(f"{path} is not a kdpipe cache manifest")
+        raise DamagedManifest(f"{path} is not a kdpipe cache manifest; if it was one, {repair}")
     version = manifest.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if isinstance(version, int) and version > FORMAT_VERSION:
         raise KdpipeError(
             f"{path} has cache format version {version}, newer than this kdpipe understands ({FORMAT_VERSION}); "
             "upgrade kdpipe to read it"
         )
+    damage = _structure_problem(manifest)
+    if damage:
+        raise DamagedManifest(f"{path} is damaged ({damage}); {repair}")
     return manifest
+
+
+# What the code indexes in a manifest, and the types it relies on.
+_SECTIONS = {"settings_hash": str, "complete": bool, "encoding": str, "totals": dict, "sharding": dict,
+             "shards": list, "teacher": dict, "tokenizer": dict, "template": dict, "dataset": dict,
+             "sparse": dict}
+_SHARD_KEYS = {"file": str, "index": int, "rows": int, "tokens": int, "target_tokens": int, "bytes": int,
+               "sha256": str}
+
+
+def _structure_problem(manifest: dict[str, Any]) -> str | None:
+    """Why a manifest that parses is still not one kdpipe can use (None when it is)."""
+    if not isinstance(manifest.get("format_version"), int):
+        return "no integer format_version"
+    for key, kind in _SECTIONS.items():
+        if not isinstance(manifest.get(key), kind):
+            return f"'{key}' is {'missing' if key not in manifest else 'not a ' + kind.__name__}"
+    for key in ("total_shards", "rows_per_shard"):
+        if not isinstance(manifest["sharding"].get(key), int):
+            return f"sharding.{key} is missing"
+    for i, shard in enumerate(manifest["shards"]):
+        if not isinstance(shard, dict) or any(not isinstance(shard.get(k), t) for k, t in _SHARD_KEYS.items()):
+            return f"shard entry {i} lacks one of {', '.join(_SHARD_KEYS)}"
+    return None
 
 
 def write_manifest(folder: str | Path | Store, manifest: dict[str, Any]) -> None:

@@ -8,6 +8,7 @@ from typing import Any
 
 from kdpipe.cache.format import ENCODINGS, CachedExample, read_manifest
 from kdpipe.cache.storage import Store
+from kdpipe.cache.values import check_decoded
 from kdpipe.errors import KdpipeError
 
 
@@ -45,7 +46,7 @@ class Cache:
     def iter_shard(self, shard: dict[str, Any], batch_rows: int = 64) -> Iterator[CachedExample]:
         self.check_present(shard)
         for batch in self.store.parquet(shard["file"]).iter_batches(batch_size=batch_rows):
-            yield from self._decode(batch)
+            yield from check_decoded(self._decode(batch), self.store.display(shard["file"]))
 
     def check_present(self, shard: dict[str, Any]) -> None:
         """Refuse a shard the manifest lists but the folder lacks, pointing at `kdpipe cache verify`."""

@@ -149,6 +149,24 @@ class Store:
             Path(self.root).mkdir(parents=True, exist_ok=True)
         # object storage: a prefix exists as soon as an object is under it
 
+    def check_writable(self, option: str = "--cache") -> None:
+        """Refuse, before any expensive work, a local folder that cannot be written: a path that is (or runs
+        through) a regular file, or a folder (or the nearest existing parent of one to be made) not writable.
+        Object storage says so on the first upload."""
+        if not self.local:
+            return
+        target = Path(self.root)
+        existing = next(p for p in [target, *target.parents] if p.exists())
+        if not existing.is_dir():
+            what = "is a file" if existing == target else f"runs through the file {existing}"
+            raise KdpipeError(f"{option} {target} {what}, not a folder; give a folder path (created if missing)")
+        try:
+            tempfile.TemporaryFile(dir=existing).close()  # the truth, also for read-only mounts and ACLs
+        except OSError as e:
+            where = "" if existing == target else f" (it would be made inside {existing})"
+            raise KdpipeError(f"{option} {target} cannot be written{where}: {e.strerror}; "
+                              f"choose a folder you can write to") from None
+
     def write_bytes(self, name: str, data: bytes) -> None:
         """Write a whole file: temp + fsync + rename locally, one upload on object storage (atomic both ways)."""
         if self.local:
@@ -262,6 +280,7 @@ def write_atomic(path: Path, data: bytes) -> None:
     with disk_errors(path):
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
+            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 ignores the umask; an open() would honour it
             with os.fdopen(fd, "wb") as f:
                 view = memoryview(data)
                 f.write(view[: len(view) // 2])
@@ -276,6 +295,13 @@ def write_atomic(path: Path, data: bytes) -> None:
             raise
     fault("renamed", path.name)
     _fsync_dir(path.parent)
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it and putting it back: os has no getter)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from kdpipe.cache.format import ENCODINGS, MANIFEST, METADATA_KEY, read_manifest, write_manifest
+from kdpipe.cache.format import (ENCODINGS, MANIFEST, METADATA_KEY, ids_hash, read_manifest, shard_name,
+                                 write_manifest)
 from kdpipe.cache.storage import Store
+from kdpipe.cache.values import nonfinite
 from kdpipe.cache.writer import now, totals
 from kdpipe.errors import KdpipeError
 
@@ -17,12 +20,14 @@ from kdpipe.errors import KdpipeError
 def info(path: str | Path) -> dict[str, Any]:
     """A summary of a cache: teacher, data, sparse mode, encoding, sizes, completeness."""
     m = read_manifest(path)
-    t = m["totals"]
+    t = totals(m["shards"])  # what is listed, not what the manifest's totals claim
+    problems = check_listing(m, str(path))
     # over-long examples cut or skipped (see kdpipe.tokenize); none is the norm
     cut = "; ".join(f"{n} {what}" for what, n in sorted(m["dataset"].get("report", {}).items()) if n)
     return {
         "path": str(path),
-        "complete": m["complete"],
+        "complete": m["complete"] and not problems,
+        **({"problems": f"{'; '.join(problems)}; run `kdpipe cache verify {path}`"} if problems else {}),
         "teacher": m["teacher"]["model"],
         "teacher_dtype": m["teacher"]["dtype"],
         "backend": m["teacher"].get("backend"),
@@ -52,14 +57,62 @@ def verify(path: str | Path, values: bool = True) -> list[str]:
     m = read_manifest(store)
     problems = []
     if not m["complete"]:
-        missing = m["sharding"]["total_shards"] - len(m["shards"])
+        missing = len(set(part_indices(m)) - {s["index"] for s in m["shards"]})
         problems.append(f"{store}: incomplete, {missing} shard(s) not written yet (rerun the same command to resume)")
+    problems += check_listing(m, store.display(MANIFEST))
+    seen: dict[str, str] = {}  # example id -> the shard holding it
     for shard in m["shards"]:
-        problems += _verify_shard(store, shard, m, values)
+        problems += _verify_shard(store, shard, m, values, seen)
     return problems
 
 
-def _verify_shard(store: Store, shard: dict[str, Any], m: dict[str, Any], values: bool) -> list[str]:
+def part_indices(m: dict[str, Any]) -> list[int]:
+    """The shard indices the manifest's part holds when complete (all of them for a whole or merged cache)."""
+    sharding = m["sharding"]
+    n, part = sharding.get("num_shards", 1), sharding.get("shard_index", 0)
+    return [i for i in range(sharding["total_shards"]) if i % n == part]
+
+
+def check_listing(m: dict[str, Any], where: str) -> list[str]:
+    """The listed shards against the sharding and totals: each index once, in range and in its own file, with
+    the rows the dataset gives it; a complete manifest lists every shard of its part; totals add up."""
+    sharding, shards = m["sharding"], m["shards"]
+    total, rps, examples = sharding["total_shards"], sharding["rows_per_shard"], m["dataset"].get("examples")
+    problems, indices, part = [], [s["index"] for s in shards], set(part_indices(m))
+    twice = sorted(i for i, n in Counter(indices).items() if n > 1)
+    if twice:
+        problems.append(f"{where}: shard(s) {twice} listed twice")
+    if isinstance(examples, int) and -(-examples // rps) != total:
+        problems.append(f"{where}: {examples} examples in shards of {rps} make {-(-examples // rps)} shards, "
+                        f"not {total}")
+    for s in shards:
+        i = s["index"]
+        if i not in part:
+            of_part = " (of its part)" if sharding.get("num_shards", 1) > 1 and 0 <= i < total else ""
+            problems.append(f"{where}: lists shard {i}, which is not one of this cache's {total} shards"
+                            f"{of_part}")
+        elif s["file"] != shard_name(i):
+            problems.append(f"{where}: shard {i} is listed as {s['file']}, not {shard_name(i)}")
+        elif isinstance(examples, int) and s["rows"] != min(rps, examples - i * rps):
+            problems.append(f"{where}: shard {i} is listed with {s['rows']} rows; of {examples} examples in "
+                            f"shards of {rps} it holds {min(rps, examples - i * rps)}")
+    missing = sorted(part - set(indices))
+    if m["complete"] and missing:
+        problems.append(f"{where} says the cache is complete but does not list shard(s) {missing[:10]} "
+                        f"({len(set(indices) & part)} of {len(part)} listed); rerun the cache-teacher command "
+                        "that wrote it to compute them")
+    listed = totals(shards)
+    differ = [k for k in ("shards", "rows", "tokens", "target_tokens", "bytes")
+              if m["totals"].get(k) != listed[k]]
+    if differ:
+        claimed = ", ".join(f"{k} {m['totals'].get(k)}" for k in differ)
+        problems.append(f"{where}: its totals ({claimed}) differ from the listed shards' "
+                        f"({', '.join(f'{k} {listed[k]}' for k in differ)})")
+    return problems
+
+
+def _verify_shard(store: Store, shard: dict[str, Any], m: dict[str, Any], values: bool,
+                  seen: dict[str, str] | None = None) -> list[str]:
     name, file = shard["file"], store.display(shard["file"])
     if not store.is_file(name):
         return [f"{file}: missing"]
@@ -85,8 +138,31 @@ def _verify_shard(store: Store, shard: dict[str, Any], m: dict[str, Any], values
         problems.append(f"{file}: written by another run (settings hash differs from the manifest's)")
     if table.num_rows != shard["rows"]:
         problems.append(f"{file}: {table.num_rows} rows, the manifest says {shard['rows']}")
+    problems += [f"{file}: {p}" for p in _identity_problems(table, meta, shard, seen)]
     if values and not problems:
         problems += [f"{file}: {p}" for p in check_values(table, m)]
+    return problems
+
+
+def _identity_problems(table: Any, meta: dict[str, Any], shard: dict[str, Any],
+                       seen: dict[str, str] | None) -> list[str]:
+    """The shard is the one it is listed as: its metadata's shard index, the hash of its example ids (both
+    absent from caches written before kdpipe recorded them, which are then not checked for them), and no
+    example id in two shards."""
+    ids = table["id"].to_pylist()
+    digest, problems = ids_hash(ids), []
+    if meta.get("shard_index", shard["index"]) != shard["index"]:
+        problems.append(f"its metadata says it is shard {meta['shard_index']}, "
+                        f"the manifest lists it as shard {shard['index']}")
+    for whose, recorded in (("manifest's", shard.get("ids_sha256")), ("metadata's", meta.get("ids_sha256"))):
+        if recorded is not None and recorded != digest:
+            problems.append(f"its example ids do not match the {whose} ids hash (it holds other examples)")
+    if seen is not None:
+        for example_id in ids:
+            if example_id in seen and not problems:
+                problems.append(f"example id '{example_id}' is also in {seen[example_id]} "
+                                "(a shard copied over another)")
+            seen.setdefault(example_id, shard["file"])
     return problems
 
 
@@ -95,11 +171,11 @@ def open_checked(path: str | Path) -> Any:
     from kdpipe.cache.reader import open_cache
 
     cache = open_cache(path)  # refuses a missing manifest or a newer format version
+    if len(cache) == 0:  # first: a manifest listing no shard says nothing else worth checking
+        raise KdpipeError(f"cache {path} holds no examples")
     problems = verify(path, values=False)
     if problems:
         raise KdpipeError(f"cache {path} failed verification: {'; '.join(problems)}. See `kdpipe cache verify {path}`")
-    if len(cache) == 0:
-        raise KdpipeError(f"cache {path} holds no examples")
     return cache
 
 
@@ -114,7 +190,9 @@ def check_values(table: Any, m: dict[str, Any]) -> list[str]:
         t, where = e.targets, f"example '{e.id}'"
         if len(e.positions) != len(t.target_logprob) or (len(e.positions) and e.positions.max() + 1 >= len(e.input_ids)):
             problems.append(f"{where}: positions do not fit input_ids")
-        elif np.any(t.target_logprob > 1e-6) or np.isnan(t.target_logprob).any() or np.isnan(t.topk_logprobs).any():
+        elif nonfinite(t, e.positions):
+            problems.append(f"{where}: {nonfinite(t, e.positions)}")
+        elif np.any(t.target_logprob > 1e-6):
             problems.append(f"{where}: a log-prob is positive or NaN")
         elif sampled:
             problems += [f"{where}: {p}" for p in _check_sampled(t, int(m["sparse"]["samples"]),
@@ -123,7 +201,7 @@ def check_values(table: Any, m: dict[str, Any]) -> list[str]:
             problems.append(f"{where}: a log-prob is positive or NaN")
         elif np.any(np.diff(t.topk_logprobs, axis=1) > 0):
             problems.append(f"{where}: top-k log-probs are not sorted, most likely first")
-        elif np.any((t.tail_mass < 0) | (t.tail_mass > 1)):
+        elif not np.all((t.tail_mass >= 0) & (t.tail_mass <= 1)):
             problems.append(f"{where}: tail mass outside [0, 1]")
         if not problems and np.any((t.topk_ids < 0) | (t.topk_ids >= vocab)):
             problems.append(f"{where}: token id outside the teacher's vocabulary")
@@ -154,6 +232,9 @@ def _check_sampled(t: Any, n: int, proposal_temperature: float) -> list[str]:
 def merge(parts: list[str | Path], output: str | Path) -> dict[str, Any]:
     """Join the caches of a `--num-shards/--shard-index` split into one folder (hard links where possible).
 
+    Every part's shards are verified first (size, sha256, the shard they are); nothing is linked from a
+    damaged part. A merge that was killed leaves shard files and perhaps a temp manifest but no manifest
+    (written last): a rerun keeps the shards already in place that match, links the rest and writes it.
     Parts and output may be local folders or object-storage URLs (objects are copied there).
     """
     out = Store.open(output)
@@ -173,16 +254,37 @@ def merge(parts: list[str | Path], output: str | Path) -> dict[str, Any]:
     missing = sorted(set(range(total)) - set(shards))
     if missing:
         raise KdpipeError(f"the parts lack shard(s) {missing[:10]} of {total}: finish those parts first (rerun them)")
-    if out.names():
-        raise KdpipeError(f"{out} is not empty; merge into a new folder")
-    out.makedirs()
-    for _, (store, s) in sorted(shards.items()):
-        out.copy_from(store, s["file"])
+    owner = {s["index"]: m for m in manifests for s in m["shards"]}
+    problems = [p for i, (store, s) in sorted(shards.items())
+                for p in _verify_shard(store, s, owner[i], values=False)]
+    if problems:
+        raise KdpipeError(f"cannot merge, a part is damaged: {'; '.join(problems[:5])}. Rerun that part's "
+                          "cache-teacher command (it rewrites damaged shards), then merge again; "
+                          "nothing was merged")
     entries = [s for _, (_, s) in sorted(shards.items())]
-    merged = {**first, "shards": entries, "totals": totals(entries), "complete": True, "updated": now(),
-              "sharding": {**first["sharding"], "num_shards": 1, "shard_index": 0},
-              "merged_from": [{"path": str(p), "command": m["command"]} for p, m in zip(parts, manifests)]}
-    merged["dataset"] = {**first["dataset"], "examples": merged["totals"]["rows"]}
-    write_manifest(out, merged)
+    _check_merge_output(out)
+    out.makedirs()
+    with out.writer_lock():
+        for name in [n for n in out.names() if n.startswith(".") and n.endswith(".tmp")]:
+            out.delete(name)  # a temp file of a killed merge
+        for _, (store, s) in sorted(shards.items()):
+            name = s["file"]
+            if out.is_file(name) and out.size(name) == s["bytes"] and out.sha256(name) == s["sha256"]:
+                continue  # put in place by a merge that was killed
+            out.delete(s["file"])
+            out.copy_from(store, s["file"])
+        merged = {**first, "shards": entries, "totals": totals(entries), "complete": True, "updated": now(),
+                  "sharding": {**first["sharding"], "num_shards": 1, "shard_index": 0},
+                  "merged_from": [{"path": str(p), "command": m["command"]} for p, m in zip(parts, manifests)]}
+        merged["dataset"] = {**first["dataset"], "examples": merged["totals"]["rows"]}
+        write_manifest(out, merged)  # last, atomically: a folder with a manifest is a finished merge
     return merged
 
+
+def _check_merge_output(out: Store) -> None:
+    """The output is new, or what a killed merge left: shard and temp files, no manifest (written last)."""
+    names = [n for n in out.names() if n not in (".lock", ".writer")]
+    strays = [n for n in names if not (n.startswith("shard-") and n.endswith(".parquet"))
+              and not (n.startswith(".") and n.endswith(".tmp"))]
+    if strays:
+        raise KdpipeError(f"{out} is not empty; merge into a new folder")

@@ -13,7 +13,8 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 
-from kdpipe.cache.format import ENCODINGS, MANIFEST, METADATA_KEY, read_manifest, shard_name, write_manifest
+from kdpipe.cache.format import (ENCODINGS, MANIFEST, METADATA_KEY, DamagedManifest, ids_hash, read_manifest,
+                                 shard_name, write_manifest)
 from kdpipe.cache.storage import Lease, Store, as_store
 from kdpipe.errors import KdpipeError
 
@@ -42,6 +43,8 @@ def parquet_options(schema: pa.Schema) -> dict[str, Any]:
 
 
 def shard_entry(index: int, table: pa.Table, data: bytes) -> dict[str, Any]:
+    """A shard's manifest entry: counts, size, sha256, the hash of its example ids, its value statistics."""
+    stats = footer(table.schema).get("stats")
     return {
         "file": shard_name(index),
         "index": index,
@@ -50,7 +53,14 @@ def shard_entry(index: int, table: pa.Table, data: bytes) -> dict[str, Any]:
         "target_tokens": int(pa.compute.sum(pa.compute.list_value_length(table["positions"])).as_py() or 0),
         "bytes": len(data),
         "sha256": hashlib.sha256(data).hexdigest(),
+        "ids_sha256": ids_hash(table["id"].to_pylist()),
+        **({"stats": stats} if stats else {}),
     }
+
+
+def footer(schema: pa.Schema) -> dict[str, Any]:
+    """A shard's kdpipe metadata (empty when it has none)."""
+    return json.loads((schema.metadata or {}).get(METADATA_KEY, b"{}"))
 
 
 class CacheWriter:
@@ -58,15 +68,20 @@ class CacheWriter:
     lock, resume, refuse a foreign run, write shards, keep the manifest.
 
     `manifest` is the new run's header (everything but shards, totals and completeness);
-    `settings_hash` identifies its content; `assigned` are the shard indices this process writes.
+    `settings_hash` identifies its content; `assigned` are the shard indices this process writes;
+    `shard_ids` the `ids_hash` of each shard's examples, which a file found on resume must match.
     """
 
-    def __init__(self, folder: str | Path, manifest: dict[str, Any], assigned: list[int], overwrite: bool = False):
+    def __init__(self, folder: str | Path, manifest: dict[str, Any], assigned: list[int],
+                 overwrite: bool = False, shard_ids: dict[int, str] | None = None):
         self.store, self.assigned, self.overwrite = as_store(folder), assigned, overwrite
         self.folder = self.store.url
         self.manifest = {**manifest, "complete": False, "shards": [], "totals": {}}
+        self.shard_ids = shard_ids or {}
         self._held = contextlib.ExitStack()
         self.rewritten: list[str] = []  # recorded shards found missing or damaged on resume (written again)
+        self.refused: list[str] = []  # unrecorded shard files not adopted, and why (computed again)
+        self.rebuilt: str | None = None  # why the manifest was rebuilt from the shards' own metadata
 
     def __enter__(self) -> "CacheWriter":
         self.store.makedirs()
@@ -112,12 +127,17 @@ class CacheWriter:
             for old in [n for n in names if n == MANIFEST or (n.startswith("shard-") and n.endswith(".parquet"))]:
                 store.delete(old)
             names = store.names()
-        if MANIFEST in names:
-            old = read_manifest(store)
+        try:
+            old = read_manifest(store) if MANIFEST in names else None
+        except DamagedManifest as e:
+            if any(n not in (MANIFEST, ".lock", Lease.NAME) and not _is_shard(n) for n in names):
+                raise
+            self.rebuilt, old = e.message.split("; ")[0], None  # only shards beside it: adopted once checked
+        if old is not None:
             self._check_same_run(old)
             self.manifest["created"] = old.get("created", self.manifest.get("created"))
             self.manifest["shards"] = [s for s in old["shards"] if self._intact(s, names)]
-        elif any(n not in (".lock", Lease.NAME) for n in names):
+        elif not self.rebuilt and any(n not in (".lock", Lease.NAME) for n in names):
             raise KdpipeError(f"{self.folder} is not empty and holds no kdpipe cache; choose another --cache folder")
         self._adopt_unrecorded(set(store.names()))  # listed again: damaged shards were just removed
         self.manifest["complete"] = not self.pending()
@@ -142,9 +162,15 @@ class CacheWriter:
         )
 
     def _intact(self, shard: dict[str, Any], names: list[str]) -> bool:
-        """A recorded shard is kept when its size and sha256 match the manifest; otherwise it is removed and written again."""
-        name = shard["file"]
-        if name in names and self.store.size(name) == shard["bytes"] and self.store.sha256(name) == shard["sha256"]:
+        """A recorded shard is kept when its size and sha256 match the manifest (and its entry is this run's
+        shard: its own file name, this shard's example ids); otherwise it is removed and written again."""
+        name, expected = shard["file"], self.shard_ids.get(shard["index"])
+        if name != shard_name(shard["index"]):  # an edited entry: the file may be another shard's, keep it
+            self.rewritten.append(shard_name(shard["index"]))
+            return False
+        if expected is not None and shard.get("ids_sha256", expected) != expected:
+            pass  # recorded for other examples: written again
+        elif name in names and self.store.size(name) == shard["bytes"] and self.store.sha256(name) == shard["sha256"]:
             return True
         self.store.delete(name)  # never adopted below: a damaged file may still parse
         self.rewritten.append(name)
@@ -152,10 +178,14 @@ class CacheWriter:
 
     def _adopt_unrecorded(self, names: set[str]) -> None:
         """A shard put in place just before a crash (so missing from the manifest) is complete: record it.
+        So is every shard beside a damaged manifest, which is rebuilt from them.
 
         Locally a shard file only appears by rename, on object storage only as a whole upload; it is still
-        read back and checked (readable Parquet of this run) before it is adopted, and removed otherwise.
+        read back and checked before it is adopted: readable Parquet of this run, the shard it claims to be
+        (its metadata's shard index, its example ids), finite values. Otherwise it is removed.
         """
+        from kdpipe.cache.values import check_decoded
+
         for index in self.pending():
             name = shard_name(index)
             if name not in names:
@@ -164,13 +194,34 @@ class CacheWriter:
             try:
                 table = pq.read_table(pa.BufferReader(data))
                 meta = json.loads(table.schema.metadata[METADATA_KEY])
-            except Exception:
-                self.store.delete(name)
+                check_decoded(ENCODINGS[self.manifest["encoding"]].decode(table), name)
+            except Exception as e:
+                self._refuse(name, "holding non-finite values" if isinstance(e, KdpipeError) else
+                             "unreadable")
                 continue
             if meta.get("settings_hash") != self.manifest["settings_hash"]:
-                self.store.delete(name)
+                if self.rebuilt:  # no manifest says whose it is: refuse rather than delete another run's work
+                    raise KdpipeError(f"{self.store.display(name)} belongs to another run (settings hash "
+                                      f"differs) and {MANIFEST} is damaged; use another --cache folder or "
+                                      "--overwrite to replace it")
+                self._refuse(name, "of another run")
+                continue
+            claimed, expected = meta.get("shard_index", index), self.shard_ids.get(index)
+            if claimed != index or (expected is not None and ids_hash(table["id"].to_pylist()) != expected):
+                why = f"its metadata says shard {claimed}" if claimed != index else "it holds other examples"
+                self._refuse(name, f"not shard {index}: {why}")
                 continue
             self.manifest["shards"].append(shard_entry(index, table, data))
+        self.manifest["shards"].sort(key=lambda s: s["index"])
+
+    def _refuse(self, name: str, why: str) -> None:
+        self.store.delete(name)
+        self.refused.append(f"{name} ({why})")
+
+
+def _is_shard(name: str) -> bool:
+    shard = name.startswith("shard-") and name.endswith(".parquet")
+    return shard or (name.startswith(".") and name.endswith(".tmp"))  # a shard or the temp file of one
 
 
 def totals(shards: list[dict[str, Any]]) -> dict[str, Any]:
