@@ -660,3 +660,37 @@ def one_line(s: dict[str, Any]) -> str:
     parts = ", ".join(f"{k} {_size(v)}" for k, v in s["memory"].items())
     return (f"{s['stage']}: peak {_size(s['peak_bytes'])} of {_size(s['device_bytes'])} ({verdict}; largest batch "
             f"{s['largest_batch']}) = {parts}")
+
+
+def step_line(kind: str, cfg: Any, max_length: int | None = None, device: Gpu | None = None,
+              pending: Any = ()) -> str | None:
+    """`kdpipe run --dry-run`'s plan line for a cache, train or finetune step on this machine (None for others).
+
+    Memory only (the data size is not known before the step runs): every batch at full length.
+    """
+    if kind not in ("cache", "train", "finetune"):
+        return None
+    if cfg.model in pending and not (Path(cfg.model) / "config.json").is_file():
+        return f"plan: once {cfg.model} exists (an earlier step writes it)"
+    try:
+        device = device or local_device()
+        length = getattr(cfg, "max_length", None) or max_length or 512
+        w = Workload(examples=1, mean_length=length, targets_per_example=length - 1, max_length=length)
+        if kind == "cache":
+            w = replace(w, top_k=cfg.top_k, encoding=cfg.encoding, sparse_mode=cfg.sparse_mode, samples=cfg.samples,
+                        backend=cfg.backend, teacher_batch_size=cfg.batch_size, max_batch_tokens=cfg.max_batch_tokens,
+                        teacher_chunk=cfg.chunk_size, teacher_dtype=cfg.dtype,
+                        vllm_gpu_memory_utilization=cfg.vllm_gpu_memory_utilization)
+            if cfg.vllm_max_num_batched_tokens:
+                w.vllm_max_num_batched_tokens = cfg.vllm_max_num_batched_tokens
+            s = cache_teacher_plan(load_arch(cfg.model), device, w)
+        else:
+            w = replace(w, lora=cfg.lora, lora_r=cfg.lora_r, batch_size=cfg.batch_size, precision=cfg.precision,
+                        gradient_checkpointing=cfg.gradient_checkpointing,
+                        student_chunk=getattr(cfg, "chunk_size", w.student_chunk))
+            arch = load_arch(cfg.model)
+            s = train_plan(arch, device, w) if kind == "train" else train_plan(arch, device, w, "finetune", head="hf")
+    except KdpipeError as e:
+        return f"plan: unavailable ({e.message})"
+    return "plan: " + one_line({"stage": s.stage, "memory": s.memory, "peak_bytes": s.peak, "device_bytes": s.device_memory,
+                                "fits": s.fits, "largest_batch": s.largest_batch}) + f" on {device.name}"

@@ -333,7 +333,10 @@ def select(p: Plan, start: str | None = None, only: str | None = None) -> list[t
 
 def describe(p: Plan, steps: list[tuple[Step, Any]]) -> str:
     """The plan: each step, its equivalent command and what would happen now."""
+    from kdpipe.plan import step_line
+
     lines = [f"experiment {p.name} ({p.path}): {len(steps)} step(s)"]
+    cache_length = None  # what train steps plan with: the sequences the cache step writes
     for i, (step, cfg) in enumerate(steps, 1):
         try:
             state, why = step_state(step, cfg, anything_ran=False)
@@ -341,6 +344,10 @@ def describe(p: Plan, steps: list[tuple[Step, Any]]) -> str:
             state, why = "error", e.message
         lines.append(f"{i}. {step.name:<14} [{state}] {why}".rstrip())
         lines.append(f"     {standalone_command(step, cfg)}")
+        cache_length = cfg.max_length if step.name == "cache" else cache_length
+        predicted = step_line(step.kind, cfg, cache_length, pending=set(p.outputs.values()))
+        if predicted:
+            lines.append(f"     {predicted}")
     return "\n".join(lines)
 
 

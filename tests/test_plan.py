@@ -232,3 +232,18 @@ def test_plan_imports_no_torch() -> None:
                          "PATH": "/usr/bin:/bin"})
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("device: Tesla T4")
+
+
+def test_dry_run_shows_each_steps_plan(workdir: Path, tiny_model_dir: Path) -> None:
+    (workdir / "exp.yaml").write_text(
+        f"name: exp\ncache:\n  model: {tiny_model_dir}\n  dataset: kdpipe:arithmetic\n  max_length: 64\n"
+        f"train:\n  model: {tiny_model_dir}\n  batch_size: 4\n"
+        "baseline:\n  model: '@train'\n  dataset: kdpipe:arithmetic\n")
+    out = kdpipe("run", "exp.yaml", "--dry-run").output
+    lines = [line.strip() for line in out.splitlines() if line.strip().startswith("plan:")]
+    arch = plan.load_arch(str(tiny_model_dir))
+    assert len(lines) == 3, out
+    assert lines[0].startswith("plan: cache-teacher: peak") and f"weights {plan._size(arch.params() * 4)}" in lines[0]
+    assert lines[1].startswith("plan: train-student: peak") and "(fits; largest batch" in lines[1]
+    assert lines[2] == "plan: once runs/exp/train exists (an earlier step writes it)"
+    assert not (workdir / "runs").exists() and not (workdir / "cache").exists()
