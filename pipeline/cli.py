@@ -293,6 +293,8 @@ def evaluate_cmd(config_file: str | None, **options: Any) -> None:
 @click.option("--batch-size", type=int, default=8, show_default=True, help="The student's micro-batch.")
 @click.option("--gradient-checkpointing", is_flag=True, help="The student recomputes activations in backward.")
 @click.option("--backend", type=click.Choice(["hf", "vllm"]), default="hf", show_default=True)
+@click.option("--vllm-gpu-memory-utilization", type=float, default=0.9, show_default=True)
+@click.option("--vllm-max-num-batched-tokens", type=int, default=8192, show_default=True)
 @click.option("--dtype", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto", show_default=True,
               help="Teacher dtype (auto: fp16 below compute capability 8, bf16 from 8, fp32 on CPU).")
 @click.option("--precision", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto", show_default=True,
@@ -304,7 +306,7 @@ def plan_cmd(teacher: str | None, student: str | None, gpu: str | None, gpu_memo
              dataset: str | None, limit: int | None, tokens: float | None, mean_length: float | None,
              targets_per_example: float | None, max_length: int, top_k: int, encoding: str, sparse_mode: str,
              samples: int, lora: bool, lora_r: int, batch_size: int, gradient_checkpointing: bool, backend: str,
-             dtype: str, precision: str,
+             vllm_gpu_memory_utilization: float, vllm_max_num_batched_tokens: int, dtype: str, precision: str,
              efficiency: float, layers: int | None, as_json: bool) -> None:
     """Predict each stage's peak memory, whether it fits, the largest batch, its time and the cache's size.
 
@@ -337,6 +339,8 @@ def plan_cmd(teacher: str | None, student: str | None, gpu: str | None, gpu_memo
                       max_length=max_length, top_k=top_k, encoding=encoding, sparse_mode=sparse_mode, samples=samples,
                       backend=backend, lora=lora, lora_r=lora_r, batch_size=batch_size, efficiency=efficiency,
                       gradient_checkpointing=gradient_checkpointing,
+                      vllm_gpu_memory_utilization=vllm_gpu_memory_utilization,
+                      vllm_max_num_batched_tokens=vllm_max_num_batched_tokens,
                       teacher_dtype=dtype, precision=precision)
     result = plan.make_plan(teacher, student, device, w, layers)
     click.echo(json.dumps(result, indent=2) if as_json else plan.format_plan(result))

@@ -524,6 +524,8 @@ def make_plan(teacher: str | None, student: str | None, gpu: Gpu, w: Workload, l
                  "teacher_chunk", "student_chunk", "samples", "vllm_max_num_batched_tokens"):
         if getattr(w, name) < 1:
             raise KdpipeError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(w, name)}")
+    if not 0 < w.vllm_gpu_memory_utilization <= 1:
+        raise KdpipeError(f"--vllm-gpu-memory-utilization must be in (0, 1], not {w.vllm_gpu_memory_utilization:g}")
     if not 0 < w.efficiency <= 1:
         raise KdpipeError(f"--efficiency must be in (0, 1], not {w.efficiency:g}")
     if not 1 <= w.mean_length <= w.max_length:

@@ -247,3 +247,18 @@ def test_dry_run_shows_each_steps_plan(workdir: Path, tiny_model_dir: Path) -> N
     assert lines[1].startswith("plan: train-student: peak") and "(fits; largest batch" in lines[1]
     assert lines[2] == "plan: once runs/exp/train exists (an earlier step writes it)"
     assert not (workdir / "runs").exists() and not (workdir / "cache").exists()
+
+
+def test_vllm_takes_its_share_and_the_kv_cache_is_the_rest() -> None:
+    arch, gpu = plan.load_arch("Qwen3-4B"), plan.get_device("t4")
+    w = plan.Workload(examples=10, mean_length=300, targets_per_example=2, backend="vllm", vllm_max_num_batched_tokens=2048)
+    s = plan.cache_teacher_plan(arch, gpu, w)
+    assert s.fits and s.peak == int(gpu.memory * 0.9)
+    assert s.memory["prompt log-probs (fp32)"] == 2048 * arch.vocab * 8
+    per_sequence = 2 * arch.layers * arch.kv_dim * 2 * 512  # K and V, fp16, 512 tokens
+    assert s.largest_batch == s.memory["vLLM KV cache"] // per_sequence
+    crowded = plan.cache_teacher_plan(arch, gpu, plan.Workload(**{**w.__dict__, "vllm_max_num_batched_tokens": 8192}))
+    assert not crowded.fits and crowded.largest_batch == 0
+    result = kdpipe("plan", "--teacher", "Qwen3-4B", "--gpu", "t4", "--limit", "5", "--backend", "vllm",
+                    "--vllm-gpu-memory-utilization", "0", ok=False)
+    assert result.exit_code == 2 and "--vllm-gpu-memory-utilization must be in (0, 1], not 0" in result.output
