@@ -69,8 +69,9 @@ class Arch:
         if self.gpt2:
             return [("c_attn", h, 3 * h, True), ("attn.c_proj", h, h, True), ("c_fc", h, i, True),
                     ("mlp.c_proj", i, h, True)]
-        return [("q_proj", h, q, self.qkv_bias), ("k_proj", h, kv, self.qkv_bias), ("v_proj", h, kv, self.qkv_bias),
-                ("o_proj", q, h, self.o_bias), ("gate_proj", h, i, self.mlp_bias), ("up_proj", h, i, self.mlp_bias),
+        return [("q_proj", h, q, self.qkv_bias), ("k_proj", h, kv, self.qkv_bias),
+                ("v_proj", h, kv, self.qkv_bias), ("o_proj", q, h, self.o_bias),
+                ("gate_proj", h, i, self.mlp_bias), ("up_proj", h, i, self.mlp_bias),
                 ("down_proj", i, h, self.mlp_bias)]
 
     def block_params(self) -> int:
@@ -107,14 +108,16 @@ def _from_config(name: str, c: dict[str, Any]) -> Arch:
         if model_type == "gpt2":
             hidden = c["n_embd"]
             return Arch(name, model_type, c["vocab_size"], hidden, c["n_layer"], c["n_head"], c["n_head"],
-                        hidden // c["n_head"], c.get("n_inner") or 4 * hidden, c.get("tie_word_embeddings", True),
+                        hidden // c["n_head"], c.get("n_inner") or 4 * hidden,
+                        c.get("tie_word_embeddings", True),
                         positions=c["n_positions"], gpt2=True)
         hidden, heads = c["hidden_size"], c["num_attention_heads"]
         bias = bool(c.get("attention_bias", model_type == "qwen2"))
         return Arch(name, model_type, c["vocab_size"], hidden, c["num_hidden_layers"], heads,
                     c.get("num_key_value_heads") or heads, c.get("head_dim") or hidden // heads,
                     c["intermediate_size"], bool(c.get("tie_word_embeddings", False)),
-                    qkv_bias=bias, o_bias=bias and model_type != "qwen2", mlp_bias=bool(c.get("mlp_bias", False)),
+                    qkv_bias=bias, o_bias=bias and model_type != "qwen2",
+                    mlp_bias=bool(c.get("mlp_bias", False)),
                     qk_norm=model_type in ("qwen3", "qwen3_moe", "olmo2"))
     except KeyError as e:
         raise KdpipeError(f"{name}: config.json has no {e.args[0]} (model type {model_type or 'unknown'}); "
@@ -131,7 +134,7 @@ def shipped_configs() -> dict[str, Path]:
 
 
 def load_arch(name: str, layers: int | None = None) -> Arch:
-    """The architecture of `name`: a local folder or config.json, a shipped short name / hub id, or the hub cache."""
+    """The architecture of `name`: a folder or config.json, a shipped short name or hub id, the hub cache."""
     local = Path(name).expanduser()
     path: Path | None = None
     if local.is_dir() and (local / "config.json").is_file():
@@ -158,7 +161,8 @@ def load_arch(name: str, layers: int | None = None) -> Arch:
 def _hub_config(name: str) -> Path:
     known = sorted({p.stem for p in ARCH_DIR.glob("*.json")})
     if name.startswith((".", "/", "~")) or name.count("/") != 1:
-        raise KdpipeError(f"no model config for {name}: not a folder with config.json, not a hub id, and not one "
+        raise KdpipeError(f"no model config for {name}: not a folder with config.json, not a hub id, "
+                          "and not one "
                           f"of the shipped configs ({', '.join(known)})")
     try:
         from huggingface_hub import hf_hub_download
@@ -166,7 +170,8 @@ def _hub_config(name: str) -> Path:
         return Path(hf_hub_download(name, "config.json"))
     except Exception as e:  # offline and not cached, unknown repo, no network ...
         reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise KdpipeError(f"no model config for {name}: {reason}. Pass a local model folder, or one of the shipped "
+        raise KdpipeError(f"no model config for {name}: {reason}. Pass a local model folder, "
+                          "or one of the shipped "
                           f"configs: {', '.join(known)}") from None
 
 
@@ -322,7 +327,7 @@ def fused_head_scratch(arch: Arch, rows: int, precision: str) -> int:
 
 
 def sft_head_scratch(arch: Arch, tokens: int, precision: str) -> int:
-    """HF's causal-LM loss (what `finetune` trains with): full [B, S, V] logits, their fp32 copy, log-softmax."""
+    """HF's causal-LM loss (what `finetune` uses): full [B, S, V] logits, their fp32 copy, log-softmax."""
     return tokens * arch.vocab * (BYTES[precision] + 8)
 
 
@@ -349,7 +354,7 @@ class StagePlan:
 
 
 def _largest(memory_at: Any, budget: int, limit: int = 4096) -> int:
-    """The largest batch b <= limit with memory_at(b) <= budget (0 if not even 1 fits); memory grows with b."""
+    """The largest batch b <= limit with memory_at(b) <= budget (0 if 1 does not fit); grows with b."""
     if memory_at(1) > budget:
         return 0
     lo, hi = 1, limit
@@ -364,7 +369,7 @@ def resolve(dtype: str, gpu: Gpu) -> str:
 
 
 def teacher_rows(w: Workload) -> int:
-    """Rows of cache-teacher's full-length batch (the largest it makes): --batch-size within --max-batch-tokens."""
+    """Rows of cache-teacher's full-length batch: --batch-size within --max-batch-tokens."""
     return max(1, min(w.teacher_batch_size, w.max_batch_tokens // w.max_length))
 
 
@@ -379,19 +384,21 @@ def cache_teacher_plan(arch: Arch, gpu: Gpu, w: Workload) -> StagePlan:
         tokens = rows * w.max_length
         positions = min(tokens, math.ceil(rows * max(1.0, w.targets_per_example)))
         return {"weights": weights,
-                "activations": inference_activation_bytes(arch, tokens, dtype) + positions * arch.hidden * BYTES[dtype],
+                "activations": inference_activation_bytes(arch, tokens, dtype)
+                + positions * arch.hidden * BYTES[dtype],
                 "LM-head chunk": teacher_head_scratch(arch, min(w.teacher_chunk, positions), dtype)}
 
     rows = teacher_rows(w)
     flops = 2 * (arch.matmul_params() + arch.layers * w.mean_length * arch.q_dim) * w.tokens \
         + 2 * arch.hidden * arch.vocab * w.targets
     return StagePlan("cache-teacher", arch.name, dtype, f"{rows} x {w.max_length}", memory(rows), gpu.memory,
-                     _largest(lambda b: sum(memory(b).values()), gpu.memory), seconds(flops, weights, gpu, dtype, w),
+                     _largest(lambda b: sum(memory(b).values()), gpu.memory),
+                     seconds(flops, weights, gpu, dtype, w),
                      extra={"target_fraction": round(targets_fraction, 4)})
 
 
 def _vllm_plan(arch: Arch, gpu: Gpu, w: Workload, dtype: str, weights: int) -> StagePlan:
-    """vLLM takes `gpu_memory_utilization` of the device up front: weights, its activation profile, the rest KV cache.
+    """vLLM takes `gpu_memory_utilization` of the device: weights, its activation profile, the rest KV cache.
 
     Prompt log-probs are computed for every prompt token of an engine step in fp32 (logits and
     their log-softmax): up to max_num_batched_tokens x vocab x 8 bytes, which vLLM's start-up
@@ -403,7 +410,8 @@ def _vllm_plan(arch: Arch, gpu: Gpu, w: Workload, dtype: str, weights: int) -> S
     logprobs = step * arch.vocab * 8
     kv = max(0, budget - weights - activations - logprobs)
     seq_kv = arch.kv_bytes_per_token(BYTES[dtype]) * w.max_length
-    memory = {"weights": weights, "activations": activations, "prompt log-probs (fp32)": logprobs, "vLLM KV cache": kv}
+    memory = {"weights": weights, "activations": activations, "prompt log-probs (fp32)": logprobs,
+              "vLLM KV cache": kv}
     if kv == 0:
         memory["vLLM KV cache"] = seq_kv  # it needs at least one sequence: shows by how much it is short
     flops = 2 * (arch.matmul_params() + arch.layers * w.mean_length * arch.q_dim) * w.tokens \
@@ -411,12 +419,13 @@ def _vllm_plan(arch: Arch, gpu: Gpu, w: Workload, dtype: str, weights: int) -> S
     return StagePlan("cache-teacher (vLLM)", arch.name, dtype, f"{step:,} tokens per engine step", memory,
                      gpu.memory if kv else budget, kv // seq_kv if seq_kv else None,
                      seconds(flops, weights, gpu, dtype, w),
-                     note=f"vLLM reserves {w.vllm_gpu_memory_utilization:g} of the memory; the largest batch is "
+                     note=f"vLLM reserves {w.vllm_gpu_memory_utilization:g} of the memory; "
+                          "the largest batch is "
                           "the sequences its KV cache holds at once")
 
 
 def train_memory(arch: Arch, w: Workload, precision: str, batch: int, head: str) -> dict[str, int]:
-    """A training step's parts: weights, gradients + optimizer (+ LoRA), activations and the head's scratch."""
+    """A training step's parts: weights, gradients + optimizer (+ LoRA), activations, the head's scratch."""
     tokens = batch * w.max_length
     positions = min(tokens, math.ceil(batch * max(1.0, w.targets_per_example)))
     if w.lora:
@@ -435,7 +444,8 @@ def train_memory(arch: Arch, w: Workload, precision: str, batch: int, head: str)
         head_part = {"LM-head chunk": scratch}
     else:
         head_part = {"LM head (full logits + CE)": sft_head_scratch(arch, tokens, precision)}
-    activations = train_activation_bytes(arch, tokens, positions if head == "fused" else 0, w.lora, precision, w.lora_r,
+    activations = train_activation_bytes(arch, tokens, positions if head == "fused" else 0, w.lora, precision,
+                                         w.lora_r,
                                          w.gradient_checkpointing)
     return {"weights": weights, **state, "activations": activations, **head_part}
 
@@ -447,7 +457,7 @@ def train_plan(arch: Arch, gpu: Gpu, w: Workload, stage: str = "train-student", 
     def memory(batch: int) -> dict[str, int]:
         return {**(resident or {}), **train_memory(arch, w, precision, batch, head)}
 
-    factor = 2.0 if w.lora else 3.0  # forward + input gradients (+ weight gradients when training every weight)
+    factor = 2.0 if w.lora else 3.0  # forward + input gradients (+ weight gradients in a full fine-tune)
     factor += 1.0 if w.gradient_checkpointing else 0.0  # the forward again in backward
     steps = math.ceil(w.examples / w.batch_size)
     tokens = steps * w.batch_size * w.mean_length
@@ -463,14 +473,14 @@ def train_plan(arch: Arch, gpu: Gpu, w: Workload, stage: str = "train-student", 
 
 
 def online_plan(teacher: Arch, student: Arch, gpu: Gpu, w: Workload) -> StagePlan:
-    """Online KD: the teacher resident beside the student, a teacher forward (no grad) before each student step."""
+    """Online KD: the teacher resident beside the student, its forward (no grad) before each student step."""
     dtype = resolve(w.teacher_dtype, gpu)
     resident = {"teacher weights": teacher.params() * BYTES[dtype]}
     plan = train_plan(student, gpu, w, "online KD (both resident)", resident=resident)
     tokens = w.batch_size * w.max_length
     transient = inference_activation_bytes(teacher, tokens, dtype) + teacher_head_scratch(
         teacher, min(w.teacher_chunk, math.ceil(w.batch_size * w.targets_per_example)), dtype)
-    plan.note = (f"the teacher's forward adds {transient / GiB:.2f} GiB before the student's step (freed before it)")
+    plan.note = f"the teacher's forward adds {transient / GiB:.2f} GiB before the student's step (then freed)"
     teacher_time = cache_teacher_plan(teacher, gpu, w).seconds or 0.0
     plan.seconds = (plan.seconds or 0.0) + teacher_time
     return plan
@@ -516,16 +526,19 @@ def cache_bytes(targets: float, tokens: float, encoding: str = "compact", sparse
 # ---------------------------------------------------------------- the whole plan
 
 
-def make_plan(teacher: str | None, student: str | None, gpu: Gpu, w: Workload, layers: int | None = None) -> dict[str, Any]:
+def make_plan(teacher: str | None, student: str | None, gpu: Gpu, w: Workload,
+              layers: int | None = None) -> dict[str, Any]:
     """Every stage's prediction, as plain data (what --json prints)."""
     if not (teacher or student):
         raise KdpipeError("pass --teacher and/or --student")
-    for name in ("examples", "max_length", "top_k", "batch_size", "lora_r", "teacher_batch_size", "max_batch_tokens",
+    for name in ("examples", "max_length", "top_k", "batch_size", "lora_r", "teacher_batch_size",
+                 "max_batch_tokens",
                  "teacher_chunk", "student_chunk", "samples", "vllm_max_num_batched_tokens"):
         if getattr(w, name) < 1:
             raise KdpipeError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(w, name)}")
     if not 0 < w.vllm_gpu_memory_utilization <= 1:
-        raise KdpipeError(f"--vllm-gpu-memory-utilization must be in (0, 1], not {w.vllm_gpu_memory_utilization:g}")
+        raise KdpipeError("--vllm-gpu-memory-utilization must be in (0, 1], "
+                          f"not {w.vllm_gpu_memory_utilization:g}")
     if not 0 < w.efficiency <= 1:
         raise KdpipeError(f"--efficiency must be in (0, 1], not {w.efficiency:g}")
     if not 1 <= w.mean_length <= w.max_length:
@@ -550,18 +563,20 @@ def make_plan(teacher: str | None, student: str | None, gpu: Gpu, w: Workload, l
         stages.append(train_plan(s_arch, gpu, w, "SFT alone (finetune)", head="hf"))
     size = cache_bytes(w.targets, w.tokens, w.encoding, w.sparse_mode, w.top_k, w.samples)
     return {
-        "device": {"name": gpu.name, "memory_bytes": gpu.memory, "peak_flops": gpu.flops, "bandwidth": gpu.bandwidth,
+        "device": {"name": gpu.name, "memory_bytes": gpu.memory, "peak_flops": gpu.flops,
+                   "bandwidth": gpu.bandwidth,
                    "capability": list(gpu.capability) if gpu.capability else None},
         "workload": asdict(w) | {"tokens": w.tokens, "targets": w.targets},
         "models": {role: {"name": a.name, "params": a.params(), "layers": a.layers, "hidden": a.hidden,
                           "vocab": a.vocab, "tied": a.tied, "lora_params": a.lora_params(w.lora_r)}
                    for role, a in (("teacher", t_arch), ("student", s_arch)) if a},
-        "stages": [{"stage": s.stage, "model": s.model, "dtype": s.dtype, "batch": s.batch, "memory": s.memory,
+        "stages": [{"stage": s.stage, "model": s.model, "dtype": s.dtype, "batch": s.batch,
+                    "memory": s.memory,
                     "peak_bytes": s.peak, "device_bytes": s.device_memory, "fits": s.fits,
                     "largest_batch": s.largest_batch, "seconds": s.seconds, "note": s.note, **s.extra}
                    for s in stages],
         "cache": {"bytes": size, "encoding": w.encoding, "sparse_mode": w.sparse_mode,
-                  "k" if w.sparse_mode == "topk" else "samples": w.top_k if w.sparse_mode == "topk" else w.samples,
+                  **({"k": w.top_k} if w.sparse_mode == "topk" else {"samples": w.samples}),
                   "bytes_per_target": round(size / w.targets, 1) if w.targets else None},
         "note": note,
     }
@@ -585,12 +600,14 @@ def format_plan(p: dict[str, Any]) -> str:
              f"data: {w['examples']:,} examples x {w['mean_length']:g} tokens = {w['tokens']:,.0f} tokens, "
              f"{w['targets']:,.0f} distilled; max length {w['max_length']}"]
     for role, m in p["models"].items():
-        lines.append(f"{role}: {m['name']}: {m['params']:,} parameters, {m['layers']} layers x {m['hidden']}, "
+        lines.append(f"{role}: {m['name']}: {m['params']:,} parameters, "
+                     f"{m['layers']} layers x {m['hidden']}, "
                      f"vocab {m['vocab']:,}{', tied head' if m['tied'] else ''}")
     eff = f"{w['efficiency']:.0%} of peak FLOP/s"
     for s in p["stages"]:
         verdict = "fits" if s["fits"] else "DOES NOT FIT"
-        lines += ["", f"{s['stage']} [{s['model']}, {s['dtype']}, batch {s['batch']}]: peak {_size(s['peak_bytes'])} "
+        lines += ["", f"{s['stage']} [{s['model']}, {s['dtype']}, batch {s['batch']}]: "
+                      f"peak {_size(s['peak_bytes'])} "
                       f"of {_size(s['device_bytes'])}: {verdict}"]
         width = max(map(len, s["memory"]))
         lines += [f"  {name:<{width}}  {_size(b):>10}" for name, b in s["memory"].items()]
@@ -598,7 +615,8 @@ def format_plan(p: dict[str, Any]) -> str:
         lines.append(f"  largest batch that fits: {largest if largest is not None else '?'}"
                      + (f" x {w['max_length']}" if largest and "vLLM" not in s["stage"] else ""))
         steps = f" ({s['steps per epoch']:,} steps per epoch)" if "steps per epoch" in s else ""
-        lines.append(f"  time: {_duration(s['seconds'])} {'per epoch' if 'steps per epoch' in s else 'for the data'} "
+        span = "per epoch" if "steps per epoch" in s else "for the data"
+        lines.append(f"  time: {_duration(s['seconds'])} {span} "
                      f"at {eff}{steps}")
         if s["note"]:
             lines.append(f"  note: {s['note']}")
@@ -621,7 +639,7 @@ KNOWN_EXAMPLES = {"imdb": 25_000, "stanfordnlp/imdb": 25_000, "stanfordnlp/sst2"
 
 
 def dataset_examples(dataset: str) -> int:
-    """Examples in a known hub dataset's training split, or rows of a local .jsonl/.json/.csv/.parquet file."""
+    """Examples in a known hub dataset's training split, or rows of a local .jsonl/.json/.csv/.parquet."""
     path = Path(dataset).expanduser()
     if path.is_file():
         suffix = path.suffix.lower()
@@ -637,7 +655,8 @@ def dataset_examples(dataset: str) -> int:
         return lines - 1 if suffix == ".csv" else lines
     if dataset in KNOWN_EXAMPLES:
         return KNOWN_EXAMPLES[dataset]
-    raise KdpipeError(f"--dataset {dataset}: not a local file and not a dataset kdpipe plan knows the size of "
+    raise KdpipeError(f"--dataset {dataset}: not a local file and not a dataset kdpipe plan "
+                      "knows the size of "
                       f"({', '.join(KNOWN_EXAMPLES)}); pass --limit N (examples) or --tokens N instead")
 
 
@@ -660,13 +679,14 @@ def one_line(s: dict[str, Any]) -> str:
     """A stage's prediction in one line (for `kdpipe run --dry-run`)."""
     verdict = "fits" if s["fits"] else "DOES NOT FIT"
     parts = ", ".join(f"{k} {_size(v)}" for k, v in s["memory"].items())
-    return (f"{s['stage']}: peak {_size(s['peak_bytes'])} of {_size(s['device_bytes'])} ({verdict}; largest batch "
+    return (f"{s['stage']}: peak {_size(s['peak_bytes'])} of {_size(s['device_bytes'])} "
+            f"({verdict}; largest batch "
             f"{s['largest_batch']}) = {parts}")
 
 
 def step_line(kind: str, cfg: Any, max_length: int | None = None, device: Gpu | None = None,
               pending: Any = ()) -> str | None:
-    """`kdpipe run --dry-run`'s plan line for a cache, train or finetune step on this machine (None for others).
+    """`kdpipe run --dry-run`'s plan line for a cache, train or finetune step on this machine (else None).
 
     Memory only (the data size is not known before the step runs): every batch at full length.
     """
@@ -679,20 +699,24 @@ def step_line(kind: str, cfg: Any, max_length: int | None = None, device: Gpu | 
         length = getattr(cfg, "max_length", None) or max_length or 512
         w = Workload(examples=1, mean_length=length, targets_per_example=length - 1, max_length=length)
         if kind == "cache":
-            w = replace(w, top_k=cfg.top_k, encoding=cfg.encoding, sparse_mode=cfg.sparse_mode, samples=cfg.samples,
-                        backend=cfg.backend, teacher_batch_size=cfg.batch_size, max_batch_tokens=cfg.max_batch_tokens,
+            w = replace(w, top_k=cfg.top_k, encoding=cfg.encoding, sparse_mode=cfg.sparse_mode,
+                        samples=cfg.samples, backend=cfg.backend, teacher_batch_size=cfg.batch_size,
+                        max_batch_tokens=cfg.max_batch_tokens,
                         teacher_chunk=cfg.chunk_size, teacher_dtype=cfg.dtype,
                         vllm_gpu_memory_utilization=cfg.vllm_gpu_memory_utilization)
             if cfg.vllm_max_num_batched_tokens:
                 w.vllm_max_num_batched_tokens = cfg.vllm_max_num_batched_tokens
             s = cache_teacher_plan(load_arch(cfg.model), device, w)
         else:
-            w = replace(w, lora=cfg.lora, lora_r=cfg.lora_r, batch_size=cfg.batch_size, precision=cfg.precision,
+            w = replace(w, lora=cfg.lora, lora_r=cfg.lora_r, batch_size=cfg.batch_size,
+                        precision=cfg.precision,
                         gradient_checkpointing=cfg.gradient_checkpointing,
                         student_chunk=getattr(cfg, "chunk_size", w.student_chunk))
             arch = load_arch(cfg.model)
-            s = train_plan(arch, device, w) if kind == "train" else train_plan(arch, device, w, "finetune", head="hf")
+            s = (train_plan(arch, device, w) if kind == "train"
+                 else train_plan(arch, device, w, "finetune", head="hf"))
     except KdpipeError as e:
         return f"plan: unavailable ({e.message})"
-    return "plan: " + one_line({"stage": s.stage, "memory": s.memory, "peak_bytes": s.peak, "device_bytes": s.device_memory,
+    return "plan: " + one_line({"stage": s.stage, "memory": s.memory, "peak_bytes": s.peak,
+                                "device_bytes": s.device_memory,
                                 "fits": s.fits, "largest_batch": s.largest_batch}) + f" on {device.name}"
