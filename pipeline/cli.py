@@ -278,6 +278,81 @@ def evaluate_cmd(config_file: str | None, **options: Any) -> None:
     click.echo(evaluate.summary(results))
 
 
+# ---- plan: will it fit, how long, how big (config.json only; imports no torch) ----
+@main.command("plan")
+@click.option("--teacher", default=None, help="Teacher: short name (Qwen3-4B), hub id, local folder or config.json.")
+@click.option("--student", default=None, help="Student, as --teacher.")
+@click.option("--gpu", default=None, help="t4, l4, a10g, 4090, a100-40, a100-80, h100, h200 or cpu.")
+@click.option("--gpu-memory-gb", type=float, default=None, help="The device's usable memory (overrides the table's).")
+@click.option("--dataset", default=None, help="A known hub dataset (imdb, ...) or a local file: its number of examples.")
+@click.option("--limit", type=int, default=None, help="Examples (as cache-teacher --limit).")
+@click.option("--tokens", type=float, default=None, help="Total tokens of the data (instead of examples x --mean-length).")
+@click.option("--mean-length", type=float, default=None, help="Tokens per example  [default: --max-length]")
+@click.option("--targets-per-example", type=float, default=None,
+              help="Distilled tokens per example (completions only: the completion's length)  [default: every token]")
+@click.option("--max-length", type=int, default=512, show_default=True)
+@click.option("--top-k", type=int, default=32, show_default=True)
+@click.option("--encoding", type=click.Choice(["plain", "compact", "compact16"]), default="compact", show_default=True)
+@click.option("--sparse-mode", type=click.Choice(["topk", "sampled"]), default="topk", show_default=True)
+@click.option("--samples", type=int, default=12, show_default=True, help="Sampled mode: draws per position.")
+@click.option("--lora/--full", default=True, help="LoRA (default) or every weight of the student.")
+@click.option("--lora-r", type=int, default=16, show_default=True)
+@click.option("--batch-size", type=int, default=8, show_default=True, help="The student's micro-batch.")
+@click.option("--gradient-checkpointing", is_flag=True, help="The student recomputes activations in backward.")
+@click.option("--backend", type=click.Choice(["hf", "vllm"]), default="hf", show_default=True)
+@click.option("--vllm-gpu-memory-utilization", type=float, default=0.9, show_default=True)
+@click.option("--vllm-max-num-batched-tokens", type=int, default=8192, show_default=True)
+@click.option("--dtype", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto", show_default=True,
+              help="Teacher dtype (auto: fp16 below compute capability 8, bf16 from 8, fp32 on CPU).")
+@click.option("--precision", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto", show_default=True,
+              help="Student mixed precision (same rule).")
+@click.option("--efficiency", type=float, default=0.35, show_default=True, help="Fraction of peak FLOP/s reached.")
+@click.option("--layers", type=int, default=None, help="Plan with this many layers (as bench_real_shapes --layers).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def plan_cmd(teacher: str | None, student: str | None, gpu: str | None, gpu_memory_gb: float | None,
+             dataset: str | None, limit: int | None, tokens: float | None, mean_length: float | None,
+             targets_per_example: float | None, max_length: int, top_k: int, encoding: str, sparse_mode: str,
+             samples: int, lora: bool, lora_r: int, batch_size: int, gradient_checkpointing: bool, backend: str,
+             vllm_gpu_memory_utilization: float, vllm_max_num_batched_tokens: int, dtype: str, precision: str,
+             efficiency: float, layers: int | None, as_json: bool) -> None:
+    """Predict each stage's peak memory, whether it fits, the largest batch, its time and the cache's size.
+
+    \b
+    Example:
+      kdpipe plan --teacher Qwen3-4B --student Qwen3-0.6B --gpu t4 --dataset imdb --mean-length 300 --targets-per-example 2
+    From config.json only (no weights are loaded); stages: cache-teacher, train-student, and for
+    comparison online KD with both models resident and the student's SFT alone.
+    """
+    from kdpipe import plan
+
+    if max_length < 1:
+        raise KdpipeError(f"--max-length must be at least 1, not {max_length}")
+    device = plan.get_device(gpu, gpu_memory_gb)
+    examples = limit if limit is not None else plan.dataset_examples(dataset) if dataset else None
+    if limit is not None and dataset:
+        examples = min(limit, plan.dataset_examples(dataset))
+    if tokens is not None and not tokens > 0:
+        raise KdpipeError(f"--tokens must be positive, not {tokens:g}")
+    if examples is None and tokens is None:
+        raise KdpipeError("how much data? pass --dataset, --limit N (examples) or --tokens N")
+    if examples is not None and examples < 1:
+        raise KdpipeError(f"--limit must be at least 1, not {examples}")
+    if mean_length is None:
+        mean_length = tokens / examples if tokens and examples else float(max_length)
+    if examples is None:
+        examples = max(1, round(tokens / mean_length))
+    w = plan.Workload(examples=examples, mean_length=mean_length,
+                      targets_per_example=targets_per_example if targets_per_example is not None else mean_length - 1,
+                      max_length=max_length, top_k=top_k, encoding=encoding, sparse_mode=sparse_mode, samples=samples,
+                      backend=backend, lora=lora, lora_r=lora_r, batch_size=batch_size, efficiency=efficiency,
+                      gradient_checkpointing=gradient_checkpointing,
+                      vllm_gpu_memory_utilization=vllm_gpu_memory_utilization,
+                      vllm_max_num_batched_tokens=vllm_max_num_batched_tokens,
+                      teacher_dtype=dtype, precision=precision)
+    result = plan.make_plan(teacher, student, device, w, layers)
+    click.echo(json.dumps(result, indent=2) if as_json else plan.format_plan(result))
+
+
 # ---- run: a whole experiment from one YAML file ----
 @main.command("run")
 @click.argument("config", type=click.Path(dir_okay=False))

@@ -31,6 +31,7 @@ from kdpipe.config import option, progress_disabled, to_dict
 from kdpipe.errors import KdpipeError
 from kdpipe.losses import DistillLossConfig, SparseTargets, distill_loss
 from kdpipe.models import load_model, resolve_model_name
+from kdpipe.precision import resolve_dtype
 
 RUN_FILE = "kdpipe_run.json"
 LOCK_FILE = ".lock"  # held by the running train-student / finetune for its whole run
@@ -72,7 +73,8 @@ class TrainConfig:
     weight_decay: float = option(0.0, "AdamW weight decay.")
     max_grad_norm: float = option(1.0, "Gradient clipping norm (0: off).")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = option(
-        "auto", "Mixed precision: auto (bf16 on GPUs that have it, else fp16; fp32 on CPU), bf16, fp16, fp32."
+        "auto", "Mixed precision: auto (fp16 on GPUs before compute capability 8 such as T4/V100, bf16 from 8, "
+        "fp32 on CPU), bf16, fp16, fp32."
     )
     gradient_checkpointing: bool = option(False, "Recompute activations in backward (less memory, slower).")
     seed: int = option(0, "Seed of the initialisation, the data order and dropout.")
@@ -161,11 +163,8 @@ def causal_lm(model: Any) -> Any:
 
 
 def resolve_precision(precision: str) -> str:
-    if precision != "auto":
-        return precision
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "fp32"
+    """`--precision` as given; auto: fp16 on GPUs before compute capability 8 (T4, V100), bf16 from 8, fp32 on CPU."""
+    return resolve_dtype(precision)
 
 
 # ---------------------------------------------------------------- trainer

@@ -27,6 +27,7 @@ from kdpipe.data import DataConfig, load_examples
 from kdpipe.errors import KdpipeError
 from kdpipe.models import (load_model, load_tokenizer, model_revision, pick_device, resolve_model_name,
                            vocab_hash)
+from kdpipe.precision import resolve_dtype
 from kdpipe.teacher import HFTeacher, Sampling, TeacherBackend, make_batches
 from kdpipe.templates import get_template
 from kdpipe.tokenize import tokenize_examples
@@ -38,7 +39,9 @@ class CacheTeacherConfig(DataConfig):
 
     model: str | None = option(None, "Teacher: hub id, local path or short name (Qwen3-4B).")
     revision: str | None = option(None, "Hub revision (branch, tag or commit) of the teacher.")
-    dtype: Literal["auto", "bf16", "fp16", "fp32"] = option("auto", "Teacher weights dtype (auto keeps the checkpoint's).")
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = option(
+        "auto", "Teacher dtype, the same on both backends: auto = fp16 on GPUs before compute capability 8 (T4, V100), "
+        "bf16 from 8, fp32 on CPU.")
     device: str = option("auto", "Device: auto (CUDA if present), cpu, cuda, cuda:1 ...")
     backend: Literal["hf", "vllm"] = option("hf", "Teacher runtime: hf (transformers) or vllm.")
     cache: str | None = option(None, "Cache folder or object-storage URL (s3://bucket/prefix, gs://...; default: cache/<dataset name>).")
@@ -214,17 +217,18 @@ def _check_model_limits(cfg: CacheTeacherConfig) -> None:
 
 
 def _load_teacher(cfg: CacheTeacherConfig) -> TeacherBackend:
+    dtype = resolve_dtype(cfg.dtype, cfg.device)  # one rule for "auto" on both backends
     if cfg.backend == "vllm":
         from kdpipe.teacher_vllm import VllmTeacher
 
         return VllmTeacher.load(
-            cfg.model, cfg.top_k, cfg.dtype, cfg.device, cfg.revision, seed=cfg.seed,
+            cfg.model, cfg.top_k, dtype, cfg.device, cfg.revision, seed=cfg.seed,
             tensor_parallel_size=cfg.vllm_tensor_parallel_size,
             max_model_len=cfg.vllm_max_model_len or _vllm_model_len(cfg),
             gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
             max_num_batched_tokens=cfg.vllm_max_num_batched_tokens,
         )
-    return HFTeacher(load_model(cfg.model, cfg.dtype, cfg.device, cfg.revision), cfg.top_k, cfg.chunk_size, sampling(cfg))
+    return HFTeacher(load_model(cfg.model, dtype, cfg.device, cfg.revision), cfg.top_k, cfg.chunk_size, sampling(cfg))
 
 
 def sampling(cfg: CacheTeacherConfig) -> Sampling | None:

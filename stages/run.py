@@ -387,10 +387,13 @@ def select(p: Plan, start: str | None = None, only: str | None = None) -> list[t
 
 def describe(p: Plan, steps: list[tuple[Step, Any]]) -> str:
     """The plan: each step, its equivalent command and what would happen now."""
+    from kdpipe.plan import step_line
+
     lines = [f"experiment {p.name} ({p.path}): {len(steps)} step(s); each command shows the options that "
              "differ from their defaults (`kdpipe COMMAND --help` lists the defaults)"]
     first = [s.name for s, _ in p.steps].index(steps[0][0].name) if steps else 0
     produced = {p.outputs[s.name] for s, _ in p.steps[:first]}  # --from / --only: the earlier steps are done
+    cache_length = None  # what train steps plan with: the sequences the cache step writes
     for i, (step, cfg) in enumerate(steps, 1):
         try:
             state, why = step_state(step, cfg, anything_ran=False)
@@ -400,6 +403,10 @@ def describe(p: Plan, steps: list[tuple[Step, Any]]) -> str:
         lines.append(f"     {standalone_command(step, cfg)}")
         lines += [f"     missing: {what}" for what in missing_inputs(step, cfg, produced)]
         produced.add(p.outputs[step.name])
+        cache_length = cfg.max_length if step.name == "cache" else cache_length
+        predicted = step_line(step.kind, cfg, cache_length, pending=set(p.outputs.values()))
+        if predicted:
+            lines.append(f"     {predicted}")
     return "\n".join(lines)
 
 
