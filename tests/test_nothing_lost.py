@@ -315,6 +315,24 @@ def test_fp16_overflow_names_the_example_and_the_dtype_way_out(fp16_overflowing_
     assert verify(tmp_path / "fp32") == []
 
 
+@pytest.mark.parametrize("capability, refused", [((7, 5), True), ((8, 0), False)])
+def test_auto_dtype_on_a_t4_overflows_and_is_refused(fp16_overflowing_teacher, tmp_path, monkeypatch,
+                                                      capability, refused):
+    """`--dtype auto` on a GPU of compute capability 7.5 (a T4) is fp16 (issue 15): the overflowing teacher is
+    refused with nothing cached; from 8.0 it is bf16, whose range holds the logits, and the cache is whole."""
+    from kdpipe import precision
+
+    monkeypatch.setattr(precision, "device_capability", lambda device="auto": capability)
+    folder = tmp_path / "c"
+    result = kdpipe(*args(fp16_overflowing_teacher, folder, "--dtype", "auto"), ok=not refused)
+    if refused:
+        assert result.exit_code == 2 and "A float16 teacher can overflow: rerun with --dtype fp32" in result.output
+        assert not list(folder.glob("shard-*"))
+    else:
+        assert json.loads((folder / "manifest.json").read_text())["teacher"]["dtype"] == "bfloat16"
+        assert verify(folder) == []
+
+
 def test_vllm_backend_refuses_a_nan_teacher(tmp_path, tiny_tokenizer):
     """The same check behind the vLLM backend (a real engine, in its own process): a teacher checkpoint
     with a NaN row in its LM head gives NaN log-probs everywhere; the shard's first example is named."""
