@@ -9,15 +9,7 @@ import textwrap
 import pytest
 import torch
 from train_fixtures import *  # noqa: F401,F403
-from train_fixtures import run_cli
-
-
-def expect_error(*args, match):
-    result = run_cli(*args, ok=False)
-    assert result.exit_code != 0, result.output
-    assert isinstance(result.exception, SystemExit), result.exception  # a message, not a traceback
-    assert match in result.output, result.output
-    return result
+from train_fixtures import expect_error, run_cli
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

@@ -8,18 +8,10 @@ import json
 import pytest
 import torch
 from train_fixtures import *  # noqa: F401,F403
-from train_fixtures import run_cli
+from train_fixtures import expect_error, run_cli
 
 from kdpipe import training
 from kdpipe.errors import KdpipeError
-
-
-def expect_error(*args, match):
-    result = run_cli(*args, ok=False)
-    assert result.exit_code != 0, result.output
-    assert isinstance(result.exception, SystemExit), result.exception  # a message, not a traceback
-    assert match in result.output, result.output
-    return result
 
 
 def test_a_second_run_into_the_same_output_is_refused_at_once(world, tmp_path, monkeypatch):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from train_fixtures import *  # noqa: F403  (fixtures: world)
-from train_fixtures import run_cli, student_kwargs
+from train_fixtures import expect_error, run_cli, student_kwargs
 
 from kdpipe.cache import open_cache
 from kdpipe.losses import DistillLossConfig, SparseTargets, distill_loss
@@ -238,14 +238,6 @@ def test_resume_continues_with_the_same_data_order(world):
 
 
 # ---------------------------------------------------------------- bad input: a clear message, no traceback
-
-
-def expect_error(*args, match):
-    result = run_cli(*args, ok=False)
-    assert result.exit_code != 0, result.output
-    assert isinstance(result.exception, SystemExit), result.exception  # a message, not a traceback
-    assert match in result.output, result.output
-    return result
 
 
 def test_student_with_another_tokenizer_is_refused(world, tmp_path):

@@ -77,3 +77,12 @@ def run_cli(*args: object, ok: bool = True):
     if ok:
         assert result.exit_code == 0, (result.output, result.exception)
     return result
+
+
+def expect_error(*args: object, match: str):
+    """`kdpipe ARGS` must fail with a message (not a traceback) containing `match`."""
+    result = run_cli(*args, ok=False)
+    assert result.exit_code != 0, result.output
+    assert isinstance(result.exception, SystemExit), result.exception  # a message, not a traceback
+    assert match in result.output, result.output
+    return result
