@@ -1,17 +1,26 @@
-"""The one exception kdpipe raises for bad input: the CLI prints its message and exits non-zero."""
+"""The one exception kdpipe raises for bad input: the CLI prints its message and exits non-zero.
+
+`KdpipeError` is a plain exception, so library modules do not depend on the CLI package; `kdpipe.cli`
+turns it into click's "Error: MESSAGE" and exit code `KdpipeError.exit_code`.
+"""
 
 import errno
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import click
 
-
-class KdpipeError(click.ClickException):
+class KdpipeError(Exception):
     """A user-facing error: one clear paragraph naming the file, row or option at fault."""
 
     exit_code = 2
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
 
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
