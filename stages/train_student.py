@@ -17,7 +17,7 @@ from kdpipe.cache.tools import open_checked
 from kdpipe.errors import KdpipeError
 from kdpipe.losses import DistillLossConfig
 from kdpipe.models import load_tokenizer, vocab_hash
-X
+from kdpipe.stages.configs import TrainStudentConfig, _slug  # noqa: F401  (re-exported: old imports)
 from kdpipe.student_data import BlockShuffleSampler, CacheDataset, DistillCollator
 
 
