@@ -36,7 +36,8 @@ def timed(command: list[str]) -> tuple[float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=5, help="runs of each command (the median is shown)")
     parser.add_argument("--before", default="/work/main/.venv/bin/kdpipe",
                         help="the `kdpipe` executable of the version to compare with")

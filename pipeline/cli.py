@@ -1,4 +1,6 @@
-"""The `kdpipe` command line. Each stage's options are generated from its config dataclass."""
+"""The `kdpipe` command line. One command per stage of `kdpipe.stages.registry.STAGES`, its options generated
+from the stage's config dataclass; the other commands (cache info/verify/merge, merge-lora, plan, run) are
+written here. Nothing imported at module level imports torch: `kdpipe --help` and option errors stay fast."""
 
 from __future__ import annotations
 
@@ -17,8 +19,10 @@ from kdpipe.errors import KdpipeError
 from kdpipe.stages.base import Stage, flag_spelling
 from kdpipe.stages.registry import STAGES
 
+Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 
-def config_options(cls: type, stage: Stage | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+
+def config_options(cls: type, stage: Stage | None = None) -> Decorator:
     """Add one click option per field of `cls` (``top_k`` -> ``--top-k``), plus ``--config FILE``.
 
     Every option defaults to None, so only what the user typed overrides the config file. A `stage`'s
@@ -38,7 +42,7 @@ def config_options(cls: type, stage: Stage | None = None) -> Callable[[Callable[
 
 
 def _field_option(f: dataclasses.Field, hint: Any, multiple: bool = False,
-                  short: str | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+                  short: str | None = None) -> Decorator:
     name = f.name.replace("_", "-")
     default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
     help_text = f.metadata.get("help", "")
@@ -51,8 +55,10 @@ def _field_option(f: dataclasses.Field, hint: Any, multiple: bool = False,
     decls = [f"--{name}", *([short] if short else [])]
     args = typing.get_args(hint)
     if typing.get_origin(hint) is Literal:
-        return click.option(*decls, f.name, type=click.Choice([str(a) for a in args]), default=None, help=help_text)
-    plain = [a for a in args if a is not type(None)] if args and typing.get_origin(hint) is not dict else [hint]
+        choice = click.Choice([str(a) for a in args])
+        return click.option(*decls, f.name, type=choice, default=None, help=help_text)
+    plain = [a for a in args if a is not type(None)] if args and typing.get_origin(hint) is not dict \
+        else [hint]
     kind = {int: click.INT, float: click.FLOAT}.get(plain[0] if len(plain) == 1 else None, click.STRING)
     return click.option(*decls, f.name, type=kind, default=None, multiple=multiple, help=help_text)
 
@@ -110,7 +116,8 @@ def cache_info_cmd(path: str, as_json: bool) -> None:
 
 @cache_group.command("verify")
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
-@click.option("--no-values", is_flag=True, help="Skip the decoded-value sanity checks (checksums, schema and counts only).")
+@click.option("--no-values", is_flag=True, help="Skip the decoded-value sanity checks (checksums, schema and "
+                                                "counts only).")
 def cache_verify_cmd(paths: tuple[str, ...], no_values: bool) -> None:
     """Check checksums, schema, row counts and value sanity; non-zero exit naming what is broken."""
     from kdpipe.cache.tools import verify
@@ -135,12 +142,14 @@ def cache_merge_cmd(parts: tuple[str, ...], output: str) -> None:
     from kdpipe.cache.tools import merge
 
     merged = merge(list(parts), output)
-    click.echo(f"merged {len(parts)} part(s): {merged['totals']['rows']} examples in {merged['totals']['shards']} shards -> {output}")
+    click.echo(f"merged {len(parts)} part(s): {merged['totals']['rows']} examples in "
+               f"{merged['totals']['shards']} shards -> {output}")
 
 
 @main.command("merge-lora")
 @click.argument("adapter", type=click.Path())
-@click.option("--output", "-o", required=True, type=click.Path(), help="New folder for the merged model and its tokenizer.")
+@click.option("--output", "-o", required=True, type=click.Path(), help="New folder for the merged model and "
+                                                                       "its tokenizer.")
 def merge_lora_cmd(adapter: str, output: str) -> None:
     """Merge a LoRA adapter folder into its base model (loadable by AutoModelForCausalLM)."""
     from kdpipe.training import merge_lora
@@ -156,28 +165,35 @@ def stage_command(stage: Stage) -> click.Command:
 
     def callback(config_file: str | None, **options: Any) -> None:
         for name in stage.repeatable:  # each value may also be a comma-separated list
-            options[name] = [v for value in options.get(name) or () for v in value.split(",") if v.strip()] or None
+            values = [v for value in options.get(name) or () for v in value.split(",") if v.strip()]
+            options[name] = values or None
         cfg = load_config(stage.config, config_file, options)
         result = stage.run(cfg, echo=lambda m: click.echo(m, err=True))
         text = stage.final_report(result, cfg)
         if text:
             click.echo(text)
 
-    return click.command(stage.name, help=inspect.cleandoc(stage.help))(config_options(stage.config, stage)(callback))
+    command = click.command(stage.name, help=inspect.cleandoc(stage.help))
+    return command(config_options(stage.config, stage)(callback))
 
 
 # ---- plan: will it fit, how long, how big (config.json only; imports no torch) ----
 @main.command("plan")
-@click.option("--teacher", default=None, help="Teacher: short name (Qwen3-4B), hub id, local folder or config.json.")
+@click.option("--teacher", default=None, help="Teacher: short name (Qwen3-4B), hub id, local folder or "
+                                              "config.json.")
 @click.option("--student", default=None, help="Student, as --teacher.")
 @click.option("--gpu", default=None, help="t4, l4, a10g, 4090, a100-40, a100-80, h100, h200 or cpu.")
-@click.option("--gpu-memory-gb", type=float, default=None, help="The device's usable memory (overrides the table's).")
-@click.option("--dataset", default=None, help="A known hub dataset (imdb, ...) or a local file: its number of examples.")
+@click.option("--gpu-memory-gb", type=float, default=None, help="The device's usable memory (overrides the "
+                                                                "table's).")
+@click.option("--dataset", default=None, help="A known hub dataset (imdb, ...) or a local file: its number "
+                                              "of examples.")
 @click.option("--limit", type=int, default=None, help="Examples (as cache-teacher --limit).")
-@click.option("--tokens", type=float, default=None, help="Total tokens of the data (instead of examples x --mean-length).")
+@click.option("--tokens", type=float, default=None, help="Total tokens of the data (instead of examples x "
+                                                         "--mean-length).")
 @click.option("--mean-length", type=float, default=None, help="Tokens per example  [default: --max-length]")
 @click.option("--targets-per-example", type=float, default=None,
-              help="Distilled tokens per example (completions only: the completion's length)  [default: every token]")
+              help="Distilled tokens per example (completions only: the completion's length)  [default: "
+                   "every token]")
 @click.option("--max-length", type=int, default=512, show_default=True)
 @click.option("--top-k", type=int, default=32, show_default=True)
 @click.option("--encoding", type=click.Choice(["plain", "compact", "compact16"]), default="compact", show_default=True)
@@ -194,8 +210,10 @@ def stage_command(stage: Stage) -> click.Command:
               help="Teacher dtype (auto: fp16 below compute capability 8, bf16 from 8, fp32 on CPU).")
 @click.option("--precision", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto", show_default=True,
               help="Student mixed precision (same rule).")
-@click.option("--efficiency", type=float, default=0.35, show_default=True, help="Fraction of peak FLOP/s reached.")
-@click.option("--layers", type=int, default=None, help="Plan with this many layers (as bench_real_shapes --layers).")
+@click.option("--efficiency", type=float, default=0.35, show_default=True, help="Fraction of peak FLOP/s "
+                                                                                "reached.")
+@click.option("--layers", type=int, default=None, help="Plan with this many layers (as bench_real_shapes "
+                                                       "--layers).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def plan_cmd(teacher: str | None, student: str | None, gpu: str | None, gpu_memory_gb: float | None,
              dataset: str | None, limit: int | None, tokens: float | None, mean_length: float | None,
@@ -244,7 +262,8 @@ def plan_cmd(teacher: str | None, student: str | None, gpu: str | None, gpu_memo
 # ---- run: a whole experiment from one YAML file ----
 @main.command("run")
 @click.argument("config", type=click.Path(dir_okay=False))
-@click.option("--dry-run", is_flag=True, help="Print the plan (each step, its equivalent command, run or skip) and stop.")
+@click.option("--dry-run", is_flag=True, help="Print the plan (each step, its equivalent command, run or "
+                                              "skip) and stop.")
 @click.option("--from", "start", default=None, help="Start at this step (earlier steps must be done).")
 @click.option("--only", default=None, help="Run only this step.")
 def run_cmd(config: str, dry_run: bool, start: str | None, only: str | None) -> None:

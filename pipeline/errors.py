@@ -28,7 +28,8 @@ DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 @contextmanager
 def disk_errors(path: str | Path) -> Iterator[None]:
-    """Turn "no space left" (ENOSPC, EDQUOT, or EFBIG from a file size limit) while writing `path` into a KdpipeError."""
+    """Turn "no space left" (ENOSPC, EDQUOT, or EFBIG from a file size limit) while writing `path` into a
+    KdpipeError."""
     try:
         yield
     except OSError as e:

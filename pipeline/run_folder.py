@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-
 from kdpipe.errors import KdpipeError
 
 RUN_FILE = "kdpipe_run.json"  # the run record of train-student / finetune
@@ -35,7 +34,8 @@ def read_json(path: str | Path, missing_ok: bool = True) -> dict[str, Any] | Non
         if missing_ok:
             return None
         text = str(e).strip().splitlines()
-        raise KdpipeError(f"{path} could not be read as JSON: {(text[0] if text else type(e).__name__)[:300]}") from None
+        reason = (text[0] if text else type(e).__name__)[:300]
+        raise KdpipeError(f"{path} could not be read as JSON: {reason}") from None
 
 
 def write_json(path: Path, record: dict[str, Any]) -> None:
@@ -114,14 +114,17 @@ def check_output(cfg: Any, kind: str, identity: dict[str, Any]) -> str | None:
     previous = read_json(out / RUN_FILE)
     if cfg.resume:
         checkpoint = last_checkpoint(out, echo=lambda m: click.echo(m, err=True))
-        if checkpoint is None and (previous is None or previous.get("status") == "complete"):  # an unfinished run starts over
+        # an unfinished run without a checkpoint starts over; a finished one has nothing to resume
+        if checkpoint is None and (previous is None or previous.get("status") == "complete"):
             raise KdpipeError(
-                f"--resume: {out} holds no checkpoint to resume from (Trainer writes checkpoint-N/ every --save-steps "
+                f"--resume: {out} holds no checkpoint to resume from (Trainer writes checkpoint-N/ every "
+                "--save-steps "
                 "steps); start a new run without --resume"
             )
         if previous is not None:
             if previous.get("kind") != kind:
-                raise KdpipeError(f"--resume: {out} holds a `kdpipe {previous.get('kind')}` run, not a `kdpipe {kind}` run")
+                raise KdpipeError(f"--resume: {out} holds a `kdpipe {previous.get('kind')}` run, not a "
+                                  f"`kdpipe {kind}` run")
             before = previous.get("identity", {})
             changed = [k for k, v in identity.items() if before.get(k) != v]
             if changed:
@@ -135,12 +138,14 @@ def check_output(cfg: Any, kind: str, identity: dict[str, Any]) -> str | None:
         if holds_other_files(out):
             what = f"a `kdpipe {previous.get('kind')}` run" if previous else "other files"
             hint = " (pass --resume to continue it from its last checkpoint)" if last_checkpoint(out) else ""
-            raise KdpipeError(f"output folder {out} already holds {what}{hint}; choose another --output or remove it yourself")
+            raise KdpipeError(f"output folder {out} already holds {what}{hint}; choose another --output or "
+                              "remove it yourself")
     return checkpoint
 
 
 def start_run(cfg: Any, kind: str, identity: dict[str, Any], command: str, checkpoint: str | None) -> Path:
-    """Create the run folder and record the run as running (call after `check_output` and every other check)."""
+    """Create the run folder and record the run as running (call after `check_output` and every other
+    check)."""
     import kdpipe
     from kdpipe.config import to_dict
 
@@ -171,7 +176,8 @@ def last_checkpoint(folder: Path, echo: Callable[[str], None] | None = None) -> 
     for path in folder.glob("checkpoint-*"):
         step = path.name.removeprefix("checkpoint-")
         if path.is_dir() and step.isdigit() and read_json(path / "trainer_state.json") is not None:
-            found.append((int(step), str(path)))  # Trainer writes trainer_state.json last: a kill mid-save leaves none or a torn one
+            # Trainer writes trainer_state.json last: a kill mid-save leaves none or a torn one
+            found.append((int(step), str(path)))
     for _, path in sorted(found, reverse=True):
         damaged = damaged_files(Path(path))
         if not damaged:

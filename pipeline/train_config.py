@@ -15,35 +15,42 @@ class TrainConfig:
 
     model: str | None = option(None, "Model to train: hub id, local path or short name (Qwen3-0.6B).")
     revision: str | None = option(None, "Hub revision (branch, tag or commit) of the model.")
-    output: str | None = option(None, "Run folder: checkpoints, then the trained model and its tokenizer (default runs/<name>).")
+    output: str | None = option(None, "Run folder: checkpoints, then the trained model and its tokenizer "
+                                      "(default runs/<name>).")
     lora: bool = option(True, "Train LoRA adapters (default) or every weight.", flag="--lora/--full")
     lora_r: int = option(16, "LoRA rank.")
     lora_alpha: float = option(32.0, "LoRA alpha (scale = alpha / r).")
     lora_dropout: float = option(0.05, "Dropout on the LoRA input.")
     lora_target_modules: list[str] = option(
-        [], "Modules to adapt, comma-separated (default per architecture: every attention and MLP projection; all-linear otherwise)."
+        [], "Modules to adapt, comma-separated (default per architecture: every attention and MLP "
+            "projection; all-linear otherwise)."
     )
     epochs: float = option(1.0, "Passes over the data (ignored when --max-steps is set).")
     max_steps: int = option(-1, "Stop after this many optimizer steps (-1: use --epochs).")
     lr: float | None = option(None, "Peak learning rate (default 2e-4 with LoRA, 2e-5 full).")
     batch_size: int = option(8, "Examples per device per micro-batch.")
     grad_accum: int = option(1, "Micro-batches per optimizer step (gradient accumulation).")
-    lr_scheduler: str = option("cosine", "LR schedule (transformers names: linear, cosine, constant, constant_with_warmup, ...).")
+    lr_scheduler: str = option("cosine", "LR schedule (transformers names: linear, cosine, constant, "
+                                         "constant_with_warmup, ...).")
     warmup: float = option(0.03, "Warmup: a fraction of the steps (< 1) or a number of steps (>= 1).")
     weight_decay: float = option(0.0, "AdamW weight decay.")
     max_grad_norm: float = option(1.0, "Gradient clipping norm (0: off).")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = option(
-        "auto", "Mixed precision: auto (fp16 on GPUs before compute capability 8 such as T4/V100, bf16 from 8, "
+        "auto", "Mixed precision: auto (fp16 on GPUs before compute capability 8 such as T4/V100, bf16 from "
+                "8, "
         "fp32 on CPU), bf16, fp16, fp32."
     )
     gradient_checkpointing: bool = option(False, "Recompute activations in backward (less memory, slower).")
     seed: int = option(0, "Seed of the initialisation, the data order and dropout.")
     resume: bool = option(False, "Continue the run in --output from its last checkpoint (same data order).")
-    merge: bool = option(False, "With --lora: also merge the adapter into the base model (merged model at the top, adapter in adapter/).")
+    merge: bool = option(False, "With --lora: also merge the adapter into the base model (merged model at "
+                                "the top, adapter in adapter/).")
     save_steps: int = option(500, "Write a checkpoint every this many optimizer steps.")
-    save_total_limit: int | None = option(2, "Keep at most this many checkpoints (oldest removed first; empty: keep all).")
+    save_total_limit: int | None = option(2, "Keep at most this many checkpoints (oldest removed first; "
+                                             "empty: keep all).")
     logging_steps: int = option(10, "Log the loss every this many optimizer steps.")
-    report_to: list[str] = option([], "Loggers, comma-separated: tensorboard, wandb, swanlab, ... (default none).")
+    report_to: list[str] = option([], "Loggers, comma-separated: tensorboard, wandb, swanlab, ... (default "
+                                      "none).")
     run_name: str | None = option(None, "Run name shown by the loggers.")
     num_workers: int = option(0, "DataLoader worker processes.")
 

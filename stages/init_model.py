@@ -64,12 +64,13 @@ def run(cfg: InitModelConfig, command: str = "", echo: Echo = print) -> Any:
     if cfg.tokenizer:
         tok = load_tokenizer(cfg.tokenizer)
     else:
-        tok = tiny.train_tokenizer(_corpus(cfg.train_tokenizer_on, cfg.template), cfg.vocab_size, cfg.char_level)
+        corpus = _corpus(cfg.train_tokenizer_on, cfg.template)
+        tok = tiny.train_tokenizer(corpus, cfg.vocab_size, cfg.char_level)
         note = tiny.vocabulary_note(tok, cfg.vocab_size, cfg.char_level)
         if note:
             echo(note)
-    model = tiny.init_model(cfg.output, tok, cfg.hidden_size, cfg.layers, cfg.heads, cfg.kv_heads, cfg.head_dim,
-                            intermediate_size=cfg.intermediate_size, seed=cfg.seed)
+    model = tiny.init_model(cfg.output, tok, cfg.hidden_size, cfg.layers, cfg.heads, cfg.kv_heads,
+                            cfg.head_dim, intermediate_size=cfg.intermediate_size, seed=cfg.seed)
     record = {"kind": "init-model", "options": to_dict(cfg)}
     if command:
         record["command"] = command
@@ -96,7 +97,8 @@ def state(cfg: InitModelConfig, command: str, anything_ran: bool) -> tuple[str, 
         if before == to_dict(cfg):
             return "skip", f"{out} holds this model"
         raise KdpipeError(f"{out} holds a model initialised with other options "
-                          f"({changed(record.get('options'), to_dict(cfg))}); remove it or choose another output")
+                          f"({changed(record.get('options'), to_dict(cfg))}); remove it or choose another "
+                          "output")
     if out.exists() and any(out.iterdir()):
         raise KdpipeError(f"{out} already holds other files; remove it or choose another output")
     return "run", ""

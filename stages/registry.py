@@ -41,8 +41,10 @@ def _cache_state(cfg: CacheTeacherConfig, command: str, anything_ran: bool) -> t
     if manifest.get("command") == command and manifest.get("complete"):
         return "skip", f"{cfg.cache} is complete with the same settings"
     if manifest.get("command") == command:
-        return "resume", f"{cfg.cache} is partly written; cache-teacher continues after its last complete shard"
-    return "run", (f"{cfg.cache} holds another cache; cache-teacher decides (same settings resume, others are "
+        return "resume", (f"{cfg.cache} is partly written; cache-teacher continues after its last "
+                          "complete shard")
+    return "run", (f"{cfg.cache} holds another cache; cache-teacher decides (same settings resume, others "
+                   "are "
                    "refused unless overwrite)")
 
 
@@ -89,7 +91,8 @@ def run_state(kind: str, cfg: Any, command: str, anything_ran: bool) -> tuple[st
     record = read_json(out / RUN_FILE)
     if record is None:
         if holds_other_files(out):
-            raise KdpipeError(f"{out} already holds files that are not a kdpipe run; remove it or choose another output")
+            raise KdpipeError(f"{out} already holds files that are not a kdpipe run; remove it or choose "
+                              "another output")
         return "run", ""
     ignore = {"model", "output", "resume"}
     before = {k: v for k, v in (record.get("config") or {}).items() if k not in ignore}
@@ -97,7 +100,8 @@ def run_state(kind: str, cfg: Any, command: str, anything_ran: bool) -> tuple[st
     same = record.get("kind") == kind and before == now and _same_model(record, cfg.model)
     if not same:
         raise KdpipeError(
-            f"{out} holds a `kdpipe {record.get('kind')}` run with other settings ({changed(before, now) or 'model'}); "
+            f"{out} holds a `kdpipe {record.get('kind')}` run with other settings "
+            f"({changed(before, now) or 'model'}); "
             "remove it or choose another output"
         )
     cached = record.get("identity", {}).get("cache")
@@ -134,7 +138,8 @@ FINETUNE = Stage(
     name="finetune", config=FinetuneConfig, runner=_training_runner("kdpipe.stages.finetune"),
     state=lambda cfg, command, ran: run_state("finetune", cfg, command, ran), summary=_training_summary,
     trains=True, plan_kind="finetune",
-    help="""Supervised fine-tuning (cross-entropy only, LoRA or full): a teacher before caching, or the SFT baseline.
+    help="""Supervised fine-tuning (cross-entropy only, LoRA or full): a teacher before caching, or the SFT
+    baseline.
 
     \b
     Example:
@@ -149,8 +154,10 @@ TRAIN_STUDENT = Stage(
 
     \b
     Example:
-      kdpipe train-student --cache cache/imdb --model Qwen3-0.6B --output runs/imdb-0.6b --loss fkl --alpha 0.5
-    Multi-GPU: accelerate launch -m kdpipe.cli train-student ...   (or torchrun --nproc-per-node N -m kdpipe.cli ...)
+      kdpipe train-student --cache cache/imdb --model Qwen3-0.6B --output runs/imdb-0.6b \\
+          --loss fkl --alpha 0.5
+    Multi-GPU: accelerate launch -m kdpipe.cli train-student ...
+           (or torchrun --nproc-per-node N -m kdpipe.cli ...)
     """)
 
 # ---------------------------------------------------------------- evaluate
@@ -190,9 +197,12 @@ EVALUATE = Stage(
     \b
     Examples:
       kdpipe evaluate                                   # latest finished run: student, base, teacher
-      kdpipe evaluate --model runs/demo-student --model runs/demo/teacher --dataset kdpipe:arithmetic --split test
-      kdpipe evaluate --model runs/imdb-0.6b --dataset imdb --split test --limit 500 --cache cache/imdb-heldout
-    Writes results.json, results.csv, predictions.jsonl and metrics.png to --output (default RUN/eval or eval).
+      kdpipe evaluate --model runs/demo-student --model runs/demo/teacher \\
+          --dataset kdpipe:arithmetic --split test
+      kdpipe evaluate --model runs/imdb-0.6b --dataset imdb --split test --limit 500 \\
+          --cache cache/imdb-heldout
+    Writes results.json, results.csv, predictions.jsonl and metrics.png to --output
+    (default RUN/eval or eval).
     """)
 
 # ---------------------------------------------------------------- the list

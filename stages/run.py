@@ -70,7 +70,8 @@ TOP_KEYS = {"name": "experiment name: default folders runs/NAME/STEP and cache/N
             "seed": "default seed of every section that has one",
             "base": "YAML file (relative to this one) whose keys this file extends",
             "description": "free text",
-            "labels": "names of the evaluated models in the final table, by reference (e.g. '@train': student after KD)"}
+            "labels": "names of the evaluated models in the final table, by reference (e.g. '@train': "
+                      "student after KD)"}
 
 
 @dataclass
@@ -200,7 +201,8 @@ def _resolve(value: Any, outputs: dict[str, str], where: str) -> Any:
     if isinstance(value, str) and value.startswith("@"):
         ref = value[1:]
         if ref not in STEP_NAMES:
-            raise KdpipeError(f"{where}: '{value}' names no step; steps: {', '.join('@' + s for s in STEP_NAMES)}")
+            raise KdpipeError(f"{where}: '{value}' names no step; steps: "
+                              f"{', '.join('@' + s for s in STEP_NAMES)}")
         if ref not in outputs:
             raise KdpipeError(f"{where}: '{value}' refers to a step that is not in this config or comes later")
         return outputs[ref]
@@ -208,7 +210,8 @@ def _resolve(value: Any, outputs: dict[str, str], where: str) -> Any:
 
 
 def standalone_command(step: Step, cfg: Any) -> str:
-    """The `kdpipe ...` command that does what this step does (recorded in the outputs, printed by --dry-run)."""
+    """The `kdpipe ...` command that does what this step does (recorded in the outputs, printed by
+    --dry-run): `kdpipe.stages.base.command_line`."""
     return command_line(step.stage, cfg)
 
 
@@ -291,7 +294,8 @@ def run(path: str | Path, start: str | None = None, only: str | None = None, dry
         done[step.name] = {"state": state, "seconds": round(time.perf_counter() - start_t, 1)}
         echo(f"      {step.name} done in {done[step.name]['seconds']:.1f} s")
     echo(f"experiment {p.name}: {sum(1 for d in done.values() if d['state'] != 'skipped')} step(s) run, "
-         f"{sum(1 for d in done.values() if d['state'] == 'skipped')} skipped, {time.perf_counter() - total:.1f} s")
+         f"{sum(1 for d in done.values() if d['state'] == 'skipped')} skipped, "
+         f"{time.perf_counter() - total:.1f} s")
     if results is not None:
         echo("")
         echo(final_table(p, results))

@@ -11,13 +11,12 @@ import typing
 
 import click
 import pytest
-from train_fixtures import *  # noqa: F401,F403
-from train_fixtures import expect_error, run_cli
-
 from kdpipe.config import load_config
 from kdpipe.errors import KdpipeError
 from kdpipe.stages.base import command_line
 from kdpipe.stages.registry import STAGES
+from train_fixtures import *  # noqa: F401,F403
+from train_fixtures import expect_error, run_cli
 
 
 def parse(command: str):
@@ -31,7 +30,8 @@ def parse(command: str):
     options = dict(ctx.params)
     config_file = options.pop("config_file")
     for name in stage.repeatable:
-        options[name] = [v for value in options.get(name) or () for v in value.split(",") if v.strip()] or None
+        options[name] = [v for value in options.get(name) or () for v in value.split(",") if v.strip()]
+        options[name] = options[name] or None
     return load_config(stage.config, config_file, options)
 
 
@@ -119,7 +119,8 @@ def test_a_folder_made_by_kdpipe_init_model_is_accepted_by_kdpipe_run(tmp_path, 
     assert "student_init: skipped (runs/c/student-init holds this model)" in out, out
     config = json.loads((tmp_path / "runs/c/student-init/config.json").read_text())
     assert config["intermediate_size"] == 48
-    (tmp_path / "c.yaml").write_text((tmp_path / "c.yaml").read_text().replace("hidden_size: 32", "hidden_size: 64"))
+    config = (tmp_path / "c.yaml").read_text()
+    (tmp_path / "c.yaml").write_text(config.replace("hidden_size: 32", "hidden_size: 64"))
     expect_error("run", "c.yaml", match="holds a model initialised with other options (hidden_size: 32 -> 64")
 
 
