@@ -30,7 +30,7 @@ from kdpipe.config import to_dict
 from kdpipe.data import Example, load_examples
 from kdpipe.errors import KdpipeError
 from kdpipe.models import load_model, load_tokenizer, pick_device, resolve_model_name, vocab_hash
-from kdpipe.run_folder import EXPERIMENT_FILE, RUN_FILE
+from kdpipe.run_folder import EXPERIMENT_FILE, RUN_FILE, read_json
 from kdpipe.stages.configs import EvaluateConfig
 from kdpipe.templates import Segment, Template, get_template, label_text
 from kdpipe.tokenize import special_prefix, tokenize_examples
@@ -739,12 +739,7 @@ def _output_folder(cfg: EvaluateConfig, specs: list[ModelSpec], record: dict[str
 
 
 def _read_json(path: Path, quiet: bool = False) -> dict[str, Any]:
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        if quiet:
-            return {}
-        raise KdpipeError(f"{path} could not be read as JSON: {_first_line(e)}") from None
+    return read_json(path, missing_ok=quiet) or {}  # kdpipe.run_folder: one JSON reader, one error behaviour
 
 
 def _short(name: str) -> str:
