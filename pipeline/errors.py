@@ -1,17 +1,26 @@
-"""The one exception kdpipe raises for bad input: the CLI prints its message and exits non-zero."""
+"""The one exception kdpipe raises for bad input: the CLI prints its message and exits non-zero.
+
+`KdpipeError` is a plain exception, so library modules do not depend on the CLI package; `kdpipe.cli`
+turns it into click's "Error: MESSAGE" and exit code `KdpipeError.exit_code`.
+"""
 
 import errno
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import click
 
-
-class KdpipeError(click.ClickException):
+class KdpipeError(Exception):
     """A user-facing error: one clear paragraph naming the file, row or option at fault."""
 
     exit_code = 2
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
 
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -19,7 +28,8 @@ DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 @contextmanager
 def disk_errors(path: str | Path) -> Iterator[None]:
-    """Turn "no space left" (ENOSPC, EDQUOT, or EFBIG from a file size limit) while writing `path` into a KdpipeError."""
+    """Turn "no space left" (ENOSPC, EDQUOT, or EFBIG from a file size limit) while writing `path` into a
+    KdpipeError."""
     try:
         yield
     except OSError as e:

@@ -12,29 +12,30 @@ command, status, log history) and, at the end, the trained model with its tokeni
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import click
 import torch
 
-import kdpipe
-from kdpipe.config import option, progress_disabled, to_dict
+from kdpipe.config import progress_disabled
 from kdpipe.errors import KdpipeError
 from kdpipe.losses import DistillLossConfig, SparseTargets, distill_loss
 from kdpipe.models import load_model, resolve_model_name
 from kdpipe.precision import resolve_dtype
 
-RUN_FILE = "kdpipe_run.json"
-LOCK_FILE = ".lock"  # held by the running train-student / finetune for its whole run
+# The run folder's bookkeeping lives in kdpipe.run_folder; re-exported here for the stages and old callers.
+from kdpipe.run_folder import (LOCK_FILE, RUN_FILE, check_output, damaged_files, last_checkpoint,  # noqa: F401
+                               locked, run_lock, start_run)
+from kdpipe.run_folder import now as _now
+from kdpipe.run_folder import read_json as _read_run
+from kdpipe.run_folder import write_json as _write_run
+from kdpipe.train_config import TrainConfig  # noqa: F401  (defined torch-free, for the CLI)
 
 # LoRA target modules per model type: every linear projection of the blocks (not the LM head).
 _DECODER_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -47,68 +48,6 @@ LORA_TARGETS: dict[str, list[str]] = {
     "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
     "falcon": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
 }
-
-
-@dataclass
-class TrainConfig:
-    """Options shared by `kdpipe train-student` and `kdpipe finetune`."""
-
-    model: str | None = option(None, "Model to train: hub id, local path or short name (Qwen3-0.6B).")
-    revision: str | None = option(None, "Hub revision (branch, tag or commit) of the model.")
-    output: str | None = option(None, "Run folder: checkpoints, then the trained model and its tokenizer (default runs/<name>).")
-    lora: bool = option(True, "Train LoRA adapters (default) or every weight.", flag="--lora/--full")
-    lora_r: int = option(16, "LoRA rank.")
-    lora_alpha: float = option(32.0, "LoRA alpha (scale = alpha / r).")
-    lora_dropout: float = option(0.05, "Dropout on the LoRA input.")
-    lora_target_modules: list[str] = option(
-        [], "Modules to adapt, comma-separated (default per architecture: every attention and MLP projection; all-linear otherwise)."
-    )
-    epochs: float = option(1.0, "Passes over the data (ignored when --max-steps is set).")
-    max_steps: int = option(-1, "Stop after this many optimizer steps (-1: use --epochs).")
-    lr: float | None = option(None, "Peak learning rate (default 2e-4 with LoRA, 2e-5 full).")
-    batch_size: int = option(8, "Examples per device per micro-batch.")
-    grad_accum: int = option(1, "Micro-batches per optimizer step (gradient accumulation).")
-    lr_scheduler: str = option("cosine", "LR schedule (transformers names: linear, cosine, constant, constant_with_warmup, ...).")
-    warmup: float = option(0.03, "Warmup: a fraction of the steps (< 1) or a number of steps (>= 1).")
-    weight_decay: float = option(0.0, "AdamW weight decay.")
-    max_grad_norm: float = option(1.0, "Gradient clipping norm (0: off).")
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = option(
-        "auto", "Mixed precision: auto (fp16 on GPUs before compute capability 8 such as T4/V100, bf16 from 8, "
-        "fp32 on CPU), bf16, fp16, fp32."
-    )
-    gradient_checkpointing: bool = option(False, "Recompute activations in backward (less memory, slower).")
-    seed: int = option(0, "Seed of the initialisation, the data order and dropout.")
-    resume: bool = option(False, "Continue the run in --output from its last checkpoint (same data order).")
-    merge: bool = option(False, "With --lora: also merge the adapter into the base model (merged model at the top, adapter in adapter/).")
-    save_steps: int = option(500, "Write a checkpoint every this many optimizer steps.")
-    save_total_limit: int | None = option(2, "Keep at most this many checkpoints (oldest removed first; empty: keep all).")
-    logging_steps: int = option(10, "Log the loss every this many optimizer steps.")
-    report_to: list[str] = option([], "Loggers, comma-separated: tensorboard, wandb, swanlab, ... (default none).")
-    run_name: str | None = option(None, "Run name shown by the loggers.")
-    num_workers: int = option(0, "DataLoader worker processes.")
-
-    def __post_init__(self) -> None:
-        for name in ("lora_r", "batch_size", "grad_accum", "save_steps", "logging_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
-        if self.max_steps == 0 or self.max_steps < -1:
-            raise ValueError(f"max_steps must be positive (or -1 to use epochs), not {self.max_steps}")
-        if self.max_steps == -1 and not self.epochs > 0:
-            raise ValueError(f"epochs must be positive, not {self.epochs}")
-        if self.lr is not None and not self.lr > 0:
-            raise ValueError(f"lr must be positive, not {self.lr}")
-        if not self.lora_alpha > 0:
-            raise ValueError(f"lora_alpha must be positive, not {self.lora_alpha}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), not {self.lora_dropout}")
-        if self.warmup < 0 or self.weight_decay < 0 or self.max_grad_norm < 0 or self.num_workers < 0:
-            raise ValueError("warmup, weight_decay, max_grad_norm and num_workers must not be negative")
-        if self.merge and not self.lora:
-            raise ValueError("merge needs lora (a full fine-tune is already a plain model)")
-
-    @property
-    def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else (2e-4 if self.lora else 2e-5)
 
 
 # ---------------------------------------------------------------- model
@@ -348,147 +287,6 @@ def _gather_fsdp_root(model: Any) -> None:
             return
 
 
-# ---------------------------------------------------------------- run folder
-
-
-def locked(run_fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Decorate a stage's `run(cfg, ...)`: it holds its run folder's lock (``OUTPUT/.lock``) throughout."""
-    @functools.wraps(run_fn)
-    def run(cfg: Any, *args: Any, **kwargs: Any) -> Any:
-        with run_lock(Path(cfg.output_folder())):
-            return run_fn(cfg, *args, **kwargs)
-    return run
-
-
-@contextmanager
-def run_lock(out: Path) -> Iterator[None]:
-    """The right to write run folder `out`: a second run into it fails at once (the checks before training
-    write nothing, so without this two runs would both pass them and mix their outputs).
-
-    A folder made only for the lock is removed again when the run fails before writing anything.
-    """
-    if int(os.environ.get("RANK", "0")) != 0 or (out.exists() and not out.is_dir()):  # a file: check_output
-        yield
-        return
-    from filelock import FileLock, Timeout
-
-    made = [p for p in (out, *out.parents) if not p.exists()]
-    out.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(out / LOCK_FILE)
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        raise KdpipeError(f"another kdpipe run is writing to {out} (its {LOCK_FILE} is held); wait for it to "
-                          "finish or choose another --output") from None
-    try:
-        yield
-    finally:
-        lock.release()
-        if made and [p.name for p in out.iterdir()] == [LOCK_FILE]:
-            (out / LOCK_FILE).unlink()
-            for folder in made:
-                if folder.is_dir() and not any(folder.iterdir()):
-                    folder.rmdir()
-
-
-def check_output(cfg: TrainConfig, kind: str, identity: dict[str, Any]) -> str | None:
-    """Check the run folder (writing nothing); returns the checkpoint to resume from, or None.
-
-    A folder that already holds something is refused unless --resume, which needs a checkpoint and
-    the same model and data; nothing that is there is ever deleted.
-    """
-    out = Path(cfg.output)
-    if int(os.environ.get("RANK", "0")) != 0:  # multi-process run: the main process checks and records
-        return last_checkpoint(out) if cfg.resume else None
-    previous = _read_run(out / RUN_FILE)
-    if cfg.resume:
-        checkpoint = last_checkpoint(out, echo=lambda m: click.echo(m, err=True))
-        if checkpoint is None and (previous is None or previous.get("status") == "complete"):  # an unfinished run starts over
-            raise KdpipeError(
-                f"--resume: {out} holds no checkpoint to resume from (Trainer writes checkpoint-N/ every --save-steps "
-                "steps); start a new run without --resume"
-            )
-        if previous is not None:
-            if previous.get("kind") != kind:
-                raise KdpipeError(f"--resume: {out} holds a `kdpipe {previous.get('kind')}` run, not a `kdpipe {kind}` run")
-            before = previous.get("identity", {})
-            changed = [k for k, v in identity.items() if before.get(k) != v]
-            if changed:
-                was = ", ".join(f"{k}={before.get(k)}" for k in changed)
-                raise KdpipeError(
-                    f"--resume: {out} was trained with another {', '.join(changed)} ({was}); "
-                    "resume with the same model and data, or choose another --output"
-                )
-    else:
-        checkpoint = None
-        if out.exists() and (not out.is_dir() or any(p.name != LOCK_FILE for p in out.iterdir())):
-            what = f"a `kdpipe {previous.get('kind')}` run" if previous else "other files"
-            hint = " (pass --resume to continue it from its last checkpoint)" if last_checkpoint(out) else ""
-            raise KdpipeError(f"output folder {out} already holds {what}{hint}; choose another --output or remove it yourself")
-    return checkpoint
-
-
-def start_run(cfg: TrainConfig, kind: str, identity: dict[str, Any], command: str, checkpoint: str | None) -> Path:
-    """Create the run folder and record the run as running (call after `check_output` and every other check)."""
-    out = Path(cfg.output)
-    if int(os.environ.get("RANK", "0")) != 0:
-        return out
-    run_file = out / RUN_FILE
-    previous = _read_run(run_file)
-    out.mkdir(parents=True, exist_ok=True)
-    record = previous if (cfg.resume and previous) else {"kind": kind, "identity": identity, "created": _now()}
-    record.update({"kdpipe_version": kdpipe.__version__, "status": "running", "updated": _now(),
-                   "config": to_dict(cfg), "command": command})
-    if checkpoint:
-        record.setdefault("resumed_from", []).append(Path(checkpoint).name)
-    _write_run(run_file, record)
-    return out
-
-
-def last_checkpoint(folder: Path, echo: Callable[[str], None] | None = None) -> str | None:
-    """The checkpoint-N folder with the largest N that holds Trainer's state and intact weight files (a
-    complete checkpoint); `echo` is told about each newer one passed over as damaged."""
-    if not folder.is_dir():
-        return None
-    found = []
-    for path in folder.glob("checkpoint-*"):
-        step = path.name.removeprefix("checkpoint-")
-        if path.is_dir() and step.isdigit() and _read_run(path / "trainer_state.json") is not None:
-            found.append((int(step), str(path)))  # Trainer writes trainer_state.json last: a kill mid-save leaves none or a torn one
-    for _, path in sorted(found, reverse=True):
-        damaged = damaged_files(Path(path))
-        if not damaged:
-            return path
-        if echo:
-            echo(f"note: {path} is damaged ({', '.join(damaged)}); passing over it to an earlier checkpoint")
-    return None
-
-
-def damaged_files(checkpoint: Path) -> list[str]:
-    """Weight and state files of a checkpoint that are cut short: a safetensors file shorter or longer than
-    its header says, a torch.save zip without its end record (a disk that filled, a copy that stopped)."""
-    import zipfile
-
-    damaged = []
-    for file in sorted(checkpoint.iterdir()):
-        if file.suffix == ".safetensors":
-            try:
-                with open(file, "rb") as f:
-                    size = int.from_bytes(f.read(8), "little")
-                    header = json.loads(f.read(size))
-                end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-                ok = file.stat().st_size == 8 + size + end
-            except (OSError, ValueError, KeyError, TypeError):
-                ok = False
-        elif file.suffix in (".pt", ".pth", ".bin"):
-            ok = zipfile.is_zipfile(file)
-        else:
-            continue
-        if not ok:
-            damaged.append(f"{file.name} is truncated or unreadable")
-    return damaged
-
-
 def fit(trainer: Any, cfg: TrainConfig, out: Path, tokenizer: Any, checkpoint: str | None) -> dict[str, Any]:
     """Train (resuming from `checkpoint`), then save the model and tokenizer into `out`; returns the run record."""
     start = time.perf_counter()
@@ -586,22 +384,3 @@ def model_identity(name: str) -> str:
     """A model name as recorded: an absolute path for a local folder, else the hub id."""
     resolved = resolve_model_name(name)
     return str(Path(resolved).resolve()) if Path(resolved).exists() else resolved
-
-
-def _read_run(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def _write_run(path: Path, record: dict[str, Any]) -> None:
-    from kdpipe.cache.storage import write_atomic
-
-    write_atomic(path, (json.dumps(record, indent=2, default=str) + "\n").encode())
-
-
-def _now() -> str:
-    from kdpipe.cache.writer import now
-
-    return now()

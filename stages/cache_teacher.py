@@ -8,92 +8,30 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import time
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import click
 from tqdm.auto import tqdm
 
 import kdpipe
 from kdpipe.cache.format import ENCODINGS, FORMAT, FORMAT_VERSION, Targets, ids_hash
-from kdpipe.cache.storage import Store, is_url
+from kdpipe.cache.storage import Store
 from kdpipe.cache.values import RECOMPUTE, nonfinite, value_stats
 from kdpipe.cache.writer import CacheWriter, now
-from kdpipe.config import option, progress_disabled
-from kdpipe.data import DataConfig, load_examples
+from kdpipe.config import progress_disabled
+from kdpipe.data import load_examples
 from kdpipe.errors import KdpipeError
 from kdpipe.models import (load_model, load_tokenizer, model_revision, pick_device, resolve_model_name,
                            vocab_hash)
 from kdpipe.precision import resolve_dtype
+from kdpipe.stages.configs import CacheTeacherConfig
 from kdpipe.teacher import HFTeacher, Sampling, TeacherBackend, make_batches
 from kdpipe.templates import get_template
 from kdpipe.tokenize import tokenize_examples
 
 
-@dataclass
-class CacheTeacherConfig(DataConfig):
-    """Options of `kdpipe cache-teacher` (YAML keys; CLI options with dashes)."""
-
-    model: str | None = option(None, "Teacher: hub id, local path or short name (Qwen3-4B).")
-    revision: str | None = option(None, "Hub revision (branch, tag or commit) of the teacher.")
-    dtype: Literal["auto", "bf16", "fp16", "fp32"] = option(
-        "auto", "Teacher dtype, the same on both backends: auto = fp16 on GPUs before compute capability 8 (T4, V100), "
-        "bf16 from 8, fp32 on CPU.")
-    device: str = option("auto", "Device: auto (CUDA if present), cpu, cuda, cuda:1 ...")
-    backend: Literal["hf", "vllm"] = option("hf", "Teacher runtime: hf (transformers) or vllm.")
-    cache: str | None = option(None, "Cache folder or object-storage URL (s3://bucket/prefix, gs://...; default: cache/<dataset name>).")
-    top_k: int = option(32, "Teacher token ids and log-probs kept per position.")
-    sparse_mode: Literal["topk", "sampled"] = option(
-        "topk", "What is stored per position: topk (the k most likely ids) or sampled (N draws from the teacher: unbiased).")
-    samples: int = option(12, "Sampled mode: draws N per position (1-255); distinct ids are stored with their counts.")
-    proposal_temperature: float = option(
-        1.0, "Sampled mode: draw from p^(1/T) renormalised; T != 1 stores importance ratios so the estimate stays unbiased.")
-    encoding: Literal["plain", "compact", "compact16"] = option(
-        "plain", "Column encoding: plain (int32 ids, fp16 log-probs), compact (narrow ids, 8-bit log-prob codes) or compact16.")
-    rows_per_shard: int = option(1000, "Examples per shard (the unit of resume and of multi-machine splits).")
-    batch_size: int = option(32, "Most examples in one teacher batch.")
-    max_batch_tokens: int = option(16384, "Most tokens (rows × longest row, padding included) in one batch.")
-    chunk_size: int = option(2048, "Positions per LM-head chunk (bounds the fp32 full-vocabulary scratch).")
-    num_shards: int = option(1, "Split the work across this many machines ...")
-    shard_index: int = option(0, "... and do this machine's part (0-based); join the parts with `kdpipe cache merge`.")
-    overwrite: bool = option(False, "Replace an existing cache of another run in the folder.")
-    heldout: bool = option(False, "Mark this data as held out from training (e.g. a separate test file): "
-                                  "evaluate --cache then uses it for fidelity without the training-data note "
-                                  "(it still checks the overlap with the run's training cache).")
-    vllm_tensor_parallel_size: int = option(1, "vLLM backend: GPUs the teacher is split across (tensor parallel).")
-    vllm_max_model_len: int | None = option(None, "vLLM backend: context length (default: max_length + 1, capped by the model's).")
-    vllm_gpu_memory_utilization: float = option(0.9, "vLLM backend: fraction of GPU memory for weights and KV cache.")
-    vllm_max_num_batched_tokens: int | None = option(None, "vLLM backend: most tokens in one engine step (default: vLLM's).")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        positive = ("top_k", "samples", "rows_per_shard", "batch_size", "max_batch_tokens", "chunk_size", "num_shards",
-                    "vllm_tensor_parallel_size")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
-        for name in ("vllm_max_model_len", "vllm_max_num_batched_tokens"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
-        if self.samples > 255:
-            raise ValueError(f"samples must be at most 255 (counts are stored as uint8), not {self.samples}")
-        if not self.proposal_temperature > 0:
-            raise ValueError(f"proposal_temperature must be > 0, not {self.proposal_temperature}")
-        if not 0 < self.vllm_gpu_memory_utilization <= 1:
-            raise ValueError(f"vllm_gpu_memory_utilization must be in (0, 1], not {self.vllm_gpu_memory_utilization}")
-        if not 0 <= self.shard_index < self.num_shards:
-            raise ValueError(f"shard_index must be in [0, num_shards={self.num_shards}), not {self.shard_index}")
-
-    def cache_folder(self) -> Path | str:
-        """The cache's folder, or its object-storage URL (s3://bucket/prefix, gs://..., kept as a string)."""
-        if self.cache:
-            return self.cache if is_url(self.cache) else Path(self.cache)
-        source = self.dataset or "data"
-        stem = Path(source).stem if Path(source).suffix else re.split(r"[/:]", source)[-1]
-        return Path("cache") / re.sub(r"[^A-Za-z0-9_.-]+", "-", stem).strip("-")
+# The config is defined torch-free in kdpipe.stages.configs (the CLI builds its options from it).
 
 
 def run(cfg: CacheTeacherConfig, command: str = "", teacher: TeacherBackend | None = None) -> dict[str, Any]:

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,16 +26,15 @@ import torch
 import kdpipe
 from kdpipe import arithmetic, metrics, scoring
 from kdpipe.cache.storage import write_atomic
-from kdpipe.config import option, to_dict
-from kdpipe.data import DataConfig, Example, load_examples
+from kdpipe.config import to_dict
+from kdpipe.data import Example, load_examples
 from kdpipe.errors import KdpipeError
 from kdpipe.models import load_model, load_tokenizer, pick_device, resolve_model_name, vocab_hash
+from kdpipe.run_folder import EXPERIMENT_FILE, RUN_FILE, read_json
+from kdpipe.stages.configs import EvaluateConfig
 from kdpipe.templates import Segment, Template, get_template, label_text
 from kdpipe.tokenize import special_prefix, tokenize_examples
 
-TASKS = ("auto", "classify", "exact-match", "perplexity")
-RUN_FILE = "kdpipe_run.json"
-EXPERIMENT_FILE = "kdpipe_experiment.json"  # written by `kdpipe run` above its step folders
 FINISHED = ("complete", "done")
 
 DEFINITIONS = {
@@ -58,41 +57,7 @@ DEFINITIONS = {
 }
 
 
-@dataclass
-class EvaluateConfig(DataConfig):
-    """Options of `kdpipe evaluate` (YAML keys; CLI options with dashes)."""
-
-    model: list[str] = option([], "Model to evaluate (repeat for several): hub id, folder, LoRA adapter folder or run "
-                                  "folder. Default: the latest finished run's student, its base and its teacher.")
-    task: list[str] = option(["auto"], "classify, exact-match, perplexity (comma-separated), or auto (by template: "
-                                       "sentiment -> classify, arithmetic -> exact-match,perplexity, else perplexity).")
-    cache: str | None = option(None, "Held-out teacher cache: fidelity to the teacher (KL, top-1 agreement, top-k recall, ECE).")
-    cache_limit: int | None = option(None, "Use at most this many cached examples.")
-    checker: str | None = option(None, "Exact-match checker: arithmetic, exact, regex:PATTERN ({field} inserts a field, "
-                                       "escaped) or path/to/file.py:function (fields, answer) -> bool. Default: arithmetic "
-                                       "for the arithmetic template, else exact (equal to the reference, stripped).")
-    generate: bool = option(False, "classify by greedy generation and parsing the label after 'Sentiment:' (the default "
-                                   "for sentiment-think) instead of scoring each label.")
-    max_new_tokens: int | None = option(None, "Generation length (default: longest reference + 16; 256 for sentiment-think).")
-    lm_eval: list[str] = option([], "lm-evaluation-harness tasks, e.g. ifeval,hellaswag (needs kdpipe[lm-eval]; --limit applies).")
-    output: str | None = option(None, "Folder for results.json/.csv, predictions and plots (default: RUN/eval for a run, else eval).")
-    batch_size: int = option(64, "Most sequences in one forward pass (or one generation batch).")
-    max_batch_tokens: int = option(16384, "Most tokens (rows × longest row) in one forward pass.")
-    dtype: Literal["auto", "bf16", "fp16", "fp32"] = option("auto", "Weights dtype (auto keeps the checkpoint's).")
-    device: str = option("auto", "Device: auto (CUDA if present), cpu, cuda, cuda:1 ...")
-    plot: bool = option(True, "Write metrics.png (and training curves of runs); needs matplotlib.")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        unknown = [t for t in self.task if t not in TASKS]
-        if unknown:
-            raise ValueError(f"unknown task {', '.join(map(repr, unknown))}; use one of {', '.join(TASKS)}")
-        for name in ("batch_size", "max_batch_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
-        for name in ("max_new_tokens", "cache_limit"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
+# The config is defined torch-free in kdpipe.stages.configs (the CLI builds its options from it).
 
 
 @dataclass
@@ -774,12 +739,7 @@ def _output_folder(cfg: EvaluateConfig, specs: list[ModelSpec], record: dict[str
 
 
 def _read_json(path: Path, quiet: bool = False) -> dict[str, Any]:
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        if quiet:
-            return {}
-        raise KdpipeError(f"{path} could not be read as JSON: {_first_line(e)}") from None
+    return read_json(path, missing_ok=quiet) or {}  # kdpipe.run_folder: one JSON reader, one error behaviour
 
 
 def _short(name: str) -> str:

@@ -7,34 +7,21 @@ with `transformers.Trainer` (the model's own causal-LM loss on the trained token
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from kdpipe import training
-from kdpipe.data import DataConfig, load_examples
+from kdpipe.data import load_examples
 from kdpipe.errors import KdpipeError
 from kdpipe.models import load_tokenizer
-from kdpipe.stages.train_student import _slug, summary  # noqa: F401  (summary is re-exported for the CLI)
+from kdpipe.stages.configs import FinetuneConfig
+from kdpipe.stages.train_student import summary  # noqa: F401  (summary is re-exported for the CLI)
 from kdpipe.student_data import BlockShuffleSampler, SFTCollator, TokenizedDataset
 from kdpipe.templates import get_template
 from kdpipe.tokenize import tokenize_examples
 
 
-@dataclass
-class FinetuneConfig(training.TrainConfig, DataConfig):
-    """Options of `kdpipe finetune`: the data options of cache-teacher plus the training options."""
-
-    def __post_init__(self) -> None:
-        DataConfig.__post_init__(self)
-        training.TrainConfig.__post_init__(self)
-
-    def output_folder(self) -> Path:
-        if self.output:
-            return Path(self.output)
-        source = self.dataset or "data"
-        stem = Path(source).stem if Path(source).suffix else source.replace(":", "-").split("/")[-1]
-        return Path("runs") / _slug(f"sft-{stem}-{Path(self.model or 'model').name}")
+# The config is defined torch-free in kdpipe.stages.configs (the CLI builds its options from it).
 
 
 @training.locked

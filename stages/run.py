@@ -24,79 +24,54 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shlex
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kdpipe.config import build_config, option, read_yaml, to_dict
+from kdpipe.config import build_config, read_yaml, to_dict
 from kdpipe.errors import KdpipeError
-from kdpipe.stages.cache_teacher import CacheTeacherConfig
-from kdpipe.stages.evaluate import EvaluateConfig
-from kdpipe.stages.finetune import FinetuneConfig
-from kdpipe.stages.train_student import TrainStudentConfig
-
-INIT_FILE = "kdpipe_init.json"
-EXPERIMENT_FILE = "kdpipe_experiment.json"  # read by `kdpipe evaluate` (stages/evaluate.py)
-RUN_FILE = "kdpipe_run.json"
-
-
-@dataclass
-class InitModelConfig:
-    """Options of `kdpipe init-model` (a randomly initialised Qwen3-architecture model)."""
-
-    output: str | None = option(None, "Folder for the new model and its tokenizer (default runs/NAME/STEP).")
-    tokenizer: str | None = option(None, "Use this model's tokenizer (hub id or path) ...")
-    train_tokenizer_on: str | None = option(None, "... or train a byte-level BPE on this dataset's rendered examples.")
-    template: str = option("auto", "Template used to render the tokenizer corpus.")
-    vocab_size: int = option(512, "Vocabulary of a trained tokenizer: 256 bytes, 2 specials, merges (>=258).")
-    char_level: bool = option(False, "Train no merges: one token per byte (per character of ASCII text).")
-    hidden_size: int = option(64, "Hidden size.")
-    layers: int = option(2, "Decoder layers.")
-    heads: int = option(4, "Attention heads.")
-    kv_heads: int = option(2, "Key/value heads.")
-    head_dim: int = option(32, "Head dimension (>= 32 for vLLM's CPU kernels).")
-    intermediate_size: int | None = option(None, "MLP size (default 4 x hidden size).")
-    seed: int = option(0, "Seed of the initialisation.")
-
-    def __post_init__(self) -> None:
-        if self.tokenizer and self.train_tokenizer_on:
-            raise ValueError("give exactly one of tokenizer or train_tokenizer_on, not both")
-        for name in ("vocab_size", "hidden_size", "layers", "heads", "kv_heads", "head_dim"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
-        if self.heads % self.kv_heads:
-            raise ValueError(f"heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
+from kdpipe.run_folder import EXPERIMENT_FILE, INIT_FILE, RUN_FILE, read_json  # noqa: F401  (re-exported)
+from kdpipe.stages import registry
+from kdpipe.stages.base import Stage, command_line
+from kdpipe.stages.init_model import InitModelConfig, changed  # noqa: F401  (InitModelConfig: re-exported)
 
 
 @dataclass
 class Step:
+    """A section of the experiment file: the stage it runs and its default output (filled in with the
+    experiment's name and the step's folder name)."""
+
     name: str
-    kind: str  # init, finetune, cache, train, evaluate
-    cls: type
+    stage: Stage
+    default_output: str = "runs/{name}/{folder}"
+
+    @property
+    def cls(self) -> type:
+        return self.stage.config
+
+    def output(self, experiment: str) -> str:
+        return self.default_output.format(name=experiment, folder=self.name.replace("_", "-"))
 
 
 STEPS = [
-    Step("teacher_init", "init", InitModelConfig),
-    Step("finetune", "finetune", FinetuneConfig),
-    Step("cache", "cache", CacheTeacherConfig),
-    Step("heldout_cache", "cache", CacheTeacherConfig),
-    Step("student_init", "init", InitModelConfig),
-    Step("train", "train", TrainStudentConfig),
-    Step("baseline", "finetune", FinetuneConfig),
-    Step("evaluate", "evaluate", EvaluateConfig),
+    Step("teacher_init", registry.INIT_MODEL),
+    Step("finetune", registry.FINETUNE),
+    Step("cache", registry.CACHE_TEACHER, "cache/{name}"),
+    Step("heldout_cache", registry.CACHE_TEACHER, "cache/{name}-heldout"),
+    Step("student_init", registry.INIT_MODEL),
+    Step("train", registry.TRAIN_STUDENT),
+    Step("baseline", registry.FINETUNE),
+    Step("evaluate", registry.EVALUATE, "runs/{name}/eval"),
 ]
 STEP_NAMES = [s.name for s in STEPS]
 TOP_KEYS = {"name": "experiment name: default folders runs/NAME/STEP and cache/NAME[-heldout]",
             "seed": "default seed of every section that has one",
             "base": "YAML file (relative to this one) whose keys this file extends",
             "description": "free text",
-            "labels": "names of the evaluated models in the final table, by reference (e.g. '@train': student after KD)"}
-STANDALONE = {"init": "init-model", "finetune": "finetune", "cache": "cache-teacher", "train": "train-student",
-              "evaluate": "evaluate"}
+            "labels": "names of the evaluated models in the final table, by reference (e.g. '@train': "
+                      "student after KD)"}
 
 
 @dataclass
@@ -160,7 +135,7 @@ def plan(path: str | Path) -> Plan:
         values = {k: _resolve(v, outputs, f"{source}: section '{step.name}', key '{k}'") for k, v in values.items()}
         values = {k: _beside(Path(path), k, v) for k, v in values.items()}
         cfg = build_config(step.cls, values, source=f"{source}: section '{step.name}'")
-        outputs[step.name] = _set_output(step, cfg, name)
+        outputs[step.name] = step.stage.set_output(cfg, step.output(name))
         steps.append((step, cfg))
     if not steps:
         raise KdpipeError(f"{source}: no steps; give at least one of the sections {', '.join(STEP_NAMES)}")
@@ -207,7 +182,7 @@ def missing_inputs(step: Step, cfg: Any, produced: set[str]) -> list[str]:
     missing = []
     for key in (*INPUT_FILES, "model", "tokenizer", "cache"):
         value = getattr(cfg, key, None)
-        if key == "cache" and step.kind == "cache":
+        if key == step.stage.output_key:
             continue  # the step writes it
         for item in value if isinstance(value, list) else [value]:
             if not isinstance(item, str) or item in produced or "://" in item:
@@ -226,148 +201,27 @@ def _resolve(value: Any, outputs: dict[str, str], where: str) -> Any:
     if isinstance(value, str) and value.startswith("@"):
         ref = value[1:]
         if ref not in STEP_NAMES:
-            raise KdpipeError(f"{where}: '{value}' names no step; steps: {', '.join('@' + s for s in STEP_NAMES)}")
+            raise KdpipeError(f"{where}: '{value}' names no step; steps: "
+                              f"{', '.join('@' + s for s in STEP_NAMES)}")
         if ref not in outputs:
             raise KdpipeError(f"{where}: '{value}' refers to a step that is not in this config or comes later")
         return outputs[ref]
     return value
 
 
-def _set_output(step: Step, cfg: Any, name: str) -> str:
-    """Fill in the step's default output folder (runs/NAME/STEP, cache/NAME[-heldout]); return it."""
-    if step.kind == "cache":
-        if not cfg.cache:
-            cfg.cache = f"cache/{name}" + ("-heldout" if step.name == "heldout_cache" else "")
-        return cfg.cache
-    if step.kind == "evaluate":
-        cfg.output = cfg.output or f"runs/{name}/eval"
-        return cfg.output
-    cfg.output = cfg.output or f"runs/{name}/{step.name.replace('_', '-')}"
-    return cfg.output
-
-
-# ---------------------------------------------------------------- the equivalent commands
-
-
 def standalone_command(step: Step, cfg: Any) -> str:
-    """The `kdpipe ...` command that does what this step does (recorded in the outputs, printed by --dry-run)."""
-    defaults = step.cls()
-    words = ["kdpipe", STANDALONE[step.kind]]
-    for f in dataclasses.fields(cfg):
-        value, default = getattr(cfg, f.name), getattr(defaults, f.name)
-        if value == default:
-            continue
-        flag = f.metadata.get("flag")
-        if isinstance(value, bool):
-            on, _, off = (flag or f"--{f.name.replace('_', '-')}/--no-{f.name.replace('_', '-')}").partition("/")
-            words.append(on if value else off)
-        elif isinstance(value, list):
-            if step.kind == "evaluate" and f.name == "model":
-                for v in value:
-                    words += ["--model", str(v)]
-            else:
-                words += [f"--{f.name.replace('_', '-')}", ",".join(map(str, value))]
-        elif isinstance(value, dict):
-            words += [f"--{f.name.replace('_', '-')}", ",".join(f"{k}={v}" for k, v in value.items())]
-        elif value is not None:
-            words += [f"--{f.name.replace('_', '-')}", str(value)]
-    return shlex.join(words)
-
-
-# ---------------------------------------------------------------- skip checks
+    """The `kdpipe ...` command that does what this step does (recorded in the outputs, printed by
+    --dry-run): `kdpipe.stages.base.command_line`."""
+    return command_line(step.stage, cfg)
 
 
 def step_state(step: Step, cfg: Any, anything_ran: bool) -> tuple[str, str]:
     """('skip'|'run'|'resume'|'restart', why) for this step given what is on disk."""
-    command = standalone_command(step, cfg)
-    if step.kind == "init":
-        out = Path(cfg.output)
-        record = _read_json(out / INIT_FILE)
-        if record is not None and (out / "config.json").is_file():
-            before = {**to_dict(InitModelConfig()), **(record.get("options") or {})}  # new options: defaults
-            if before == to_dict(cfg):
-                return "skip", f"{out} holds this model"
-            raise KdpipeError(f"{out} holds a model initialised with other options ({_changed(record.get('options'), to_dict(cfg))}); "
-                              "remove it or choose another output")
-        if out.exists() and any(out.iterdir()):
-            raise KdpipeError(f"{out} already holds other files; remove it or choose another output")
-        return "run", ""
-    if step.kind == "cache":
-        manifest = _cache_manifest(cfg.cache)
-        if manifest is None:
-            return "run", ""
-        if manifest.get("command") == command and manifest.get("complete"):
-            return "skip", f"{cfg.cache} is complete with the same settings"
-        if manifest.get("command") == command:
-            return "resume", f"{cfg.cache} is partly written; cache-teacher continues after its last complete shard"
-        return "run", f"{cfg.cache} holds another cache; cache-teacher decides (same settings resume, others are refused unless overwrite)"
-    if step.kind in ("finetune", "train"):
-        out = Path(cfg.output)
-        record = _read_json(out / RUN_FILE)
-        if record is None:
-            if out.exists() and any(p.name != ".lock" for p in out.iterdir()):  # .lock: training.LOCK_FILE
-                raise KdpipeError(f"{out} already holds files that are not a kdpipe run; remove it or choose another output")
-            return "run", ""
-        want = "finetune" if step.kind == "finetune" else "train-student"
-        ignore = {"model", "output", "resume"}
-        before = {k: v for k, v in (record.get("config") or {}).items() if k not in ignore}
-        now = {k: v for k, v in to_dict(cfg).items() if k not in ignore}
-        same = record.get("kind") == want and before == now and _same_model(record, cfg.model)
-        if not same:
-            raise KdpipeError(
-                f"{out} holds a `kdpipe {record.get('kind')}` run with other settings ({_changed(before, now) or 'model'}); "
-                "remove it or choose another output"
-            )
-        cached = record.get("identity", {}).get("cache")
-        manifest = _cache_manifest(cfg.cache) if step.kind == "train" and cfg.cache else None
-        if cached and manifest and manifest.get("settings_hash") != cached:
-            raise KdpipeError(f"{out} was trained on another cache than {cfg.cache} (settings differ); "
-                              "remove it to train again on this cache")
-        if record.get("status") == "complete":
-            return "skip", f"{out} is complete with the same settings"
-        from kdpipe.training import last_checkpoint
-
-        if last_checkpoint(out):
-            return "resume", f"{out} was interrupted; resuming from {Path(last_checkpoint(out)).name}"
-        return "restart", f"{out} was interrupted before its first checkpoint; starting it over"
-    # evaluate
-    results = _read_json(Path(cfg.output) / "results.json")
-    if results is not None and results.get("command") == command and not anything_ran:
-        return "skip", f"{cfg.output}/results.json is from the same command"
-    return "run", ""
+    return step.stage.state(cfg, command_line(step.stage, cfg), anything_ran)
 
 
-def _same_model(record: dict[str, Any], model: str | None) -> bool:
-    from kdpipe.training import model_identity
-
-    recorded = record.get("identity", {}).get("model")
-    try:
-        return recorded == model_identity(model or "")
-    except Exception:
-        return recorded == model
-
-
-def _changed(before: Any, now: dict[str, Any]) -> str:
-    before = before or {}
-    keys = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
-    return ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in keys[:6])
-
-
-def _cache_manifest(location: str) -> dict[str, Any] | None:
-    """The manifest of a cache folder or URL, None when there is none (yet) or it is unreadable."""
-    from kdpipe.cache.format import read_manifest
-
-    try:
-        return read_manifest(location)
-    except (KdpipeError, OSError):
-        return None
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
+_read_json = read_json  # old name (final_table, tests)
+_changed = changed
 
 
 # ---------------------------------------------------------------- running
@@ -403,8 +257,9 @@ def describe(p: Plan, steps: list[tuple[Step, Any]]) -> str:
         lines.append(f"     {standalone_command(step, cfg)}")
         lines += [f"     missing: {what}" for what in missing_inputs(step, cfg, produced)]
         produced.add(p.outputs[step.name])
-        cache_length = cfg.max_length if step.name == "cache" else cache_length
-        predicted = step_line(step.kind, cfg, cache_length, pending=set(p.outputs.values()))
+        cache_length = cfg.max_length if step.name == "cache" else cache_length  # the training data's length
+        predicted = (step_line(step.stage.plan_kind, cfg, cache_length, pending=set(p.outputs.values()))
+                     if step.stage.plan_kind else None)
         if predicted:
             lines.append(f"     {predicted}")
     return "\n".join(lines)
@@ -429,19 +284,18 @@ def run(path: str | Path, start: str | None = None, only: str | None = None, dry
         if state == "skip":
             echo(f"[{i}/{len(steps)}] {step.name}: skipped ({why})")
             done[step.name] = {"state": "skipped", "seconds": 0.0}
-            if step.kind == "evaluate":
-                results = _read_json(Path(cfg.output) / "results.json")
+            results = step.stage.previous(cfg) if step.stage.tabulates else results
             continue
         echo(f"[{i}/{len(steps)}] {step.name}: {command}" + (f"\n      ({why})" if why else ""))
         start_t = time.perf_counter()
-        results = _run_step(step, cfg, command, state, echo) if step.kind == "evaluate" else results
-        if step.kind != "evaluate":
-            _run_step(step, cfg, command, state, echo)
+        result = _run_step(step, cfg, command, state, echo)
+        results = result if step.stage.tabulates else results
         anything_ran = True
         done[step.name] = {"state": state, "seconds": round(time.perf_counter() - start_t, 1)}
         echo(f"      {step.name} done in {done[step.name]['seconds']:.1f} s")
     echo(f"experiment {p.name}: {sum(1 for d in done.values() if d['state'] != 'skipped')} step(s) run, "
-         f"{sum(1 for d in done.values() if d['state'] == 'skipped')} skipped, {time.perf_counter() - total:.1f} s")
+         f"{sum(1 for d in done.values() if d['state'] == 'skipped')} skipped, "
+         f"{time.perf_counter() - total:.1f} s")
     if results is not None:
         echo("")
         echo(final_table(p, results))
@@ -451,16 +305,17 @@ def run(path: str | Path, start: str | None = None, only: str | None = None, dry
 def write_experiment_record(p: Plan) -> None:
     """kdpipe_experiment.json in the folder above the step folders (runs/NAME): the experiment's runs, teacher
     and evaluate settings, so that `kdpipe evaluate` without options evaluates its latest run as it does."""
-    runs = [str(Path(cfg.output).resolve()) for step, cfg in p.steps if step.kind in ("finetune", "train")]
+    runs = [str(Path(cfg.output).resolve()) for step, cfg in p.steps if step.stage.trains]
     if not runs:
         return
-    others = [str(Path(cfg.output).resolve()) for step, cfg in p.steps if step.kind in ("init", "evaluate")]
+    others = [str(Path(step.stage.output(cfg)).resolve()) for step, cfg in p.steps
+              if not step.stage.trains and step.stage.output_key == "output"]  # model and evaluation folders
     folders = runs + others
     home = Path(os.path.commonpath(folders))
     while str(home) in folders:  # never inside a step's own folder (a training step wants it empty)
         home = home.parent
-    teacher = next((cfg.model for step, cfg in p.steps if step.kind == "cache"), None)
-    evaluate = next((to_dict(cfg) for step, cfg in p.steps if step.kind == "evaluate"), None)
+    teacher = next((cfg.model for step, cfg in p.steps if step.stage is registry.CACHE_TEACHER), None)
+    evaluate = next((to_dict(cfg) for step, cfg in p.steps if step.stage.tabulates), None)
     if evaluate:
         for key in ("cache", "dataset", "template"):
             value = evaluate.get(key)
@@ -492,52 +347,11 @@ SMALL_MODEL = 20_000_000  # parameters
 
 
 def _run_stage(step: Step, cfg: Any, command: str, state: str, echo: Callable[[str], None]) -> Any:
-    if step.kind == "init":
-        return init_model(cfg, echo)
-    if step.kind == "cache":
-        from kdpipe.stages import cache_teacher
-
-        manifest = cache_teacher.run(cfg, command)
-        echo(f"      cached {cache_teacher.summary(manifest)} -> {cfg.cache_folder()}")
-        return manifest
-    if step.kind in ("finetune", "train"):
-        from kdpipe.stages import finetune, train_student
-
-        if state == "restart":
-            shutil.rmtree(cfg.output)
-        cfg = dataclasses.replace(cfg, resume=state == "resume")
-        module = finetune if step.kind == "finetune" else train_student
-        record = module.run(cfg, command)
-        if record:
-            echo("      " + module.summary(record, cfg.output))
-        return record
-    from kdpipe.stages import evaluate
-
-    results = evaluate.run(cfg, command, echo=lambda m: echo("      " + m))
-    return results
-
-
-def init_model(cfg: InitModelConfig, echo: Callable[[str], None] = print) -> None:
-    from kdpipe import tiny
-    from kdpipe.data import DataConfig, load_examples
-    from kdpipe.models import load_tokenizer
-    from kdpipe.templates import get_template
-
-    if not cfg.tokenizer and not cfg.train_tokenizer_on:
-        raise KdpipeError(f"init-model {cfg.output}: give tokenizer or train_tokenizer_on")
-    if cfg.tokenizer:
-        tok = load_tokenizer(cfg.tokenizer)
-    else:
-        data = DataConfig(dataset=cfg.train_tokenizer_on, template=cfg.template)
-        template = get_template(data.resolved_template(), data.label_names)
-        corpus = ["".join(s.text for s in template.render(e.fields, e.id)) for e in load_examples(data).examples]
-        tok = tiny.train_tokenizer(corpus, cfg.vocab_size, cfg.char_level)
-        note = tiny.vocabulary_note(tok, cfg.vocab_size, cfg.char_level)
-        if note:
-            echo("      " + note)
-    tiny.init_model(cfg.output, tok, cfg.hidden_size, cfg.layers, cfg.heads, cfg.kv_heads, cfg.head_dim,
-                    intermediate_size=cfg.intermediate_size, seed=cfg.seed)
-    (Path(cfg.output) / INIT_FILE).write_text(json.dumps({"kind": "init-model", "options": to_dict(cfg)}, indent=2) + "\n")
+    result = step.stage.run(cfg, command, echo=lambda m: echo("      " + m), state=state)
+    line = step.stage.summary(result, cfg)
+    if line and not step.stage.tabulates:  # the evaluation's results end the experiment as its table
+        echo("      " + line)
+    return result
 
 
 # ---------------------------------------------------------------- the final table

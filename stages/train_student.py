@@ -8,59 +8,20 @@ distillation loss through `transformers.Trainer`, save the model (or adapter, or
 from __future__ import annotations
 
 import os
-import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from kdpipe import training
 from kdpipe.cache.reader import Cache
 from kdpipe.cache.tools import open_checked
-from kdpipe.config import option
 from kdpipe.errors import KdpipeError
 from kdpipe.losses import DistillLossConfig
 from kdpipe.models import load_tokenizer, vocab_hash
+from kdpipe.stages.configs import TrainStudentConfig, _slug  # noqa: F401  (re-exported: old imports)
 from kdpipe.student_data import BlockShuffleSampler, CacheDataset, DistillCollator
 
 
-@dataclass
-class TrainStudentConfig(training.TrainConfig):
-    """Options of `kdpipe train-student` (YAML keys; CLI options with dashes)."""
-
-    cache: str | None = option(None, "Cache folder (or object-storage URL: s3://bucket/prefix ...) written by `kdpipe cache-teacher`.")
-    loss: Literal["fkl", "rkl", "skew-fkl", "skew-rkl", "jsd", "tvd"] = option(
-        "fkl", "Divergence: fkl, rkl, skew-fkl, skew-rkl (skew), jsd (beta), tvd."
-    )
-    alpha: float = option(0.5, "Weight of the distillation term: alpha·T²·D + (1 − alpha)·CE (1: distillation only).")
-    temperature: float = option(1.0, "Distillation temperature T (both sides; the term is scaled by T²).")
-    skew: float = option(0.1, "Skew λ of skew-fkl / skew-rkl.")
-    beta: float = option(0.5, "Mixing weight β of jsd.")
-    tail: Literal["renorm", "bucket"] = option(
-        "bucket", "Mass outside the top-k: bucket (a (k+1)-th atom on both sides) or renorm (top-k renormalised)."
-    )
-    chunk_size: int = option(1024, "Target positions per LM-head chunk (bounds the fp32 full-vocabulary scratch).")
-    shuffle_window: int = option(4, "Row groups (256 rows each) shuffled together; that many are kept decoded in memory.")
-    data_lanes: int | None = option(
-        None, "Split the row groups into this many lanes, one per process, so each process reads its own part "
-        "(default: the number of processes; set it to a multi-process run's count to replay its order on one process)."
-    )
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self.loss_config()  # validates loss, alpha, temperature, skew, beta, tail, chunk_size
-        if self.shuffle_window < 1:
-            raise ValueError(f"shuffle_window must be at least 1, not {self.shuffle_window}")
-        if self.data_lanes is not None and self.data_lanes < 1:
-            raise ValueError(f"data_lanes must be at least 1, not {self.data_lanes}")
-
-    def loss_config(self, sampled: bool = False) -> DistillLossConfig:
-        return DistillLossConfig(self.loss, self.alpha, self.temperature, self.skew, self.beta, self.tail, self.chunk_size,
-                                 sampled=sampled)
-
-    def output_folder(self) -> Path:
-        if self.output:
-            return Path(self.output)
-        return Path("runs") / _slug(f"{Path(self.cache or 'cache').name}-{Path(self.model or 'student').name}")
+# The config is defined torch-free in kdpipe.stages.configs (the CLI builds its options from it).
 
 
 @training.locked
@@ -160,7 +121,3 @@ def student_vocab_size(model: Any) -> int:
 def summary(record: dict[str, Any], out: str | Path) -> str:
     return (f"trained {record.get('global_step', 0)} steps, mean loss {record.get('train_loss', float('nan')):.4f}, "
             f"{record.get('train_seconds', 0):.1f} s -> {out} ({record.get('saved')})")
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-")
