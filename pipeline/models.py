@@ -1,4 +1,5 @@
-"""Model and tokenizer loading: hub ids, local paths and the short names people type."""
+"""Model and tokenizer loading (hub ids, local paths and the short names people type), and reaching
+the causal LM, its last hidden states and its LM head through DDP / accelerate / peft wrappers."""
 
 from __future__ import annotations
 
@@ -85,6 +86,53 @@ def pick_device(device: str = "auto") -> torch.device:
             raise KdpipeError(f"--device {device}: only {torch.cuda.device_count()} CUDA GPU(s) are visible "
                               f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
     return picked
+
+
+def causal_lm(model: Any) -> Any:
+    """The transformers causal LM under DDP / accelerate / peft wrappers."""
+    while hasattr(model, "module") and not hasattr(model, "config"):
+        model = model.module
+    if hasattr(model, "get_base_model"):  # peft
+        model = model.get_base_model()
+    return model
+
+
+def output_head(model: Any) -> Any:
+    """The LM head (hidden state -> vocabulary logits) of a possibly wrapped causal LM."""
+    return causal_lm(model).get_output_embeddings()
+
+
+def head_is_linear(model: Any) -> bool:
+    """Whether the logits are the plain LM head of the last hidden state: no soft-capping or scale
+    (Gemma 2, Cohere) that only the model's own forward applies."""
+    config = causal_lm(model).config
+    return getattr(config, "final_logit_softcapping", None) is None and getattr(config, "logit_scale", None) is None
+
+
+def last_hidden_states(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The last hidden states [B, L, D] (after the final norm), through the model's own forward.
+
+    Through the forward, not the body alone, so that wrappers (peft, DDP, FSDP) run their hooks; a
+    forward hook on the body catches its output, and ``logits_to_keep=1`` keeps the forward's own LM
+    head to one position, since callers apply the head only where they need it.
+    """
+    import inspect
+
+    lm = causal_lm(model)
+    captured: dict[str, Any] = {}
+
+    def hook(_module: Any, _args: Any, output: Any) -> None:
+        captured["hidden"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
+
+    kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+    if "logits_to_keep" in inspect.signature(lm.forward).parameters:
+        kwargs["logits_to_keep"] = 1
+    handle = lm.base_model.register_forward_hook(hook)
+    try:
+        model(**kwargs)
+    finally:
+        handle.remove()
+    return captured["hidden"]
 
 
 def vocab_hash(tokenizer: Any) -> str:

@@ -15,25 +15,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from kdpipe.batching import head_chunks, length_batches, pad
 from kdpipe.config import progress_disabled
-from kdpipe.training import causal_lm, student_hidden
+from kdpipe.models import last_hidden_states, output_head
+
+__all__ = ["greedy_generate", "length_batches", "map_positions", "progress", "target_logprobs"]
 
 
 def progress(total: int, desc: str) -> Any:
     return tqdm(total=total, desc=desc, unit="ex", dynamic_ncols=True, mininterval=1.0, leave=False,
                 disable=progress_disabled())
-
-
-def length_batches(lengths: Sequence[int], batch_size: int, max_batch_tokens: int) -> list[list[int]]:
-    """Indices, longest first, in batches of at most `batch_size` rows and `max_batch_tokens` padded tokens."""
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    batches: list[list[int]] = []
-    for i in order:
-        if batches and len(batches[-1]) < batch_size and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= max_batch_tokens:
-            batches[-1].append(i)
-        else:
-            batches.append([i])
-    return batches
 
 
 @torch.no_grad()
@@ -56,26 +47,20 @@ def map_positions(
     look up per-position data (labels, cached targets) of its own.
     """
     device = next(model.parameters()).device
-    head = causal_lm(model).get_output_embeddings()
+    head = output_head(model)
     starts = np.concatenate([[0], np.cumsum([len(p) for p in positions])]).astype(np.int64)
     outputs: dict[int, dict[str, torch.Tensor]] = {}
     bar = progress(len(sequences), desc)
     for batch in length_batches([len(s) for s in sequences], batch_size, max_batch_tokens):
-        longest = max(len(sequences[i]) for i in batch)
-        ids = torch.full((len(batch), longest), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), longest), dtype=torch.long)
+        ids, mask = pad([sequences[i] for i in batch], pad_id)
+        hidden = last_hidden_states(model, ids.to(device), mask.to(device))
         for row, i in enumerate(batch):
-            ids[row, : len(sequences[i])] = torch.as_tensor(sequences[i], dtype=torch.long)
-            mask[row, : len(sequences[i])] = 1
-        hidden = student_hidden(model, {"input_ids": ids.to(device), "attention_mask": mask.to(device)})
-        for row, i in enumerate(batch):
+            # chunked per sequence, not across the batch: a sequence's chunks are the same alone or batched
             pos = torch.as_tensor(np.asarray(positions[i], np.int64), device=device)
             pieces: list[dict[str, torch.Tensor]] = []
-            for lo in range(0, len(pos), chunk_size):
-                sel = hidden[row, pos[lo : lo + chunk_size]]
-                logp = head(sel).float().log_softmax(-1)
-                flat = slice(int(starts[i]) + lo, int(starts[i]) + min(lo + chunk_size, len(pos)))
-                pieces.append({k: v.detach().cpu() for k, v in fn(logp, flat).items()})
+            for sl, logits in head_chunks(hidden[row, pos], head, chunk_size):
+                flat = slice(int(starts[i]) + sl.start, int(starts[i]) + sl.stop)
+                pieces.append({k: v.detach().cpu() for k, v in fn(logits.float().log_softmax(-1), flat).items()})
             if pieces:
                 outputs[i] = {k: torch.cat([p[k] for p in pieces]) for k in pieces[0]}
         bar.update(len(batch))
@@ -106,12 +91,8 @@ def greedy_generate(model: Any, prompts: Sequence[Sequence[int]], pad_id: int, e
     results: list[list[int]] = [[] for _ in prompts]
     bar = progress(len(prompts), desc)
     for batch in length_batches([len(p) for p in prompts], batch_size, 1 << 62):
-        longest = max(len(prompts[i]) for i in batch)
-        ids = torch.full((len(batch), longest), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), longest), dtype=torch.long)
-        for row, i in enumerate(batch):
-            ids[row, longest - len(prompts[i]):] = torch.as_tensor(list(prompts[i]), dtype=torch.long)
-            mask[row, longest - len(prompts[i]):] = 1
+        ids, mask = pad([prompts[i] for i in batch], pad_id, left=True)
+        longest = ids.shape[1]
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
                              do_sample=False, num_beams=1, pad_token_id=pad_id, eos_token_id=eos_id,
                              temperature=None, top_p=None, top_k=None)

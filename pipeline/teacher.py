@@ -14,7 +14,9 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from kdpipe.batching import head_chunks, length_batches, pad
 from kdpipe.cache.format import Targets
+from kdpipe.models import head_is_linear, last_hidden_states, output_head
 from kdpipe.tokenize import TokenizedExample
 
 
@@ -28,17 +30,7 @@ class TeacherBackend(Protocol):
 
 def make_batches(examples: Sequence[TokenizedExample], max_tokens: int, max_rows: int) -> list[list[int]]:
     """Indices grouped longest first so that a batch's padding (rows × its longest row) stays within `max_tokens`."""
-    order = sorted(range(len(examples)), key=lambda i: (-len(examples[i].input_ids), i))
-    batches: list[list[int]] = []
-    for i in order:
-        if batches:
-            current = batches[-1]
-            longest = len(examples[current[0]].input_ids)
-            if len(current) < max_rows and (len(current) + 1) * longest <= max_tokens:
-                current.append(i)
-                continue
-        batches.append([i])
-    return batches
+    return length_batches([len(e.input_ids) for e in examples], max_rows, max_tokens)
 
 
 def sparse_targets(logits: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
@@ -115,10 +107,9 @@ class HFTeacher:
     def __init__(self, model: Any, k: int, chunk_size: int = 2048, sampling: Sampling | None = None):
         self.model, self.k, self.chunk_size, self.sampling = model, k, chunk_size, sampling
         self.device = next(model.parameters()).device
-        config = model.config
         # Heads that are not a plain linear map of the last hidden state need the model's own forward.
-        self.head_only = getattr(config, "final_logit_softcapping", None) is None and getattr(config, "logit_scale", None) is None
-        self.pad_id = getattr(config, "pad_token_id", None) or 0
+        self.head_only = head_is_linear(model)
+        self.pad_id = getattr(model.config, "pad_token_id", None) or 0
 
     def info(self) -> dict[str, Any]:
         import transformers
@@ -132,19 +123,18 @@ class HFTeacher:
         cols = torch.from_numpy(np.concatenate([e.positions for e in batch]).astype(np.int64)).to(self.device)
         labels = input_ids[rows, cols + 1]
         if self.head_only:
-            hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-            selected, project = hidden[rows, cols], self.model.get_output_embeddings()
+            selected = last_hidden_states(self.model, input_ids, attention_mask)[rows, cols]
+            project = output_head(self.model)
         else:
             selected = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[rows, cols]
-            project = None
+            project = torch.clone  # the chunk's own scratch: the targets below work in place
         if self.sampling:
             uniforms = torch.from_numpy(np.concatenate([self.sampling.uniforms(e.id, len(e.positions)) for e in batch]))
         pieces = []
-        for start in range(0, len(labels), self.chunk_size):
-            sl = slice(start, start + self.chunk_size)
-            logits = project(selected[sl]) if project is not None else selected[sl].clone()
+        for sl, logits in head_chunks(selected, project, self.chunk_size):
             if self.sampling:
-                ids, est, counts, target = sampled_targets(logits, labels[sl], uniforms[sl].to(self.device), self.sampling.temperature)
+                ids, est, counts, target = sampled_targets(logits, labels[sl], uniforms[sl].to(self.device),
+                                                           self.sampling.temperature)
                 pieces.append((ids, est, target, torch.zeros_like(target), counts.to(torch.uint8)))
             else:
                 pieces.append(sparse_targets(logits, labels[sl], self.k))
@@ -154,12 +144,7 @@ class HFTeacher:
 
 def pad_batch(batch: Sequence[TokenizedExample], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ids and attention mask, as long as the batch's longest row."""
-    longest = max(len(e.input_ids) for e in batch)
-    ids = torch.full((len(batch), longest), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), longest), dtype=torch.long)
-    for i, e in enumerate(batch):
-        ids[i, : len(e.input_ids)] = torch.from_numpy(e.input_ids.astype(np.int64))
-        mask[i, : len(e.input_ids)] = 1
+    ids, mask = pad([e.input_ids for e in batch], pad_id)
     return ids.to(device), mask.to(device)
 
 

@@ -44,7 +44,13 @@ ARITHMETIC = "Write {instruction} as a sum of two positive numbers.\nAnswer:"
 
 @dataclass
 class Template:
-    """Renders examples to segments. `required` fields must be present and non-empty."""
+    """Renders examples to segments. `required` fields must be present and non-empty.
+
+    The attributes below `lists_labels` say how a template is used beyond rendering, so that no
+    caller compares template names: what `kdpipe evaluate --task auto` runs on it, whether its
+    classification is read from a generated answer, which exact-match checker judges it, whether
+    the tokenizer's special prefix (a BOS) goes first, and whether rendering needs the tokenizer.
+    """
 
     name: str
     required: tuple[str, ...]
@@ -52,6 +58,12 @@ class Template:
     add_eos: bool = True
     label_names: tuple[str, ...] = ("negative", "positive")
     lists_labels: bool = False  # its prompt lists the label names as the choices: a label must be one of them
+    default_tasks: tuple[str, ...] = ("perplexity",)  # evaluate's tasks for --task auto
+    generates_label: bool = False  # classify by greedy generation (its answer reasons before the label)
+    answer_tokens: int = 8  # default generation length when classifying by generation
+    checker: str = "exact"  # evaluate's default --checker for exact-match
+    special_prefix: bool = True  # False: the rendered text carries its own (a chat template renders its BOS)
+    renders_with_tokenizer: bool = False  # rendering needs the model's tokenizer (its chat template)
 
     def render(self, fields: Fields, example_id: str, tokenizer: Any = None) -> list[Segment]:
         for name in self.required:
@@ -167,23 +179,27 @@ def _chat(f: Fields, tokenizer: Any) -> list[Segment]:
     return segments
 
 
-BUILTIN: dict[str, tuple[tuple[str, ...], Callable[[Fields, Any], list[Segment]], bool]] = {
-    "alpaca": (("instruction", "output"), _alpaca, True),
-    "sentiment": (("text", "label"), _sentiment, True),
-    "sentiment-think": (("text", "label", "rationale"), _sentiment_think, True),
-    "guanaco": (("text",), _guanaco, True),
-    "chat": ((), _chat, False),
-    "text": (("text",), _text, True),
-    "arithmetic": (("instruction", "output"), _arithmetic, True),
+SENTIMENT_USE: dict[str, Any] = {"lists_labels": True, "default_tasks": ("classify",)}
+
+# name -> (required fields, renderer, how the template is used: Template's keyword arguments)
+BUILTIN: dict[str, tuple[tuple[str, ...], Callable[[Fields, Any], list[Segment]], dict[str, Any]]] = {
+    "alpaca": (("instruction", "output"), _alpaca, {}),
+    "sentiment": (("text", "label"), _sentiment, SENTIMENT_USE),
+    "sentiment-think": (("text", "label", "rationale"), _sentiment_think,
+                        {**SENTIMENT_USE, "generates_label": True, "answer_tokens": 256}),
+    "guanaco": (("text",), _guanaco, {}),
+    "chat": ((), _chat, {"add_eos": False, "special_prefix": False, "renders_with_tokenizer": True}),
+    "text": (("text",), _text, {}),
+    "arithmetic": (("instruction", "output"), _arithmetic,
+                   {"default_tasks": ("exact-match", "perplexity"), "checker": "arithmetic"}),
 }
 
 
 def get_template(name: str, label_names: tuple[str, ...] | list[str] = ("negative", "positive")) -> Template:
     """A built-in template by name, or a user template from a .yaml/.yml/.json file."""
     if name in BUILTIN:
-        required, fn, add_eos = BUILTIN[name]
-        lists_labels = name.startswith("sentiment")  # their prompt names the choices
-        return Template(name, required, fn, add_eos, tuple(label_names), lists_labels)
+        required, fn, use = BUILTIN[name]
+        return Template(name, required, fn, label_names=tuple(label_names), **use)
     if Path(name).suffix in (".yaml", ".yml", ".json"):
         return _user_template(Path(name), tuple(label_names))
     raise KdpipeError(f"unknown template '{name}'; use one of {', '.join(BUILTIN)} or a template .yaml file")

@@ -46,7 +46,7 @@ def tokenize_examples(
     rendered = [template.render(e.fields, e.id, tokenizer) for e in examples]
     texts = [s.text for segments in rendered for s in segments]
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
-    prefix = special_prefix(tokenizer) if template.name != "chat" else []
+    prefix = special_prefix(tokenizer) if template.special_prefix else []
     eos = [tokenizer.eos_token_id] if template.add_eos and tokenizer.eos_token_id is not None else []
     out, report, cursor = [], TokenizeReport(), 0
     for example, segments in zip(examples, rendered):

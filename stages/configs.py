@@ -18,7 +18,6 @@ from kdpipe.train_config import TrainConfig
 if TYPE_CHECKING:
     from kdpipe.losses import DistillLossConfig
 
-TASKS = ("auto", "classify", "exact-match", "perplexity")
 
 
 @dataclass
@@ -203,9 +202,11 @@ class EvaluateConfig(DataConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        unknown = [t for t in self.task if t not in TASKS]
+        from kdpipe.evaluation.tasks import TASK_NAMES  # the task registry (numpy, no torch)
+
+        unknown = [t for t in self.task if t not in TASK_NAMES]
         if unknown:
-            raise ValueError(f"unknown task {', '.join(map(repr, unknown))}; use one of {', '.join(TASKS)}")
+            raise ValueError(f"unknown task {', '.join(map(repr, unknown))}; use one of {', '.join(TASK_NAMES)}")
         for name in ("batch_size", "max_batch_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")

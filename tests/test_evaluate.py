@@ -75,14 +75,15 @@ def _model(path):
 
 def test_label_scores_are_the_models_own_logprobs(env):
     from kdpipe.data import load_examples
-    from kdpipe.stages import evaluate
+    from kdpipe.evaluation.specs import ModelSpec
+    from kdpipe.evaluation.tasks import classify
     from kdpipe.templates import get_template
 
     tok, model = env["tokenizer"], _model(env["base"])
     cfg = _config(dataset=str(env["reviews"]), template="sentiment", batch_size=3)
     examples = load_examples(cfg).examples
     template = get_template("sentiment")
-    out, preds = evaluate.classify(model, tok, examples, template, cfg, evaluate.ModelSpec("m", "m", "model", "m"))
+    out, preds = classify(model, tok, examples, template, cfg, ModelSpec("m", "m", "model", "m"))
     gold = ["positive", "negative", "negative", "positive", "negative"]
     for e, pred in zip(examples, preds):
         prompt = "Classify the sentiment of this review as negative or positive.\n\nReview: " + e.fields["text"] + "\nSentiment:"
@@ -273,7 +274,7 @@ def test_bad_input(env, workdir, monkeypatch):
 
 
 def test_lm_eval_error_messages():
-    from kdpipe.stages.evaluate import lm_eval_error
+    from kdpipe.evaluation.harness import lm_eval_error
 
     offline = ConnectionError("Couldn't reach 'Rowan/hellaswag' on the Hub (OfflineModeIsEnabled)")
     assert "could not get the data of hellaswag" in lm_eval_error(offline, ["hellaswag"])

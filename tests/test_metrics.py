@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from kdpipe import metrics
-from kdpipe.stages.evaluate import make_checker, parse_label
+from kdpipe.evaluation.checkers import make_checker
+from kdpipe.evaluation.tasks import parse_label
 from kdpipe.templates import get_template
 
 

@@ -216,3 +216,44 @@ def test_a_second_writer_on_the_same_prefix_stops_the_first(s3, tiny_model_dir, 
             entry = second.write(0, table)
         assert read_manifest(url)["shards"] == [entry]
     assert Store.open(url).names() == ["manifest.json", "shard-00000.parquet"]  # the marker is gone with its owner
+
+
+def _run_on(cache: str, model: Path, folder: Path) -> Path:
+    """A finished train-student run folder (the model itself as the student) that trained on `cache`."""
+    import json
+    import shutil
+
+    shutil.copytree(model, folder)
+    record = {"kind": "train-student", "status": "complete", "updated": "2030-01-01T00:00:00",
+              "config": {"model": str(model), "cache": cache}}
+    (folder / "kdpipe_run.json").write_text(json.dumps(record))
+    return folder
+
+
+def test_evaluate_infers_data_and_teacher_from_a_run_on_an_s3_cache(s3, tiny_model_dir, local_cache, workdir):
+    """No --model, no --dataset: the latest run's data and teacher come from its cache's manifest on S3."""
+    import json
+
+    url = f"{s3}/run-data"
+    kdpipe("cache", "merge", local_cache, "--output", url)
+    run = _run_on(url, tiny_model_dir, workdir / "runs" / "distilled")
+    result = kdpipe("evaluate", "--limit", 4, "--no-plot")
+    assert "data: kdpipe:arithmetic split=test" in result.output
+    data = json.loads((run / "eval" / "results.json").read_text())
+    assert [m["role"] for m in data["models"]] == ["student", "base", "teacher"]
+    assert data["models"][2]["source"] == str(tiny_model_dir)  # the teacher named in the S3 manifest
+    assert data["data"]["dataset"] == "kdpipe:arithmetic" and data["data"]["tasks"] == ["exact-match", "perplexity"]
+
+
+def test_evaluate_fidelity_of_a_run_on_an_s3_cache(s3, tiny_model_dir, local_cache, tmp_path):
+    """A run trained on an S3 cache, its fidelity on that cache: the data comes from the S3 manifest and the
+    overlap with the training cache is noted."""
+    import json
+
+    url = f"{s3}/run-fidelity"
+    kdpipe("cache", "merge", local_cache, "--output", url)
+    run = _run_on(url, tiny_model_dir, tmp_path / "run")
+    result = kdpipe("evaluate", "--model", run, "--cache", url, "--limit", 4, "--output", tmp_path / "eval")
+    assert f"60 of the 60 examples of cache {url} are also in {url}" in result.output
+    metrics = json.loads((tmp_path / "eval" / "results.json").read_text())["models"][0]["metrics"]
+    assert metrics["fidelity/top1_agreement"] == 1.0 and "exact-match/exact_match" in metrics

@@ -1,0 +1,95 @@
+"""Fidelity to the teacher on a held-out cache: KL over k+1 atoms, top-1 agreement, top-k recall and
+calibration of each model against the teacher's cached top-k (the metrics are `kdpipe.metrics`)."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from kdpipe.errors import KdpipeError
+from kdpipe.evaluation.runs import RUN_FILE, read_json
+
+
+def open_heldout(location: str, echo: Callable[[str], None] = print, specs: Sequence[Any] = ()) -> Any:
+    """The held-out cache (checked); a note when its examples are in a run's training cache (or, with no
+    run to compare with, when nothing says it is held out)."""
+    from kdpipe.cache.tools import open_checked
+
+    cache = open_checked(location)
+    data = cache.manifest.get("dataset") or {}
+    records = [read_json(s.run / RUN_FILE, quiet=True) for s in specs if s.run]
+    trained = [t for t in {(r.get("config") or {}).get("cache") for r in records} if t and _exists(t)]
+    if trained:
+        mine = example_hashes(cache)
+        for other in sorted(trained):
+            shared = len(mine & example_hashes(open_checked(other)))
+            if shared:
+                echo(f"note: {shared} of the {len(mine)} examples of cache {location} are also in {other}, the "
+                     "training cache of a run evaluated here; fidelity on training data flatters a student")
+    elif not (data.get("heldout") or data.get("part") == "heldout" or data.get("split") != "train"):
+        echo(f"note: cache {location} is of training data as far as its manifest says (split=train, "
+             f"part={data.get('part')}); fidelity on training data flatters a student. A separate test file: "
+             "cache it with --heldout")
+    return cache
+
+
+def example_hashes(cache: Any) -> set[bytes]:
+    """sha256 of each cached example's token ids (ids like train-0 repeat across files; the tokens do not)."""
+    hashes = set()
+    for shard in cache.shards:
+        for ids in cache.store.parquet(shard["file"]).read(columns=["input_ids"])["input_ids"].to_pylist():
+            hashes.add(hashlib.sha256(np.asarray(ids, np.int64).tobytes()).digest())
+    return hashes
+
+
+def _exists(location: str) -> bool:
+    from kdpipe.cache.format import read_manifest
+
+    try:
+        return bool(read_manifest(location))
+    except (KdpipeError, OSError):
+        return False
+
+
+def fidelity(model: Any, tokenizer: Any, cache: Any, cfg: Any, spec: Any) -> dict[str, float]:
+    """KL(teacher‖student) over k+1 atoms, top-1 agreement, top-k recall, ECE on the cache (see kdpipe.metrics)."""
+    import torch
+
+    from kdpipe import metrics, scoring
+    from kdpipe.models import vocab_hash
+
+    manifest = cache.manifest
+    if vocab_hash(tokenizer) != manifest["tokenizer"]["vocab_hash"]:
+        spec.notes.append(f"no fidelity: its tokenizer differs from the cache's teacher "
+                          f"({manifest['tokenizer']['name']})")
+        return {}
+    if manifest["sparse"]["mode"] != "topk":
+        spec.notes.append(f"no fidelity: cache {cache.path} is {manifest['sparse']['mode']}; fidelity needs a "
+                          "top-k cache")
+        return {}
+    rows = []
+    for example in cache.iter_examples():
+        rows.append(example)
+        if cfg.cache_limit and len(rows) >= cfg.cache_limit:
+            break
+
+    def column(values: list[np.ndarray], dtype: Any) -> torch.Tensor:
+        return torch.as_tensor(np.concatenate(values).astype(dtype))
+
+    ids = column([r.targets.topk_ids for r in rows], np.int64)
+    logprobs = column([r.targets.topk_logprobs for r in rows], np.float32)
+    tail = column([r.targets.tail_mass for r in rows], np.float32)
+    labels = column([r.labels for r in rows], np.int64)
+
+    def fn(logp: torch.Tensor, flat: slice) -> dict[str, torch.Tensor]:
+        dev = logp.device
+        return metrics.fidelity_stats(logp, ids[flat].to(dev), logprobs[flat].to(dev), tail[flat].to(dev),
+                                      labels[flat].to(dev))
+
+    stats = scoring.map_positions(model, [r.input_ids for r in rows], [r.positions for r in rows], fn,
+                                  tokenizer.pad_token_id, cfg.batch_size, cfg.max_batch_tokens,
+                                  desc=f"{spec.name}: fidelity")
+    return metrics.summarize_fidelity(stats)
