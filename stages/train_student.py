@@ -13,13 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from kdpipe import training
+from kdpipe import student_vocab, training
 from kdpipe.cache.reader import Cache
 from kdpipe.cache.tools import open_checked
 from kdpipe.config import option
 from kdpipe.errors import KdpipeError
 from kdpipe.losses import DistillLossConfig
-from kdpipe.models import load_tokenizer, vocab_hash
+from kdpipe.models import load_tokenizer
 from kdpipe.student_data import BlockShuffleSampler, CacheDataset, DistillCollator
 
 
@@ -44,6 +44,16 @@ class TrainStudentConfig(training.TrainConfig):
         None, "Split the row groups into this many lanes, one per process, so each process reads its own part "
         "(default: the number of processes; set it to a multi-process run's count to replay its order on one process)."
     )
+
+    min_coverage: float = option(
+        0.99, "A student with another tokenizer trains on the cache remapped by token string when at "
+        "least this share of the teacher's cached mass is on its tokens and of the rows tokenize identically.")
+    cross_tokenizer: bool = option(
+        False, "A student with a different tokenizer: align the tokenizations by character offsets (README).")
+    uld_weight: float = option(
+        0.0, "With --cross-tokenizer: weight of the ULD term (sorted-probability distance, Boizard et al.).")
+    teacher_tokenizer: str | None = option(
+        None, "The cache's teacher tokenizer, when its manifest's tokenizer.name does not load here.")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -74,7 +84,8 @@ def run(cfg: TrainStudentConfig, command: str = "", callbacks: list[Any] | None 
     cache = open_checked(cfg.cache)
     loss_config = sampled_loss_config(cfg, cache)
     tokenizer = load_tokenizer(cfg.model, cfg.revision)
-    check_tokenizer(tokenizer, cache, cfg.model)
+    student_vocab.check_options(cfg)
+    vocab = student_vocab.choose(cfg, cache, tokenizer)  # None: identical tokenizers, today's route
     identity = {"model": training.model_identity(cfg.model), "cache": cache.manifest["settings_hash"]}
     checkpoint = training.check_output(cfg, "train-student", identity)
 
@@ -86,7 +97,11 @@ def run(cfg: TrainStudentConfig, command: str = "", callbacks: list[Any] | None 
     dataset = CacheDataset(cache, keep_groups=cfg.shuffle_window + 1)
     sampler = BlockShuffleSampler(dataset.sizes, cfg.seed, cfg.shuffle_window, **lane_layout(cfg))
     collator = DistillCollator(tokenizer.pad_token_id, student_vocab_size(model), cache.k)
-    trainer = training.make_trainer(
+    collator = student_vocab.collator(vocab, collator, tokenizer, cfg, student_vocab_size(model))
+    if vocab is not None:
+        student_vocab.save(vocab, out)
+    make_trainer = training.make_trainer if vocab is None or vocab.route != "cross" else cross_trainer(cfg)
+    trainer = make_trainer(
         loss_config, model=model, args=args, train_dataset=dataset,
         data_collator=collator, processing_class=tokenizer, sampler=sampler, callbacks=callbacks,
     )
@@ -120,15 +135,10 @@ def sampled_loss_config(cfg: TrainStudentConfig, cache: Cache) -> DistillLossCon
     return cfg.loss_config(sampled)
 
 
-def check_tokenizer(tokenizer: Any, cache: Cache, model: str) -> None:
-    """The student must tokenize exactly as the teacher did (same token -> id table)."""
-    expected = cache.manifest["tokenizer"]
-    if vocab_hash(tokenizer) != expected["vocab_hash"]:
-        raise KdpipeError(
-            f"the student {model} has another tokenizer than the cache's teacher ({expected['name']}): "
-            f"{len(tokenizer)} vs {expected['vocab_size']} tokens, vocabulary hashes differ. The cached token ids "
-            "would mean other tokens to this student; pick a student of the teacher's family (same tokenizer)"
-        )
+def cross_trainer(cfg: TrainStudentConfig) -> Any:
+    from kdpipe import cross_tokenizer
+
+    return cross_tokenizer.trainer_factory(cfg.uld_weight)
 
 
 def check_context(cache: Cache, model: Any, name: str) -> None:
