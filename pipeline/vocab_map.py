@@ -194,20 +194,16 @@ def coverage(examples: Any, vmap: VocabMap, teacher: Any, student: Any, limit: i
     """Mass on mapped ids and identically tokenized rows over the cache's first `limit` rows (0: all)."""
     added = added_ids(teacher)
     fallback = fallback_id(student)
-    mapped_mass = total_mass = 0.0
+    prefix = leading_special(student)
+    mapped_total = token_total = 0.0
     rows = same = 0
     first_diff: str | None = None
     for e in examples:
-        lp = e.targets.topk_logprobs.astype(np.float64)
-        t = e.targets.topk_ids.astype(np.int64)
-        real = np.isfinite(lp) & (t < vmap.teacher_tokens)
-        p = np.where(real, np.exp(np.where(real, lp, 0.0)), 0.0)
-        total_mass += p.sum()
-        mapped_mass += p[real & (vmap.ids[np.where(real, t, 0)] >= 0)].sum()
+        on_mapped, on_tokens = mapped_mass(e, vmap)
+        mapped_total, token_total = mapped_total + on_mapped, token_total + on_tokens
         pieces = text_pieces(e.input_ids, trained_flags(e), teacher, added)
         own = student_encoding(pieces, e.input_ids, student, vmap)
         remapped = remap_example(e, vmap, fallback, added)
-        prefix = leading_special(student)
         if own == remapped.input_ids.tolist() or prefix + own == remapped.input_ids.tolist():
             same += 1
         elif first_diff is None:
@@ -215,9 +211,18 @@ def coverage(examples: Any, vmap: VocabMap, teacher: Any, student: Any, limit: i
         rows += 1
         if limit and rows >= limit:
             break
-    return {"mass": mapped_mass / total_mass if total_mass > 0 else 1.0,
+    return {"mass": mapped_total / token_total if token_total > 0 else 1.0,
             "rows": same / rows if rows else 1.0, "rows_checked": rows, "rows_identical": same,
             "first_differing_row": first_diff}
+
+
+def mapped_mass(example: Any, vmap: VocabMap) -> tuple[float, float]:
+    """The row's cached top-k mass on ids with a student counterpart, and on real tokens (not head padding)."""
+    lp = example.targets.topk_logprobs.astype(np.float64)
+    t = example.targets.topk_ids.astype(np.int64)
+    real = np.isfinite(lp) & (t < vmap.teacher_tokens)
+    p = np.where(real, np.exp(np.where(real, lp, 0.0)), 0.0)
+    return float(p[real & (vmap.ids[np.where(real, t, 0)] >= 0)].sum()), float(p.sum())
 
 
 def leading_special(tokenizer: Any) -> list[int]:
