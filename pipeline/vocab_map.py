@@ -2,8 +2,10 @@
 
 `build_map` gives every teacher id the student id of the same token: byte-level BPE tokens are
 compared as the bytes they stand for, other tokens as their strings, added (special) tokens by their
-content. Teacher ids without a counterpart (and the rows of a head padded past the tokenizer) map to
--1; in training they join the tail, as padded ids always did (`kdpipe.student_data.mask_out_of_vocab`).
+content, and the teacher's EOS/BOS/PAD whose content the student lacks stand for the student's own
+(DeepSeek's <｜end▁of▁sentence｜> becomes Qwen3's EOS). Teacher ids without a counterpart (and the
+rows of a head padded past the tokenizer) map to -1; in training they join the tail, as padded ids
+always did (`kdpipe.student_data.mask_out_of_vocab`).
 
 The cached rows then need the student's ids (`remap_example`): input ids, top-k ids and positions.
 Leading teacher special tokens the student lacks (a BOS such as DeepSeek's) are dropped with the
@@ -108,6 +110,14 @@ def build_map(teacher: Any, student: Any, teacher_rows: int | None = None) -> Vo
                 examples.append(repr(key[1])[:40])
         else:
             ids[i] = j
+    for role in ("eos_token_id", "bos_token_id", "pad_token_id"):
+        # a template's EOS (BOS, PAD) is the teacher's own: the student's own one stands for it
+        t, s = getattr(teacher, role, None), getattr(student, role, None)
+        if t is not None and s is not None and t < len(ids) and ids[t] < 0 and s not in set(ids.tolist()):
+            ids[t] = s
+            unmapped["added"] -= 1
+            if repr(t_keys[t][1])[:40] in examples:
+                examples.remove(repr(t_keys[t][1])[:40])
     return VocabMap(ids, tokens, len(student), unmapped, examples)
 
 

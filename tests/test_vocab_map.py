@@ -13,7 +13,7 @@ from train_fixtures import *  # noqa: F401,F403
 from train_fixtures import expect_error, run_cli, student_kwargs
 
 
-def moved_specials(tokenizer, extra=("<|im_start|>", "<|im_end|>")):
+def moved_specials(tokenizer, extra=("<|im_start|>", "<|im_end|>"), rename=None):
     """The same BPE (same tokens and merges) with its special tokens moved to the end and two more added."""
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
@@ -21,6 +21,7 @@ def moved_specials(tokenizer, extra=("<|im_start|>", "<|im_end|>")):
     data = json.loads(tokenizer.backend_tokenizer.to_str())
     specials = [t["content"] for t in data["added_tokens"]]
     ordinary = sorted((i, t) for t, i in data["model"]["vocab"].items() if t not in specials)
+    specials = [(rename or {}).get(t, t) for t in specials]
     vocab = {t: n for n, (_, t) in enumerate(ordinary)}
     for s in (*extra, *specials):
         vocab[s] = len(vocab)
@@ -28,7 +29,7 @@ def moved_specials(tokenizer, extra=("<|im_start|>", "<|im_end|>")):
     flags = {"single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": True}
     data["added_tokens"] = [{"id": vocab[s], "content": s, **flags} for s in (*extra, *specials)]
     return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(data)),
-                                   eos_token="<|endoftext|>", pad_token="<|pad|>")
+                                   eos_token=specials[0], pad_token="<|pad|>")
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +55,16 @@ def test_the_map_is_exact_and_padded_rows_map_to_nothing(world, shifted):
     assert vmap.ids[: len(teacher)].tolist() == expected
     assert (vmap.ids[len(teacher):] == -1).all() and len(vmap.ids) == len(teacher) + 16
     assert vmap.mapped == len(teacher) and vmap.unmapped == {"ordinary": 0, "added": 0}
+
+
+def test_an_eos_of_other_content_stands_for_the_students_eos(world):
+    from kdpipe.vocab_map import build_map
+
+    teacher = world.tokenizer
+    student = moved_specials(teacher, extra=(), rename={"<|endoftext|>": "<|im_end|>"})
+    vmap = build_map(teacher, student)
+    assert vmap.ids[teacher.eos_token_id] == student.convert_tokens_to_ids("<|im_end|>")
+    assert vmap.ids[teacher.pad_token_id] == student.pad_token_id and vmap.unmapped["added"] == 0
 
 
 def reference_batch(rows, teacher, student, student_vocab):
