@@ -73,17 +73,20 @@ def echo_coverage(what: str, vmap: vm.VocabMap, found: dict[str, Any]) -> None:
 def save(choice: StudentVocab, out: Path) -> None:
     """The map into the run folder and the route and coverage into its run record."""
     import json
+    import os
 
     from kdpipe.models import vocab_hash
     from kdpipe.training import RUN_FILE
 
+    if int(os.environ.get("RANK", "0")) != 0:  # the main process records the run
+        return
     choice.vmap.save(out, {"teacher_tokenizer": getattr(choice.teacher_tokenizer, "name_or_path", None),
                            "teacher_vocab_hash": vocab_hash(choice.teacher_tokenizer)})
     path = out / RUN_FILE
     try:
         record = json.loads(path.read_text())
     except (OSError, ValueError):
-        return  # not the main process
+        return
     record["student_vocab"] = choice.record()
     from kdpipe.cache.storage import write_atomic
 
