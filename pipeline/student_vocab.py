@@ -132,3 +132,55 @@ def check_options(cfg: Any) -> None:
         raise KdpipeError(f"--uld-weight must not be negative, not {cfg.uld_weight}")
     if cfg.uld_weight > 0 and not cfg.cross_tokenizer:
         raise KdpipeError("--uld-weight needs --cross-tokenizer (ULD pairs positions of two tokenizations)")
+
+
+def fidelity_rows(cache: Any, student: Any, limit: int | None, min_coverage: float = 0.99,
+                  teacher_tokenizer: str | None = None) -> tuple[list[CachedExample], str]:
+    """The cache's first `limit` rows in the student's vocabulary, for `kdpipe evaluate`'s fidelity.
+
+    Mapped route when the coverage reaches `min_coverage`; else the positions aligned by character
+    offsets (`kdpipe.cross_tokenizer`), with the teacher's top-k projected onto the student's ids.
+    Teacher ids without a counterpart get an id past any vocabulary, so fidelity counts them in the tail.
+    Returns the rows and a note saying which route was taken.
+    """
+    from kdpipe import cross_tokenizer
+
+    outside = np.iinfo(np.int32).max
+    teacher = vm.load_teacher_tokenizer(cache.manifest, teacher_tokenizer, cache.path)
+    vmap = vm.build_map(teacher, student, cache.manifest["teacher"].get("vocab_size"))
+    rows = []
+    for e in cache.iter_examples():
+        if limit and len(rows) >= limit:
+            break
+        rows.append(e)
+    found = vm.coverage(rows, vmap, teacher, student)
+    if found["mass"] >= min_coverage and found["rows"] >= min_coverage:
+        remap = RemapCollator(_Outside(outside), vmap, student, teacher).remap
+        return [remap(e) for e in rows], (f"fidelity through the vocabulary map ({found['rows']:.2%} of rows "
+                                          f"tokenize identically, {found['mass']:.2%} of the mass mapped)")
+    cross_tokenizer.require_offsets(teacher, "teacher")
+    cross_tokenizer.require_offsets(student, "student")
+    added, out = vm.added_ids(teacher), []
+    for e in rows:
+        try:
+            a = cross_tokenizer.align(e, teacher, student, vmap, added)
+        except cross_tokenizer.RowWithoutText:
+            continue
+        keep = a.kd >= 0
+        src = a.kd[keep]
+        t = e.targets
+        ids = t.topk_ids[src].astype(np.int64)
+        ids = np.where(ids < len(vmap.ids), vmap.ids[np.minimum(ids, len(vmap.ids) - 1)], -1)
+        targets = Targets(np.where(ids < 0, outside, ids), t.topk_logprobs[src], t.target_logprob[src],
+                          t.tail_mass[src])
+        out.append(CachedExample(e.id, a.input_ids, a.ce_positions[keep].astype(np.int32), targets))
+    aligned = sum(len(r.positions) for r in out)
+    return out, (f"fidelity on the {aligned} student positions aligned with the teacher's by character "
+                 "offsets (its tokenizer differs from the cache's teacher)")
+
+
+class _Outside:
+    """What `RemapCollator.remap` needs of its inner collator: the id unmapped targets get."""
+
+    def __init__(self, student_vocab: int):
+        self.student_vocab = student_vocab

@@ -606,14 +606,23 @@ def _exists(location: str) -> bool:
 
 def fidelity(model: Any, tokenizer: Any, cache: Any, cfg: EvaluateConfig, spec: ModelSpec) -> dict[str, float]:
     """KL(teacher‖student) over k+1 atoms, top-1 agreement, top-k recall, ECE on the cache (see kdpipe.metrics)."""
-    if vocab_hash(tokenizer) != cache.manifest["tokenizer"]["vocab_hash"]:
-        spec.notes.append(f"no fidelity: its tokenizer differs from the cache's teacher ({cache.manifest['tokenizer']['name']})")
-        return {}
     if cache.manifest["sparse"]["mode"] != "topk":
         spec.notes.append(f"no fidelity: cache {cache.path} is {cache.manifest['sparse']['mode']}; fidelity needs a top-k cache")
         return {}
     rows = []
-    for example in cache.iter_examples():
+    if vocab_hash(tokenizer) != cache.manifest["tokenizer"]["vocab_hash"]:  # issue 16: by token string
+        from kdpipe import student_vocab
+
+        try:
+            rows, note = student_vocab.fidelity_rows(cache, tokenizer, cfg.cache_limit)
+        except KdpipeError as e:
+            spec.notes.append(f"no fidelity: {e.message}")
+            return {}
+        spec.notes.append(note)
+        rows = [r for r in rows if len(r.positions)]
+        if not rows:
+            return {}
+    for example in cache.iter_examples() if not rows else ():
         rows.append(example)
         if cfg.cache_limit and len(rows) >= cfg.cache_limit:
             break

@@ -138,7 +138,7 @@ def byte_ends(tokenizer, ids):
     return ends
 
 
-def aligned_kl(teacher_dir, student_dir, cache_dir, rows=24):
+def aligned_kl(teacher_dir, student_dir, cache_dir, rows=24, with_count=False):
     """KL(teacher || student) over the mapped vocabulary at aligned positions, computed independently:
     the student's tokens from kdpipe.tokenize (as a cache of its own), spans from the token bytes."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -177,7 +177,7 @@ def aligned_kl(teacher_dir, student_dir, cache_dir, rows=24):
             total += float((p.exp() * (p - q)).sum())
             count += 1
     assert count > 50, count
-    return total / count
+    return (total / count, count) if with_count else total / count
 
 
 def test_cross_tokenizer_student_gets_closer_to_the_teacher_than_untrained_and_sft(cross_world, tmp_path):
@@ -196,6 +196,20 @@ def test_cross_tokenizer_student_gets_closer_to_the_teacher_than_untrained_and_s
     distilled = aligned_kl(teacher, tmp_path / "kd", cache)
     sft = aligned_kl(teacher, tmp_path / "sft", cache)
     assert distilled < untrained and distilled < sft, (distilled, untrained, sft)
+
+
+def test_evaluate_reports_fidelity_on_the_aligned_positions(cross_world, tmp_path):
+    from kdpipe.stages import evaluate
+
+    teacher, student, cache = cross_world
+    cfg = evaluate.EvaluateConfig(model=[str(teacher), str(student)], cache=str(cache), cache_limit=24,
+                                  device="cpu", dtype="fp32", output=str(tmp_path / "eval"))
+    first, second = evaluate.run(cfg, echo=lambda *_: None)["models"]
+    assert first["metrics"]["fidelity/kl"] < 1e-3
+    _, aligned = aligned_kl(teacher, student, cache, with_count=True)
+    assert second["metrics"]["fidelity/positions"] == aligned
+    assert math.isfinite(second["metrics"]["fidelity/kl"])
+    assert any("aligned with the teacher's by character offsets" in n for n in second["notes"])
 
 
 def test_uld_weight_trains(cross_world, tmp_path):

@@ -165,3 +165,16 @@ def test_rows_differ_when_the_student_merges_otherwise(world):
     assert found["rows_checked"] == 64 and found["rows"] < 0.99
     assert vmap.unmapped["ordinary"] == len(world.tokenizer) - len(other)
     assert np.isclose(found["mass"], found["mass"])  # a number
+
+
+def test_evaluate_fidelity_goes_through_the_map(world, shifted, tmp_path):
+    from kdpipe.cache.reader import open_cache
+    from kdpipe.stages import evaluate
+
+    _, student = shifted
+    cfg = evaluate.EvaluateConfig(model=[str(student)], cache=str(world.padded_cache), device="cpu",
+                                  dtype="fp32", output=str(tmp_path / "eval"))
+    (result,) = evaluate.run(cfg, echo=lambda *_: None)["models"]
+    positions = sum(len(e.positions) for e in open_cache(world.padded_cache).iter_examples())
+    assert result["metrics"]["fidelity/positions"] == positions
+    assert any("through the vocabulary map (100.00% of rows" in n for n in result["notes"])
