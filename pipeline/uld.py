@@ -55,7 +55,9 @@ def cross_loss(hidden: torch.Tensor, head: Any, inputs: dict[str, torch.Tensor],
     n = hidden.shape[0]
     labels = inputs["labels"]
     total = hidden.sum() * 0.0
-    if cfg.alpha < 1 and n:
+    if n == 0:  # a batch of rows without recoverable text: nothing to learn, and no count to divide by
+        return total
+    if cfg.alpha < 1:
         dummy = SparseTargets(labels.new_zeros(n, 1), hidden.new_zeros(n, 1, dtype=torch.float32),
                               hidden.new_zeros(n, dtype=torch.float32), labels)
         ce = distill_loss(hidden, head, dummy, replace(cfg, alpha=0.0), num_items=1)

@@ -100,6 +100,38 @@ def test_uld_is_the_sorted_probability_distance():
     torch.testing.assert_close(got, expected)
 
 
+def test_cross_loss_is_kd_on_aligned_ce_on_all_and_uld_on_paired():
+    from kdpipe.losses import DistillLossConfig
+    from kdpipe.uld import cross_loss
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 7, generator=g, dtype=torch.float64)
+    labels = torch.tensor([1, 2, 3, 4, 5])
+    kd = torch.tensor([0, 3])
+    ids = torch.tensor([[1, 2], [4, 0]])
+    lp = torch.log(torch.tensor([[0.5, 0.2], [0.6, 0.0]]))  # second row: one padded id (-inf)
+    tail = torch.tensor([0.3, 0.4])
+    uld = torch.tensor([1, 2])
+    inputs = {"labels": labels, "kd_index": kd, "topk_ids": ids, "topk_logprobs": lp.float(), "tail_mass": tail,
+              "uld_index": uld, "uld_logprobs": lp[:, :1].float(), "uld_tail": torch.tensor([0.5, 0.4])}
+    cfg = DistillLossConfig(loss="fkl", alpha=0.25, fused=False)
+    got = cross_loss(logits, lambda x: x, inputs, cfg, uld_weight=2.0)
+    q = logits.softmax(-1)
+    ce = -q.log()[torch.arange(5), labels].sum()
+    div = 0.0
+    for row, (i, ps, t) in enumerate(zip(kd.tolist(), lp.exp().tolist(), tail.tolist())):
+        valid = [j for j, p in zip(ids[row].tolist(), ps) if p > 0]
+        p_atoms = [p for p in ps if p > 0] + [t]
+        q_atoms = [q[i, j] for j in valid] + [1 - sum(q[i, j] for j in valid)]
+        div += sum(p * math.log(p / qa) for p, qa in zip(p_atoms, q_atoms))
+    distance = 0.0
+    for i, p, t in zip(uld.tolist(), lp[:, 0].exp().tolist(), [0.5, 0.4]):
+        top = q[i].max()
+        distance += abs(top - p) + abs((1 - top) - t)
+    expected = (0.25 * div + 0.75 * ce + 2.0 * distance) / 5
+    torch.testing.assert_close(got.double(), torch.as_tensor(expected, dtype=torch.float64), rtol=1e-5, atol=1e-6)
+
+
 # ---------------------------------------------------------------- training on a real cache
 
 
