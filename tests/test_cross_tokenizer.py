@@ -112,7 +112,8 @@ def test_cross_loss_is_kd_on_aligned_ce_on_all_and_uld_on_paired():
     lp = torch.log(torch.tensor([[0.5, 0.2], [0.6, 0.0]]))  # second row: one padded id (-inf)
     tail = torch.tensor([0.3, 0.4])
     uld = torch.tensor([1, 2])
-    inputs = {"labels": labels, "kd_index": kd, "topk_ids": ids, "topk_logprobs": lp.float(), "tail_mass": tail,
+    inputs = {"labels": labels, "kd_index": kd, "topk_ids": ids, "topk_logprobs": lp.float(),
+              "tail_mass": tail,
               "uld_index": uld, "uld_logprobs": lp[:, :1].float(), "uld_tail": torch.tensor([0.5, 0.4])}
     cfg = DistillLossConfig(loss="fkl", alpha=0.25, fused=False)
     got = cross_loss(logits, lambda x: x, inputs, cfg, uld_weight=2.0)
@@ -129,7 +130,8 @@ def test_cross_loss_is_kd_on_aligned_ce_on_all_and_uld_on_paired():
         top = q[i].max()
         distance += abs(top - p) + abs((1 - top) - t)
     expected = (0.25 * div + 0.75 * ce + 2.0 * distance) / 5
-    torch.testing.assert_close(got.double(), torch.as_tensor(expected, dtype=torch.float64), rtol=1e-5, atol=1e-6)
+    expected = torch.as_tensor(expected, dtype=torch.float64)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------- training on a real cache
