@@ -125,6 +125,16 @@ class TrainStudentConfig(TrainConfig):
         "(default: the number of processes; set it to a multi-process run's count to replay its order on one "
         "process)."
     )
+    min_coverage: float = option(
+        0.99, "A student with another tokenizer trains on the cache remapped by token string when at "
+              "least this share of the teacher's cached mass is on its tokens and of the rows tokenize "
+              "identically.")
+    cross_tokenizer: bool = option(
+        False, "A student with a different tokenizer: align the tokenizations by character offsets (README).")
+    uld_weight: float = option(
+        0.0, "With --cross-tokenizer: weight of the ULD term (sorted-probability distance, Boizard et al.).")
+    teacher_tokenizer: str | None = option(
+        None, "The cache's teacher tokenizer, when its manifest's tokenizer.name does not load here.")
 
     def __post_init__(self) -> None:
         super().__post_init__()

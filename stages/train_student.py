@@ -11,12 +11,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-from kdpipe import training
+from kdpipe import student_vocab, training
 from kdpipe.cache.reader import Cache
 from kdpipe.cache.tools import open_checked
 from kdpipe.errors import KdpipeError
 from kdpipe.losses import DistillLossConfig
-from kdpipe.models import load_tokenizer, vocab_hash
+from kdpipe.models import load_tokenizer
 from kdpipe.stages.configs import TrainStudentConfig, _slug  # noqa: F401  (re-exported: old imports)
 from kdpipe.student_data import BlockShuffleSampler, CacheDataset, DistillCollator
 
@@ -35,7 +35,8 @@ def run(cfg: TrainStudentConfig, command: str = "", callbacks: list[Any] | None 
     cache = open_checked(cfg.cache)
     loss_config = sampled_loss_config(cfg, cache)
     tokenizer = load_tokenizer(cfg.model, cfg.revision)
-    check_tokenizer(tokenizer, cache, cfg.model)
+    student_vocab.check_options(cfg)
+    vocab = student_vocab.choose(cfg, cache, tokenizer)  # None: identical tokenizers, today's route
     identity = {"model": training.model_identity(cfg.model), "cache": cache.manifest["settings_hash"]}
     checkpoint = training.check_output(cfg, "train-student", identity)
 
@@ -47,7 +48,11 @@ def run(cfg: TrainStudentConfig, command: str = "", callbacks: list[Any] | None 
     dataset = CacheDataset(cache, keep_groups=cfg.shuffle_window + 1)
     sampler = BlockShuffleSampler(dataset.sizes, cfg.seed, cfg.shuffle_window, **lane_layout(cfg))
     collator = DistillCollator(tokenizer.pad_token_id, student_vocab_size(model), cache.k)
-    trainer = training.make_trainer(
+    collator = student_vocab.collator(vocab, collator, tokenizer, cfg, student_vocab_size(model))
+    if vocab is not None:
+        student_vocab.save(vocab, out)
+    make_trainer = training.make_trainer if vocab is None or vocab.route != "cross" else cross_trainer(cfg)
+    trainer = make_trainer(
         loss_config, model=model, args=args, train_dataset=dataset,
         data_collator=collator, processing_class=tokenizer, sampler=sampler, callbacks=callbacks,
     )
@@ -81,15 +86,10 @@ def sampled_loss_config(cfg: TrainStudentConfig, cache: Cache) -> DistillLossCon
     return cfg.loss_config(sampled)
 
 
-def check_tokenizer(tokenizer: Any, cache: Cache, model: str) -> None:
-    """The student must tokenize exactly as the teacher did (same token -> id table)."""
-    expected = cache.manifest["tokenizer"]
-    if vocab_hash(tokenizer) != expected["vocab_hash"]:
-        raise KdpipeError(
-            f"the student {model} has another tokenizer than the cache's teacher ({expected['name']}): "
-            f"{len(tokenizer)} vs {expected['vocab_size']} tokens, vocabulary hashes differ. The cached token ids "
-            "would mean other tokens to this student; pick a student of the teacher's family (same tokenizer)"
-        )
+def cross_trainer(cfg: TrainStudentConfig) -> Any:
+    from kdpipe import cross_tokenizer
+
+    return cross_tokenizer.trainer_factory(cfg.uld_weight)
 
 
 def check_context(cache: Cache, model: Any, name: str) -> None:

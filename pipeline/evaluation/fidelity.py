@@ -62,16 +62,25 @@ def fidelity(model: Any, tokenizer: Any, cache: Any, cfg: Any, spec: Any) -> dic
     from kdpipe.models import vocab_hash
 
     manifest = cache.manifest
-    if vocab_hash(tokenizer) != manifest["tokenizer"]["vocab_hash"]:
-        spec.notes.append(f"no fidelity: its tokenizer differs from the cache's teacher "
-                          f"({manifest['tokenizer']['name']})")
-        return {}
     if manifest["sparse"]["mode"] != "topk":
         spec.notes.append(f"no fidelity: cache {cache.path} is {manifest['sparse']['mode']}; fidelity needs a "
                           "top-k cache")
         return {}
     rows = []
-    for example in cache.iter_examples():
+    if vocab_hash(tokenizer) != manifest["tokenizer"]["vocab_hash"]:  # another tokenizer: by token string
+        from kdpipe import student_vocab
+        from kdpipe.errors import KdpipeError
+
+        try:
+            rows, note = student_vocab.fidelity_rows(cache, tokenizer, cfg.cache_limit)
+        except KdpipeError as e:
+            spec.notes.append(f"no fidelity: {e.message}")
+            return {}
+        spec.notes.append(note)
+        rows = [r for r in rows if len(r.positions)]
+        if not rows:
+            return {}
+    for example in cache.iter_examples() if not rows else ():
         rows.append(example)
         if cfg.cache_limit and len(rows) >= cfg.cache_limit:
             break
