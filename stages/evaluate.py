@@ -19,8 +19,8 @@ import kdpipe
 from kdpipe.config import option
 from kdpipe.data import DataConfig, load_examples
 from kdpipe.errors import KdpipeError
-from kdpipe.evaluation.report import format_table, summary, write_results
 from kdpipe.evaluation.report import definitions as metric_definitions
+from kdpipe.evaluation.report import format_table, summary, write_results
 from kdpipe.evaluation.tasks import TASK_NAMES, TASKS, check_examples, data_info, resolve_tasks
 from kdpipe.templates import get_template
 
@@ -31,29 +31,31 @@ __all__ = ["EvaluateConfig", "format_table", "run", "summary"]
 class EvaluateConfig(DataConfig):
     """Options of `kdpipe evaluate` (YAML keys; CLI options with dashes)."""
 
-    model: list[str] = option([], "Model to evaluate (repeat for several): hub id, folder, LoRA adapter folder or "
-                                  "run folder. Default: the latest finished run's student, its base and its teacher.")
-    task: list[str] = option(["auto"], "classify, exact-match, perplexity (comma-separated), or auto (by template: "
-                                       "sentiment -> classify, arithmetic -> exact-match,perplexity, "
-                                       "else perplexity).")
-    cache: str | None = option(None, "Held-out teacher cache: fidelity to the teacher (KL, top-1 agreement, top-k "
-                                     "recall, ECE).")
+    model: list[str] = option([], "Model to evaluate (repeat for several): hub id, folder, LoRA adapter "
+                                  "folder or run folder. Default: the latest finished run's student, its "
+                                  "base and its teacher.")
+    task: list[str] = option(["auto"], "classify, exact-match, perplexity (comma-separated), or auto (by "
+                                       "template: sentiment -> classify, arithmetic -> "
+                                       "exact-match,perplexity, else perplexity).")
+    cache: str | None = option(None, "Held-out teacher cache: fidelity to the teacher (KL, top-1 agreement, "
+                                     "top-k recall, ECE).")
     cache_limit: int | None = option(None, "Use at most this many cached examples.")
-    checker: str | None = option(None, "Exact-match checker: arithmetic, exact, regex:PATTERN ({field} inserts a "
-                                       "field, escaped) or path/to/file.py:function (fields, answer) -> bool. "
-                                       "Default: arithmetic for the arithmetic template, else exact (equal to the "
-                                       "reference, stripped).")
-    generate: bool = option(False, "classify by greedy generation and parsing the label after 'Sentiment:' (the "
-                                   "default for sentiment-think) instead of scoring each label.")
+    checker: str | None = option(None, "Exact-match checker: arithmetic, exact, regex:PATTERN ({field} "
+                                       "inserts a field, escaped) or path/to/file.py:function (fields, "
+                                       "answer) -> bool. Default: arithmetic for the arithmetic template, "
+                                       "else exact (equal to the reference, stripped).")
+    generate: bool = option(False, "classify by greedy generation and parsing the label after 'Sentiment:' "
+                                   "(the default for sentiment-think) instead of scoring each label.")
     max_new_tokens: int | None = option(None, "Generation length (default: longest reference + 16; 256 for "
                                               "sentiment-think).")
-    lm_eval: list[str] = option([], "lm-evaluation-harness tasks, e.g. ifeval,hellaswag (needs kdpipe[lm-eval]; "
-                                    "--limit applies).")
-    output: str | None = option(None, "Folder for results.json/.csv, predictions and plots (default: RUN/eval for "
-                                      "a run, else eval).")
+    lm_eval: list[str] = option([], "lm-evaluation-harness tasks, e.g. ifeval,hellaswag (needs "
+                                    "kdpipe[lm-eval]; --limit applies).")
+    output: str | None = option(None, "Folder for results.json/.csv, predictions and plots (default: "
+                                      "RUN/eval for a run, else eval).")
     batch_size: int = option(64, "Most sequences in one forward pass (or one generation batch).")
     max_batch_tokens: int = option(16384, "Most tokens (rows × longest row) in one forward pass.")
-    dtype: Literal["auto", "bf16", "fp16", "fp32"] = option("auto", "Weights dtype (auto keeps the checkpoint's).")
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = option("auto", "Weights dtype (auto keeps the "
+                                                                    "checkpoint's).")
     device: str = option("auto", "Device: auto (CUDA if present), cpu, cuda, cuda:1 ...")
     plot: bool = option(True, "Write metrics.png (and training curves of runs); needs matplotlib.")
 
@@ -61,7 +63,8 @@ class EvaluateConfig(DataConfig):
         super().__post_init__()
         unknown = [t for t in self.task if t not in TASK_NAMES]
         if unknown:
-            raise ValueError(f"unknown task {', '.join(map(repr, unknown))}; use one of {', '.join(TASK_NAMES)}")
+            raise ValueError(f"unknown task {', '.join(map(repr, unknown))}; "
+                             f"use one of {', '.join(TASK_NAMES)}")
         for name in ("batch_size", "max_batch_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
@@ -79,7 +82,7 @@ def run(cfg: EvaluateConfig, command: str = "", echo: Callable[[str], None] = pr
 
     torch.manual_seed(cfg.seed)
     pick_device(cfg.device)  # a device this machine lacks: said before anything loads
-    models, _record = specs.resolve_models(cfg, echo)
+    models = specs.resolve_models(cfg, echo)  # with no --dataset, cfg gets the run's data
     template = get_template(cfg.resolved_template(), cfg.label_names) if cfg.dataset else None
     tasks = resolve_tasks(cfg, template)
     if not tasks and not cfg.cache and not cfg.lm_eval:
@@ -89,42 +92,20 @@ def run(cfg: EvaluateConfig, command: str = "", echo: Callable[[str], None] = pr
     if tasks:
         check_examples(examples, template, tasks, cfg)
     cache = fidelity.open_heldout(cfg.cache, echo, models) if cfg.cache else None
+    work = Work(tasks, examples, template, cache, manager)
     tokenizers = specs.load_tokenizers(models, echo)
 
     results: dict[str, Any] = {
-        "kdpipe_version": kdpipe.__version__, "command": command, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "data": data_info(cfg, examples, template, tasks), "cache": cfg.cache, "lm_eval": cfg.lm_eval,
-        "definitions": {}, "models": [],
+        "kdpipe_version": kdpipe.__version__, "command": command,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "data": data_info(cfg, examples, template, tasks),
+        "cache": cfg.cache, "lm_eval": cfg.lm_eval, "definitions": {}, "models": [],
     }
     predictions: list[dict[str, Any]] = []
-    for spec in models:
-        start = time.perf_counter()
-        torch.manual_seed(cfg.seed)
-        try:
-            model, tokenizer = specs.load_model(spec, cfg.dtype, cfg.device), tokenizers[spec.name]
-        except KdpipeError as e:
-            if not spec.optional:
-                raise
-            echo(f"skipping the {spec.role or 'model'} {spec.source}: {e.message}")
-            continue
-        threads = torch.get_num_threads()
-        if specs.small_on_cpu(model):
-            torch.set_num_threads(1)
-        values: dict[str, float] = {}
-        for task in tasks:
-            out, preds = TASKS[task].run(model, tokenizer, examples, template, cfg, spec)
-            values.update({f"{task}/{k}": v for k, v in out.items()})
-            predictions += [{"model": spec.name, "task": task, **p} for p in preds]
-        if cache is not None:
-            values.update({f"fidelity/{k}": v for k, v in fidelity.fidelity(model, tokenizer, cache, cfg, spec).items()})
-        if cfg.lm_eval:
-            values.update(harness.run_lm_eval(model, tokenizer, cfg, manager))
-        torch.set_num_threads(threads)
-        del model
-        gc.collect()
-        results["models"].append(_row(spec, values, time.perf_counter() - start))
-        for note in spec.notes:
-            echo(f"note ({spec.name}): {note}")
+    for spec in models:  # one at a time: never two models in memory
+        evaluated = evaluate_model(spec, tokenizers[spec.name], cfg, work, echo)
+        if evaluated is not None:
+            results["models"].append(evaluated[0])
+            predictions += evaluated[1]
 
     results["definitions"] = metric_definitions(results)
     out = specs.output_folder(cfg.output, models)
@@ -133,11 +114,57 @@ def run(cfg: EvaluateConfig, command: str = "", echo: Callable[[str], None] = pr
     return results
 
 
-def _row(spec: Any, values: dict[str, float], seconds: float) -> dict[str, Any]:
-    """A model's entry in results.json."""
-    return {"name": spec.name, "source": spec.source, "kind": spec.kind, "role": spec.role, "path": spec.path,
-            "base": spec.base, "run": str(spec.run) if spec.run else None, "notes": spec.notes, "metrics": values,
-            "seconds": round(seconds, 2)}
+@dataclass(frozen=True)
+class Work:
+    """What every model is evaluated on: the tasks and their data, the held-out cache, lm-eval's tasks."""
+
+    tasks: list[str]
+    examples: list[Any]
+    template: Any
+    cache: Any
+    lm_eval_manager: Any
+
+
+def evaluate_model(spec: Any, tokenizer: Any, cfg: EvaluateConfig, work: Work,
+                   echo: Callable[[str], None]) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
+    """Load one model, run the tasks, fidelity and lm-eval on it, free it: (its results.json entry, its
+    predictions), or None for an optional model that does not load."""
+    import torch
+
+    from kdpipe.evaluation import fidelity, harness, specs
+
+    start = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    try:
+        model = specs.load_model(spec, cfg.dtype, cfg.device)
+    except KdpipeError as e:
+        if not spec.optional:
+            raise
+        echo(f"skipping the {spec.role or 'model'} {spec.source}: {e.message}")
+        return None
+    threads = torch.get_num_threads()
+    if specs.small_on_cpu(model):
+        torch.set_num_threads(1)
+    values: dict[str, float] = {}
+    predictions: list[dict[str, Any]] = []
+    for task in work.tasks:
+        out, preds = TASKS[task].run(model, tokenizer, work.examples, work.template, cfg, spec)
+        values.update({f"{task}/{k}": v for k, v in out.items()})
+        predictions += [{"model": spec.name, "task": task, **p} for p in preds]
+    if work.cache is not None:
+        fid = fidelity.fidelity(model, tokenizer, work.cache, cfg, spec)
+        values.update({f"fidelity/{k}": v for k, v in fid.items()})
+    if cfg.lm_eval:
+        values.update(harness.run_lm_eval(model, tokenizer, cfg, work.lm_eval_manager))
+    torch.set_num_threads(threads)
+    del model
+    gc.collect()
+    for note in spec.notes:
+        echo(f"note ({spec.name}): {note}")
+    row = {"name": spec.name, "source": spec.source, "kind": spec.kind, "role": spec.role, "path": spec.path,
+           "base": spec.base, "run": str(spec.run) if spec.run else None, "notes": spec.notes,
+           "metrics": values, "seconds": round(time.perf_counter() - start, 2)}
+    return row, predictions
 
 
 def _plots(results: dict[str, Any], models: list[Any], out: Any, echo: Callable[[str], None]) -> list[str]:
