@@ -20,15 +20,17 @@ def length_batches(lengths: Sequence[int], batch_size: int, max_batch_tokens: in
     batches: list[list[int]] = []
     for i in order:
         current = batches[-1] if batches else None
-        # the first index of a batch is its longest row: rows come longest first
-        if current and len(current) < batch_size and (len(current) + 1) * lengths[current[0]] <= max_batch_tokens:
+        # rows come longest first, so a batch's first row is its longest
+        fits = current and (len(current) + 1) * lengths[current[0]] <= max_batch_tokens
+        if fits and len(current) < batch_size:
             current.append(i)
         else:
             batches.append([i])
     return batches
 
 
-def pad(rows: Sequence[Sequence[int] | np.ndarray], pad_id: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def pad(rows: Sequence[Sequence[int] | np.ndarray], pad_id: int,
+        left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """[B, L] int64 ids and attention mask of `rows`, padded with `pad_id` to the longest row.
 
     Right padding (the default) keeps every row's positions where they were, so positions read from

@@ -42,7 +42,8 @@ def accuracy(gold: Sequence[str], predicted: Sequence[str | None]) -> float:
     return sum(g == p for g, p in zip(gold, predicted)) / len(gold)
 
 
-def macro_f1(gold: Sequence[str], predicted: Sequence[str | None], labels: Sequence[str] | None = None) -> float:
+def macro_f1(gold: Sequence[str], predicted: Sequence[str | None],
+             labels: Sequence[str] | None = None) -> float:
     """Unweighted mean over classes of F1 = 2·TP / (2·TP + FP + FN).
 
     The classes are `labels` restricted to those that occur in `gold` or `predicted` (as scikit-learn
@@ -85,7 +86,8 @@ def ece(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> fl
     for b in range(bins):
         members = index == b
         if members.any():
-            total += members.sum() / confidence.size * abs(correct[members].mean() - confidence[members].mean())
+            gap = abs(correct[members].mean() - confidence[members].mean())
+            total += members.sum() / confidence.size * gap
     return float(total)
 
 
@@ -94,7 +96,8 @@ def ece(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> fl
 
 def teacher_bucket_logp(topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, tail_mass: torch.Tensor,
                         vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The teacher over k + 1 atoms (its top-k ids, then the tail), renormalised: ([N, k+1] log-probs, valid [N, k]).
+    """The teacher over k + 1 atoms (its top-k ids, then the tail), renormalised: ([N, k+1] log-probs,
+    valid [N, k]).
 
     Cached ids at or above the student's vocabulary (a teacher vocabulary padded larger) cannot be
     told apart by the student: their mass joins the tail atom and they are marked invalid.
@@ -107,14 +110,16 @@ def teacher_bucket_logp(topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, tai
     return atoms.log_softmax(-1), valid
 
 
-def student_bucket_logp(student_logp: torch.Tensor, topk_ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def student_bucket_logp(student_logp: torch.Tensor, topk_ids: torch.Tensor,
+                        valid: torch.Tensor) -> torch.Tensor:
     """The student's full-vocabulary log-probs [N, V] over the same k + 1 atoms: [N, k+1]."""
     logp = student_logp.double()
     ids = torch.where(valid, topk_ids, 0)
     picked = logp.gather(-1, ids).masked_fill(~valid, -math.inf)
     vocab = logp.shape[-1]
     hit = torch.zeros(logp.shape[0], vocab + 1, dtype=torch.bool, device=logp.device)
-    hit = hit.scatter_(-1, torch.where(valid, topk_ids, vocab), True)[:, :vocab]  # invalid ids: a spare column
+    # invalid ids go to a spare column, cut off after the scatter
+    hit = hit.scatter_(-1, torch.where(valid, topk_ids, vocab), True)[:, :vocab]
     rest = logp.masked_fill(hit, -math.inf).logsumexp(-1, keepdim=True)
     return torch.cat([picked, rest], -1)
 

@@ -16,10 +16,11 @@ from kdpipe.errors import KdpipeError
 
 DTYPES = {"auto": "auto", "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
+_QWEN25 = ("0.5b", "1.5b", "3b", "7b", "14b", "32b", "72b")
 _SHORT = {
     **{f"qwen3-{s}": f"Qwen/Qwen3-{s.upper()}" for s in ("0.6b", "1.7b", "4b", "8b", "14b", "32b")},
-    **{f"qwen2.5-{s}": f"Qwen/Qwen2.5-{s.upper()}" for s in ("0.5b", "1.5b", "3b", "7b", "14b", "32b", "72b")},
-    **{f"qwen2.5-{s}-instruct": f"Qwen/Qwen2.5-{s.upper()}-Instruct" for s in ("0.5b", "1.5b", "3b", "7b", "14b", "32b", "72b")},
+    **{f"qwen2.5-{s}": f"Qwen/Qwen2.5-{s.upper()}" for s in _QWEN25},
+    **{f"qwen2.5-{s}-instruct": f"Qwen/Qwen2.5-{s.upper()}-Instruct" for s in _QWEN25},
     "gpt2": "openai-community/gpt2",
     "gpt2-medium": "openai-community/gpt2-medium",
 }
@@ -106,7 +107,7 @@ def head_is_linear(model: Any) -> bool:
     """Whether the logits are the plain LM head of the last hidden state: no soft-capping or scale
     (Gemma 2, Cohere) that only the model's own forward applies."""
     config = causal_lm(model).config
-    return getattr(config, "final_logit_softcapping", None) is None and getattr(config, "logit_scale", None) is None
+    return all(getattr(config, name, None) is None for name in ("final_logit_softcapping", "logit_scale"))
 
 
 def last_hidden_states(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,8 @@ from typing import Any
 
 
 def write_plots(results: dict[str, Any], runs: dict[str, Path], out: Path) -> tuple[list[str], str | None]:
-    """metrics.png (a panel per metric, a bar per model) and training-<model>.png per run; (files, message)."""
+    """metrics.png (a panel per metric, a bar per model) and training-<model>.png per run;
+    (files, message)."""
     try:
         import matplotlib
 
@@ -33,7 +34,8 @@ def metrics_plot(results: dict[str, Any], path: Path, plt: Any) -> Path | None:
     models = results["models"]
     keys = []
     for m in models:
-        keys += [k for k, v in m["metrics"].items() if k not in keys and isinstance(v, float) and not k.endswith("/tokens")]
+        keys += [k for k, v in m["metrics"].items()
+                 if k not in keys and isinstance(v, float) and not k.endswith("/tokens")]
     if not keys or not models:
         return None
     cols = min(4, len(keys))
@@ -63,7 +65,8 @@ def training_history(run: Path) -> list[dict[str, Any]]:
     except (OSError, json.JSONDecodeError):
         history = []
     if not history:
-        states = sorted(run.glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name.split("-")[-1]))
+        states = sorted(run.glob("checkpoint-*/trainer_state.json"),
+                        key=lambda p: int(p.parent.name.split("-")[-1]))
         if states:
             history = json.loads(states[-1].read_text()).get("log_history") or []
     return history

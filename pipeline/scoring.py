@@ -60,7 +60,8 @@ def map_positions(
             pieces: list[dict[str, torch.Tensor]] = []
             for sl, logits in head_chunks(hidden[row, pos], head, chunk_size):
                 flat = slice(int(starts[i]) + sl.start, int(starts[i]) + sl.stop)
-                pieces.append({k: v.detach().cpu() for k, v in fn(logits.float().log_softmax(-1), flat).items()})
+                out = fn(logits.float().log_softmax(-1), flat)
+                pieces.append({k: v.detach().cpu() for k, v in out.items()})
             if pieces:
                 outputs[i] = {k: torch.cat([p[k] for p in pieces]) for k in pieces[0]}
         bar.update(len(batch))
@@ -74,8 +75,8 @@ def map_positions(
 def target_logprobs(model: Any, sequences: Sequence[np.ndarray], positions: Sequence[np.ndarray], pad_id: int,
                     **kwargs: Any) -> np.ndarray:
     """log p(sequence[t + 1] | sequence[: t + 1]) for each t in positions, flattened (float64)."""
-    labels = torch.as_tensor(np.concatenate([np.asarray(s, np.int64)[np.asarray(p, np.int64) + 1]
-                                             for s, p in zip(sequences, positions)]) if sequences else np.zeros(0, np.int64))
+    nexts = [np.asarray(s, np.int64)[np.asarray(p, np.int64) + 1] for s, p in zip(sequences, positions)]
+    labels = torch.as_tensor(np.concatenate(nexts) if nexts else np.zeros(0, np.int64))
 
     def fn(logp: torch.Tensor, flat: slice) -> dict[str, torch.Tensor]:
         return {"lp": logp.gather(-1, labels[flat].to(logp.device).unsqueeze(-1)).squeeze(-1).double()}
@@ -93,9 +94,9 @@ def greedy_generate(model: Any, prompts: Sequence[Sequence[int]], pad_id: int, e
     for batch in length_batches([len(p) for p in prompts], batch_size, 1 << 62):
         ids, mask = pad([prompts[i] for i in batch], pad_id, left=True)
         longest = ids.shape[1]
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                             do_sample=False, num_beams=1, pad_token_id=pad_id, eos_token_id=eos_id,
-                             temperature=None, top_p=None, top_k=None)
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                             max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad_id,
+                             eos_token_id=eos_id, temperature=None, top_p=None, top_k=None)
         for row, i in enumerate(batch):
             new = out[row, longest:].tolist()
             if eos_id is not None and eos_id in new:

@@ -29,7 +29,8 @@ class TeacherBackend(Protocol):
 
 
 def make_batches(examples: Sequence[TokenizedExample], max_tokens: int, max_rows: int) -> list[list[int]]:
-    """Indices grouped longest first so that a batch's padding (rows × its longest row) stays within `max_tokens`."""
+    """Indices grouped longest first so that a batch's padding (rows × its longest row) stays within
+    `max_tokens`."""
     return length_batches([len(e.input_ids) for e in examples], max_rows, max_tokens)
 
 
@@ -91,7 +92,8 @@ def sampled_targets(logits: torch.Tensor, labels: torch.Tensor, uniforms: torch.
     slot = first.long().cumsum(-1) - 1  # which distinct id each draw is
     counts = torch.zeros_like(draws).scatter_add_(1, slot, torch.ones_like(draws))
     ids = torch.zeros_like(draws).scatter_(1, slot, draws)  # later draws of a slot write the same id
-    order = torch.argsort(counts * (cdf.shape[1] + 1) - ids, dim=-1, descending=True)  # count desc, then id asc
+    # count descending, then id ascending
+    order = torch.argsort(counts * (cdf.shape[1] + 1) - ids, dim=-1, descending=True)
     counts, ids = counts.gather(1, order), ids.gather(1, order)
     est = torch.log(counts.double() / n)
     if temperature != 1.0:
@@ -126,10 +128,12 @@ class HFTeacher:
             selected = last_hidden_states(self.model, input_ids, attention_mask)[rows, cols]
             project = output_head(self.model)
         else:
-            selected = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[rows, cols]
+            selected = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                                  use_cache=False).logits[rows, cols]
             project = torch.clone  # the chunk's own scratch: the targets below work in place
         if self.sampling:
-            uniforms = torch.from_numpy(np.concatenate([self.sampling.uniforms(e.id, len(e.positions)) for e in batch]))
+            draws = [self.sampling.uniforms(e.id, len(e.positions)) for e in batch]
+            uniforms = torch.from_numpy(np.concatenate(draws))
         pieces = []
         for sl, logits in head_chunks(selected, project, self.chunk_size):
             if self.sampling:
@@ -139,22 +143,25 @@ class HFTeacher:
             else:
                 pieces.append(sparse_targets(logits, labels[sl], self.k))
         ids, logprobs, target, tail, *counts = (torch.cat(parts).cpu().numpy() for parts in zip(*pieces))
-        return split_targets(batch, ids.astype(np.int32), logprobs, target, tail, counts[0] if counts else None)
+        return split_targets(batch, ids.astype(np.int32), logprobs, target, tail,
+                             counts[0] if counts else None)
 
 
-def pad_batch(batch: Sequence[TokenizedExample], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_batch(batch: Sequence[TokenizedExample], pad_id: int,
+              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ids and attention mask, as long as the batch's longest row."""
     ids, mask = pad([e.input_ids for e in batch], pad_id)
     return ids.to(device), mask.to(device)
 
 
-def split_targets(batch: Sequence[TokenizedExample], ids: np.ndarray, logprobs: np.ndarray, target: np.ndarray, tail: np.ndarray,
-                  counts: np.ndarray | None = None) -> list[Targets]:
+def split_targets(batch: Sequence[TokenizedExample], ids: np.ndarray, logprobs: np.ndarray,
+                  target: np.ndarray, tail: np.ndarray, counts: np.ndarray | None = None) -> list[Targets]:
     """Per-position arrays for the whole batch -> one `Targets` per example."""
     out, start = [], 0
     for e in batch:
         end = start + len(e.positions)
-        out.append(Targets(ids[start:end], logprobs[start:end].astype(np.float32), target[start:end].astype(np.float32),
-                           tail[start:end].astype(np.float32), None if counts is None else counts[start:end]))
+        rows = slice(start, end)
+        out.append(Targets(ids[rows], logprobs[rows].astype(np.float32), target[rows].astype(np.float32),
+                           tail[rows].astype(np.float32), None if counts is None else counts[rows]))
         start = end
     return out

@@ -81,8 +81,9 @@ class VllmTeacher:
         from kdpipe.models import resolve_model_name
 
         if device not in ("auto", "cpu", "cuda"):
-            raise KdpipeError(f"--device {device} is not supported with --backend vllm: use --device auto/cpu/cuda and "
-                              "choose GPUs with CUDA_VISIBLE_DEVICES (and --vllm-tensor-parallel-size)")
+            raise KdpipeError(f"--device {device} is not supported with --backend vllm: use --device "
+                              "auto/cpu/cuda and choose GPUs with CUDA_VISIBLE_DEVICES (and "
+                              "--vllm-tensor-parallel-size)")
         cpu = on_cpu(device)
         if cpu:
             for name, value in CPU_ENV_DEFAULTS.items():
@@ -93,7 +94,8 @@ class VllmTeacher:
         kwargs: dict[str, Any] = dict(
             model=resolved, revision=revision, dtype=VLLM_DTYPES[dtype], seed=seed,
             max_logprobs=k, logprobs_mode="raw_logprobs", tensor_parallel_size=tensor_parallel_size,
-            gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=False, disable_log_stats=True,
+            gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=False,
+            disable_log_stats=True,
         )
         if max_model_len is not None:
             kwargs["max_model_len"] = max_model_len
@@ -103,7 +105,8 @@ class VllmTeacher:
             kwargs["enforce_eager"] = True  # skip torch.compile: minutes of start-up for a one-pass job
         import torch
 
-        threading = (torch.set_num_threads, torch.get_num_threads())  # vLLM's CPU worker replaces set_num_threads
+        # vLLM's CPU worker replaces torch.set_num_threads: kept to give back in close()
+        threading = (torch.set_num_threads, torch.get_num_threads())
         try:
             llm = vllm.LLM(**kwargs)
         except Exception as e:  # vLLM raises many types (ValueError, RuntimeError, pydantic errors ...)
@@ -138,7 +141,8 @@ class VllmTeacher:
         out, start = [], 0
         while start < len(batch):
             end, tokens = start, 0
-            while end < len(batch) and (end == start or tokens + len(batch[end].input_ids) <= self.call_tokens):
+            while end < len(batch) and (end == start
+                                        or tokens + len(batch[end].input_ids) <= self.call_tokens):
                 tokens += len(batch[end].input_ids)
                 end += 1
             part = batch[start:end]
@@ -148,7 +152,8 @@ class VllmTeacher:
             except Exception as e:
                 raise KdpipeError(
                     f"vLLM failed on a batch starting with example '{part[0].id}': {_first_line(e)} "
-                    "(an example must be shorter than --vllm-max-model-len and the model's context; see --max-length)"
+                    "(an example must be shorter than --vllm-max-model-len and the model's context; "
+                    "see --max-length)"
                 ) from None
             out += [self._targets(e, o.prompt_logprobs) for e, o in zip(part, outputs)]
             start = end
@@ -166,23 +171,28 @@ class VllmTeacher:
                 ids = np.asarray(logprobs.token_ids, np.int64)[cells]
                 values = np.asarray(logprobs.logprobs, np.float64)[cells]
                 if not np.array_equal(ids[:, 0], labels):
-                    raise KdpipeError(f"vLLM returned log-probs for other tokens than example '{example.id}' holds")
+                    raise KdpipeError(f"vLLM returned log-probs for other tokens than example "
+                                      f"'{example.id}' holds")
                 return _assemble(ids[:, 1:], values[:, 1:], values[:, 0])
         top_ids, top_values, target = [], [], []
         for t, label in zip(entry, labels):  # the dict form: token id -> Logprob(logprob, rank, ...)
             position = logprobs[t]
-            ranked = sorted(((v.rank, -v.logprob, tid) for tid, v in position.items() if v.rank is not None and v.rank <= k))[:k]
+            ranked = sorted((v.rank, -v.logprob, tid) for tid, v in position.items()
+                            if v.rank is not None and v.rank <= k)[:k]
             if len(ranked) < k or int(label) not in position:
-                raise KdpipeError(f"vLLM returned fewer than k={k} log-probs at position {t - 1} of example '{example.id}'")
+                raise KdpipeError(f"vLLM returned fewer than k={k} log-probs at position {t - 1} of example "
+                                  f"'{example.id}'")
             top_ids.append([tid for _, _, tid in ranked])
             top_values.append([-neg for _, neg, _ in ranked])
             target.append(position[int(label)].logprob)
-        return _assemble(np.asarray(top_ids, np.int64), np.asarray(top_values, np.float64), np.asarray(target, np.float64))
+        return _assemble(np.asarray(top_ids, np.int64), np.asarray(top_values, np.float64),
+                         np.asarray(target, np.float64))
 
 
 def _assemble(ids: np.ndarray, values: np.ndarray, target: np.ndarray) -> Targets:
     tail = np.clip(1.0 - np.exp(values).sum(axis=1), 0.0, 1.0)
-    return Targets(ids.astype(np.int32), values.astype(np.float32), target.astype(np.float32), tail.astype(np.float32))
+    return Targets(ids.astype(np.int32), values.astype(np.float32), target.astype(np.float32),
+                   tail.astype(np.float32))
 
 
 def _check_model(resolved: str, revision: str | None, k: int, cpu: bool) -> None:
@@ -192,13 +202,16 @@ def _check_model(resolved: str, revision: str | None, k: int, cpu: bool) -> None
     try:
         config = AutoConfig.from_pretrained(resolved, revision=revision)
     except Exception as e:
-        raise KdpipeError(f"vLLM cannot load the teacher {resolved}: its config does not load ({_first_line(e)})") from None
+        raise KdpipeError(f"vLLM cannot load the teacher {resolved}: its config does not load "
+                          f"({_first_line(e)})") from None
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     heads = getattr(text, "num_attention_heads", None)
-    head_dim = getattr(text, "head_dim", None) or (text.hidden_size // heads if heads and getattr(text, "hidden_size", None) else None)
+    width = getattr(text, "hidden_size", None)
+    head_dim = getattr(text, "head_dim", None) or (width // heads if heads and width else None)
     vocab = getattr(text, "vocab_size", None)
     if vocab and k > vocab:
-        raise KdpipeError(f"top_k={k} is larger than the teacher's vocabulary ({vocab} tokens); vLLM returns at most that many")
+        raise KdpipeError(f"top_k={k} is larger than the teacher's vocabulary ({vocab} tokens); vLLM "
+                          "returns at most that many")
     if cpu and head_dim is not None:
         try:
             from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
@@ -208,8 +221,8 @@ def _check_model(resolved: str, revision: str | None, k: int, cpu: bool) -> None
             supported = None
         if supported and head_dim not in supported:
             raise KdpipeError(
-                f"the teacher {resolved} has attention head size {head_dim}, which vLLM's CPU attention does not "
-                f"support (supported: {', '.join(map(str, supported))}); use --backend hf for this model"
+                f"the teacher {resolved} has attention head size {head_dim}, which vLLM's CPU attention does "
+                f"not support (supported: {', '.join(map(str, supported))}); use --backend hf for this model"
             )
 
 

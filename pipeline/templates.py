@@ -31,7 +31,8 @@ ALPACA_INPUT = (
     "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 )
 ALPACA_NO_INPUT = (
-    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+    "Below is an instruction that describes a task. Write a response that appropriately completes the "
+    "request.\n\n"
     "### Instruction:\n{instruction}\n\n### Response:\n"
 )
 SENTIMENT = "Classify the sentiment of this review as {choices}.\n\nReview: {text}\nSentiment:"
@@ -71,10 +72,12 @@ class Template:
             # NaN (value != value): what a gap in a CSV column gives
             if value is None or value != value or (isinstance(value, str) and not value.strip()):
                 state = "missing" if name not in fields else "empty"
-                raise KdpipeError(f"example '{example_id}': field '{name}' required by template {self.name} is {state}")
+                raise KdpipeError(f"example '{example_id}': field '{name}' required by template {self.name} "
+                                  f"is {state}")
             if not isinstance(value, (str, int, float)):
                 raise KdpipeError(
-                    f"example '{example_id}': field '{name}' required by template {self.name} must be text or a number, "
+                    f"example '{example_id}': field '{name}' required by template {self.name} must be text "
+                    "or a number, "
                     f"not a {type(value).__name__} ({str(value)[:60]})"
                 )
         if "label" in self.required:
@@ -90,15 +93,16 @@ class Template:
             raise KdpipeError(f"example '{example_id}': {e.message}") from None
         if self.lists_labels and name not in self.label_names:
             raise KdpipeError(f"example '{example_id}' has the label '{name}', which is not among the label "
-                              f"names {list(self.label_names)}; pass --label-names covering every label of the "
-                              "data")
+                              f"names {list(self.label_names)}; pass --label-names covering every label of "
+                              "the data")
 
 
 def label_text(value: Any, names: tuple[str, ...]) -> str:
     """An integer label as its name (``1`` or ``1.0`` -> ``positive``); a string label as it is."""
     if isinstance(value, float):
         if not value.is_integer():
-            raise KdpipeError(f"label {value} is neither an integer nor a name; label_names are {list(names)}")
+            raise KdpipeError(f"label {value} is neither an integer nor a name; label_names are "
+                              f"{list(names)}")
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
         return str(value).strip()
@@ -109,7 +113,8 @@ def label_text(value: Any, names: tuple[str, ...]) -> str:
 
 def _alpaca(f: Fields, _tok: Any) -> list[Segment]:
     prompt = ALPACA_INPUT if str(f.get("input") or "").strip() else ALPACA_NO_INPUT
-    return [Segment(prompt.format(instruction=f["instruction"], input=f.get("input") or ""), False), Segment(str(f["output"]), True)]
+    text = prompt.format(instruction=f["instruction"], input=f.get("input") or "")
+    return [Segment(text, False), Segment(str(f["output"]), True)]
 
 
 def _choices(names: tuple[str, ...]) -> str:
@@ -123,7 +128,8 @@ def _sentiment(f: Fields, _tok: Any) -> list[Segment]:
 
 def _sentiment_think(f: Fields, _tok: Any) -> list[Segment]:
     prompt = SENTIMENT_THINK.format(choices=_choices(f["_labels"]), text=f["text"])
-    answer = f"<think>\n{str(f['rationale']).strip()}\n</think>\nSentiment: {label_text(f['label'], f['_labels'])}"
+    label = label_text(f["label"], f["_labels"])
+    answer = f"<think>\n{str(f['rationale']).strip()}\n</think>\nSentiment: {label}"
     return [Segment(prompt, False), Segment(answer, True)]
 
 
@@ -150,7 +156,8 @@ def _text(f: Fields, _tok: Any) -> list[Segment]:
 
 
 def _arithmetic(f: Fields, _tok: Any) -> list[Segment]:
-    return [Segment(ARITHMETIC.format(instruction=f["instruction"]), False), Segment(" " + str(f["output"]), True)]
+    prompt = ARITHMETIC.format(instruction=f["instruction"])
+    return [Segment(prompt, False), Segment(" " + str(f["output"]), True)]
 
 
 def _messages(f: Fields) -> list[dict[str, str]]:
@@ -171,7 +178,8 @@ def _chat(f: Fields, tokenizer: Any) -> list[Segment]:
         before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
         through = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
         if not before.startswith(done) or not through.startswith(before):
-            raise KdpipeError("this tokenizer's chat template does not render conversations as growing prefixes")
+            raise KdpipeError("this tokenizer's chat template does not render conversations as growing "
+                              "prefixes")
         segments += [Segment(before[len(done):], False), Segment(through[len(before):], True)]
         done = through
     if not segments:
@@ -219,9 +227,11 @@ def _user_template(path: Path, label_names: tuple[str, ...]) -> Template:
         try:
             names = [name for _, name, _, _ in string.Formatter().parse(text) if name is not None]
         except ValueError as e:
-            raise KdpipeError(f"template file {path}: bad format string ({e}); write literal braces as {{{{ }}}}") from None
+            raise KdpipeError(f"template file {path}: bad format string ({e}); write literal braces as "
+                              "{{ }}") from None
         if any(not n.isidentifier() for n in names):
-            raise KdpipeError(f"template file {path}: fields must be plain names like {{instruction}}, got {names}")
+            raise KdpipeError(f"template file {path}: fields must be plain names like {{instruction}}, "
+                              f"got {names}")
         required += [n for n in names if n not in required]
 
     def render(f: Fields, _tok: Any) -> list[Segment]:

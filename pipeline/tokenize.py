@@ -64,7 +64,8 @@ def tokenize_examples(
             out.append(item)
     report.examples = len(out)
     if not out:
-        raise KdpipeError(f"no example is left to distill ({report.summary()}); check max_length and the template")
+        raise KdpipeError(f"no example is left to distill ({report.summary()}); check max_length and the "
+                          "template")
     return out, report
 
 
@@ -83,7 +84,8 @@ def _fit(
         if cfg.truncation == "error":
             raise KdpipeError(
                 f"example '{example_id}' has {len(tokens)} tokens, more than max_length={cfg.max_length}; "
-                "raise max_length (up to the model's context) or set truncation to skip, truncate or truncate-prompt"
+                "raise max_length (up to the model's context) or set truncation to skip, truncate or "
+                "truncate-prompt"
             )
         if cfg.truncation == "skip":
             report.counts["skipped (too long)"] += 1
@@ -99,7 +101,8 @@ def _fit(
     mask = np.ones(len(tokens) - 1, bool) if cfg.distill_prompt else np.asarray(trained[1:], bool)
     positions = np.flatnonzero(mask).astype(np.int32)
     if positions.size == 0:
-        report.counts["skipped (completion truncated away)" if truncated else "skipped (no target token)"] += 1
+        reason = "completion truncated away" if truncated else "no target token"
+        report.counts[f"skipped ({reason})"] += 1
         return None
     if truncated:
         report.counts["truncated"] += 1

@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import kdpipe
@@ -35,7 +36,7 @@ def run(cfg: EvaluateConfig, command: str = "", echo: Callable[[str], None] = pr
 
     torch.manual_seed(cfg.seed)
     pick_device(cfg.device)  # a device this machine lacks: said before anything loads
-    models, _record = specs.resolve_models(cfg, echo)
+    models = specs.resolve_models(cfg, echo)  # with no --dataset, cfg gets the run's data
     template = get_template(cfg.resolved_template(), cfg.label_names) if cfg.dataset else None
     tasks = resolve_tasks(cfg, template)
     if not tasks and not cfg.cache and not cfg.lm_eval:
@@ -45,42 +46,20 @@ def run(cfg: EvaluateConfig, command: str = "", echo: Callable[[str], None] = pr
     if tasks:
         check_examples(examples, template, tasks, cfg)
     cache = fidelity.open_heldout(cfg.cache, echo, models) if cfg.cache else None
+    work = Work(tasks, examples, template, cache, manager)
     tokenizers = specs.load_tokenizers(models, echo)
 
     results: dict[str, Any] = {
-        "kdpipe_version": kdpipe.__version__, "command": command, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "data": data_info(cfg, examples, template, tasks), "cache": cfg.cache, "lm_eval": cfg.lm_eval,
-        "definitions": {}, "models": [],
+        "kdpipe_version": kdpipe.__version__, "command": command,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "data": data_info(cfg, examples, template, tasks),
+        "cache": cfg.cache, "lm_eval": cfg.lm_eval, "definitions": {}, "models": [],
     }
     predictions: list[dict[str, Any]] = []
-    for spec in models:
-        start = time.perf_counter()
-        torch.manual_seed(cfg.seed)
-        try:
-            model, tokenizer = specs.load_model(spec, cfg.dtype, cfg.device), tokenizers[spec.name]
-        except KdpipeError as e:
-            if not spec.optional:
-                raise
-            echo(f"skipping the {spec.role or 'model'} {spec.source}: {e.message}")
-            continue
-        threads = torch.get_num_threads()
-        if specs.small_on_cpu(model):
-            torch.set_num_threads(1)
-        values: dict[str, float] = {}
-        for task in tasks:
-            out, preds = TASKS[task].run(model, tokenizer, examples, template, cfg, spec)
-            values.update({f"{task}/{k}": v for k, v in out.items()})
-            predictions += [{"model": spec.name, "task": task, **p} for p in preds]
-        if cache is not None:
-            values.update({f"fidelity/{k}": v for k, v in fidelity.fidelity(model, tokenizer, cache, cfg, spec).items()})
-        if cfg.lm_eval:
-            values.update(harness.run_lm_eval(model, tokenizer, cfg, manager))
-        torch.set_num_threads(threads)
-        del model
-        gc.collect()
-        results["models"].append(_row(spec, values, time.perf_counter() - start))
-        for note in spec.notes:
-            echo(f"note ({spec.name}): {note}")
+    for spec in models:  # one at a time: never two models in memory
+        evaluated = evaluate_model(spec, tokenizers[spec.name], cfg, work, echo)
+        if evaluated is not None:
+            results["models"].append(evaluated[0])
+            predictions += evaluated[1]
 
     results["definitions"] = metric_definitions(results)
     out = specs.output_folder(cfg.output, models)
@@ -89,11 +68,57 @@ def run(cfg: EvaluateConfig, command: str = "", echo: Callable[[str], None] = pr
     return results
 
 
-def _row(spec: Any, values: dict[str, float], seconds: float) -> dict[str, Any]:
-    """A model's entry in results.json."""
-    return {"name": spec.name, "source": spec.source, "kind": spec.kind, "role": spec.role, "path": spec.path,
-            "base": spec.base, "run": str(spec.run) if spec.run else None, "notes": spec.notes, "metrics": values,
-            "seconds": round(seconds, 2)}
+@dataclass(frozen=True)
+class Work:
+    """What every model is evaluated on: the tasks and their data, the held-out cache, lm-eval's tasks."""
+
+    tasks: list[str]
+    examples: list[Any]
+    template: Any
+    cache: Any
+    lm_eval_manager: Any
+
+
+def evaluate_model(spec: Any, tokenizer: Any, cfg: EvaluateConfig, work: Work,
+                   echo: Callable[[str], None]) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
+    """Load one model, run the tasks, fidelity and lm-eval on it, free it: (its results.json entry, its
+    predictions), or None for an optional model that does not load."""
+    import torch
+
+    from kdpipe.evaluation import fidelity, harness, specs
+
+    start = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    try:
+        model = specs.load_model(spec, cfg.dtype, cfg.device)
+    except KdpipeError as e:
+        if not spec.optional:
+            raise
+        echo(f"skipping the {spec.role or 'model'} {spec.source}: {e.message}")
+        return None
+    threads = torch.get_num_threads()
+    if specs.small_on_cpu(model):
+        torch.set_num_threads(1)
+    values: dict[str, float] = {}
+    predictions: list[dict[str, Any]] = []
+    for task in work.tasks:
+        out, preds = TASKS[task].run(model, tokenizer, work.examples, work.template, cfg, spec)
+        values.update({f"{task}/{k}": v for k, v in out.items()})
+        predictions += [{"model": spec.name, "task": task, **p} for p in preds]
+    if work.cache is not None:
+        fid = fidelity.fidelity(model, tokenizer, work.cache, cfg, spec)
+        values.update({f"fidelity/{k}": v for k, v in fid.items()})
+    if cfg.lm_eval:
+        values.update(harness.run_lm_eval(model, tokenizer, cfg, work.lm_eval_manager))
+    torch.set_num_threads(threads)
+    del model
+    gc.collect()
+    for note in spec.notes:
+        echo(f"note ({spec.name}): {note}")
+    row = {"name": spec.name, "source": spec.source, "kind": spec.kind, "role": spec.role, "path": spec.path,
+           "base": spec.base, "run": str(spec.run) if spec.run else None, "notes": spec.notes,
+           "metrics": values, "seconds": round(time.perf_counter() - start, 2)}
+    return row, predictions
 
 
 def _plots(results: dict[str, Any], models: list[Any], out: Any, echo: Callable[[str], None]) -> list[str]:

@@ -131,3 +131,18 @@ def test_truncation_error_names_the_example(tiny_tokenizer):
     cfg = DataConfig(dataset="x", template="text", max_length=5, truncation="error")
     with pytest.raises(KdpipeError, match="example 'long' has .* tokens, more than max_length=5"):
         tokenize_examples([Example("long", {"text": "a b c d e f g h i j"})], get_template("text"), tiny_tokenizer, cfg)
+
+
+def test_template_attributes_say_how_evaluate_uses_it(tmp_path):
+    """Per-template behaviour is read from attributes, never from the template's name."""
+    arithmetic, sentiment = get_template("arithmetic"), get_template("sentiment")
+    think, chat = get_template("sentiment-think"), get_template("chat")
+    assert arithmetic.default_tasks == ("exact-match", "perplexity") and arithmetic.checker == "arithmetic"
+    assert sentiment.default_tasks == ("classify",) and not sentiment.generates_label
+    assert think.generates_label and think.answer_tokens == 256 and think.lists_labels
+    assert not chat.special_prefix and chat.renders_with_tokenizer and not chat.add_eos
+    file = tmp_path / "mine.yaml"
+    file.write_text("prompt: 'Q: {question}\\nA:'\ncompletion: ' {answer}'\n")
+    mine = get_template(str(file))
+    assert (mine.default_tasks, mine.checker, mine.special_prefix, mine.generates_label) == (
+        ("perplexity",), "exact", True, False)

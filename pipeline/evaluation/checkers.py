@@ -35,7 +35,8 @@ def make_checker(spec: str | None, template: Template) -> Checker:
     if sep and file.endswith(".py"):
         fn = _load_function(Path(file), name)
         return lambda fields, answer, _ref: bool(fn(fields, answer))
-    raise KdpipeError(f"unknown --checker {spec!r}; use arithmetic, exact, regex:PATTERN or path/to/file.py:function")
+    raise KdpipeError(f"unknown --checker {spec!r}; use arithmetic, exact, regex:PATTERN or "
+                      "path/to/file.py:function")
 
 
 def _arithmetic(fields: dict[str, Any], answer: str, _ref: str) -> bool:

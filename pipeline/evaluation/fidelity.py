@@ -27,8 +27,9 @@ def open_heldout(location: str, echo: Callable[[str], None] = print, specs: Sequ
         for other in sorted(trained):
             shared = len(mine & example_hashes(open_checked(other)))
             if shared:
-                echo(f"note: {shared} of the {len(mine)} examples of cache {location} are also in {other}, the "
-                     "training cache of a run evaluated here; fidelity on training data flatters a student")
+                echo(f"note: {shared} of the {len(mine)} examples of cache {location} are also in {other}, "
+                     "the training cache of a run evaluated here; fidelity on training data flatters a "
+                     "student")
     elif not (data.get("heldout") or data.get("part") == "heldout" or data.get("split") != "train"):
         echo(f"note: cache {location} is of training data as far as its manifest says (split=train, "
              f"part={data.get('part')}); fidelity on training data flatters a student. A separate test file: "
@@ -55,7 +56,8 @@ def _exists(location: str) -> bool:
 
 
 def fidelity(model: Any, tokenizer: Any, cache: Any, cfg: Any, spec: Any) -> dict[str, float]:
-    """KL(teacher‖student) over k+1 atoms, top-1 agreement, top-k recall, ECE on the cache (see kdpipe.metrics)."""
+    """KL(teacher‖student) over k+1 atoms, top-1 agreement, top-k recall, ECE on the cache
+    (see kdpipe.metrics)."""
     import torch
 
     from kdpipe import metrics, scoring
@@ -63,8 +65,8 @@ def fidelity(model: Any, tokenizer: Any, cache: Any, cfg: Any, spec: Any) -> dic
 
     manifest = cache.manifest
     if manifest["sparse"]["mode"] != "topk":
-        spec.notes.append(f"no fidelity: cache {cache.path} is {manifest['sparse']['mode']}; fidelity needs a "
-                          "top-k cache")
+        mode = manifest["sparse"]["mode"]
+        spec.notes.append(f"no fidelity: cache {cache.path} is {mode}; fidelity needs a top-k cache")
         return {}
     rows = []
     if vocab_hash(tokenizer) != manifest["tokenizer"]["vocab_hash"]:  # another tokenizer: by token string

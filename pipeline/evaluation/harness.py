@@ -9,8 +9,8 @@ from typing import Any
 from kdpipe.errors import KdpipeError
 from kdpipe.evaluation.runs import first_line
 
-NETWORK_ERRORS = ("ConnectionError", "OfflineModeIsEnabled", "LocalEntryNotFoundError", "DatasetNotFoundError",
-                  "HfHubHTTPError", "ConnectTimeout", "ReadTimeout", "MaxRetryError")
+NETWORK_ERRORS = ("ConnectionError", "OfflineModeIsEnabled", "LocalEntryNotFoundError",
+                  "DatasetNotFoundError", "HfHubHTTPError", "ConnectTimeout", "ReadTimeout", "MaxRetryError")
 
 
 def check_lm_eval(tasks: list[str] | None = None) -> Any:
@@ -35,16 +35,17 @@ def check_lm_eval(tasks: list[str] | None = None) -> Any:
 
 
 def run_lm_eval(model: Any, tokenizer: Any, cfg: Any, manager: Any = None) -> dict[str, float]:
-    """lm-eval's own `simple_evaluate` on an `HFLM` wrapping the loaded model; every numeric metric, no stderr."""
+    """lm-eval's own `simple_evaluate` on an `HFLM` wrapping the loaded model; every numeric metric, no
+    stderr."""
     check_lm_eval()
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size)
     try:
-        out = lm_eval.simple_evaluate(model=lm, tasks=list(cfg.lm_eval), limit=cfg.limit, random_seed=cfg.seed,
-                                      numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed,
-                                      fewshot_random_seed=cfg.seed, log_samples=False, task_manager=manager)
+        out = lm_eval.simple_evaluate(model=lm, tasks=list(cfg.lm_eval), limit=cfg.limit, log_samples=False,
+                                      task_manager=manager, random_seed=cfg.seed, numpy_random_seed=cfg.seed,
+                                      torch_random_seed=cfg.seed, fewshot_random_seed=cfg.seed)
     except KdpipeError:
         raise
     except Exception as e:
@@ -63,12 +64,14 @@ def run_lm_eval(model: Any, tokenizer: Any, cfg: Any, manager: Any = None) -> di
 
 
 def lm_eval_error(e: BaseException, tasks: list[str]) -> str:
-    """A one-paragraph message for an exception out of lm-eval: data unreachable, a missing package, or other."""
+    """A one-paragraph message for an exception out of lm-eval: data unreachable, a missing package, or
+    other."""
     text, kind = first_line(e), type(e).__name__
     names = ", ".join(tasks)
     if isinstance(e, ModuleNotFoundError):
         return (f"lm-eval task(s) {names} need the Python package '{e.name}', which is not installed "
-                f"(pip install {e.name}, or lm-eval's extra for the task, e.g. pip install 'lm-eval[ifeval]')")
+                f"(pip install {e.name}, or lm-eval's extra for the task, e.g. "
+                "pip install 'lm-eval[ifeval]')")
     chain = {type(x).__name__ for x in (e, e.__cause__, e.__context__) if x is not None}
     lowered = text.lower()
     words = ("couldn't reach", "offline", "connection", "internet")
@@ -76,6 +79,6 @@ def lm_eval_error(e: BaseException, tasks: list[str]) -> str:
         offline = os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
         hint = " (offline mode is on: HF_DATASETS_OFFLINE/HF_HUB_OFFLINE)" if offline else ""
         return (f"lm-eval could not get the data of {names}{hint}: {kind}: {text}. lm-eval downloads its "
-                "datasets from the Hugging Face hub: run once with network access (they are cached), or point "
-                "HF_HOME at a cache that holds them")
+                "datasets from the Hugging Face hub: run once with network access (they are cached), or "
+                "point HF_HOME at a cache that holds them")
     return f"lm-eval failed on {names}: {kind}: {text}"

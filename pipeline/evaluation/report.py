@@ -10,23 +10,24 @@ from pathlib import Path
 from typing import Any
 
 DEFINITIONS = {
-    "classify/accuracy": "fraction of examples whose predicted label is the gold label; the prediction is the "
-                         "label whose continuation has the highest summed log-prob after the prompt (or, with "
-                         "--generate, the label parsed after 'Sentiment:' in the greedy output)",
+    "classify/accuracy": "fraction of examples whose predicted label is the gold label; the prediction is "
+                         "the label whose continuation has the highest summed log-prob after the prompt "
+                         "(or, with --generate, the label parsed after 'Sentiment:' in the greedy output)",
     "classify/macro_f1": "unweighted mean over labels (present in gold or predictions) of 2TP/(2TP+FP+FN)",
     "classify/unparsed": "fraction of generated answers in which no label could be found (--generate)",
     "exact-match/exact_match": "fraction of greedy answers accepted by the checker",
-    "perplexity/perplexity": "exp(mean negative log-likelihood of the template's trained tokens, EOS included); "
-                             "padding never scored",
-    "fidelity/kl": "mean over cached positions of KL(teacher||student) in nats over k+1 atoms (teacher top-k ids "
-                   "+ one tail atom: the teacher's cached tail mass vs the student's exact mass outside those "
-                   "ids); a lower bound of the full-vocabulary KL, exact when the tail is empty",
+    "perplexity/perplexity": "exp(mean negative log-likelihood of the template's trained tokens, EOS "
+                             "included); padding never scored",
+    "fidelity/kl": "mean over cached positions of KL(teacher||student) in nats over k+1 atoms (teacher "
+                   "top-k ids + one tail atom: the teacher's cached tail mass vs the student's exact mass "
+                   "outside those ids); a lower bound of the full-vocabulary KL, exact when the tail is "
+                   "empty",
     "fidelity/top1_agreement": "fraction of positions where the student's argmax is the teacher's top-1 id",
     "fidelity/topk_recall": "mean |student top-k ∩ teacher top-k| / k, k = the cache's k",
-    "fidelity/ece": "ECE (15 equal-width bins) of the student's max probability vs its argmax being the actual "
-                    "next token",
-    "fidelity/ece_teacher": "ECE (15 bins) of the student's max probability vs its argmax being the teacher's "
-                            "top-1 id",
+    "fidelity/ece": "ECE (15 equal-width bins) of the student's max probability vs its argmax being the "
+                    "actual next token",
+    "fidelity/ece_teacher": "ECE (15 bins) of the student's max probability vs its argmax being the "
+                            "teacher's top-1 id",
     "fidelity/cache_ppl": "the student's perplexity of the cached examples' actual target tokens",
 }
 
@@ -79,7 +80,8 @@ def write_results(results: dict[str, Any], predictions: list[dict[str, Any]], ou
         writer = csv.writer(f)
         writer.writerow(["metric"] + [m["name"] for m in models])
         for key in metric_keys(results):
-            writer.writerow([key] + ["" if m["metrics"].get(key) is None else m["metrics"][key] for m in models])
+            values = [m["metrics"].get(key) for m in models]
+            writer.writerow([key] + ["" if v is None else v for v in values])
     if predictions:
         files.append(out / "predictions.jsonl")
         with open(files[-1], "w") as f:

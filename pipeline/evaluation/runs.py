@@ -81,7 +81,8 @@ def run_teacher(record: dict[str, Any]) -> str | None:
 
 
 def data_from_run(cfg: Any, record: dict[str, Any], echo: Callable[[str], None]) -> None:
-    """No --dataset: evaluate on the run's data, its held-out part (or the test split of kdpipe:arithmetic)."""
+    """No --dataset: evaluate on the run's data, its held-out part (or the test split of
+    kdpipe:arithmetic)."""
     run_cfg = record.get("config") or {}
     data = dict(run_cfg)
     if record.get("kind") == "train-student" and run_cfg.get("cache"):

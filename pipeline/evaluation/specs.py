@@ -29,24 +29,22 @@ class ModelSpec:
     notes: list[str] = field(default_factory=list)
 
 
-def resolve_models(cfg: Any, echo: Callable[[str], None]) -> tuple[list[ModelSpec], dict[str, Any] | None]:
-    """The models of `cfg` (or the latest run's student, base and teacher) and the run record they
-    come from; with no --dataset, `cfg` gets the run's data (and the experiment's evaluate settings)."""
+def resolve_models(cfg: Any, echo: Callable[[str], None]) -> list[ModelSpec]:
+    """The models of `cfg` (or the latest run's student, base and teacher); with no --dataset, `cfg`
+    gets the data of the first run among them (and the experiment's evaluate settings)."""
     if cfg.model:
         specs = [resolve_spec(m) for m in cfg.model]
-        record = None
         for spec in specs:
             if spec.run is not None and not cfg.dataset:
-                record = read_json(spec.run / RUN_FILE)
-                runs.data_from_run(cfg, record, echo)
+                runs.data_from_run(cfg, read_json(spec.run / RUN_FILE), echo)
                 break
     else:
-        specs, record = _latest_run_models(cfg, echo)
+        specs = _latest_run_models(cfg, echo)
     _unique_names(specs)
-    return specs, record
+    return specs
 
 
-def _latest_run_models(cfg: Any, echo: Callable[[str], None]) -> tuple[list[ModelSpec], dict[str, Any]]:
+def _latest_run_models(cfg: Any, echo: Callable[[str], None]) -> list[ModelSpec]:
     folder, record = runs.latest_run()
     experiment = runs.experiment_of(folder)
     echo(f"evaluating the latest finished run {folder}"
@@ -64,7 +62,7 @@ def _latest_run_models(cfg: Any, echo: Callable[[str], None]) -> tuple[list[Mode
         echo(f"settings: the evaluate section of {experiment['config']} (data, tasks, cache)")
     if not cfg.dataset:
         runs.data_from_run(cfg, record, echo)
-    return specs, record
+    return specs
 
 
 def resolve_spec(source: str) -> ModelSpec:
@@ -76,14 +74,14 @@ def resolve_spec(source: str) -> ModelSpec:
         resolved = resolve_model_name(source)  # a clear error for a missing local path
         return ModelSpec(short_name(source), source, "model", resolved)
     if not path.is_dir():
-        raise KdpipeError(f"model {source} is a file; pass a model folder, a LoRA adapter folder, a run folder "
-                          "or a hub id")
+        raise KdpipeError(f"model {source} is a file; pass a model folder, a LoRA adapter folder, a run "
+                          "folder or a hub id")
     run = path if (path / RUN_FILE).is_file() else None
     if run is not None:
         record = read_json(path / RUN_FILE)
         if record.get("status") not in runs.FINISHED:
-            raise KdpipeError(f"run {path} has status '{record.get('status')}', not finished; evaluate it when "
-                              "it is complete")
+            raise KdpipeError(f"run {path} has status '{record.get('status')}', not finished; evaluate it "
+                              "when it is complete")
     if (path / "adapter_config.json").is_file():
         base = read_json(path / "adapter_config.json").get("base_model_name_or_path")
         if not base:
@@ -97,11 +95,13 @@ def resolve_spec(source: str) -> ModelSpec:
         return ModelSpec(path.resolve().name, source, "adapter", str(path), base=base, run=run)
     if (path / "config.json").is_file():
         return ModelSpec(path.resolve().name, source, "model", str(path), run=run)
-    raise KdpipeError(f"{source} holds no model (no config.json) and no LoRA adapter (no adapter_config.json)")
+    raise KdpipeError(f"{source} holds no model (no config.json) and no LoRA adapter "
+                      "(no adapter_config.json)")
 
 
 def load_tokenizers(specs: list[ModelSpec], echo: Callable[[str], None]) -> dict[str, Any]:
-    """Each model's tokenizer, by spec name; an optional model whose tokenizer fails is dropped from `specs`."""
+    """Each model's tokenizer, by spec name; an optional model whose tokenizer fails is dropped from
+    `specs`."""
     tokenizers = {}
     for spec in list(specs):
         try:

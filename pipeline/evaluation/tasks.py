@@ -55,7 +55,7 @@ def prompt_ids(tokenizer: Any, texts: list[str], template: Template) -> list[int
 def classify(model: Any, tokenizer: Any, examples: list[Example], template: Template, cfg: Any,
              spec: Any) -> Outcome:
     """Accuracy and macro-F1: each label's continuation scored after the prompt (or generated and parsed)."""
-    from kdpipe import metrics, scoring
+    from kdpipe import scoring
 
     names = list(cfg.label_names)
     gold = [label_text(e.fields["label"], tuple(names)) for e in examples]
@@ -71,20 +71,28 @@ def classify(model: Any, tokenizer: Any, examples: list[Example], template: Temp
                 raise KdpipeError(f"example '{e.id}': the prompt or the label '{name}' tokenizes to nothing")
             sequences.append(np.asarray(p_ids + c_ids, np.int64))
             positions.append(np.arange(len(p_ids) - 1, len(p_ids) + len(c_ids) - 1))
-    lp = scoring.target_logprobs(model, sequences, positions, tokenizer.pad_token_id, batch_size=cfg.batch_size,
-                                 max_batch_tokens=cfg.max_batch_tokens, desc=f"{spec.name}: classify")
+    lp = scoring.target_logprobs(model, sequences, positions, tokenizer.pad_token_id,
+                                 batch_size=cfg.batch_size, max_batch_tokens=cfg.max_batch_tokens,
+                                 desc=f"{spec.name}: classify")
     bounds = np.cumsum([0] + [len(p) for p in positions])
     sums = [lp[bounds[i]:bounds[i + 1]].sum() for i in range(len(positions))]
     scores = np.array(sums).reshape(len(examples), len(names))
     predicted = [names[int(np.argmax(row))] for row in scores]
-    preds = [{"id": e.id, "gold": g, "predicted": p, "scores": dict(zip(names, map(float, row))), "correct": g == p}
-             for e, g, p, row in zip(examples, gold, predicted, scores)]
-    return {"accuracy": metrics.accuracy(gold, predicted), "macro_f1": metrics.macro_f1(gold, predicted, names)}, preds
+    preds = [{"id": e.id, "gold": g, "predicted": p, "scores": dict(zip(names, map(float, row))),
+              "correct": g == p} for e, g, p, row in zip(examples, gold, predicted, scores)]
+    return _label_metrics(gold, predicted, names), preds
+
+
+def _label_metrics(gold: list[str], predicted: list[str | None], names: list[str]) -> dict[str, float]:
+    from kdpipe import metrics
+
+    return {"accuracy": metrics.accuracy(gold, predicted),
+            "macro_f1": metrics.macro_f1(gold, predicted, names)}
 
 
 def _classify_by_generation(model: Any, tokenizer: Any, examples: list[Example], template: Template, cfg: Any,
                             spec: Any, gold: list[str]) -> Outcome:
-    from kdpipe import metrics, scoring
+    from kdpipe import scoring
 
     names = list(cfg.label_names)
     prompts = [prompt_ids(tokenizer, split_prompt(template.render(e.fields, e.id, tokenizer))[0], template)
@@ -96,9 +104,8 @@ def _classify_by_generation(model: Any, tokenizer: Any, examples: list[Example],
     predicted = [parse_label(t, names) for t in texts]
     preds = [{"id": e.id, "gold": g, "predicted": p, "output": t, "correct": g == p}
              for e, g, p, t in zip(examples, gold, predicted, texts)]
-    out = {"accuracy": metrics.accuracy(gold, predicted), "macro_f1": metrics.macro_f1(gold, predicted, names),
-           "unparsed": sum(p is None for p in predicted) / len(predicted)}
-    return out, preds
+    unparsed = sum(p is None for p in predicted) / len(predicted)
+    return {**_label_metrics(gold, predicted, names), "unparsed": unparsed}, preds
 
 
 def parse_label(text: str, names: list[str]) -> str | None:
@@ -158,7 +165,8 @@ def resolve_tasks(cfg: Any, template: Template | None) -> list[str]:
     if not cfg.dataset:
         explicit = [t for t in cfg.task if t != "auto"]
         if explicit:
-            raise KdpipeError(f"--task {','.join(explicit)} needs data: pass --dataset (and --split, --template ...)")
+            raise KdpipeError(f"--task {','.join(explicit)} needs data: pass --dataset "
+                              "(and --split, --template ...)")
         return []
     tasks: list[str] = []
     for task in cfg.task:
@@ -168,7 +176,8 @@ def resolve_tasks(cfg: Any, template: Template | None) -> list[str]:
 
 
 def check_examples(examples: list[Example], template: Template, tasks: list[str], cfg: Any) -> None:
-    """Render every example once (no tokenizer): missing fields, labels outside --label-names, no completion."""
+    """Render every example once (no tokenizer): missing fields, labels outside --label-names, no
+    completion."""
     if template.renders_with_tokenizer:  # nothing to render before a model's tokenizer is loaded
         return
     names = list(cfg.label_names)
@@ -176,26 +185,29 @@ def check_examples(examples: list[Example], template: Template, tasks: list[str]
     for e in examples:
         segments = template.render(e.fields, e.id)
         if not any(s.trained for s in segments) and compared:
-            raise KdpipeError(f"example '{e.id}': template {template.name} gives it no completion to compare with")
+            raise KdpipeError(f"example '{e.id}': template {template.name} gives it no completion to "
+                              "compare with")
     if "classify" in tasks:
         if "label" not in template.required and "label" not in (examples[0].fields if examples else {}):
             raise KdpipeError(f"task classify needs a 'label' field; template {template.name} has none "
-                              "(map a column with --columns label=COLUMN and use a sentiment or your own template)")
+                              "(map a column with --columns label=COLUMN and use a sentiment or your own "
+                              "template)")
         for e in examples:
             gold = label_text(e.fields.get("label"), tuple(names))
             if gold not in names:
-                raise KdpipeError(f"example '{e.id}' has the label '{gold}', which is not among the label names "
-                                  f"{names}; pass --label-names covering every label of the data")
+                raise KdpipeError(f"example '{e.id}' has the label '{gold}', which is not among the label "
+                                  f"names {names}; pass --label-names covering every label of the data")
         if len(names) < 2:
             raise KdpipeError(f"task classify needs at least two label names, got {names}")
 
 
-def data_info(cfg: Any, examples: list[Example], template: Template | None, tasks: list[str]) -> dict[str, Any]:
+def data_info(cfg: Any, examples: list[Example], template: Template | None,
+              tasks: list[str]) -> dict[str, Any]:
     """What results.json says of the data: the dataset, its selection, the template, the tasks, the config."""
     if not tasks:
         return {}
     labels = {"label_names": list(cfg.label_names)} if "classify" in tasks else {}  # only classify has labels
     config = {k: v for k, v in to_dict(cfg).items() if k != "label_names" or labels}
-    return {"dataset": cfg.dataset, "split": cfg.split, "part": cfg.part, "heldout_fraction": cfg.heldout_fraction,
-            "seed": cfg.seed, "limit": cfg.limit, "examples": len(examples), "template": template.name,
-            **labels, "tasks": tasks, "config": config}
+    return {"dataset": cfg.dataset, "split": cfg.split, "part": cfg.part,
+            "heldout_fraction": cfg.heldout_fraction, "seed": cfg.seed, "limit": cfg.limit,
+            "examples": len(examples), "template": template.name, **labels, "tasks": tasks, "config": config}
