@@ -18,9 +18,7 @@ from kdpipe.cache.reader import Cache
 from kdpipe.cache.tools import open_checked
 from kdpipe.config import option
 from kdpipe.errors import KdpipeError
-from kdpipe.losses import DistillLossConfig
-from kdpipe.models import load_tokenizer, vocab_hash
-from kdpipe.student_data import BlockShuffleSampler, CacheDataset, DistillCollator
+from kdpipe.losses import LOSSES, TAIL_MODES, BiasedOnSampled, DistillLossConfig
 
 
 @dataclass
@@ -28,14 +26,15 @@ class TrainStudentConfig(training.TrainConfig):
     """Options of `kdpipe train-student` (YAML keys; CLI options with dashes)."""
 
     cache: str | None = option(None, "Cache folder (or object-storage URL: s3://bucket/prefix ...) written by `kdpipe cache-teacher`.")
-    loss: Literal["fkl", "rkl", "skew-fkl", "skew-rkl", "jsd", "tvd"] = option(
+    # Literal over the registry's names: the CLI's choices and the YAML check come from kdpipe.losses
+    loss: Literal[LOSSES] = option(  # type: ignore[valid-type]
         "fkl", "Divergence: fkl, rkl, skew-fkl, skew-rkl (skew), jsd (beta), tvd."
     )
     alpha: float = option(0.5, "Weight of the distillation term: alpha·T²·D + (1 − alpha)·CE (1: distillation only).")
     temperature: float = option(1.0, "Distillation temperature T (both sides; the term is scaled by T²).")
     skew: float = option(0.1, "Skew λ of skew-fkl / skew-rkl.")
     beta: float = option(0.5, "Mixing weight β of jsd.")
-    tail: Literal["renorm", "bucket"] = option(
+    tail: Literal[TAIL_MODES] = option(  # type: ignore[valid-type]
         "bucket", "Mass outside the top-k: bucket (a (k+1)-th atom on both sides) or renorm (top-k renormalised)."
     )
     chunk_size: int = option(1024, "Target positions per LM-head chunk (bounds the fp32 full-vocabulary scratch).")
@@ -54,8 +53,8 @@ class TrainStudentConfig(training.TrainConfig):
             raise ValueError(f"data_lanes must be at least 1, not {self.data_lanes}")
 
     def loss_config(self, sampled: bool = False) -> DistillLossConfig:
-        return DistillLossConfig(self.loss, self.alpha, self.temperature, self.skew, self.beta, self.tail, self.chunk_size,
-                                 sampled=sampled)
+        return DistillLossConfig(self.loss, self.alpha, self.temperature, self.skew, self.beta, self.tail,
+                                 self.chunk_size, sampled=sampled)
 
     def output_folder(self) -> Path:
         if self.output:
@@ -66,6 +65,10 @@ class TrainStudentConfig(training.TrainConfig):
 @training.locked
 def run(cfg: TrainStudentConfig, command: str = "", callbacks: list[Any] | None = None) -> dict[str, Any]:
     """Train the student of `cfg` on its cache; returns the run record (kdpipe_run.json)."""
+    from kdpipe.models import load_tokenizer
+    from kdpipe.student_data import BlockShuffleSampler, CacheDataset, DistillCollator
+    from kdpipe.trainer import DistillTrainer, fit
+
     if not cfg.cache:
         raise KdpipeError("no cache given: pass --cache (a folder written by `kdpipe cache-teacher`)")
     if not cfg.model:
@@ -86,11 +89,11 @@ def run(cfg: TrainStudentConfig, command: str = "", callbacks: list[Any] | None 
     dataset = CacheDataset(cache, keep_groups=cfg.shuffle_window + 1)
     sampler = BlockShuffleSampler(dataset.sizes, cfg.seed, cfg.shuffle_window, **lane_layout(cfg))
     collator = DistillCollator(tokenizer.pad_token_id, student_vocab_size(model), cache.k)
-    trainer = training.make_trainer(
-        loss_config, model=model, args=args, train_dataset=dataset,
+    trainer = DistillTrainer(
+        loss_config=loss_config, model=model, args=args, train_dataset=dataset,
         data_collator=collator, processing_class=tokenizer, sampler=sampler, callbacks=callbacks,
     )
-    return training.fit(trainer, cfg, out, tokenizer, checkpoint)
+    return fit(trainer, cfg, out, tokenizer, checkpoint)
 
 
 def lane_layout(cfg: TrainStudentConfig) -> dict[str, int]:
@@ -107,21 +110,22 @@ def lane_layout(cfg: TrainStudentConfig) -> dict[str, int]:
 
 
 def sampled_loss_config(cfg: TrainStudentConfig, cache: Cache) -> DistillLossConfig:
-    """The loss for this cache; a sampled cache refuses the options whose estimate would be biased."""
-    sampled = cache.manifest["sparse"]["mode"] == "sampled"
-    if sampled and cfg.alpha > 0:
-        wrong = [f"{opt} {value}" for opt, value, sound in (("--loss", cfg.loss, "fkl"), ("--temperature", cfg.temperature, 1.0),
-                                                             ("--tail", cfg.tail, "bucket")) if value != sound]
-        if wrong:
-            raise KdpipeError(
-                f"{', '.join(wrong)} cannot train on the sampled cache {cache.path}: only forward KL at temperature 1 "
-                "over the whole vocabulary (--loss fkl --temperature 1 --tail bucket) has an unbiased estimate from "
-                "sampled tokens; use a top-k cache for the other losses")
-    return cfg.loss_config(sampled)
+    """The loss for this cache. On a sampled cache `DistillLossConfig` refuses the options whose estimate
+    would be biased (the rule is `kdpipe.losses.SAMPLED_SOUND`); this names them as options."""
+    try:
+        return cfg.loss_config(sampled=cache.manifest["sparse"]["mode"] == "sampled")
+    except BiasedOnSampled as e:
+        wrong = ", ".join(f"--{name} {value}" for name, value, _ in e.unsound)
+        raise KdpipeError(
+            f"{wrong} cannot train on the sampled cache {cache.path}: only forward KL at temperature 1 over the "
+            "whole vocabulary (--loss fkl --temperature 1 --tail bucket) has an unbiased estimate from sampled "
+            "tokens; use a top-k cache for the other losses") from None
 
 
 def check_tokenizer(tokenizer: Any, cache: Cache, model: str) -> None:
     """The student must tokenize exactly as the teacher did (same token -> id table)."""
+    from kdpipe.models import vocab_hash
+
     expected = cache.manifest["tokenizer"]
     if vocab_hash(tokenizer) != expected["vocab_hash"]:
         raise KdpipeError(
