@@ -46,7 +46,7 @@ from kdpipe.student_data import BlockShuffleSampler, CacheDataset, DistillCollat
 from kdpipe.teacher import HFTeacher
 from kdpipe.templates import get_template
 from kdpipe.tokenize import tokenize_examples
-from kdpipe.training import student_distill_loss
+from kdpipe.trainer import student_distill_loss
 
 SEED_ROW = "fp16 k=32, data seed+1"  # the same cache in another batch order: the spread of training itself
 CONFIGS = [("fp16 top-k", "plain", "topk", k) for k in (8, 32, 64)] + \

@@ -121,7 +121,8 @@ def run_case(args: argparse.Namespace) -> dict:
     from kdpipe.losses import DistillLossConfig
     from kdpipe.teacher import HFTeacher
     from kdpipe.tokenize import TokenizedExample
-    from kdpipe.training import lora_targets, student_distill_loss
+    from kdpipe.lora import lora_targets
+    from kdpipe.trainer import student_distill_loss
 
     gpu = torch.cuda.is_available()
     device = torch.device("cuda" if gpu else "cpu")

@@ -152,7 +152,7 @@ def cache_merge_cmd(parts: tuple[str, ...], output: str) -> None:
                                                                        "its tokenizer.")
 def merge_lora_cmd(adapter: str, output: str) -> None:
     """Merge a LoRA adapter folder into its base model (loadable by AutoModelForCausalLM)."""
-    from kdpipe.training import merge_lora
+    from kdpipe.lora import merge_lora
 
     click.echo(f"merged {adapter} -> {merge_lora(adapter, output)}")
 

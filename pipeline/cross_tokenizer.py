@@ -34,7 +34,7 @@ import torch
 
 from kdpipe import vocab_map as vm
 from kdpipe.errors import KdpipeError
-from kdpipe.uld import cross_loss, trainer_factory, uld_loss  # noqa: F401 (the route's loss)
+from kdpipe.uld import CrossTokenizerTrainer, cross_loss, uld_loss  # noqa: F401 (the route's loss)
 
 
 @dataclass

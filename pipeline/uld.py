@@ -17,6 +17,8 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from kdpipe.losses import DistillLossConfig, SparseTargets, distill_loss
+from kdpipe.trainer import DistillTrainer, _gather_fsdp_root, student_hidden
+from kdpipe.training import causal_lm
 
 
 def _uld_chunk(head: Any, hidden: torch.Tensor, teacher_p: torch.Tensor, teacher_tail: torch.Tensor,
@@ -74,26 +76,21 @@ def cross_loss(hidden: torch.Tensor, head: Any, inputs: dict[str, torch.Tensor],
     return total / (max(n, 1) if num_items is None else num_items)
 
 
-def trainer_factory(uld_weight: float) -> Any:
-    """`training.make_trainer`'s counterpart for the cross-tokenizer batches: the same Trainer (order,
-    checkpoints, divergence checks) with `cross_loss` as its loss."""
-    from kdpipe import training
+class CrossTokenizerTrainer(DistillTrainer):
+    """`DistillTrainer` on the batches of `kdpipe.cross_tokenizer.CrossCollator`: the same order,
+    checkpoints and divergence checks, with `cross_loss` (plus ULD with `loss_config.uld_weight`)."""
 
-    _, distill_trainer = training._trainer_classes()
+    def __init__(self, *args: Any, uld_weight: float = 0.0, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.uld_weight = uld_weight
 
-    class CrossTokenizerTrainer(distill_trainer):
-        def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
-                         num_items_in_batch: Any = None) -> Any:
-            hidden = training.student_hidden(model, inputs)
-            selected = hidden[inputs["target_rows"], inputs["target_cols"]]
-            training._gather_fsdp_root(model)
-            head = training.causal_lm(model).get_output_embeddings()
-            loss = cross_loss(selected, head, inputs, self.loss_config, uld_weight, num_items_in_batch)
-            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-                loss = loss * self.accelerator.num_processes  # as DistillTrainer: the count was global
-            return (loss, None) if return_outputs else loss
-
-    def make(distill: DistillLossConfig | None = None, **kwargs: Any) -> Any:
-        return CrossTokenizerTrainer(loss_config=distill, **kwargs)
-
-    return make
+    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        hidden = student_hidden(model, inputs)
+        selected = hidden[inputs["target_rows"], inputs["target_cols"]]
+        _gather_fsdp_root(model)
+        head = causal_lm(model).get_output_embeddings()
+        loss = cross_loss(selected, head, inputs, self.loss_config, self.uld_weight, num_items_in_batch)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes  # as DistillTrainer: the count was global
+        return (loss, None) if return_outputs else loss

@@ -9,15 +9,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from kdpipe.config import option
 from kdpipe.data import DataConfig
+from kdpipe.losses import LOSSES, TAIL_MODES, DistillLossConfig
 from kdpipe.train_config import TrainConfig
-
-if TYPE_CHECKING:
-    from kdpipe.losses import DistillLossConfig
-
 
 
 @dataclass
@@ -103,7 +100,8 @@ class TrainStudentConfig(TrainConfig):
 
     cache: str | None = option(None, "Cache folder (or object-storage URL: s3://bucket/prefix ...) written "
                                      "by `kdpipe cache-teacher`.")
-    loss: Literal["fkl", "rkl", "skew-fkl", "skew-rkl", "jsd", "tvd"] = option(
+    # Literal over the registry's names: the CLI's choices and the YAML check come from kdpipe.losses
+    loss: Literal[LOSSES] = option(  # type: ignore[valid-type]
         "fkl", "Divergence: fkl, rkl, skew-fkl, skew-rkl (skew), jsd (beta), tvd."
     )
     alpha: float = option(0.5, "Weight of the distillation term: alpha·T²·D + (1 − alpha)·CE (1: "
@@ -111,7 +109,7 @@ class TrainStudentConfig(TrainConfig):
     temperature: float = option(1.0, "Distillation temperature T (both sides; the term is scaled by T²).")
     skew: float = option(0.1, "Skew λ of skew-fkl / skew-rkl.")
     beta: float = option(0.5, "Mixing weight β of jsd.")
-    tail: Literal["renorm", "bucket"] = option(
+    tail: Literal[TAIL_MODES] = option(  # type: ignore[valid-type]
         "bucket", "Mass outside the top-k: bucket (a (k+1)-th atom on both sides) or renorm (top-k "
                   "renormalised)."
     )
@@ -145,8 +143,6 @@ class TrainStudentConfig(TrainConfig):
             raise ValueError(f"data_lanes must be at least 1, not {self.data_lanes}")
 
     def loss_config(self, sampled: bool = False) -> DistillLossConfig:
-        from kdpipe.losses import DistillLossConfig  # torch: only once a config is built
-
         return DistillLossConfig(self.loss, self.alpha, self.temperature, self.skew, self.beta, self.tail,
                                  self.chunk_size, sampled=sampled)
 

@@ -10,13 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from kdpipe import training
+from kdpipe import run_folder, training
 from kdpipe.data import load_examples
 from kdpipe.errors import KdpipeError
-from kdpipe.models import load_tokenizer
 from kdpipe.stages.configs import FinetuneConfig
 from kdpipe.stages.train_student import summary  # noqa: F401  (summary is re-exported for the CLI)
-from kdpipe.student_data import BlockShuffleSampler, SFTCollator, TokenizedDataset
 from kdpipe.templates import get_template
 from kdpipe.tokenize import tokenize_examples
 
@@ -24,9 +22,13 @@ from kdpipe.tokenize import tokenize_examples
 # The config is defined torch-free in kdpipe.stages.configs (the CLI builds its options from it).
 
 
-@training.locked
+@run_folder.locked
 def run(cfg: FinetuneConfig, command: str = "", callbacks: list[Any] | None = None) -> dict[str, Any]:
     """Fine-tune `cfg.model` on `cfg.dataset`; returns the run record (kdpipe_run.json)."""
+    from kdpipe.models import load_tokenizer
+    from kdpipe.student_data import BlockShuffleSampler, SFTCollator, TokenizedDataset
+    from kdpipe.trainer import KdpipeTrainer, fit
+
     if not cfg.model:
         raise KdpipeError("no model given: pass --model (or 'model:' in the config file)")
     cfg.output = str(cfg.output_folder())
@@ -35,16 +37,17 @@ def run(cfg: FinetuneConfig, command: str = "", callbacks: list[Any] | None = No
     selection = load_examples(cfg)
     examples, _report = tokenize_examples(selection.examples, template, tokenizer, cfg)
     identity = {"model": training.model_identity(cfg.model), "data": selection.fingerprint}
-    checkpoint = training.check_output(cfg, "finetune", identity)
+    checkpoint = run_folder.check_output(cfg, "finetune", identity)
 
     cfg.model = identity["model"]
     model = training.load_trainable(cfg)
     args = training.training_arguments(cfg, Path(cfg.output))
-    out = training.start_run(cfg, "finetune", identity, command, checkpoint)  # only now: bad options leave no folder behind
+    # only now: bad options leave no folder behind
+    out = run_folder.start_run(cfg, "finetune", identity, command, checkpoint)
     dataset = TokenizedDataset(examples)
     sampler = BlockShuffleSampler([len(dataset)], cfg.seed)
-    trainer = training.make_trainer(
-        None, model=model, args=args, train_dataset=dataset,
-        data_collator=SFTCollator(tokenizer.pad_token_id), processing_class=tokenizer, sampler=sampler, callbacks=callbacks,
+    trainer = KdpipeTrainer(
+        model=model, args=args, train_dataset=dataset, data_collator=SFTCollator(tokenizer.pad_token_id),
+        processing_class=tokenizer, sampler=sampler, callbacks=callbacks,
     )
-    return training.fit(trainer, cfg, out, tokenizer, checkpoint)
+    return fit(trainer, cfg, out, tokenizer, checkpoint)

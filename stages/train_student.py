@@ -11,11 +11,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-from kdpipe import student_vocab, training
+from kdpipe import run_folder, student_vocab, training
 from kdpipe.cache.reader import Cache
 from kdpipe.cache.tools import open_checked
 from kdpipe.errors import KdpipeError
-from kdpipe.losses import DistillLossConfig
+from kdpipe.losses import BiasedOnSampled, DistillLossConfig
 from kdpipe.models import load_tokenizer
 from kdpipe.stages.configs import TrainStudentConfig, _slug  # noqa: F401  (re-exported: old imports)
 from kdpipe.student_data import BlockShuffleSampler, CacheDataset, DistillCollator
@@ -24,9 +24,12 @@ from kdpipe.student_data import BlockShuffleSampler, CacheDataset, DistillCollat
 # The config is defined torch-free in kdpipe.stages.configs (the CLI builds its options from it).
 
 
-@training.locked
+@run_folder.locked
 def run(cfg: TrainStudentConfig, command: str = "", callbacks: list[Any] | None = None) -> dict[str, Any]:
     """Train the student of `cfg` on its cache; returns the run record (kdpipe_run.json)."""
+    from kdpipe.trainer import DistillTrainer, fit
+    from kdpipe.uld import CrossTokenizerTrainer
+
     if not cfg.cache:
         raise KdpipeError("no cache given: pass --cache (a folder written by `kdpipe cache-teacher`)")
     if not cfg.model:
@@ -38,25 +41,27 @@ def run(cfg: TrainStudentConfig, command: str = "", callbacks: list[Any] | None 
     student_vocab.check_options(cfg)
     vocab = student_vocab.choose(cfg, cache, tokenizer)  # None: identical tokenizers, today's route
     identity = {"model": training.model_identity(cfg.model), "cache": cache.manifest["settings_hash"]}
-    checkpoint = training.check_output(cfg, "train-student", identity)
+    checkpoint = run_folder.check_output(cfg, "train-student", identity)
 
     cfg.model = identity["model"]  # absolute: the adapter's base_model_name_or_path must load from anywhere
     model = training.load_trainable(cfg)
     check_context(cache, model, cfg.model)
     args = training.training_arguments(cfg, Path(cfg.output))
-    out = training.start_run(cfg, "train-student", identity, command, checkpoint)  # only now: bad options leave no folder behind
+    # only now: bad options leave no folder behind
+    out = run_folder.start_run(cfg, "train-student", identity, command, checkpoint)
     dataset = CacheDataset(cache, keep_groups=cfg.shuffle_window + 1)
     sampler = BlockShuffleSampler(dataset.sizes, cfg.seed, cfg.shuffle_window, **lane_layout(cfg))
     collator = DistillCollator(tokenizer.pad_token_id, student_vocab_size(model), cache.k)
     collator = student_vocab.collator(vocab, collator, tokenizer, cfg, student_vocab_size(model))
     if vocab is not None:
         student_vocab.save(vocab, out)
-    make_trainer = training.make_trainer if vocab is None or vocab.route != "cross" else cross_trainer(cfg)
-    trainer = make_trainer(
-        loss_config, model=model, args=args, train_dataset=dataset,
+    cross = vocab is not None and vocab.route == "cross"  # offsets-aligned batches: their own loss
+    trainer_class, extra = (CrossTokenizerTrainer, {"uld_weight": cfg.uld_weight}) if cross else (DistillTrainer, {})
+    trainer = trainer_class(
+        **extra, loss_config=loss_config, model=model, args=args, train_dataset=dataset,
         data_collator=collator, processing_class=tokenizer, sampler=sampler, callbacks=callbacks,
     )
-    return training.fit(trainer, cfg, out, tokenizer, checkpoint)
+    return fit(trainer, cfg, out, tokenizer, checkpoint)
 
 
 def lane_layout(cfg: TrainStudentConfig) -> dict[str, int]:
@@ -73,23 +78,18 @@ def lane_layout(cfg: TrainStudentConfig) -> dict[str, int]:
 
 
 def sampled_loss_config(cfg: TrainStudentConfig, cache: Cache) -> DistillLossConfig:
-    """The loss for this cache; a sampled cache refuses the options whose estimate would be biased."""
-    sampled = cache.manifest["sparse"]["mode"] == "sampled"
-    if sampled and cfg.alpha > 0:
-        wrong = [f"{opt} {value}" for opt, value, sound in (("--loss", cfg.loss, "fkl"), ("--temperature", cfg.temperature, 1.0),
-                                                             ("--tail", cfg.tail, "bucket")) if value != sound]
-        if wrong:
-            raise KdpipeError(
-                f"{', '.join(wrong)} cannot train on the sampled cache {cache.path}: only forward KL at temperature 1 "
-                "over the whole vocabulary (--loss fkl --temperature 1 --tail bucket) has an unbiased estimate from "
-                "sampled tokens; use a top-k cache for the other losses")
-    return cfg.loss_config(sampled)
+    """The loss for this cache. On a sampled cache `DistillLossConfig` refuses the options whose estimate
+    would be biased (the rule is `kdpipe.losses.SAMPLED_SOUND`); this names them as options."""
+    try:
+        return cfg.loss_config(sampled=cache.manifest["sparse"]["mode"] == "sampled")
+    except BiasedOnSampled as e:
+        wrong = ", ".join(f"--{name} {value}" for name, value, _ in e.unsound)
+        raise KdpipeError(
+            f"{wrong} cannot train on the sampled cache {cache.path}: only forward KL at temperature 1 over the "
+            "whole vocabulary (--loss fkl --temperature 1 --tail bucket) has an unbiased estimate from sampled "
+            "tokens; use a top-k cache for the other losses") from None
 
 
-def cross_trainer(cfg: TrainStudentConfig) -> Any:
-    from kdpipe import cross_tokenizer
-
-    return cross_tokenizer.trainer_factory(cfg.uld_weight)
 
 
 def check_context(cache: Cache, model: Any, name: str) -> None:

@@ -83,7 +83,7 @@ FSDP_SCRIPT = '''
 import sys, torch, torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 from transformers import AutoModelForCausalLM
-from kdpipe import training
+from kdpipe import trainer as training
 from kdpipe.cache import open_cache
 from kdpipe.losses import DistillLossConfig
 from kdpipe.student_data import CacheDataset, DistillCollator

@@ -316,7 +316,7 @@ def test_train_student_killed_then_resumed_matches_an_uninterrupted_run(referenc
 
 def test_torn_checkpoint_is_not_resumed_from(tmp_path):
     """A kill while Trainer writes trainer_state.json (its last file) leaves a checkpoint that is skipped."""
-    from kdpipe.training import last_checkpoint
+    from kdpipe.run_folder import last_checkpoint
 
     for step, state in ((3, '{"global_step": 3}'), (6, '{"global_step": 6}'), (9, '{"global_st'), (12, None)):
         (tmp_path / f"checkpoint-{step}").mkdir()

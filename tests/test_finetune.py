@@ -30,6 +30,7 @@ def tokenized(world, n=6):
 
 
 def test_sft_labels_and_loss_match_a_hand_computed_cross_entropy(world):
+    from kdpipe import trainer as training_loop
     from kdpipe import training
     from kdpipe.stages.finetune import FinetuneConfig
 
@@ -41,7 +42,7 @@ def test_sft_labels_and_loss_match_a_hand_computed_cross_entropy(world):
         np.testing.assert_array_equal(batch["labels"][i, trained].numpy(), e.input_ids[e.positions + 1])
     cfg = FinetuneConfig(model=str(world.student), dataset="kdpipe:arithmetic", lora=False, output=str(world.root / "u"))
     model = training.load_trainable(cfg).eval()
-    trainer = training.make_trainer(None, model=model, args=training.training_arguments(cfg, world.root / "u"))
+    trainer = training_loop.make_trainer(None, model=model, args=training.training_arguments(cfg, world.root / "u"))
     got = trainer.compute_loss(model, batch)
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()

@@ -513,7 +513,7 @@ def test_fused_linear_backward_runs_once():
 
 
 def test_hooked_or_subclassed_linear_takes_the_generic_path():
-    from kdpipe.losses import _fusable_linear
+    from kdpipe.losses.fused import _fusable_linear
 
     head = torch.nn.Linear(D, V)
     assert _fusable_linear(head)
@@ -527,3 +527,24 @@ def test_hooked_or_subclassed_linear_takes_the_generic_path():
 
     assert not _fusable_linear(Scaled(D, V))
     assert not _fusable_linear(lambda x: x)
+
+
+# ---------------------------------------------------------------- registry
+
+
+def test_registry_names_are_the_cli_choices_and_load_no_torch():
+    """`kdpipe --help` lists --loss/--tail from kdpipe.losses, which (with the stage configs) imports no torch."""
+    import subprocess
+    import sys
+    import typing
+
+    from kdpipe.losses import DIVERGENCES, TAIL_MODES
+    from kdpipe.stages.train_student import TrainStudentConfig
+
+    hints = typing.get_type_hints(TrainStudentConfig)
+    assert typing.get_args(hints["loss"]) == LOSSES == tuple(DIVERGENCES)
+    assert typing.get_args(hints["tail"]) == TAIL_MODES
+    code = ("import sys, kdpipe.losses, kdpipe.training, kdpipe.stages.train_student, kdpipe.stages.finetune; "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

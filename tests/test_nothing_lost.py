@@ -497,12 +497,12 @@ def test_blank_jsonl_and_a_directory_as_dataset(tmp_path, tiny_model_dir):
 
 
 def test_written_files_honour_the_umask(tmp_path, tiny_model_dir):
-    from kdpipe import training
+    from kdpipe import run_folder
 
     old = os.umask(0o027)
     try:
         kdpipe(*args(tiny_model_dir, tmp_path / "c", "--limit", 10))
-        training._write_run(tmp_path / "kdpipe_run.json", {"status": "complete"})  # the run record's writer
+        run_folder.write_json(tmp_path / "kdpipe_run.json", {"status": "complete"})  # the run record's writer
     finally:
         os.umask(old)
     files = [tmp_path / "c" / "manifest.json", tmp_path / "c" / "shard-00000.parquet", tmp_path / "kdpipe_run.json"]

@@ -71,7 +71,7 @@ def test_lora_and_optimizer_bytes_equal_a_real_lora_models(name: str) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from kdpipe.training import lora_targets
+    from kdpipe.lora import lora_targets
 
     small = {"vocab_size": 256, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
              "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16}
@@ -101,7 +101,7 @@ def test_lora_and_optimizer_bytes_equal_a_real_lora_models(name: str) -> None:
 
 def saved_bytes(model, inputs, cfg) -> int:
     """Bytes of the activations autograd keeps for backward (unique storages, parameters excluded)."""
-    from kdpipe.training import student_distill_loss
+    from kdpipe.trainer import student_distill_loss
 
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
@@ -125,7 +125,7 @@ def test_activation_estimate_within_25_percent_of_what_autograd_keeps(name: str,
     from transformers import AutoModelForCausalLM
 
     from kdpipe.losses import DistillLossConfig
-    from kdpipe.training import lora_targets
+    from kdpipe.lora import lora_targets
 
     vocab, batch, length, k = 1024, 2, 48, 8
     torch.manual_seed(0)

@@ -10,7 +10,7 @@ import torch
 from train_fixtures import *  # noqa: F401,F403
 from train_fixtures import expect_error, run_cli
 
-from kdpipe import training
+from kdpipe import run_folder, training
 from kdpipe.errors import KdpipeError
 
 
@@ -130,8 +130,8 @@ def test_resume_passes_over_a_truncated_newest_checkpoint(world, tmp_path):
         train_student.run(cfg, callbacks=[CrashAfterSave()])
     weights = out / "checkpoint-4" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a disk that filled mid-copy
-    assert training.damaged_files(out / "checkpoint-2") == []
-    assert training.damaged_files(out / "checkpoint-4") == ["model.safetensors is truncated or unreadable"]
+    assert run_folder.damaged_files(out / "checkpoint-2") == []
+    assert run_folder.damaged_files(out / "checkpoint-4") == ["model.safetensors is truncated or unreadable"]
     result = run_cli("train-student", "--cache", world.cache, "--model", world.student, "--output", out, "--full",
                      "--resume", "--max-steps", 6, "--batch-size", 4, "--lr", "1e-3", "--save-steps", 2,
                      "--logging-steps", 1, "--seed", 3)

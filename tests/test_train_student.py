@@ -109,6 +109,7 @@ def test_teacher_vocab_padded_larger_than_the_students(world):
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_trainer_loss_equals_dense_reference(world, lora):
+    from kdpipe import trainer as training_loop
     from kdpipe import training
     from kdpipe.stages.train_student import TrainStudentConfig
 
@@ -124,7 +125,7 @@ def test_trainer_loss_equals_dense_reference(world, lora):
     cache = open_cache(world.cache)
     rows = [r for _, r in zip(range(5), cache.iter_examples())]
     batch = DistillCollator(world.tokenizer.pad_token_id, len(world.tokenizer), cache.k)(rows)
-    trainer = training.make_trainer(cfg.loss_config(), model=model, args=training.training_arguments(cfg, world.root / "unused"),
+    trainer = training_loop.make_trainer(cfg.loss_config(), model=model, args=training.training_arguments(cfg, world.root / "unused"),
                                     train_dataset=None, data_collator=None)
     model.eval()
     got = trainer.compute_loss(model, batch)
