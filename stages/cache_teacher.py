@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 import kdpipe
 from kdpipe.cache.format import ENCODINGS, FORMAT, FORMAT_VERSION, Targets, ids_hash
+from kdpipe.cache.ids import CODING as ID_CODING
 from kdpipe.cache.storage import Store, is_url
 from kdpipe.cache.values import RECOMPUTE, nonfinite, value_stats
 from kdpipe.cache.writer import CacheWriter, now
@@ -317,6 +318,7 @@ def _file_metadata(header: dict[str, Any]) -> dict[str, Any]:
     }
     if header["encoding"] != "plain":  # the id width follows from it
         meta["vocab_size"] = header["teacher"]["vocab_size"]
+        meta["id_coding"] = ID_CODING  # rank-coded ids (kdpipe.cache.ids); shards without it hold raw ids
     if header["sparse"]["mode"] == "sampled":
         meta.update(samples=header["sparse"]["samples"], proposal_temperature=header["sparse"]["proposal_temperature"])
     return meta

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 
 from kdpipe.cache.format import (ENCODINGS, MANIFEST, METADATA_KEY, DamagedManifest, ids_hash, read_manifest,
                                  shard_name, write_manifest)
+from kdpipe.cache.ids import split_file_metadata
 from kdpipe.cache.storage import Lease, Store, as_store
 from kdpipe.errors import KdpipeError
 
@@ -31,7 +32,11 @@ def write_shard(folder: str | Path | Store, index: int, table: pa.Table) -> dict
 def shard_bytes(table: pa.Table) -> bytes:
     """The Parquet file of a shard: row groups of ROW_GROUP_ROWS, its encoding's write options."""
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, row_group_size=ROW_GROUP_ROWS, **parquet_options(table.schema))
+    table, extra = split_file_metadata(table)  # hook: kdpipe.cache.ids (the rank table, stored once)
+    with pq.ParquetWriter(sink, table.schema, **parquet_options(table.schema)) as w:
+        w.write_table(table, row_group_size=ROW_GROUP_ROWS)
+        if extra:
+            w.add_key_value_metadata(extra)
     return sink.getvalue().to_pybytes()
 
 
@@ -192,7 +197,7 @@ class CacheWriter:
                 continue
             data = self.store.read_bytes(name)
             try:
-                table = pq.read_table(pa.BufferReader(data))
+                table = pq.ParquetFile(pa.BufferReader(data)).read()  # with the file metadata (id ranks)
                 meta = json.loads(table.schema.metadata[METADATA_KEY])
                 check_decoded(ENCODINGS[self.manifest["encoding"]].decode(table), name)
             except Exception as e:
