@@ -26,6 +26,7 @@ import torch
 import kdpipe
 from kdpipe import arithmetic, metrics, scoring
 from kdpipe.cache.storage import write_atomic
+from kdpipe.cache.verified import VERIFY_HELP
 from kdpipe.config import option, to_dict
 from kdpipe.data import DataConfig, Example, load_examples
 from kdpipe.errors import KdpipeError
@@ -80,6 +81,7 @@ class EvaluateConfig(DataConfig):
     max_batch_tokens: int = option(16384, "Most tokens (rows × longest row) in one forward pass.")
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = option("auto", "Weights dtype (auto keeps the checkpoint's).")
     device: str = option("auto", "Device: auto (CUDA if present), cpu, cuda, cuda:1 ...")
+    verify: Literal["fast", "full"] = option("fast", VERIFY_HELP)
     plot: bool = option(True, "Write metrics.png (and training curves of runs); needs matplotlib.")
 
     def __post_init__(self) -> None:
@@ -126,7 +128,7 @@ def run(cfg: EvaluateConfig, command: str = "", echo: Callable[[str], None] = pr
     examples = load_examples(cfg).examples if tasks else []
     if tasks and template.name != "chat":
         _check_examples(examples, template, tasks, cfg)
-    cache = _open_cache(cfg.cache, echo, specs) if cfg.cache else None
+    cache = _open_cache(cfg.cache, echo, specs, cfg.verify) if cfg.cache else None
 
     tokenizers = {}
     for spec in list(specs):
@@ -561,19 +563,20 @@ TASK_FUNCTIONS = {"classify": classify, "exact-match": exact_match, "perplexity"
 # ---------------------------------------------------------------- fidelity to the teacher
 
 
-def _open_cache(path: str, echo: Callable[[str], None] = print, specs: list[ModelSpec] = ()) -> Any:
+def _open_cache(path: str, echo: Callable[[str], None] = print, specs: list[ModelSpec] = (),
+                verify: str = "fast") -> Any:
     """The held-out cache; a note when its examples are in a run's training cache (or, with no run to compare
     with, when nothing says it is held out)."""
     from kdpipe.cache.tools import open_checked
 
-    cache = open_checked(path)
+    cache = open_checked(path, verify)
     data = cache.manifest.get("dataset") or {}
     records = [_read_json(s.run / RUN_FILE, quiet=True) for s in specs if s.run]
     trained = [t for t in {(r.get("config") or {}).get("cache") for r in records} if t and _exists(t)]
     if trained:
         mine = example_hashes(cache)
         for other in sorted(trained):
-            shared = len(mine & example_hashes(open_checked(other)))
+            shared = len(mine & example_hashes(open_checked(other, verify)))
             if shared:
                 echo(f"note: {shared} of the {len(mine)} examples of cache {path} are also in {other}, the "
                      "training cache of a run evaluated here; fidelity on training data flatters a student")

@@ -16,6 +16,7 @@ from typing import Any, Literal
 from kdpipe import training
 from kdpipe.cache.reader import Cache
 from kdpipe.cache.tools import open_checked
+from kdpipe.cache.verified import VERIFY_HELP
 from kdpipe.config import option
 from kdpipe.errors import KdpipeError
 from kdpipe.losses import DistillLossConfig
@@ -40,6 +41,7 @@ class TrainStudentConfig(training.TrainConfig):
     )
     chunk_size: int = option(1024, "Target positions per LM-head chunk (bounds the fp32 full-vocabulary scratch).")
     shuffle_window: int = option(4, "Row groups (256 rows each) shuffled together; that many are kept decoded in memory.")
+    verify: Literal["fast", "full"] = option("fast", VERIFY_HELP)
     data_lanes: int | None = option(
         None, "Split the row groups into this many lanes, one per process, so each process reads its own part "
         "(default: the number of processes; set it to a multi-process run's count to replay its order on one process)."
@@ -71,7 +73,7 @@ def run(cfg: TrainStudentConfig, command: str = "", callbacks: list[Any] | None 
     if not cfg.model:
         raise KdpipeError("no student given: pass --model (or 'model:' in the config file)")
     cfg.output = str(cfg.output_folder())
-    cache = open_checked(cfg.cache)
+    cache = open_checked(cfg.cache, cfg.verify)
     loss_config = sampled_loss_config(cfg, cache)
     tokenizer = load_tokenizer(cfg.model, cfg.revision)
     check_tokenizer(tokenizer, cache, cfg.model)

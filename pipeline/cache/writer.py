@@ -17,6 +17,7 @@ from kdpipe.cache.format import (ENCODINGS, MANIFEST, METADATA_KEY, DamagedManif
                                  shard_name, write_manifest)
 from kdpipe.cache.ids import split_file_metadata
 from kdpipe.cache.storage import Lease, Store, as_store
+from kdpipe.cache.verified import RECORD
 from kdpipe.errors import KdpipeError
 
 ROW_GROUP_ROWS = 256
@@ -129,20 +130,20 @@ class CacheWriter:
         for tmp in [n for n in names if n.startswith(".") and n.endswith(".tmp")]:
             store.delete(tmp)
         if self.overwrite:
-            for old in [n for n in names if n == MANIFEST or (n.startswith("shard-") and n.endswith(".parquet"))]:
+            for old in [n for n in names if n in (MANIFEST, RECORD) or (n.startswith("shard-") and n.endswith(".parquet"))]:
                 store.delete(old)
             names = store.names()
         try:
             old = read_manifest(store) if MANIFEST in names else None
         except DamagedManifest as e:
-            if any(n not in (MANIFEST, ".lock", Lease.NAME) and not _is_shard(n) for n in names):
+            if any(n not in (MANIFEST, ".lock", Lease.NAME, RECORD) and not _is_shard(n) for n in names):
                 raise
             self.rebuilt, old = e.message.split("; ")[0], None  # only shards beside it: adopted once checked
         if old is not None:
             self._check_same_run(old)
             self.manifest["created"] = old.get("created", self.manifest.get("created"))
             self.manifest["shards"] = [s for s in old["shards"] if self._intact(s, names)]
-        elif not self.rebuilt and any(n not in (".lock", Lease.NAME) for n in names):
+        elif not self.rebuilt and any(n not in (".lock", Lease.NAME, RECORD) for n in names):
             raise KdpipeError(f"{self.folder} is not empty and holds no kdpipe cache; choose another --cache folder")
         self._adopt_unrecorded(set(store.names()))  # listed again: damaged shards were just removed
         self.manifest["complete"] = not self.pending()
