@@ -146,6 +146,8 @@ class CacheWriter:
         elif not self.rebuilt and any(n not in (".lock", Lease.NAME, RECORD) for n in names):
             raise KdpipeError(f"{self.folder} is not empty and holds no kdpipe cache; choose another --cache folder")
         self._adopt_unrecorded(set(store.names()))  # listed again: damaged shards were just removed
+        if self.rewritten or self.refused or self.rebuilt:  # repaired: the verification record goes with it
+            store.delete(RECORD)
         self.manifest["complete"] = not self.pending()
         self.manifest["totals"] = totals(self.manifest["shards"])
         write_manifest(store, self.manifest)
