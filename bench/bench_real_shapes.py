@@ -118,10 +118,10 @@ def teacher_targets(teacher, batch: dict, chunk: int) -> dict:
 def run_case(args: argparse.Namespace) -> dict:
     import torch
 
+    from kdpipe.lora import lora_targets
     from kdpipe.losses import DistillLossConfig
     from kdpipe.teacher import HFTeacher
     from kdpipe.tokenize import TokenizedExample
-    from kdpipe.lora import lora_targets
     from kdpipe.trainer import student_distill_loss
 
     gpu = torch.cuda.is_available()
@@ -221,9 +221,9 @@ def run_case(args: argparse.Namespace) -> dict:
 
 def predictions(args: argparse.Namespace) -> dict[str, dict]:
     """`kdpipe plan`'s prediction for each case, for exactly these shapes."""
-    from kdpipe import plan
-
     from dataclasses import replace
+
+    from kdpipe import plan
 
     device = plan.cpu_device() if args.device == "cpu" else plan.local_device()
     if args.gpu_memory_gb and args.device != "cpu":

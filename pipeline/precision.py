@@ -7,6 +7,7 @@ H100), fp32 on CPU. `kdpipe plan` applies the same rule to a GPU from its table,
 
 from __future__ import annotations
 
+
 def auto_precision(capability: tuple[int, int] | None) -> str:
     """fp32 without a GPU (None), fp16 below compute capability 8, bf16 from 8."""
     if capability is None:

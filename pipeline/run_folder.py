@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+
 from kdpipe.errors import KdpipeError
 
 RUN_FILE = "kdpipe_run.json"  # the run record of train-student / finetune

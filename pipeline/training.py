@@ -23,7 +23,6 @@ from typing import Any
 from kdpipe.config import progress_disabled
 from kdpipe.errors import KdpipeError
 from kdpipe.precision import resolve_dtype
-
 from kdpipe.train_config import TrainConfig  # noqa: F401  (defined torch-free, for the CLI)
 
 # ---------------------------------------------------------------- model

@@ -16,20 +16,26 @@ from tqdm.auto import tqdm
 
 import kdpipe
 from kdpipe.cache.format import ENCODINGS, FORMAT, FORMAT_VERSION, Targets, ids_hash
+from kdpipe.cache.ids import CODING as ID_CODING
 from kdpipe.cache.storage import Store
 from kdpipe.cache.values import RECOMPUTE, nonfinite, value_stats
 from kdpipe.cache.writer import CacheWriter, now
 from kdpipe.config import progress_disabled
 from kdpipe.data import load_examples
 from kdpipe.errors import KdpipeError
-from kdpipe.models import (load_model, load_tokenizer, model_revision, pick_device, resolve_model_name,
-                           vocab_hash)
+from kdpipe.models import (
+    load_model,
+    load_tokenizer,
+    model_revision,
+    pick_device,
+    resolve_model_name,
+    vocab_hash,
+)
 from kdpipe.precision import resolve_dtype
 from kdpipe.stages.configs import CacheTeacherConfig
 from kdpipe.teacher import HFTeacher, Sampling, TeacherBackend, make_batches
 from kdpipe.templates import get_template
 from kdpipe.tokenize import tokenize_examples
-
 
 # The config is defined torch-free in kdpipe.stages.configs (the CLI builds its options from it).
 
@@ -255,6 +261,7 @@ def _file_metadata(header: dict[str, Any]) -> dict[str, Any]:
     }
     if header["encoding"] != "plain":  # the id width follows from it
         meta["vocab_size"] = header["teacher"]["vocab_size"]
+        meta["id_coding"] = ID_CODING  # rank-coded ids (kdpipe.cache.ids); shards without it hold raw ids
     if header["sparse"]["mode"] == "sampled":
         meta.update(samples=header["sparse"]["samples"], proposal_temperature=header["sparse"]["proposal_temperature"])
     return meta

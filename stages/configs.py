@@ -12,6 +12,10 @@ from pathlib import Path
 from typing import Literal
 
 from kdpipe.config import option
+
+# --verify of train-student and evaluate (the check is kdpipe.cache.verified.check_for_use)
+VERIFY_HELP = ("Cache check before use: fast (manifest and sizes; sha256 only of shards changed since they "
+               "last passed, see .kdpipe-verified.json) or full (sha256 of every shard).")
 from kdpipe.data import DataConfig
 from kdpipe.losses import LOSSES, TAIL_MODES, DistillLossConfig
 from kdpipe.train_config import TrainConfig
@@ -115,6 +119,7 @@ class TrainStudentConfig(TrainConfig):
     )
     chunk_size: int = option(1024, "Target positions per LM-head chunk (bounds the fp32 full-vocabulary "
                                    "scratch).")
+    verify: Literal["fast", "full"] = option("fast", VERIFY_HELP)
     shuffle_window: int = option(4, "Row groups (256 rows each) shuffled together; that many are kept "
                                     "decoded in memory.")
     data_lanes: int | None = option(
@@ -204,6 +209,7 @@ class EvaluateConfig(DataConfig):
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = option("auto", "Weights dtype (auto keeps the "
                                                                     "checkpoint's).")
     device: str = option("auto", "Device: auto (CUDA if present), cpu, cuda, cuda:1 ...")
+    verify: Literal["fast", "full"] = option("fast", VERIFY_HELP)
     plot: bool = option(True, "Write metrics.png (and training curves of runs); needs matplotlib.")
 
     def __post_init__(self) -> None:

@@ -45,7 +45,7 @@ def run(cfg: EvaluateConfig, command: str = "", echo: Callable[[str], None] = pr
     examples = load_examples(cfg).examples if tasks else []
     if tasks:
         check_examples(examples, template, tasks, cfg)
-    cache = fidelity.open_heldout(cfg.cache, echo, models) if cfg.cache else None
+    cache = fidelity.open_heldout(cfg.cache, echo, models, cfg.verify) if cfg.cache else None
     work = Work(tasks, examples, template, cache, manager)
     tokenizers = specs.load_tokenizers(models, echo)
 

@@ -18,7 +18,6 @@ from kdpipe.stages.train_student import summary  # noqa: F401  (summary is re-ex
 from kdpipe.templates import get_template
 from kdpipe.tokenize import tokenize_examples
 
-
 # The config is defined torch-free in kdpipe.stages.configs (the CLI builds its options from it).
 
 

@@ -20,7 +20,6 @@ from kdpipe.models import load_tokenizer
 from kdpipe.stages.configs import TrainStudentConfig, _slug  # noqa: F401  (re-exported: old imports)
 from kdpipe.student_data import BlockShuffleSampler, CacheDataset, DistillCollator
 
-
 # The config is defined torch-free in kdpipe.stages.configs (the CLI builds its options from it).
 
 
@@ -35,7 +34,7 @@ def run(cfg: TrainStudentConfig, command: str = "", callbacks: list[Any] | None 
     if not cfg.model:
         raise KdpipeError("no student given: pass --model (or 'model:' in the config file)")
     cfg.output = str(cfg.output_folder())
-    cache = open_checked(cfg.cache)
+    cache = open_checked(cfg.cache, cfg.verify)
     loss_config = sampled_loss_config(cfg, cache)
     tokenizer = load_tokenizer(cfg.model, cfg.revision)
     student_vocab.check_options(cfg)

@@ -122,7 +122,7 @@ def test_verify_catches_a_bad_id_in_a_compact_cache(caches):
     from kdpipe.cache.format import read_manifest
     from kdpipe.cache.tools import check_values
 
-    table = pq.read_table(caches / "compact" / "shard-00000.parquet")
+    table = pq.ParquetFile(caches / "compact" / "shard-00000.parquet").read()  # with the id rank table
     assert check_values(table, read_manifest(caches / "compact")) == []
     ids = table["topk_ids"].combine_chunks()
     assert ids.type.value_type.value_type == pa.uint16()
@@ -151,3 +151,126 @@ def test_compact_round_trip_property(data, encoding):
         inside = -true < (top - 0.5) * step
         assert np.all(np.abs(e.targets.topk_logprobs - true)[inside] <= step / 2 + 1e-6)
         assert np.all(e.targets.topk_logprobs[~inside] == np.float32(-top * step))
+
+
+# ---------------------------------------------------------------- rank-coded ids (kdpipe.cache.ids)
+
+
+def rank_roundtrip(encoding: str, rows: list, k: int, vocab: int | None) -> tuple[pa.Table, list]:
+    """Encode with rank-coded ids (as cache-teacher does), write, read back with the file metadata, decode."""
+    meta = {"encoding": encoding, "vocab_size": vocab, "id_coding": "rank"}
+    stored = pq.ParquetFile(pa.BufferReader(shard_bytes(ENCODINGS[encoding].encode(rows, k, meta)))).read()
+    return stored, ENCODINGS[encoding].decode(stored)
+
+
+@pytest.mark.parametrize("encoding", ["compact", "compact16"])
+@pytest.mark.parametrize("tokenizer_size,head_size", [(5000, 5000), (151646, 151936), (65536, 65536)])
+def test_rank_coded_ids_are_exact(encoding, tokenizer_size, head_size):
+    """Ids decode exactly: the largest id, id 0 and a padded vocabulary (ids >= the tokenizer's size, up to the
+    model's head size, which the teacher can rank in its top-k)."""
+    rng = np.random.default_rng(head_size)
+    k = 16
+    rows = [(f"ex-{i}", rng.integers(0, tokenizer_size, 30).astype(np.int32),
+             np.sort(rng.choice(29, n, replace=False)).astype(np.int32), random_targets(rng, n, k, head_size))
+            for i, n in enumerate([5, 0, 17, 1, 29])]
+    rows[0][3].topk_ids[0, :3] = [head_size - 1, 0, tokenizer_size]  # largest id, smallest, first padded id
+    rows[0][3].topk_ids[1, 0] = head_size - 1
+    rows[2][3].topk_ids[:, 0] = 7  # a frequent id: rank 0
+    stored, decoded = rank_roundtrip(encoding, rows, k, head_size)
+    meta = json.loads(stored.schema.metadata[b"kdpipe"])
+    assert meta["id_coding"] == "rank" and b"kdpipe_id_ranks" in stored.schema.metadata
+    ranks = stored["topk_ids"].combine_chunks().values.values.to_numpy()
+    assert ranks.max() < head_size and stored.schema.field("topk_ids").type.value_type.value_type == (
+        pa.uint16() if head_size <= 65536 else pa.uint32())
+    for (_, _, _, t), e in zip(rows, decoded):
+        np.testing.assert_array_equal(e.targets.topk_ids, t.topk_ids)
+        assert e.targets.topk_ids.dtype == np.int32
+    assert decoded[0].targets.topk_ids[0, 0] == head_size - 1
+    # each row group decodes by itself (the rank table is in the file's metadata, not in a row)
+    f = pq.ParquetFile(pa.BufferReader(shard_bytes(ENCODINGS[encoding].encode(
+        rows * 60, k, {"encoding": encoding, "vocab_size": head_size, "id_coding": "rank"}))))
+    assert f.metadata.num_row_groups == 2
+    last = ENCODINGS[encoding].decode(f.read_row_group(1))
+    np.testing.assert_array_equal(last[-1].targets.topk_ids, rows[-1][3].topk_ids)
+
+
+def test_rank_coding_orders_ids_by_frequency_class():
+    from kdpipe.cache.ids import RankTable
+
+    ids = np.array([9] * 8 + [3] * 4 + [5] * 4 + [100] * 1 + [2] * 1)
+    table = RankTable.of(ids, 200)
+    # class floor(log2 count): 9 (3), then 3 and 5 (2, by id), then 2 and 100 (0, by id), then the rest by id
+    assert table.order[:7].tolist() == [9, 3, 5, 2, 100, 0, 1]
+    back = RankTable.from_metadata(table.to_metadata())
+    np.testing.assert_array_equal(back.order, table.order)
+    assert RankTable.of(np.array([2**31 - 1]), None) is None  # beyond any vocabulary: raw ids
+
+
+def test_rank_coded_shard_read_without_its_file_metadata_is_refused():
+    """pq.read_table drops Parquet file metadata: decoding must say so, not return wrong ids."""
+    from kdpipe.errors import KdpipeError
+
+    rng = np.random.default_rng(1)
+    rows = [("a", rng.integers(0, 999, 9).astype(np.int32), np.arange(8, dtype=np.int32),
+             random_targets(rng, 8, 4, 1000))]
+    data = shard_bytes(ENCODINGS["compact"].encode(rows, 4, {"encoding": "compact", "vocab_size": 1000,
+                                                             "id_coding": "rank"}))
+    with pytest.raises(KdpipeError, match="rank table"):
+        ENCODINGS["compact"].decode(pq.read_table(pa.BufferReader(data)))
+
+
+def test_rank_coded_sampled_ids_are_exact():
+    rng = np.random.default_rng(2)
+    vocab, n = 151936, 6
+    rows = []
+    for i, p in enumerate([4, 0, 9]):
+        ids = np.zeros((p, n), np.int32)
+        counts = np.zeros((p, n), np.uint8)
+        for j in range(p):
+            m = int(rng.integers(1, n + 1))
+            ids[j, :m] = rng.choice(vocab, m, replace=False)
+            c = np.sort(rng.multinomial(n - m, np.ones(m) / m) + 1)[::-1]
+            counts[j, :m] = c
+        lp = np.where(counts > 0, np.log(np.maximum(counts, 1) / n), -np.inf).astype(np.float32)
+        if p:
+            ids[0, 0] = vocab - 1
+        rows.append((f"s{i}", rng.integers(0, vocab, p + 1).astype(np.int32), np.arange(p, dtype=np.int32),
+                     Targets(ids, lp, np.zeros(p, np.float32), np.zeros(p, np.float32), counts)))
+    meta = {"encoding": "compact", "vocab_size": vocab, "id_coding": "rank", "sparse_mode": "sampled",
+            "samples": n}
+    stored = pq.ParquetFile(pa.BufferReader(shard_bytes(ENCODINGS["compact"].encode(rows, n, meta)))).read()
+    for (_, _, _, t), e in zip(rows, ENCODINGS["compact"].decode(stored)):
+        np.testing.assert_array_equal(e.targets.topk_ids, t.topk_ids)
+        np.testing.assert_array_equal(e.targets.sample_counts, t.sample_counts)
+
+
+def test_compact_cache_is_rank_coded_and_a_raw_one_still_loads(caches, tmp_path):
+    """cache-teacher writes rank-coded compact shards; a shard with raw ids (every compact cache written
+    before rank coding: no id_coding in its metadata) loads and verifies as before."""
+    import shutil
+
+    from kdpipe.cache.format import read_manifest, write_manifest
+    from kdpipe.cache.writer import shard_entry
+
+    shard = caches / "compact" / "shard-00000.parquet"
+    stored = pq.ParquetFile(shard).read()
+    assert json.loads(stored.schema.metadata[b"kdpipe"])["id_coding"] == "rank"
+    new = list(open_cache(caches / "compact").iter_examples())
+    old = tmp_path / "old"
+    shutil.copytree(caches / "compact", old)
+    m = read_manifest(old)
+    for s in m["shards"]:
+        table = pq.ParquetFile(old / s["file"]).read()
+        meta = json.loads(table.schema.metadata[b"kdpipe"])
+        meta.pop("id_coding")
+        rows = [(e.id, e.input_ids, e.positions, e.targets) for e in ENCODINGS["compact"].decode(table)]
+        raw = ENCODINGS["compact"].encode(rows, 8, meta)  # no id_coding: raw ids, the old layout
+        data = shard_bytes(raw)
+        assert b"kdpipe_id_ranks" not in pq.ParquetFile(pa.BufferReader(data)).metadata.metadata
+        (old / s["file"]).write_bytes(data)
+        s.update({k: v for k, v in shard_entry(s["index"], raw, data).items() if k in ("bytes", "sha256")})
+    m["totals"]["bytes"] = sum(s["bytes"] for s in m["shards"])
+    write_manifest(old, m)
+    assert "ok" in kdpipe("cache", "verify", old).output
+    for a, b in zip(new, open_cache(old).iter_examples()):
+        np.testing.assert_array_equal(a.targets.topk_ids, b.targets.topk_ids)

@@ -249,7 +249,7 @@ def test_verify_catches_bad_sample_counts(sampled_cache):
     from kdpipe.cache.format import read_manifest
     from kdpipe.cache.tools import check_values
 
-    table = pq.read_table(sampled_cache / "b" / "shard-00000.parquet")
+    table = pq.ParquetFile(sampled_cache / "b" / "shard-00000.parquet").read()  # with the id rank table
     counts = table["sample_counts"].combine_chunks()
     flat = counts.values.values.to_numpy().copy()
     flat[0] += 1

@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import pyarrow as pa
 
+from kdpipe.cache import ids as ids_coding
 from kdpipe.cache.storage import Store, as_store
 from kdpipe.errors import KdpipeError
 
@@ -96,6 +97,7 @@ def _encode(rows: Rows, k: int, metadata: dict[str, Any], bits: int | None) -> p
     real = np.float16 if compact else np.float32
     offsets = _offsets([len(pos) for _, _, pos, _ in rows])
     targets = [r[3] for r in rows]
+    targets, metadata, ranks = rank_coded(targets, metadata, compact)  # hook: kdpipe.cache.ids
     columns: dict[str, pa.Array] = {
         "id": pa.array([r[0] for r in rows], pa.string()),
         "input_ids": _list_array([r[1] for r in rows], id_type),
@@ -133,6 +135,8 @@ def _encode(rows: Rows, k: int, metadata: dict[str, Any], bits: int | None) -> p
     if "topk_ids" in columns:
         columns["tail_mass"] = _per_position(offsets, [t.tail_mass for t in targets], real)
     meta = {METADATA_KEY: json.dumps(metadata, sort_keys=True).encode()} if metadata else None
+    if ranks is not None:
+        meta[ids_coding.TABLE_KEY] = ranks.to_metadata()
     fields = [pa.field(name, col.type, nullable=False) for name, col in columns.items()]
     return pa.Table.from_arrays(list(columns.values()), schema=pa.schema(fields, metadata=meta))
 
@@ -146,12 +150,13 @@ def decode(batch: pa.RecordBatch | pa.Table) -> list[CachedExample]:
     input_ids = [a.astype(np.int32) for a in _split(data["input_ids"])]
     positions = _split(data["positions"])
     target = [a.astype(np.float32) for a in _split(data["target_logprob"])]
+    ranks = ids_coding.table_for(batch.schema.metadata)  # None: raw ids (every cache before rank coding)
     if "sample_ids" in data:
         meta = json.loads((batch.schema.metadata or {}).get(METADATA_KEY, b"{}"))
-        targets = _decode_sampled(data, target, meta.get("samples"))
+        targets = _decode_sampled(data, target, meta.get("samples"), ranks)
     else:
         k = batch.schema.field("topk_ids").type.value_type.list_size
-        topk_ids = [a.astype(np.int32) for a in _split(data["topk_ids"], k)]
+        topk_ids = [a.astype(np.int32) if ranks is None else ranks.decode(a) for a in _split(data["topk_ids"], k)]
         if "topk_logprob_codes" in data:
             topk_lp = [logprobs_from_codes(c) for c in _split(data["topk_logprob_codes"], k)]
         else:
@@ -162,7 +167,8 @@ def decode(batch: pa.RecordBatch | pa.Table) -> list[CachedExample]:
 
 
 
-def _decode_sampled(data: dict[str, pa.Array], target: list[np.ndarray], samples: int | None) -> list[Targets]:
+def _decode_sampled(data: dict[str, pa.Array], target: list[np.ndarray], samples: int | None,
+                    ranks: Any = None) -> list[Targets]:
     """Distinct ids and counts per position -> padded [P, N] ids, log p̂ and counts.
 
     N is the shard metadata's `samples`, else the counts' sum (a row without positions then gets width 1).
@@ -173,6 +179,7 @@ def _decode_sampled(data: dict[str, pa.Array], target: list[np.ndarray], samples
     inner = sample_ids.values
     pos_off = inner.offsets.to_numpy()
     flat_ids = np.asarray(inner.values.to_numpy(zero_copy_only=False), np.int64)
+    flat_ids = flat_ids if ranks is None else ranks.decode(flat_ids)
     flat_cnt = np.asarray(counts.values.values.to_numpy(zero_copy_only=False), np.int64)
     flat_ratio = None if ratio is None else np.asarray(ratio.values.values.to_numpy(zero_copy_only=False), np.float64)
     base = pos_off[0]
@@ -195,6 +202,20 @@ def _decode_sampled(data: dict[str, pa.Array], target: list[np.ndarray], samples
         lp[rows_, cols] = est
         out.append(Targets(ids, lp, target[i], np.zeros(len(sizes), np.float32), cnt))
     return out
+
+
+def rank_coded(targets: list[Targets], metadata: dict[str, Any], compact: bool) -> tuple[list[Targets], dict, Any]:
+    """A compact shard's targets with ids replaced by ranks (kdpipe.cache.ids) when its metadata asks for it;
+    otherwise unchanged, without an ``id_coding`` in the metadata (raw ids)."""
+    table = None
+    if compact and ids_coding.wants_ranks(metadata) and targets:
+        used = [t.topk_ids[t.sample_counts > 0] if t.sample_counts is not None else t.topk_ids for t in targets]
+        table = ids_coding.RankTable.of(np.concatenate([u.ravel() for u in used]), metadata.get("vocab_size"))
+    if table is None:
+        return targets, {k: v for k, v in metadata.items() if k != "id_coding"}, None
+    coded = [Targets(table.encode(t.topk_ids), t.topk_logprobs, t.target_logprob, t.tail_mass, t.sample_counts)
+             for t in targets]
+    return coded, metadata, table
 
 
 # ---------------------------------------------------------------- compact log-prob codes

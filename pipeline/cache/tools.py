@@ -13,6 +13,7 @@ from kdpipe.cache.format import (ENCODINGS, MANIFEST, METADATA_KEY, ids_hash, re
                                  write_manifest)
 from kdpipe.cache.storage import Store
 from kdpipe.cache.values import nonfinite
+from kdpipe.cache.verified import RECORD
 from kdpipe.cache.writer import now, totals
 from kdpipe.errors import KdpipeError
 
@@ -166,14 +167,17 @@ def _identity_problems(table: Any, meta: dict[str, Any], shard: dict[str, Any],
     return problems
 
 
-def open_checked(path: str | Path) -> Any:
-    """Open a cache that passes verification (checksums, schema, counts) and holds at least one example."""
+def open_checked(path: str | Path, verify_mode: str = "fast") -> Any:
+    """Open a cache that passes verification (manifest, sizes; checksums, schema, counts of the shards
+    changed since they last passed: `kdpipe.cache.verified`; all of them with ``full``) and holds at least
+    one example."""
     from kdpipe.cache.reader import open_cache
+    from kdpipe.cache.verified import check_for_use
 
     cache = open_cache(path)  # refuses a missing manifest or a newer format version
     if len(cache) == 0:  # first: a manifest listing no shard says nothing else worth checking
         raise KdpipeError(f"cache {path} holds no examples")
-    problems = verify(path, values=False)
+    problems = check_for_use(cache.store, cache.manifest, verify_mode)
     if problems:
         raise KdpipeError(f"cache {path} failed verification: {'; '.join(problems)}. See `kdpipe cache verify {path}`")
     return cache
@@ -283,7 +287,7 @@ def merge(parts: list[str | Path], output: str | Path) -> dict[str, Any]:
 
 def _check_merge_output(out: Store) -> None:
     """The output is new, or what a killed merge left: shard and temp files, no manifest (written last)."""
-    names = [n for n in out.names() if n not in (".lock", ".writer")]
+    names = [n for n in out.names() if n not in (".lock", ".writer", RECORD)]
     strays = [n for n in names if not (n.startswith("shard-") and n.endswith(".parquet"))
               and not (n.startswith(".") and n.endswith(".tmp"))]
     if strays:

@@ -15,7 +15,9 @@ import pyarrow.parquet as pq
 
 from kdpipe.cache.format import (ENCODINGS, MANIFEST, METADATA_KEY, DamagedManifest, ids_hash, read_manifest,
                                  shard_name, write_manifest)
+from kdpipe.cache.ids import split_file_metadata
 from kdpipe.cache.storage import Lease, Store, as_store
+from kdpipe.cache.verified import RECORD
 from kdpipe.errors import KdpipeError
 
 ROW_GROUP_ROWS = 256
@@ -31,7 +33,11 @@ def write_shard(folder: str | Path | Store, index: int, table: pa.Table) -> dict
 def shard_bytes(table: pa.Table) -> bytes:
     """The Parquet file of a shard: row groups of ROW_GROUP_ROWS, its encoding's write options."""
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, row_group_size=ROW_GROUP_ROWS, **parquet_options(table.schema))
+    table, extra = split_file_metadata(table)  # hook: kdpipe.cache.ids (the rank table, stored once)
+    with pq.ParquetWriter(sink, table.schema, **parquet_options(table.schema)) as w:
+        w.write_table(table, row_group_size=ROW_GROUP_ROWS)
+        if extra:
+            w.add_key_value_metadata(extra)
     return sink.getvalue().to_pybytes()
 
 
@@ -124,22 +130,24 @@ class CacheWriter:
         for tmp in [n for n in names if n.startswith(".") and n.endswith(".tmp")]:
             store.delete(tmp)
         if self.overwrite:
-            for old in [n for n in names if n == MANIFEST or (n.startswith("shard-") and n.endswith(".parquet"))]:
+            for old in [n for n in names if n in (MANIFEST, RECORD) or (n.startswith("shard-") and n.endswith(".parquet"))]:
                 store.delete(old)
             names = store.names()
         try:
             old = read_manifest(store) if MANIFEST in names else None
         except DamagedManifest as e:
-            if any(n not in (MANIFEST, ".lock", Lease.NAME) and not _is_shard(n) for n in names):
+            if any(n not in (MANIFEST, ".lock", Lease.NAME, RECORD) and not _is_shard(n) for n in names):
                 raise
             self.rebuilt, old = e.message.split("; ")[0], None  # only shards beside it: adopted once checked
         if old is not None:
             self._check_same_run(old)
             self.manifest["created"] = old.get("created", self.manifest.get("created"))
             self.manifest["shards"] = [s for s in old["shards"] if self._intact(s, names)]
-        elif not self.rebuilt and any(n not in (".lock", Lease.NAME) for n in names):
+        elif not self.rebuilt and any(n not in (".lock", Lease.NAME, RECORD) for n in names):
             raise KdpipeError(f"{self.folder} is not empty and holds no kdpipe cache; choose another --cache folder")
         self._adopt_unrecorded(set(store.names()))  # listed again: damaged shards were just removed
+        if self.rewritten or self.refused or self.rebuilt:  # repaired: the verification record goes with it
+            store.delete(RECORD)
         self.manifest["complete"] = not self.pending()
         self.manifest["totals"] = totals(self.manifest["shards"])
         write_manifest(store, self.manifest)
@@ -192,7 +200,7 @@ class CacheWriter:
                 continue
             data = self.store.read_bytes(name)
             try:
-                table = pq.read_table(pa.BufferReader(data))
+                table = pq.ParquetFile(pa.BufferReader(data)).read()  # with the file metadata (id ranks)
                 meta = json.loads(table.schema.metadata[METADATA_KEY])
                 check_decoded(ENCODINGS[self.manifest["encoding"]].decode(table), name)
             except Exception as e:

@@ -13,19 +13,20 @@ from kdpipe.errors import KdpipeError
 from kdpipe.evaluation.runs import RUN_FILE, read_json
 
 
-def open_heldout(location: str, echo: Callable[[str], None] = print, specs: Sequence[Any] = ()) -> Any:
+def open_heldout(location: str, echo: Callable[[str], None] = print, specs: Sequence[Any] = (),
+                 verify: str = "fast") -> Any:
     """The held-out cache (checked); a note when its examples are in a run's training cache (or, with no
     run to compare with, when nothing says it is held out)."""
     from kdpipe.cache.tools import open_checked
 
-    cache = open_checked(location)
+    cache = open_checked(location, verify)
     data = cache.manifest.get("dataset") or {}
     records = [read_json(s.run / RUN_FILE, quiet=True) for s in specs if s.run]
     trained = [t for t in {(r.get("config") or {}).get("cache") for r in records} if t and _exists(t)]
     if trained:
         mine = example_hashes(cache)
         for other in sorted(trained):
-            shared = len(mine & example_hashes(open_checked(other)))
+            shared = len(mine & example_hashes(open_checked(other, verify)))
             if shared:
                 echo(f"note: {shared} of the {len(mine)} examples of cache {location} are also in {other}, "
                      "the training cache of a run evaluated here; fidelity on training data flatters a "
