@@ -95,6 +95,25 @@ def cache_teacher_cmd(config_file: str | None, **options: Any) -> None:
     click.echo(f"cached {cache_teacher.summary(manifest)} -> {cfg.cache_folder()}")
 
 
+from kdpipe.stages.generate import GenerateConfig  # noqa: E402
+
+
+@main.command("generate")
+@config_options(GenerateConfig)
+def generate_cmd(config_file: str | None, **options: Any) -> None:
+    """Write a model's completions of the template's prompts as a dataset (sequence-level or on-policy KD data).
+
+    \b
+    Example:
+      kdpipe generate --model runs/demo/teacher --dataset kdpipe:arithmetic --output data/teacher-gen.jsonl
+    Rerunning the same command continues after the last complete row.
+    """
+    from kdpipe.stages import generate
+
+    cfg = load_config(GenerateConfig, config_file, options)
+    click.echo(generate.summary(generate.run(cfg, command_line(config_file, options)), cfg.output))
+
+
 @main.group("cache")
 def cache_group() -> None:
     """Inspect, check and join caches."""
