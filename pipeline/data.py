@@ -69,7 +69,9 @@ class DataConfig:
     def resolved_template(self) -> str:
         if self.template != "auto":
             return self.template
-        return KNOWN_DATASETS.get(self.dataset or "", {}).get("template", "alpaca")
+        from kdpipe.generated_file import generated_template  # a file of `kdpipe generate` knows its template
+
+        return KNOWN_DATASETS.get(self.dataset or "", {}).get("template") or generated_template(self.dataset) or "alpaca"
 
     def resolved_columns(self) -> dict[str, str]:
         return {**KNOWN_DATASETS.get(self.dataset or "", {}).get("columns", {}), **self.columns}

@@ -126,20 +126,32 @@ def provenance(dataset: str | None) -> dict[str, Any] | None:
 
     `matches` says whether the file is still the one the sidecar describes (same sha256).
     """
-    if not dataset or dataset.startswith("kdpipe:") or not Path(dataset).is_file():
-        return None
-    side = sidecar_path(dataset)
-    if not side.is_file():
-        return None
-    try:
-        record = json.loads(side.read_text())
-    except ValueError:
+    record = _sidecar_of(dataset)
+    if record is None:
         return None
     settings = record.get("settings") or {}
     return {"model": settings.get("model"), "backend": settings.get("backend"),
             "sampling": settings.get("sampling"), "settings": settings, "settings_hash": record.get("settings_hash"),
             "complete": record.get("complete"), "rows": record.get("rows"),
             "matches": record.get("sha256") == file_sha256(Path(dataset))}
+
+
+def generated_template(dataset: str | None) -> str | None:
+    """The template a generated file was written for (its prompts and output field), None otherwise."""
+    return ((_sidecar_of(dataset) or {}).get("settings") or {}).get("template")
+
+
+def _sidecar_of(dataset: str | None) -> dict[str, Any] | None:
+    """The sidecar beside a local dataset file, None when there is none (or it does not parse)."""
+    if not dataset or dataset.startswith("kdpipe:") or not Path(dataset).is_file():
+        return None
+    side = sidecar_path(dataset)
+    if not side.is_file():
+        return None
+    try:
+        return json.loads(side.read_text())
+    except ValueError:
+        return None
 
 
 def _changes(before: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:
