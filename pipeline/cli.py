@@ -58,6 +58,8 @@ def command_line(config_file: str | None, options: dict[str, Any]) -> str:
         flag = "--" + name.replace("_", "-")
         if isinstance(value, bool):
             words.append(flag if value else f"--no-{name.replace('_', '-')}")
+        elif isinstance(value, (list, tuple)):  # a repeatable option (train-student --cache A --cache B)
+            words += [w for v in value for w in (flag, str(v))]
         elif value is not None:
             words += [flag, str(value)]
     return shlex.join(words)
@@ -217,7 +219,19 @@ from kdpipe.stages.finetune import FinetuneConfig  # noqa: E402
 from kdpipe.stages.train_student import TrainStudentConfig  # noqa: E402
 
 
+def _repeatable(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Make the generated option `name` repeatable (its value: a list, or None when not given)."""
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        for param in fn.__click_params__:
+            if param.name == name:
+                param.multiple, param.default = True, None
+        return fn
+
+    return decorate
+
+
 @main.command("train-student")
+@_repeatable("cache")
 @config_options(TrainStudentConfig)
 def train_student_cmd(config_file: str | None, **options: Any) -> None:
     """Train a student (LoRA or full) against a teacher cache with a sparse distillation loss.
@@ -229,6 +243,7 @@ def train_student_cmd(config_file: str | None, **options: Any) -> None:
     """
     from kdpipe.stages import train_student
 
+    options["cache"] = list(options.get("cache") or ()) or None  # --cache A --cache B: both, mixed
     cfg = load_config(TrainStudentConfig, config_file, options)
     record = train_student.run(cfg, command_line(config_file, options))
     if record:

@@ -21,13 +21,16 @@ from kdpipe.errors import KdpipeError
 from kdpipe.losses import DistillLossConfig
 from kdpipe.models import load_tokenizer, vocab_hash
 from kdpipe.student_data import BlockShuffleSampler, CacheDataset, DistillCollator
+from kdpipe.student_mix import MixedCacheDataset, cache_identity, check_mixable
 
 
 @dataclass
 class TrainStudentConfig(training.TrainConfig):
     """Options of `kdpipe train-student` (YAML keys; CLI options with dashes)."""
 
-    cache: str | None = option(None, "Cache folder (or object-storage URL: s3://bucket/prefix ...) written by `kdpipe cache-teacher`.")
+    cache: str | list[str] | None = option(
+        None, "Cache folder (or object-storage URL: s3://bucket/prefix ...) written by `kdpipe cache-teacher`; "
+        "repeat --cache to train on several caches mixed (same teacher, tokenizer and sparse settings).")
     loss: Literal["fkl", "rkl", "skew-fkl", "skew-rkl", "jsd", "tvd"] = option(
         "fkl", "Divergence: fkl, rkl, skew-fkl, skew-rkl (skew), jsd (beta), tvd."
     )
@@ -52,6 +55,14 @@ class TrainStudentConfig(training.TrainConfig):
             raise ValueError(f"shuffle_window must be at least 1, not {self.shuffle_window}")
         if self.data_lanes is not None and self.data_lanes < 1:
             raise ValueError(f"data_lanes must be at least 1, not {self.data_lanes}")
+        if isinstance(self.cache, (list, tuple)):  # one cache stays a plain string, as before
+            if len(set(self.cache)) != len(self.cache):
+                raise ValueError(f"cache lists a cache twice: {', '.join(self.cache)}")
+            self.cache = (self.cache[0] if len(self.cache) == 1 else list(self.cache)) or None
+
+    def caches(self) -> list[str]:
+        """The cache folders trained on (one, or several mixed)."""
+        return [] if not self.cache else [self.cache] if isinstance(self.cache, str) else list(self.cache)
 
     def loss_config(self, sampled: bool = False) -> DistillLossConfig:
         return DistillLossConfig(self.loss, self.alpha, self.temperature, self.skew, self.beta, self.tail, self.chunk_size,
@@ -60,7 +71,8 @@ class TrainStudentConfig(training.TrainConfig):
     def output_folder(self) -> Path:
         if self.output:
             return Path(self.output)
-        return Path("runs") / _slug(f"{Path(self.cache or 'cache').name}-{Path(self.model or 'student').name}")
+        data = "+".join(Path(c).name for c in self.caches()) or "cache"
+        return Path("runs") / _slug(f"{data}-{Path(self.model or 'student').name}")
 
 
 @training.locked
@@ -71,19 +83,23 @@ def run(cfg: TrainStudentConfig, command: str = "", callbacks: list[Any] | None 
     if not cfg.model:
         raise KdpipeError("no student given: pass --model (or 'model:' in the config file)")
     cfg.output = str(cfg.output_folder())
-    cache = open_checked(cfg.cache)
+    caches = [open_checked(c) for c in cfg.caches()]
+    check_mixable(caches)  # several caches: same teacher, tokenizer and sparse settings
+    cache = caches[0]
     loss_config = sampled_loss_config(cfg, cache)
     tokenizer = load_tokenizer(cfg.model, cfg.revision)
     check_tokenizer(tokenizer, cache, cfg.model)
-    identity = {"model": training.model_identity(cfg.model), "cache": cache.manifest["settings_hash"]}
+    identity = {"model": training.model_identity(cfg.model), "cache": cache_identity(caches)}
     checkpoint = training.check_output(cfg, "train-student", identity)
 
     cfg.model = identity["model"]  # absolute: the adapter's base_model_name_or_path must load from anywhere
     model = training.load_trainable(cfg)
-    check_context(cache, model, cfg.model)
+    for each in caches:
+        check_context(each, model, cfg.model)
     args = training.training_arguments(cfg, Path(cfg.output))
     out = training.start_run(cfg, "train-student", identity, command, checkpoint)  # only now: bad options leave no folder behind
-    dataset = CacheDataset(cache, keep_groups=cfg.shuffle_window + 1)
+    dataset = (CacheDataset(cache, keep_groups=cfg.shuffle_window + 1) if len(caches) == 1 else
+               MixedCacheDataset(caches, keep_groups=cfg.shuffle_window + 1))
     sampler = BlockShuffleSampler(dataset.sizes, cfg.seed, cfg.shuffle_window, **lane_layout(cfg))
     collator = DistillCollator(tokenizer.pad_token_id, student_vocab_size(model), cache.k)
     trainer = training.make_trainer(
