@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from kdpipe.errors import KdpipeError, disk_errors
+from kdpipe.faults import fault
 
 SUFFIX = ".kdpipe-generate.json"
 
@@ -85,7 +86,10 @@ class GeneratedFile:
         """One batch's rows in one write, on disk before returning."""
         data = "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows).encode()
         with disk_errors(self.path), open(self.path, "ab") as f:
-            f.write(data)
+            f.write(data[: len(data) // 2])
+            f.flush()
+            fault("mid-write", self.path.name)  # the fault-injection tests' hook (kdpipe.faults): inert
+            f.write(data[len(data) // 2 :])
             f.flush()
             os.fsync(f.fileno())
         self.done += [r["id"] for r in rows]

@@ -203,9 +203,15 @@ class HFGenerator:
                                 self.top_p, len(self.tokenizer))
         config = GenerationConfig(do_sample=False, max_new_tokens=self.max_new_tokens, eos_token_id=self.eos,
                                   pad_token_id=pad, num_beams=1)
-        with torch.no_grad():
-            out = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                      generation_config=config, logits_processor=LogitsProcessorList([sampler]))
+        threads = torch.get_num_threads()
+        if device.type == "cpu" and sum(p.numel() for p in self.model.parameters()) < 20_000_000:
+            torch.set_num_threads(1)  # tiny matrices: thread hand-offs cost more than they save on a busy CPU
+        try:
+            with torch.no_grad():
+                out = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                          generation_config=config, logits_processor=LogitsProcessorList([sampler]))
+        finally:
+            torch.set_num_threads(threads)
         results = []
         for row in out[:, longest:].tolist():
             cut = next((t for t, token in enumerate(row) if token in self.eos), None)

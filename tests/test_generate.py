@@ -66,25 +66,30 @@ def test_greedy_and_top_p(world, tmp_path):
 
 
 def test_resume_after_sigkill_gives_the_same_file(world, reference, tmp_path):
+    """The run is frozen in the middle of its 4th batch's write (half of it on disk), then SIGKILLed."""
     out = tmp_path / "killed.jsonl"
     args = ["generate", "--model", world.teacher, *DATA, "--output", out, "--device", "cpu", "--limit", 12,
             "--samples", 2, "--batch-size", 2, "--seed", 3]
-    env = {**os.environ, "KDPIPE_NO_PROGRESS": "1"}
+    env = {**os.environ, "KDPIPE_NO_PROGRESS": "1", "KDPIPE_FAULT": f"mid-write:{out.name}:4:STOP"}
     proc = subprocess.Popen([sys.executable, "-m", "kdpipe.cli", *map(str, args)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if out.exists() and out.read_bytes().count(b"\n") >= 4:  # a few batches written, more to come
-            break
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = out.read_bytes().count(b"\n")
-    assert 4 <= done < 24, (done, proc.stderr.read().decode()[-2000:])
-    with open(out, "ab") as f:  # a write cut short by the kill
-        f.write(b'{"id": "arith-train-00')
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            if Path(f"/proc/{proc.pid}/stat").read_text().split(") ")[1].startswith("T"):  # stopped
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+    finally:
+        proc.kill()  # SIGKILL
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    data = out.read_bytes()
+    complete = data.count(b"\n")
+    assert complete in (6, 7) and not data.endswith(b"\n")  # 3 batches and half of the 4th
+    assert reference.read_bytes().startswith(data)
     result = run_cli(*args)
-    assert "generated" in result.output
+    assert f"generated {24 - complete} completions" in result.output, result.output
     assert out.read_bytes() == reference.read_bytes()
     ids = [r["id"] for r in rows(out)]
     assert len(ids) == len(set(ids)) == 24
@@ -191,3 +196,19 @@ def test_vllm_backend_is_seeded_per_row(world, tmp_path):
                 "--backend", "vllm", "--output", tmp_path / f"{name}.jsonl", "--device", "cpu")
     a, b = rows(tmp_path / "a.jsonl"), rows(tmp_path / "b.jsonl")
     assert a == b and len(a) == 12 and len({r["output"] for r in a}) > 1
+
+
+def test_arithmetic_long_task():
+    from kdpipe import arithmetic
+    from kdpipe.data import DataConfig, load_examples
+
+    train, test = arithmetic.generate_long("train"), arithmetic.generate_long("test")
+    assert (len(train), len(test)) == (arithmetic.TRAIN_SIZE, arithmetic.TEST_SIZE)
+    assert train == arithmetic.generate_long("train")  # deterministic
+    assert not {r["instruction"] for r in train} & {r["instruction"] for r in test}
+    assert {len(r["instruction"]) for r in train} == set(arithmetic.LONG_WIDTHS)
+    assert all(arithmetic.check(r["instruction"], r["output"]) for r in train + test)
+    cfg = DataConfig(dataset="kdpipe:arithmetic-long", split="test")
+    assert cfg.resolved_template() == "arithmetic" and len(load_examples(cfg).examples) == arithmetic.TEST_SIZE
+    assert arithmetic.generate("train")[0] == {"id": "arith-train-00000", "instruction": "8420",
+                                               "output": arithmetic.generate("train")[0]["output"]}
