@@ -289,8 +289,14 @@ def _settings_from_experiment(cfg: EvaluateConfig, settings: dict[str, Any]) -> 
             setattr(cfg, name, value)
 
 
-def _run_teacher(record: dict[str, Any]) -> str | None:
+def run_caches(record: dict[str, Any]) -> list[str]:
+    """The caches a run trained on: one, or several mixed (train-student --cache A --cache B)."""
     cache = (record.get("config") or {}).get("cache")
+    return [] if not cache else [cache] if isinstance(cache, str) else list(cache)
+
+
+def _run_teacher(record: dict[str, Any]) -> str | None:
+    cache = (run_caches(record) or [None])[0]
     if not cache:
         return None
     manifest = _read_json(Path(cache) / "manifest.json", quiet=True)
@@ -302,7 +308,7 @@ def _data_from_run(cfg: EvaluateConfig, record: dict[str, Any], echo: Callable[[
     run_cfg = record.get("config") or {}
     data = dict(run_cfg)
     if record.get("kind") == "train-student" and run_cfg.get("cache"):
-        manifest = _read_json(Path(run_cfg["cache"]) / "manifest.json", quiet=True) or {}
+        manifest = _read_json(Path(run_caches(record)[0]) / "manifest.json", quiet=True) or {}
         data = {**(manifest.get("dataset") or {}), "template": (manifest.get("template") or {}).get("name"),
                 "label_names": (manifest.get("template") or {}).get("label_names")}
         data["dataset"] = data.get("source")
@@ -569,7 +575,7 @@ def _open_cache(path: str, echo: Callable[[str], None] = print, specs: list[Mode
     cache = open_checked(path)
     data = cache.manifest.get("dataset") or {}
     records = [_read_json(s.run / RUN_FILE, quiet=True) for s in specs if s.run]
-    trained = [t for t in {(r.get("config") or {}).get("cache") for r in records} if t and _exists(t)]
+    trained = [t for t in {c for r in records for c in run_caches(r)} if t and _exists(t)]
     if trained:
         mine = example_hashes(cache)
         for other in sorted(trained):

@@ -128,6 +128,10 @@ def test_cache_of_generated_text_records_its_source_and_mixes(world, tmp_path):
     assert record["identity"]["cache"] == hashes and record["config"]["cache"] == [str(world.cache), str(cache)]
     assert f"--cache {world.cache} --cache {cache}" in record["command"]
 
+    run_cli("evaluate", "--model", out, "--dataset", "kdpipe:arithmetic", "--split", "test", "--limit", 4,
+            "--task", "exact-match", "--cache", cache, "--output", tmp_path / "eval", "--no-plot")
+    assert json.loads((tmp_path / "eval" / "results.json").read_text())["models"][0]["metrics"]["fidelity/kl"] >= 0
+
     from kdpipe.cache.reader import open_cache
     from kdpipe.student_mix import MixedCacheDataset
 
