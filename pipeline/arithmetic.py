@@ -1,7 +1,8 @@
 """The built-in offline task: write a number as a sum of two numbers (``2631`` -> ``1420 + 1211``).
 
 Available to every command as the dataset ``kdpipe:arithmetic`` (splits ``train`` and ``test``), so
-the demo and the tests need no download. `check` is the exact-match checker the evaluation uses: any
+the demo and the tests need no download; ``kdpipe:arithmetic-long`` is the same task on 6- to 8-digit
+numbers, one the demo's student does not saturate. `check` is the exact-match checker the evaluation uses: any
 two positive numbers that add up to the input count.
 
 The reference answers are *carry-free* splits: the two addends have the number's width and their
@@ -38,6 +39,37 @@ def generate(split: str, seed: int = 1234) -> list[dict[str, str]]:
         a = carry_free_addend(n, rng)
         rows.append({"id": f"arith-{split}-{i:05d}", "instruction": str(n), "output": f"{a} + {n - a}"})
     return rows
+
+
+LONG_WIDTHS = (6, 7, 8)
+
+
+def generate_long(split: str, seed: int = 4321) -> list[dict[str, str]]:
+    """``kdpipe:arithmetic-long``: the same task on numbers of 6 to 8 digits (leading digit >= 2).
+
+    Harder for a small model: twice the digits to keep aligned per answer, and each one a chance to slip,
+    so the demo student does not reach the ceiling in a short run (the short task it nearly does).
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"kdpipe:arithmetic-long has splits 'train' and 'test', not {split!r}")
+    rng = random.Random(seed)
+    numbers: list[int] = []
+    seen: set[int] = set()
+    while len(numbers) < TRAIN_SIZE + TEST_SIZE:  # unique numbers: the splits never share one
+        width = rng.choice(LONG_WIDTHS)
+        n = rng.randint(2 * 10 ** (width - 1), 10**width - 1)
+        if n not in seen:
+            seen.add(n)
+            numbers.append(n)
+    chosen = numbers[:TRAIN_SIZE] if split == "train" else numbers[TRAIN_SIZE:]
+    rows = []
+    for i, n in enumerate(chosen):
+        a = carry_free_addend(n, rng)
+        rows.append({"id": f"arith-long-{split}-{i:05d}", "instruction": str(n), "output": f"{a} + {n - a}"})
+    return rows
+
+
+BUILTIN = {"kdpipe:arithmetic": generate, "kdpipe:arithmetic-long": generate_long}  # built-in datasets
 
 
 def carry_free_addend(n: int, rng: random.Random) -> int:

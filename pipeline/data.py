@@ -31,6 +31,7 @@ KNOWN_DATASETS: dict[str, dict[str, Any]] = {
     "tatsu-lab/alpaca": {"template": "alpaca"},
     "timdettmers/openassistant-guanaco": {"template": "guanaco"},
     "kdpipe:arithmetic": {"template": "arithmetic"},
+    "kdpipe:arithmetic-long": {"template": "arithmetic"},
 }
 
 
@@ -69,7 +70,9 @@ class DataConfig:
     def resolved_template(self) -> str:
         if self.template != "auto":
             return self.template
-        return KNOWN_DATASETS.get(self.dataset or "", {}).get("template", "alpaca")
+        from kdpipe.generated_file import generated_template  # a file of `kdpipe generate` knows its template
+
+        return KNOWN_DATASETS.get(self.dataset or "", {}).get("template") or generated_template(self.dataset) or "alpaca"
 
     def resolved_columns(self) -> dict[str, str]:
         return {**KNOWN_DATASETS.get(self.dataset or "", {}).get("columns", {}), **self.columns}
@@ -158,10 +161,10 @@ def fingerprint(examples: Sequence[Example]) -> str:
 
 def _read_rows(source: str, split: str) -> tuple[list[dict[str, Any]], list[str]]:
     if source.startswith("kdpipe:"):
-        if source != "kdpipe:arithmetic":
-            raise KdpipeError(f"unknown built-in dataset {source}; the built-in one is kdpipe:arithmetic")
+        if source not in arithmetic.BUILTIN:
+            raise KdpipeError(f"unknown built-in dataset {source}; the built-in ones are {', '.join(arithmetic.BUILTIN)}")
         try:
-            rows = arithmetic.generate(split)
+            rows = arithmetic.BUILTIN[source](split)
         except ValueError as e:
             raise KdpipeError(str(e)) from None
         return rows, list(rows[0])

@@ -23,6 +23,7 @@ from kdpipe.cache.writer import CacheWriter, now
 from kdpipe.config import progress_disabled
 from kdpipe.data import load_examples
 from kdpipe.errors import KdpipeError
+from kdpipe.generated_file import provenance
 from kdpipe.models import (
     load_model,
     load_tokenizer,
@@ -241,6 +242,9 @@ def _manifest_header(cfg: CacheTeacherConfig, command: str, tokenizer: Any, temp
         "sharding": {"rows_per_shard": cfg.rows_per_shard, "total_shards": total_shards,
                      "num_shards": cfg.num_shards, "shard_index": cfg.shard_index},
     }
+    source = provenance(cfg.dataset)  # a file of `kdpipe generate`: the model and settings that wrote its text
+    if source:
+        header["generated"] = source
     content = {key: header[key] for key in ("teacher", "tokenizer", "template", "dataset", "sparse", "encoding")}
     content["teacher"] = {k: v for k, v in content["teacher"].items() if k != "backend_version"}
     content["dataset"] = {k: v for k, v in content["dataset"].items()

@@ -6,10 +6,11 @@ its config (``from kdpipe.stages.train_student import TrainStudentConfig`` keeps
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from kdpipe.config import option
 
@@ -99,11 +100,52 @@ class CacheTeacherConfig(DataConfig):
 
 
 @dataclass
+class GenerateConfig(DataConfig):
+    """Options of `kdpipe generate` (YAML keys; CLI options with dashes)."""
+
+    model: str | None = option(None, "Model that writes the completions: hub id, local path or short name.")
+    revision: str | None = option(None, "Hub revision (branch, tag or commit) of the model.")
+    output: str | None = option(None, "The JSONL file to write (e.g. data/NAME.jsonl); a rerun continues it.")
+    backend: Literal["hf", "vllm"] = option("hf", "Runtime: hf (transformers, anywhere) or vllm (fast on GPU).")
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = option(
+        "auto", "Model dtype: auto = fp16 on GPUs before compute capability 8, bf16 from 8, fp32 on CPU.")
+    device: str = option("auto", "Device: auto (CUDA if present), cpu, cuda, cuda:1 ...")
+    samples: int = option(1, "Completions per prompt (sample j of example ID gets the id ID#j).")
+    temperature: float = option(1.0, "Sampling temperature (0: greedy).")
+    top_p: float = option(1.0, "Nucleus sampling: keep the smallest set of tokens whose probability reaches "
+                               "top_p.")
+    max_new_tokens: int = option(256, "Most tokens generated per completion.")
+    batch_size: int = option(16, "Completions per batch (the unit of resume).")
+    overwrite: bool = option(False, "Start the output file again (otherwise a rerun continues it).")
+    vllm_max_model_len: int | None = option(None, "vLLM backend: context length (default: the model's).")
+    vllm_gpu_memory_utilization: float = option(0.9, "vLLM backend: fraction of GPU memory for weights and "
+                                                      "KV cache.")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("samples", "max_new_tokens", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"--temperature must be a finite number >= 0 (0: greedy), not {self.temperature}")
+        if not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
+            raise ValueError(f"--top-p must be in (0, 1], not {self.top_p}")
+        if not 0 < self.vllm_gpu_memory_utilization <= 1:
+            raise ValueError(f"--vllm-gpu-memory-utilization must be in (0, 1], not "
+                             f"{self.vllm_gpu_memory_utilization}")
+
+    def sampling(self) -> dict[str, Any]:
+        return {"samples": self.samples, "temperature": self.temperature, "top_p": self.top_p,
+                "max_new_tokens": self.max_new_tokens, "seed": self.seed}
+
+
+@dataclass
 class TrainStudentConfig(TrainConfig):
     """Options of `kdpipe train-student` (YAML keys; CLI options with dashes)."""
 
-    cache: str | None = option(None, "Cache folder (or object-storage URL: s3://bucket/prefix ...) written "
-                                     "by `kdpipe cache-teacher`.")
+    cache: str | list[str] | None = option(
+        None, "Cache folder (or object-storage URL: s3://bucket/prefix ...) written by `kdpipe cache-teacher`; "
+              "repeat --cache to train on several caches pooled (same teacher, tokenizer and sparse settings).")
     # Literal over the registry's names: the CLI's choices and the YAML check come from kdpipe.losses
     loss: Literal[LOSSES] = option(  # type: ignore[valid-type]
         "fkl", "Divergence: fkl, rkl, skew-fkl, skew-rkl (skew), jsd (beta), tvd."
@@ -146,6 +188,14 @@ class TrainStudentConfig(TrainConfig):
             raise ValueError(f"shuffle_window must be at least 1, not {self.shuffle_window}")
         if self.data_lanes is not None and self.data_lanes < 1:
             raise ValueError(f"data_lanes must be at least 1, not {self.data_lanes}")
+        if isinstance(self.cache, (list, tuple)):  # one cache stays a plain string, as before
+            if len(set(self.cache)) != len(self.cache):
+                raise ValueError(f"cache lists a cache twice: {', '.join(self.cache)}")
+            self.cache = (self.cache[0] if len(self.cache) == 1 else list(self.cache)) or None
+
+    def caches(self) -> list[str]:
+        """The cache folders trained on (one, or several pooled)."""
+        return [] if not self.cache else [self.cache] if isinstance(self.cache, str) else list(self.cache)
 
     def loss_config(self, sampled: bool = False) -> DistillLossConfig:
         return DistillLossConfig(self.loss, self.alpha, self.temperature, self.skew, self.beta, self.tail,
@@ -154,7 +204,8 @@ class TrainStudentConfig(TrainConfig):
     def output_folder(self) -> Path:
         if self.output:
             return Path(self.output)
-        name = f"{Path(self.cache or 'cache').name}-{Path(self.model or 'student').name}"
+        data = "+".join(Path(c).name for c in self.caches()) or "cache"
+        name = f"{data}-{Path(self.model or 'student').name}"
         return Path("runs") / _slug(name)
 
 

@@ -17,7 +17,13 @@ from kdpipe.config import to_dict
 from kdpipe.errors import KdpipeError
 from kdpipe.run_folder import RUN_FILE, holds_other_files, last_checkpoint, read_json
 from kdpipe.stages.base import Echo, Stage
-from kdpipe.stages.configs import CacheTeacherConfig, EvaluateConfig, FinetuneConfig, TrainStudentConfig
+from kdpipe.stages.configs import (
+    CacheTeacherConfig,
+    EvaluateConfig,
+    FinetuneConfig,
+    GenerateConfig,
+    TrainStudentConfig,
+)
 from kdpipe.stages.init_model import STAGE as INIT_MODEL
 from kdpipe.stages.init_model import changed
 
@@ -71,6 +77,32 @@ CACHE_TEACHER = Stage(
     Rerunning the same command resumes after the last complete shard.
     """)
 
+# ---------------------------------------------------------------- generate
+
+
+def _generate_run(cfg: GenerateConfig, command: str, echo: Echo, state: str) -> Any:
+    from kdpipe.stages import generate
+
+    return generate.run(cfg, command)
+
+
+def _generate_summary(record: dict[str, Any], cfg: GenerateConfig) -> str:
+    from kdpipe.stages import generate
+
+    return generate.summary(record, cfg.output)
+
+
+GENERATE = Stage(
+    name="generate", config=GenerateConfig, runner=_generate_run, summary=_generate_summary,
+    help="""Write a model's completions of the template's prompts as a dataset (sequence-level or on-policy
+    KD data).
+
+    \b
+    Example:
+      kdpipe generate --model runs/demo/teacher --dataset kdpipe:arithmetic --output data/teacher-gen.jsonl
+    Rerunning the same command continues after the last complete row.
+    """)
+
 # ---------------------------------------------------------------- finetune, train-student
 
 
@@ -105,8 +137,9 @@ def run_state(kind: str, cfg: Any, command: str, anything_ran: bool) -> tuple[st
             "remove it or choose another output"
         )
     cached = record.get("identity", {}).get("cache")
-    manifest = cache_manifest(cfg.cache) if getattr(cfg, "cache", None) else None
-    if cached and manifest and manifest.get("settings_hash") != cached:
+    manifests = [cache_manifest(c) for c in (cfg.caches() if hasattr(cfg, "caches") else [])]
+    hashes = [m.get("settings_hash") for m in manifests if m]
+    if cached and len(hashes) == len(manifests) and (hashes[0] if len(hashes) == 1 else hashes) != cached:
         raise KdpipeError(f"{out} was trained on another cache than {cfg.cache} (settings differ); "
                           "remove it to train again on this cache")
     if record.get("status") == "complete":
@@ -149,7 +182,7 @@ FINETUNE = Stage(
 TRAIN_STUDENT = Stage(
     name="train-student", config=TrainStudentConfig, runner=_training_runner("kdpipe.stages.train_student"),
     state=lambda cfg, command, ran: run_state("train-student", cfg, command, ran), summary=_training_summary,
-    trains=True, plan_kind="train",
+    trains=True, plan_kind="train", repeatable=("cache",),
     help="""Train a student (LoRA or full) against a teacher cache with a sparse distillation loss.
 
     \b
@@ -207,7 +240,7 @@ EVALUATE = Stage(
 
 # ---------------------------------------------------------------- the list
 
-STAGES: list[Stage] = [INIT_MODEL, CACHE_TEACHER, FINETUNE, TRAIN_STUDENT, EVALUATE]
+STAGES: list[Stage] = [INIT_MODEL, CACHE_TEACHER, GENERATE, FINETUNE, TRAIN_STUDENT, EVALUATE]
 
 
 def register(stage: Stage) -> Stage:

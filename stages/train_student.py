@@ -19,6 +19,7 @@ from kdpipe.losses import BiasedOnSampled, DistillLossConfig
 from kdpipe.models import load_tokenizer
 from kdpipe.stages.configs import TrainStudentConfig, _slug  # noqa: F401  (re-exported: old imports)
 from kdpipe.student_data import BlockShuffleSampler, CacheDataset, DistillCollator
+from kdpipe.student_mix import MixedCacheDataset, cache_identity, check_mixable
 
 # The config is defined torch-free in kdpipe.stages.configs (the CLI builds its options from it).
 
@@ -34,21 +35,25 @@ def run(cfg: TrainStudentConfig, command: str = "", callbacks: list[Any] | None 
     if not cfg.model:
         raise KdpipeError("no student given: pass --model (or 'model:' in the config file)")
     cfg.output = str(cfg.output_folder())
-    cache = open_checked(cfg.cache, cfg.verify)
+    caches = [open_checked(c, cfg.verify) for c in cfg.caches()]
+    check_mixable(caches)  # several caches: same teacher, tokenizer and sparse settings
+    cache = caches[0]
     loss_config = sampled_loss_config(cfg, cache)
     tokenizer = load_tokenizer(cfg.model, cfg.revision)
     student_vocab.check_options(cfg)
     vocab = student_vocab.choose(cfg, cache, tokenizer)  # None: identical tokenizers, today's route
-    identity = {"model": training.model_identity(cfg.model), "cache": cache.manifest["settings_hash"]}
+    identity = {"model": training.model_identity(cfg.model), "cache": cache_identity(caches)}
     checkpoint = run_folder.check_output(cfg, "train-student", identity)
 
     cfg.model = identity["model"]  # absolute: the adapter's base_model_name_or_path must load from anywhere
     model = training.load_trainable(cfg)
-    check_context(cache, model, cfg.model)
+    for each in caches:
+        check_context(each, model, cfg.model)
     args = training.training_arguments(cfg, Path(cfg.output))
     # only now: bad options leave no folder behind
     out = run_folder.start_run(cfg, "train-student", identity, command, checkpoint)
-    dataset = CacheDataset(cache, keep_groups=cfg.shuffle_window + 1)
+    dataset = (CacheDataset(cache, keep_groups=cfg.shuffle_window + 1) if len(caches) == 1 else
+               MixedCacheDataset(caches, keep_groups=cfg.shuffle_window + 1))
     sampler = BlockShuffleSampler(dataset.sizes, cfg.seed, cfg.shuffle_window, **lane_layout(cfg))
     collator = DistillCollator(tokenizer.pad_token_id, student_vocab_size(model), cache.k)
     collator = student_vocab.collator(vocab, collator, tokenizer, cfg, student_vocab_size(model))

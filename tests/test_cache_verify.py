@@ -86,8 +86,8 @@ def test_insane_values_are_caught(cache):
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from kdpipe.cache.tools import check_values
     from kdpipe.cache.format import read_manifest
+    from kdpipe.cache.tools import check_values
 
     table = pq.read_table(cache / "shard-00000.parquet")
     lp = table["topk_logprobs"].combine_chunks()

@@ -121,8 +121,9 @@ def test_exact_match_results_record_no_label_names_and_cache_info_explains_its_r
 
 def test_make_install_leaves_out_the_test_extras_and_the_license_is_an_spdx_string():
     import subprocess
-    import tomllib
     from pathlib import Path
+
+    import tomllib
 
     root = Path(__file__).resolve().parents[1]
     plan = subprocess.run(["make", "-n", "install", "VENV=/nonexistent-venv"], cwd=root, capture_output=True,

@@ -140,9 +140,10 @@ def test_cross_loss_is_kd_on_aligned_ce_on_all_and_uld_on_paired():
 @pytest.fixture(scope="module")
 def cross_world(world):
     """A peaked teacher (world's tokenizer) cached on 48 examples, and a student with another BPE."""
+    from train_fixtures import _texts
+
     from kdpipe import tiny
     from kdpipe.stages import cache_teacher
-    from train_fixtures import _texts
 
     root = world.root / "cross"
     teacher, student = root / "teacher", root / "student"

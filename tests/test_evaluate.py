@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from helpers import kdpipe, write_jsonl
 
 os.environ.setdefault("KDPIPE_NO_PROGRESS", "1")

@@ -16,8 +16,8 @@ import pytest
 from helpers import kdpipe
 
 from kdpipe.cache.format import read_manifest
-from kdpipe.errors import KdpipeError
 from kdpipe.cache.storage import Store
+from kdpipe.errors import KdpipeError
 
 K = 8
 BUCKET = "kdpipe-test"

@@ -124,8 +124,8 @@ def test_activation_estimate_within_25_percent_of_what_autograd_keeps(name: str,
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from kdpipe.losses import DistillLossConfig
     from kdpipe.lora import lora_targets
+    from kdpipe.losses import DistillLossConfig
 
     vocab, batch, length, k = 1024, 2, 48, 8
     torch.manual_seed(0)

@@ -6,7 +6,6 @@ import json
 import textwrap
 
 import pytest
-
 from helpers import kdpipe
 
 MINI = """\

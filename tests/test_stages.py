@@ -11,12 +11,13 @@ import typing
 
 import click
 import pytest
+from train_fixtures import *  # noqa: F401,F403
+from train_fixtures import expect_error, run_cli
+
 from kdpipe.config import load_config
 from kdpipe.errors import KdpipeError
 from kdpipe.stages.base import command_line
 from kdpipe.stages.registry import STAGES
-from train_fixtures import *  # noqa: F401,F403
-from train_fixtures import expect_error, run_cli
 
 
 def parse(command: str):

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from kdpipe.errors import KdpipeError
-from kdpipe.evaluation.runs import RUN_FILE, read_json
+from kdpipe.evaluation.runs import RUN_FILE, read_json, run_caches
 
 
 def open_heldout(location: str, echo: Callable[[str], None] = print, specs: Sequence[Any] = (),
@@ -22,7 +22,7 @@ def open_heldout(location: str, echo: Callable[[str], None] = print, specs: Sequ
     cache = open_checked(location, verify)
     data = cache.manifest.get("dataset") or {}
     records = [read_json(s.run / RUN_FILE, quiet=True) for s in specs if s.run]
-    trained = [t for t in {(r.get("config") or {}).get("cache") for r in records} if t and _exists(t)]
+    trained = [t for t in {c for r in records for c in run_caches(r)} if t and _exists(t)]
     if trained:
         mine = example_hashes(cache)
         for other in sorted(trained):

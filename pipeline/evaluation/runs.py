@@ -74,9 +74,15 @@ def cache_manifest(location: str | None) -> dict[str, Any]:
         return {}
 
 
+def run_caches(record: dict[str, Any]) -> list[str]:
+    """The caches a run trained on: one, or several pooled (train-student --cache A --cache B)."""
+    cache = (record.get("config") or {}).get("cache")
+    return [] if not cache else [cache] if isinstance(cache, str) else list(cache)
+
+
 def run_teacher(record: dict[str, Any]) -> str | None:
-    """The teacher of a train-student run: the model its cache was written with."""
-    manifest = cache_manifest((record.get("config") or {}).get("cache"))
+    """The teacher of a train-student run: the model its (first) cache was written with."""
+    manifest = cache_manifest((run_caches(record) or [None])[0])
     return (manifest.get("teacher") or {}).get("model")
 
 
@@ -86,7 +92,7 @@ def data_from_run(cfg: Any, record: dict[str, Any], echo: Callable[[str], None])
     run_cfg = record.get("config") or {}
     data = dict(run_cfg)
     if record.get("kind") == "train-student" and run_cfg.get("cache"):
-        manifest = cache_manifest(run_cfg["cache"])
+        manifest = cache_manifest(run_caches(record)[0])
         template = manifest.get("template") or {}
         data = {**(manifest.get("dataset") or {}), "template": template.get("name"),
                 "label_names": template.get("label_names")}
