@@ -215,3 +215,36 @@ def test_arithmetic_long_task():
     assert cfg.resolved_template() == "arithmetic" and len(load_examples(cfg).examples) == arithmetic.TEST_SIZE
     assert arithmetic.generate("train")[0] == {"id": "arith-train-00000", "instruction": "8420",
                                                "output": arithmetic.generate("train")[0]["output"]}
+
+
+def test_chat_template_column_mapping_and_template_file(world, tmp_path):
+    """The completion goes where the template's output field is read from: a mapped column, a chat
+    assistant turn (without the template's end-of-turn text), a template file's one field."""
+    import shutil
+
+    chat = tmp_path / "chat-teacher"
+    shutil.copytree(world.teacher, chat)
+    tok = world.tokenizer.__class__(tokenizer_object=world.tokenizer.backend_tokenizer, eos_token="<|endoftext|>",
+                                    pad_token="<|pad|>")
+    tok.chat_template = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}<|endoftext|>{% endfor %}"
+                         "{% if add_generation_prompt %}<assistant>{% endif %}")
+    tok.save_pretrained(chat)
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"q": f"What is {i}?", "response": "x", "n": i}) + "\n" for i in range(3)))
+    out = tmp_path / "chat-gen.jsonl"
+    run_cli("generate", "--model", chat, "--dataset", data, "--template", "chat", "--columns",
+            "instruction=q,output=response", "--max-new-tokens", 6, "--output", out, "--device", "cpu")
+    got = rows(out)
+    assert [set(r) for r in got] == [{"q", "response", "n", "id", "kdpipe_generate"}] * 3
+    assert [r["id"] for r in got] == ["train-0", "train-1", "train-2"] and got[2]["n"] == 2
+    assert all("<|endoftext|>" not in r["response"] for r in got)
+    run_cli("cache-teacher", "--model", chat, "--dataset", out, "--columns", "instruction=q,output=response",
+            "--top-k", 4, "--cache", tmp_path / "cache-chat", "--device", "cpu")
+    assert json.loads((tmp_path / "cache-chat" / "manifest.json").read_text())["template"]["name"] == "chat"
+
+    template = tmp_path / "qa.yaml"
+    template.write_text('prompt: "Q: {q}\\nA:"\ncompletion: " {answer}"\n')
+    out = tmp_path / "file-gen.jsonl"
+    run_cli("generate", "--model", world.teacher, "--dataset", data, "--template", template, "--max-new-tokens", 4,
+            "--output", out, "--device", "cpu")
+    assert all("answer" in r and r["response"] == "x" for r in rows(out))
