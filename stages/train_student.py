@@ -16,10 +16,7 @@ from kdpipe.cache.reader import Cache
 from kdpipe.cache.tools import open_checked
 from kdpipe.errors import KdpipeError
 from kdpipe.losses import BiasedOnSampled, DistillLossConfig
-from kdpipe.models import load_tokenizer
 from kdpipe.stages.configs import TrainStudentConfig, _slug  # noqa: F401  (re-exported: old imports)
-from kdpipe.student_data import BlockShuffleSampler, CacheDataset, DistillCollator
-from kdpipe.student_mix import MixedCacheDataset, cache_identity, check_mixable
 
 # The config is defined torch-free in kdpipe.stages.configs (the CLI builds its options from it).
 
@@ -27,6 +24,9 @@ from kdpipe.student_mix import MixedCacheDataset, cache_identity, check_mixable
 @run_folder.locked
 def run(cfg: TrainStudentConfig, command: str = "", callbacks: list[Any] | None = None) -> dict[str, Any]:
     """Train the student of `cfg` on its cache; returns the run record (kdpipe_run.json)."""
+    from kdpipe.models import load_tokenizer
+    from kdpipe.student_data import BlockShuffleSampler, CacheDataset, DistillCollator
+    from kdpipe.student_mix import MixedCacheDataset, cache_identity, check_mixable
     from kdpipe.trainer import DistillTrainer, fit
     from kdpipe.uld import CrossTokenizerTrainer
 
