@@ -116,8 +116,8 @@ class GenerateConfig(DataConfig):
                                "top_p.")
     max_new_tokens: int = option(256, "Most tokens generated per completion.")
     batch_size: int = option(16, "Completions per batch (the unit of resume).")
-    fraction: float = option(1.0, "Generate for a seeded random share of the selected prompts: ceil(fraction x "
-                                  "N) of them, in their dataset order (on-policy rounds use one per round).")
+    fraction: float = option(1.0, "Generate for a seeded random share of the selected prompts: "
+                                  "ceil(fraction x N) of them, in their dataset order (on-policy rounds).")
     fraction_seed: int | None = option(None, "Seed of the --fraction choice (default --seed; another value "
                                              "picks other prompts without moving the held-out split).")
     overwrite: bool = option(False, "Start the output file again (otherwise a rerun continues it).")

@@ -81,7 +81,7 @@ CACHE_TEACHER = Stage(
 
 
 def _generate_state(cfg: GenerateConfig, command: str, anything_ran: bool) -> tuple[str, str]:
-    """From the output's sidecar: complete with the same command = skip; partly written = generate continues."""
+    """From the output's sidecar: complete with the same command: skip; partly written: resume."""
     from kdpipe.generated_file import sidecar_path
 
     record = read_json(sidecar_path(cfg.output)) if cfg.output else None
@@ -91,7 +91,8 @@ def _generate_state(cfg: GenerateConfig, command: str, anything_ran: bool) -> tu
         return "skip", f"{cfg.output} is complete with the same settings"
     if not record.get("complete"):
         return "resume", f"{cfg.output} is partly written; generate continues after its last complete row"
-    return "run", f"{cfg.output} was written by another command; generate decides (same settings: nothing to do)"
+    return "run", (f"{cfg.output} was written by another command; generate decides (same settings: nothing "
+                   "to do)")
 
 
 def _generate_run(cfg: GenerateConfig, command: str, echo: Echo, state: str) -> Any:

@@ -2,13 +2,11 @@
 
 Round r = 1 .. count repeats three steps, each with one model in memory:
 
-| step              | stage                 | what it does                                                     |
-|-------------------|-----------------------|------------------------------------------------------------------|
-| `round{r}_generate` | `kdpipe generate`     | the previous student (round 1: the `train` step's output) completes |
-|                   |                       | a seeded ceil(fraction x N) of the `cache` step's prompts        |
-| `round{r}_cache`  | `kdpipe cache-teacher` | the `cache` step's teacher scores those completions               |
-| `round{r}_train`  | `kdpipe train-student` | starts from the previous student, on the original cache(s) pooled |
-|                   |                       | with the round's cache                                           |
+- `round{r}_generate` (`kdpipe generate`): the previous student (round 1: the `train` step's output)
+  completes a seeded ceil(fraction x N) of the `cache` step's prompts, other ones each round;
+- `round{r}_cache` (`kdpipe cache-teacher`): the `cache` step's teacher scores those completions;
+- `round{r}_train` (`kdpipe train-student`): starts from the previous student and trains on the
+  original cache(s) pooled with the round's cache.
 
 Everything a round writes stays in runs/NAME/round-R/ (generated.jsonl, cache/, train/), and each step is
 skipped, resumed or restarted like any other step. "Continue training" is an init, not a resume: each
@@ -73,11 +71,12 @@ def read_spec(values: Any, seed: int | None, where: str) -> Spec:
                           + "; ".join(f"{k} ({why})" for k, why in KEYS.items()))
     count, fraction = values.get("count", 1), values.get("fraction", 0.5)
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-        raise KdpipeError(f"{where}, key 'count': the number of rounds must be an integer >= 1, not {count!r}")
+        raise KdpipeError(f"{where}, key 'count': the number of rounds must be an integer >= 1, "
+                          f"not {count!r}")
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1 \
             or not math.isfinite(fraction):
-        raise KdpipeError(f"{where}, key 'fraction': the share λ of the prompts the student completes must be "
-                          f"in [0, 1], not {fraction!r}")
+        raise KdpipeError(f"{where}, key 'fraction': the share λ of the prompts the student completes "
+                          f"must be in [0, 1], not {fraction!r}")
     subs = {}
     for key in ("generate", "cache", "train"):
         sub = values.get(key) or {}
@@ -85,9 +84,9 @@ def read_spec(values: Any, seed: int | None, where: str) -> Spec:
             raise KdpipeError(f"{where}, key '{key}' must be a mapping of {key} options")
         fixed = sorted(set(k.replace("-", "_") for k in sub) & FIXED[key])
         if fixed:
-            raise KdpipeError(f"{where}, key '{key}': '{fixed[0]}' is set by the rounds (the model is the "
-                              "previous student, the data the cache step's, outputs under runs/NAME/round-R); "
-                              f"remove it (fixed: {', '.join(sorted(FIXED[key]))})")
+            raise KdpipeError(f"{where}, key '{key}': '{fixed[0]}' is set by the rounds (the model is "
+                              "the previous student, the data the cache step's, outputs under "
+                              f"runs/NAME/round-R); remove it (fixed: {', '.join(sorted(FIXED[key]))})")
         subs[key] = dict(sub)
     base_seed = values.get("seed", seed if seed is not None else 0)
     if isinstance(base_seed, bool) or not isinstance(base_seed, int):
@@ -100,14 +99,14 @@ def expand(spec: Spec, steps: list[tuple[Any, Any]], step_cls: type, name: str, 
     """The rounds' (Step, config) pairs, after the `cache` and `train` steps found in `steps`."""
     by_name = {s.name: c for s, c in steps}
     if "train" not in by_name or "cache" not in by_name:
-        raise KdpipeError(f"{where}: on-policy rounds need a 'cache' section (the teacher and the prompts) and "
-                          "a 'train' section (the student they continue)")
+        raise KdpipeError(f"{where}: on-policy rounds need a 'cache' section (the teacher and the prompts) "
+                          "and a 'train' section (the student they continue)")
     cache_cfg, train_cfg = by_name["cache"], by_name["train"]
     if train_cfg.cross_tokenizer:
-        raise KdpipeError(f"{where}: the student has another tokenizer than the teacher (train: cross_tokenizer)"
-                          ": on-policy rounds need the teacher to score the student's own tokens; use a student "
-                          "with the teacher's tokenizer (or the same tokens at other ids, which train-student "
-                          "maps), or drop 'rounds'")
+        raise KdpipeError(f"{where}: the student has another tokenizer than the teacher (train: "
+                          "cross_tokenizer): on-policy rounds need the teacher to score the student's own "
+                          "tokens; use a student with the teacher's tokenizer (or the same tokens at other "
+                          "ids, which train-student maps), or drop 'rounds'")
     if train_cfg.lora and not train_cfg.merge:
         train_cfg.merge = True  # the next round starts from the student as a plain model
     originals = train_cfg.caches()
@@ -195,7 +194,7 @@ def add_to_evaluate(steps: list[tuple[Any, Any]], rounds: list[tuple[Any, Any]],
 
 
 def steps_line(steps: list[tuple[Any, Any]]) -> str | None:
-    """The student's optimizer steps, the `train` step's and each round's (benchmarks compare at equal steps)."""
+    """The student's optimizer steps: the `train` step's and each round's (compare at equal steps)."""
     runs = [(s.name, c) for s, c in steps if s.name == "train" or (s.name.startswith("round")
                                                                   and s.name.endswith("_train"))]
     if len(runs) < 2:

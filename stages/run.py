@@ -15,7 +15,7 @@ its own model and is skipped when its output is already there, complete, with th
 | `train`          | `kdpipe train-student`     | as finetune                                                |
 | `baseline`       | `kdpipe finetune`          | as finetune (the SFT-only student)                         |
 | `evaluate`       | `kdpipe evaluate`          | results.json from the same command and no earlier step ran |
-| `rounds`         | generate, cache-teacher and train-student per on-policy round, after `train` (stages/rounds.py) |
+| `rounds`         | after `train`, per round: generate, cache-teacher, train-student (stages/rounds.py) |
 
 A training step that crashed resumes from its last checkpoint (or starts over when it left none).
 """
@@ -124,7 +124,8 @@ def plan(path: str | Path) -> Plan:
     seed = data.get("seed")
     outputs: dict[str, str] = {}
     steps: list[tuple[Step, Any]] = []
-    spec = rounds.read_spec(data["rounds"], seed, f"{source}: section 'rounds'") if data.get("rounds") else None
+    spec = (rounds.read_spec(data["rounds"], seed, f"{source}: section 'rounds'")
+            if data.get("rounds") is not None else None)
     added: list[tuple[Step, Any]] = []
     for step in STEPS:
         if step.name not in data:

@@ -76,7 +76,7 @@ def test_two_rounds_plan_run_rerun_and_resume(workdir):
     assert "11 step(s)" in plan and plan.count("[run]") == 11
     assert positions(plan, " ") == sorted(positions(plan, " "))  # the steps in order
     assert "--model runs/rr/train --output runs/rr/round-1/generated.jsonl" in plan
-    assert "--fraction 0.5 --fraction-seed 1" in plan and "--fraction-seed 2" in plan  # other prompts per round
+    assert "--fraction 0.5 --fraction-seed 1" in plan and "--fraction-seed 2" in plan  # other prompts
     assert "--cache cache/rr --cache runs/rr/round-1/cache" in plan  # the original cache and the round's
     assert "--model runs/rr/round-1/train --output runs/rr/round-2/train --full --max-steps 3" in plan
     assert "student steps: train 2 + round1_train 3 + round2_train 3 = 8" in plan
@@ -95,7 +95,8 @@ def test_two_rounds_plan_run_rerun_and_resume(workdir):
         assert manifest["complete"] and manifest["generated"]["rows"] == 8
         run = json.loads((folder / "train/kdpipe_run.json").read_text())
         assert run["status"] == "complete" and run["config"]["max_steps"] == 3
-    ids = [{json.loads(x)["id"] for x in (workdir / f"runs/rr/round-{r}/generated.jsonl").open()} for r in (1, 2)]
+    ids = [{json.loads(x)["id"] for x in (workdir / f"runs/rr/round-{r}/generated.jsonl").open()}
+           for r in (1, 2)]
     assert ids[0] != ids[1]
     results = json.loads((workdir / "runs/rr/eval/results.json").read_text())
     assert len(results["models"]) == 4  # student-init, train, round 1, round 2
@@ -172,8 +173,8 @@ def test_student_with_other_tokens_is_refused(workdir):
     from kdpipe.stages.rounds import check_tokenizers
 
     for name, vocab in (("t", 300), ("s", 280)):
-        kdpipe("init-model", "--output", name, "--train-tokenizer-on", "kdpipe:arithmetic", "--vocab-size", vocab,
-               "--hidden-size", 32, "--layers", 1, "--heads", 1, "--kv-heads", 1)
+        kdpipe("init-model", "--output", name, "--train-tokenizer-on", "kdpipe:arithmetic",
+               "--vocab-size", vocab, "--hidden-size", 32, "--layers", 1, "--heads", 1, "--kv-heads", 1)
     check_tokenizers("t", "t")
     with pytest.raises(KdpipeError, match="different tokenizers.*student's own tokens"):
         check_tokenizers("t", "s")
