@@ -110,12 +110,16 @@ def test_two_rounds_plan_run_rerun_and_resume(workdir):
     resumed = kdpipe("run", "rr.yaml").output
     assert "2 step(s) run, 9 skipped" in resumed, resumed  # round2_train, then evaluate
     assert "round2_generate: skipped" in resumed and "round2_train: kdpipe train-student" in resumed
-    # killed while the round's completions were written: generate continues the file
-    side = workdir / "runs/rr/round-2/generated.jsonl.kdpipe-generate.json"
-    record = json.loads(side.read_text())
-    side.write_text(json.dumps({**record, "complete": False}))
+    # killed while the round's completions were written (3 rows of 8 on disk): generate continues the file
+    gen = workdir / "runs/rr/round-2/generated.jsonl"
+    side, text = workdir / "runs/rr/round-2/generated.jsonl.kdpipe-generate.json", gen.read_text()
+    side.write_text(json.dumps({**json.loads(side.read_text()), "complete": False}))
+    gen.write_text("".join(text.splitlines(keepends=True)[:3]))
     assert "[resume] runs/rr/round-2/generated.jsonl is partly written" in kdpipe(
         "run", "rr.yaml", "--dry-run").output
+    out = kdpipe("run", "rr.yaml", "--only", "round2_generate").output
+    assert "partly written" in out and "generated 5 completions" in out, out
+    assert gen.read_text() == text  # seeded per row: the same file as the uninterrupted run
 
 
 @pytest.mark.parametrize("edit, words", [
@@ -154,6 +158,12 @@ def test_rounds_without_train_lora_merge_and_fraction_zero(workdir):
     from kdpipe.stages.run import plan
 
     assert plan("labels.yaml").labels["runs/rr/round-2/train"] == "on-policy x2"
+
+
+def test_generate_fraction_option_is_checked(workdir):
+    result = kdpipe("generate", "--model", "m", "--dataset", "kdpipe:arithmetic", "--output", "o.jsonl",
+                    "--fraction", 0, ok=False)
+    assert result.exit_code != 0 and "--fraction must be in (0, 1]" in result.output
 
 
 def test_fraction_selection_is_seeded_sized_and_ordered():
