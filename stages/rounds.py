@@ -39,8 +39,9 @@ KEYS = {
 }
 # set by the rounds themselves: the data is the cache step's, the model the previous student
 FIXED = {
+    # seed: the cache step's, which decides the held-out split (rounds.seed picks other prompts)
     "generate": {"model", "output", "dataset", "split", "part", "heldout_fraction", "limit", "columns",
-                 "id_column", "fraction", "fraction_seed"},
+                 "id_column", "fraction", "fraction_seed", "seed"},
     "cache": {"model", "cache", "dataset", "split", "part", "heldout_fraction", "limit", "id_column",
               "num_shards", "shard_index"},
     "train": {"model", "cache", "output", "resume"},

@@ -127,6 +127,7 @@ def test_two_rounds_plan_run_rerun_and_resume(workdir):
     (("count: 2", "count: 0"), ["section 'rounds'", "'count'", ">= 1", "0"]),
     (("count: 2", "count: 2\n  fracton: 0.3"), ["section 'rounds'", "unknown key 'fracton'", "fraction"]),
     (("train: {max_steps: 3}", "train: {model: x}"), ["'train'", "'model' is set by the rounds"]),
+    (("generate: {temperature: 1.0,", "generate: {seed: 3,"), ["'generate'", "'seed' is set by the rounds"]),
     (("generate: {temperature: 1.0,", "generate: {temperatur: 1.0,"), ["round 1", "temperatur"]),
     (("  train: {max_steps: 3}", "  train: {max_steps: 0}"), ["round 1", "max_steps"]),
 ])
