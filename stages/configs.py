@@ -116,6 +116,10 @@ class GenerateConfig(DataConfig):
                                "top_p.")
     max_new_tokens: int = option(256, "Most tokens generated per completion.")
     batch_size: int = option(16, "Completions per batch (the unit of resume).")
+    fraction: float = option(1.0, "Generate for a seeded random share of the selected prompts: "
+                                  "ceil(fraction x N) of them, in their dataset order (on-policy rounds).")
+    fraction_seed: int | None = option(None, "Seed of the --fraction choice (default --seed; another value "
+                                             "picks other prompts without moving the held-out split).")
     overwrite: bool = option(False, "Start the output file again (otherwise a rerun continues it).")
     vllm_max_model_len: int | None = option(None, "vLLM backend: context length (default: the model's).")
     vllm_gpu_memory_utilization: float = option(0.9, "vLLM backend: fraction of GPU memory for weights and "
@@ -130,9 +134,14 @@ class GenerateConfig(DataConfig):
             raise ValueError(f"--temperature must be a finite number >= 0 (0: greedy), not {self.temperature}")
         if not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
             raise ValueError(f"--top-p must be in (0, 1], not {self.top_p}")
+        if not (math.isfinite(self.fraction) and 0 < self.fraction <= 1):
+            raise ValueError(f"--fraction must be in (0, 1] (a share of the prompts), not {self.fraction}")
         if not 0 < self.vllm_gpu_memory_utilization <= 1:
             raise ValueError(f"--vllm-gpu-memory-utilization must be in (0, 1], not "
                              f"{self.vllm_gpu_memory_utilization}")
+
+    def selection_seed(self) -> int:
+        return self.seed if self.fraction_seed is None else self.fraction_seed
 
     def sampling(self) -> dict[str, Any]:
         return {"samples": self.samples, "temperature": self.temperature, "top_p": self.top_p,

@@ -44,7 +44,7 @@ def run(cfg: GenerateConfig, command: str = "") -> dict[str, Any]:
     check_can_generate(cfg.model, cfg.revision)
     tokenizer = load_tokenizer(cfg.model, cfg.revision)
     template = get_template(cfg.resolved_template(), cfg.label_names)
-    selection = load_examples(cfg)
+    selection = choose_fraction(load_examples(cfg), cfg.fraction, cfg.selection_seed())
     field = output_field(template)
     jobs, slot, skipped = make_jobs(selection.examples, template, tokenizer, field, cfg.samples, cfg.max_length,
                                     cfg.truncation)
@@ -81,6 +81,23 @@ def run(cfg: GenerateConfig, command: str = "") -> dict[str, Any]:
                                     "elapsed_s": round(time.perf_counter() - start, 2)}})
 
 
+def choose_fraction(selection: Any, fraction: float, seed: int) -> Any:
+    """ceil(fraction x N) of the selected examples, chosen by `seed`, kept in their dataset order."""
+    import dataclasses
+    import math
+
+    import numpy as np
+
+    from kdpipe.data import fingerprint
+
+    if fraction >= 1:
+        return selection
+    n = len(selection.examples)
+    keep = np.sort(np.random.default_rng(seed).choice(n, size=math.ceil(fraction * n), replace=False))
+    examples = [selection.examples[i] for i in keep]
+    return dataclasses.replace(selection, examples=examples, fingerprint=fingerprint(examples))
+
+
 def _settings(cfg: GenerateConfig, selection: Any, template: Any, dtype: str, model: str) -> dict[str, Any]:
     """What decides the rows: a rerun with other settings is refused (batch size and device are not here)."""
     return {
@@ -90,6 +107,8 @@ def _settings(cfg: GenerateConfig, selection: Any, template: Any, dtype: str, mo
                     "fingerprint": selection.fingerprint},
         "template": template.name, "label_names": list(cfg.label_names), "max_length": cfg.max_length,
         "truncation": cfg.truncation, "sampling": cfg.sampling(),
+        # only when used, so that files written before --fraction existed keep their settings hash
+        **({"fraction": cfg.fraction, "fraction_seed": cfg.selection_seed()} if cfg.fraction < 1 else {}),
     }
 
 

@@ -80,6 +80,21 @@ CACHE_TEACHER = Stage(
 # ---------------------------------------------------------------- generate
 
 
+def _generate_state(cfg: GenerateConfig, command: str, anything_ran: bool) -> tuple[str, str]:
+    """From the output's sidecar: complete with the same command: skip; partly written: resume."""
+    from kdpipe.generated_file import sidecar_path
+
+    record = read_json(sidecar_path(cfg.output)) if cfg.output else None
+    if record is None:
+        return "run", ""
+    if record.get("complete") and record.get("command") == command:
+        return "skip", f"{cfg.output} is complete with the same settings"
+    if not record.get("complete"):
+        return "resume", f"{cfg.output} is partly written; generate continues after its last complete row"
+    return "run", (f"{cfg.output} was written by another command; generate decides (same settings: nothing "
+                   "to do)")
+
+
 def _generate_run(cfg: GenerateConfig, command: str, echo: Echo, state: str) -> Any:
     from kdpipe.stages import generate
 
@@ -94,6 +109,7 @@ def _generate_summary(record: dict[str, Any], cfg: GenerateConfig) -> str:
 
 GENERATE = Stage(
     name="generate", config=GenerateConfig, runner=_generate_run, summary=_generate_summary,
+    state=_generate_state,
     help="""Write a model's completions of the template's prompts as a dataset (sequence-level or on-policy
     KD data).
 

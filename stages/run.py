@@ -15,6 +15,7 @@ its own model and is skipped when its output is already there, complete, with th
 | `train`          | `kdpipe train-student`     | as finetune                                                |
 | `baseline`       | `kdpipe finetune`          | as finetune (the SFT-only student)                         |
 | `evaluate`       | `kdpipe evaluate`          | results.json from the same command and no earlier step ran |
+| `rounds`         | after `train`, per round: generate, cache-teacher, train-student (stages/rounds.py) |
 
 A training step that crashed resumes from its last checkpoint (or starts over when it left none).
 """
@@ -26,14 +27,14 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from kdpipe.config import build_config, read_yaml, to_dict
 from kdpipe.errors import KdpipeError
 from kdpipe.run_folder import EXPERIMENT_FILE, INIT_FILE, RUN_FILE, read_json  # noqa: F401  (re-exported)
-from kdpipe.stages import registry
+from kdpipe.stages import registry, rounds
 from kdpipe.stages.base import Stage, command_line
 from kdpipe.stages.init_model import InitModelConfig, changed  # noqa: F401  (InitModelConfig: re-exported)
 
@@ -71,7 +72,9 @@ TOP_KEYS = {"name": "experiment name: default folders runs/NAME/STEP and cache/N
             "base": "YAML file (relative to this one) whose keys this file extends",
             "description": "free text",
             "labels": "names of the evaluated models in the final table, by reference (e.g. '@train': "
-                      "student after KD)"}
+                      "student after KD)",
+            "rounds": "on-policy rounds after train: {count, fraction, seed, generate: {...}, cache: {...}, "
+                      "train: {...}} (README: generate)"}
 
 
 @dataclass
@@ -83,6 +86,7 @@ class Plan:
     steps: list[tuple[Step, Any]]  # (step, config)
     labels: dict[str, str]
     outputs: dict[str, str]
+    notes: list[str] = field(default_factory=list)  # lines --dry-run adds after the steps
 
 
 # ---------------------------------------------------------------- loading
@@ -101,7 +105,7 @@ def read_experiment(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str,
     for key, value in data.items():
         if isinstance(value, dict) and isinstance(parent.get(key), dict):
             parent[key] = {**parent[key], **value}
-        elif value is None and key in STEP_NAMES:
+        elif value is None and (key in STEP_NAMES or key == "rounds"):
             parent.pop(key, None)  # `section: null` drops an inherited step
         else:
             parent[key] = value
@@ -120,6 +124,9 @@ def plan(path: str | Path) -> Plan:
     seed = data.get("seed")
     outputs: dict[str, str] = {}
     steps: list[tuple[Step, Any]] = []
+    spec = (rounds.read_spec(data["rounds"], seed, f"{source}: section 'rounds'")
+            if data.get("rounds") is not None else None)
+    added: list[tuple[Step, Any]] = []
     for step in STEPS:
         if step.name not in data:
             continue
@@ -137,12 +144,20 @@ def plan(path: str | Path) -> Plan:
         cfg = build_config(step.cls, values, source=f"{source}: section '{step.name}'")
         outputs[step.name] = step.stage.set_output(cfg, step.output(name))
         steps.append((step, cfg))
+        if step.name == "train" and spec:  # the on-policy rounds continue the trained student
+            added = rounds.expand(spec, steps, Step, name, f"{source}: section 'rounds'")
+            outputs.update((s.name, s.stage.output(c)) for s, c in added)
+            steps += added
     if not steps:
         raise KdpipeError(f"{source}: no steps; give at least one of the sections {', '.join(STEP_NAMES)}")
+    if spec and not added:
+        rounds.expand(spec, steps, Step, name, f"{source}: section 'rounds'")  # says what is missing
     labels = {}
     for ref, label in _label_pairs(data.get("labels"), source):
         labels[_resolve(ref, outputs, f"{source}: labels")] = str(label)
-    return Plan(Path(path), name, steps, labels, outputs)
+    rounds.add_to_evaluate(steps, added, labels)
+    notes = [line for line in [rounds.steps_line(steps)] if line]
+    return Plan(Path(path), name, steps, labels, outputs, notes)
 
 
 def _label_pairs(labels: Any, source: str) -> list[tuple[Any, Any]]:
@@ -200,7 +215,7 @@ def _resolve(value: Any, outputs: dict[str, str], where: str) -> Any:
         return [_resolve(v, outputs, where) for v in value]
     if isinstance(value, str) and value.startswith("@"):
         ref = value[1:]
-        if ref not in STEP_NAMES:
+        if ref not in STEP_NAMES and ref not in outputs:  # a round's step (@round1_train) once planned
             raise KdpipeError(f"{where}: '{value}' names no step; steps: "
                               f"{', '.join('@' + s for s in STEP_NAMES)}")
         if ref not in outputs:
@@ -253,7 +268,7 @@ def describe(p: Plan, steps: list[tuple[Step, Any]]) -> str:
             state, why = step_state(step, cfg, anything_ran=False)
         except KdpipeError as e:
             state, why = "error", e.message
-        lines.append(f"{i}. {step.name:<14} [{state}] {why}".rstrip())
+        lines.append(f"{i}. {step.name:<15} [{state}] {why}".rstrip())
         lines.append(f"     {standalone_command(step, cfg)}")
         lines += [f"     missing: {what}" for what in missing_inputs(step, cfg, produced)]
         produced.add(p.outputs[step.name])
@@ -262,7 +277,7 @@ def describe(p: Plan, steps: list[tuple[Step, Any]]) -> str:
                      if step.stage.plan_kind else None)
         if predicted:
             lines.append(f"     {predicted}")
-    return "\n".join(lines)
+    return "\n".join(lines + p.notes)
 
 
 def run(path: str | Path, start: str | None = None, only: str | None = None, dry_run: bool = False,
