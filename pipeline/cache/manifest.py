@@ -74,6 +74,11 @@ class Section:
         out.update(self.extra)
         return out
 
+    def __getitem__(self, key: str) -> Any:
+        """A key as manifest.json has it (plain JSON), for scripts and tests that read that shape (and
+        hooks that receive a shard entry); kdpipe's own code uses the typed attributes."""
+        return self.to_dict()[key]
+
     def replace(self: S, **changes: Any) -> S:
         """A copy with `changes` (a key given is written, even if the original lacked it)."""
         return dataclasses.replace(self, absent=self.absent - changes.keys(), **changes)
@@ -305,11 +310,6 @@ class Manifest(Section):
         listed = tuple(sorted(shards, key=lambda s: s.index))
         stamp = {"updated": updated} if updated else {}
         return self.replace(shards=listed, totals=Totals.of(listed), complete=complete, **stamp)
-
-    def __getitem__(self, key: str) -> Any:
-        """A top-level key as manifest.json has it (plain JSON): for scripts and tests that read the JSON
-        shape; kdpipe's own code uses the typed attributes."""
-        return self.to_dict()[key]
 
     # ---------------------------------------------------------------- what readers ask
 
