@@ -19,8 +19,8 @@ from kdpipe.errors import KdpipeError
 @pytest.fixture(scope="module", params=["topk-plain", "sampled-compact"])
 def cache(request, tmp_path_factory, tiny_model_dir) -> Path:
     folder = tmp_path_factory.mktemp("m") / request.param
-    extra = ["--sparse-mode", "sampled", "--samples", 6, "--encoding", "compact"] if "sampled" in request.param \
-        else ["--top-k", 8]
+    sampled = ["--sparse-mode", "sampled", "--samples", 6, "--encoding", "compact"]
+    extra = sampled if "sampled" in request.param else ["--top-k", 8]
     kdpipe("cache-teacher", "--model", tiny_model_dir, "--dataset", "kdpipe:arithmetic", "--limit", 30,
            "--cache", folder, "--rows-per-shard", 16, "--dtype", "fp32", *extra)
     return folder
@@ -28,7 +28,8 @@ def cache(request, tmp_path_factory, tiny_model_dir) -> Path:
 
 def reference_hash(manifest: dict) -> str:
     """The settings hash as stage one computed it before the manifest was typed (kept here verbatim)."""
-    content = {key: manifest[key] for key in ("teacher", "tokenizer", "template", "dataset", "sparse", "encoding")}
+    keys = ("teacher", "tokenizer", "template", "dataset", "sparse", "encoding")
+    content = {key: manifest[key] for key in keys}
     content["teacher"] = {k: v for k, v in content["teacher"].items() if k != "backend_version"}
     content["dataset"] = {k: v for k, v in content["dataset"].items()
                           if k not in ("examples", "report", "heldout", "file")}

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from enum import Enum
@@ -170,8 +170,9 @@ class SparseSpec(Section):
         try:
             return SparseMode(value)
         except ValueError:
-            raise KdpipeError(f"unknown sparse mode '{value}' in a cache manifest (known: "
-                              f"{', '.join(m.value for m in SparseMode)}); upgrade kdpipe to read it") from None
+            known = ", ".join(m.value for m in SparseMode)
+            raise KdpipeError(f"unknown sparse mode '{value}' in a cache manifest (known: {known}); "
+                              "upgrade kdpipe to read it") from None
 
 
 @dataclass(frozen=True)
@@ -240,7 +241,7 @@ class Manifest(Section):
     sparse: SparseSpec = field(default_factory=SparseSpec)
     encoding: str = "plain"
     sharding: Sharding = field(default_factory=Sharding)
-    generated: dict[str, Any] | None = None  # data of `kdpipe generate`: model and settings (kdpipe.generated_file)
+    generated: dict[str, Any] | None = None  # data of `kdpipe generate`: its model, settings (generated_file)
     settings_hash: str = ""
     complete: bool = False
     shards: tuple[ShardEntry, ...] = ()  # in the order listed (`sorted_shards` sorts by index)
@@ -257,7 +258,8 @@ class Manifest(Section):
         stamp = created or now()
         absent = {"complete", "shards", "totals", "merged_from"} | (set() if generated else {"generated"})
         header = cls(FORMAT, FORMAT_VERSION, kdpipe_version, command, stamp, stamp, teacher, tokenizer,
-                     template, dataset, sparse, encoding, sharding, generated or None, absent=frozenset(absent))
+                     template, dataset, sparse, encoding, sharding, generated or None,
+                     absent=frozenset(absent))
         return header.replace(settings_hash=header.compute_settings_hash())
 
     @classmethod
@@ -305,7 +307,8 @@ class Manifest(Section):
             meta.update(samples=self.sparse.samples, proposal_temperature=self.sparse.proposal_temperature)
         return meta
 
-    def with_shards(self, shards: Sequence[ShardEntry], complete: bool, updated: str | None = None) -> "Manifest":
+    def with_shards(self, shards: Sequence[ShardEntry], complete: bool,
+                    updated: str | None = None) -> "Manifest":
         """These shards (sorted by index), their totals and completeness; `updated` stamped when given."""
         listed = tuple(sorted(shards, key=lambda s: s.index))
         stamp = {"updated": updated} if updated else {}
@@ -332,7 +335,8 @@ class Manifest(Section):
 
     @property
     def proposal_temperature(self) -> float:
-        return float(self.sparse.proposal_temperature if self.sparse.proposal_temperature is not None else 1.0)
+        t = self.sparse.proposal_temperature
+        return float(t if t is not None else 1.0)
 
     @property
     def vocab_size(self) -> int | None:
@@ -357,7 +361,8 @@ class Manifest(Section):
         return sum(s.rows for s in self.shards)
 
     def part_indices(self) -> list[int]:
-        """The shard indices this folder's part holds when complete (all of them for a whole or merged cache)."""
+        """The shard indices this folder's part holds when complete (all of them for a whole or merged
+        cache)."""
         n, part = self.sharding.num_shards or 1, self.sharding.shard_index or 0
         return [i for i in range(self.sharding.total_shards) if i % n == part]
 
@@ -398,8 +403,8 @@ def read_manifest(folder: str | Path | Store) -> dict[str, Any]:
     version = manifest.get("format_version")
     if isinstance(version, int) and version > FORMAT_VERSION:
         raise KdpipeError(
-            f"{path} has cache format version {version}, newer than this kdpipe understands ({FORMAT_VERSION}); "
-            "upgrade kdpipe to read it"
+            f"{path} has cache format version {version}, newer than this kdpipe understands "
+            f"({FORMAT_VERSION}); upgrade kdpipe to read it"
         )
     damage = _structure_problem(manifest)
     if damage:
@@ -426,7 +431,8 @@ def _structure_problem(manifest: dict[str, Any]) -> str | None:
         if not isinstance(manifest["sharding"].get(key), int):
             return f"sharding.{key} is missing"
     for i, shard in enumerate(manifest["shards"]):
-        if not isinstance(shard, dict) or any(not isinstance(shard.get(k), t) for k, t in _SHARD_KEYS.items()):
+        if not isinstance(shard, dict) or any(not isinstance(shard.get(k), t)
+                                              for k, t in _SHARD_KEYS.items()):
             return f"shard entry {i} lacks one of {', '.join(_SHARD_KEYS)}"
     return None
 

@@ -40,7 +40,8 @@ class Cache:
         self.manifest: Manifest = Manifest.read(self.store)
         encoding = self.manifest.encoding
         if encoding not in ENCODINGS:
-            raise KdpipeError(f"{self.path}: unknown cache encoding '{encoding}' (known: {', '.join(ENCODINGS)})")
+            raise KdpipeError(f"{self.path}: unknown cache encoding '{encoding}' "
+                              f"(known: {', '.join(ENCODINGS)})")
         self._decode = ENCODINGS[encoding].decode
 
     @property
@@ -64,7 +65,8 @@ class Cache:
         for shard in self.shards:
             yield from self.iter_shard(shard, batch_rows)
 
-    def iter_shard(self, shard: ShardEntry | Mapping[str, Any], batch_rows: int = 64) -> Iterator[CachedExample]:
+    def iter_shard(self, shard: ShardEntry | Mapping[str, Any],
+                   batch_rows: int = 64) -> Iterator[CachedExample]:
         shard = as_entry(shard)  # callers holding the manifest's JSON pass its entry
         self.check_present(shard)
         for batch in self.store.parquet(shard.file).iter_batches(batch_size=batch_rows):
@@ -76,13 +78,15 @@ class Cache:
         for shard in self.shards:
             self.check_present(shard)
             meta = self.store.parquet(shard.file).metadata
-            groups += [RowGroup(shard.file, g, meta.row_group(g).num_rows) for g in range(meta.num_row_groups)]
+            groups += [RowGroup(shard.file, g, meta.row_group(g).num_rows)
+                       for g in range(meta.num_row_groups)]
         return groups
 
     def read_row_group(self, group: RowGroup) -> list[CachedExample]:
         """One row group, decoded and checked for non-finite values."""
         table = self.store.parquet(group.file).read_row_group(group.index)
-        return check_decoded(self._decode(table), f"{self.store.display(group.file)} (row group {group.index})")
+        where = f"{self.store.display(group.file)} (row group {group.index})"
+        return check_decoded(self._decode(table), where)
 
     def iter_input_ids(self) -> Iterator[np.ndarray]:
         """Each example's token ids (int32), in order, reading the input_ids column alone."""
