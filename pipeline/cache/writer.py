@@ -24,8 +24,8 @@ from kdpipe.errors import KdpipeError
 ROW_GROUP_ROWS = 256
 
 
-def write_shard(folder: str | Path | Store, index: int, table: pa.Table) -> ShardEntry:
-    """Write `table` as shard `index`; return its manifest entry (rows, tokens, bytes, sha256)."""
+def write_shard(folder: str | Path | Store, index: int, table: pa.Table) -> dict[str, Any]:
+    """Write `table` as shard `index`; return its manifest entry (rows, tokens, bytes, sha256) as JSON."""
     data = shard_bytes(table)
     as_store(folder).write_bytes(shard_name(index), data)
     return shard_entry(index, table, data)
@@ -49,8 +49,9 @@ def parquet_options(schema: pa.Schema) -> dict[str, Any]:
     return encoding.parquet_options(schema)
 
 
-def shard_entry(index: int, table: pa.Table, data: bytes) -> ShardEntry:
-    """A shard's manifest entry: counts, size, sha256, the hash of its example ids, its value statistics."""
+def shard_entry(index: int, table: pa.Table, data: bytes) -> dict[str, Any]:
+    """A shard's manifest entry as manifest.json lists it (`ShardEntry.from_dict` types it): counts, size,
+    sha256, the hash of its example ids, its value statistics."""
     stats = footer(table.schema).get("stats")
     return ShardEntry(
         file=shard_name(index),
@@ -63,7 +64,7 @@ def shard_entry(index: int, table: pa.Table, data: bytes) -> ShardEntry:
         ids_sha256=ids_hash(table["id"].to_pylist()),
         stats=stats or None,
         absent=frozenset() if stats else frozenset({"stats"}),
-    )
+    ).to_dict()
 
 
 def footer(schema: pa.Schema) -> dict[str, Any]:
@@ -116,9 +117,10 @@ class CacheWriter:
         on resume); returns its entry as manifest.json lists it."""
         entry = write_shard(self.store, index, table)
         self._record(entry)
-        return entry.to_dict()
+        return entry
 
-    def _record(self, entry: ShardEntry) -> None:
+    def _record(self, entry: ShardEntry | Mapping[str, Any]) -> None:
+        entry = as_entry(entry)
         shards = [s for s in self.manifest.shards if s.index != entry.index] + [entry]
         self.manifest = self.manifest.with_shards(shards, complete=False, updated=now())
         self.manifest = self.manifest.replace(complete=not self.pending())
@@ -223,7 +225,7 @@ class CacheWriter:
                 why = f"its metadata says shard {claimed}" if claimed != index else "it holds other examples"
                 self._refuse(name, f"not shard {index}: {why}")
                 continue
-            adopted = (*self.manifest.shards, shard_entry(index, table, data))
+            adopted = (*self.manifest.shards, as_entry(shard_entry(index, table, data)))
             self.manifest = self.manifest.replace(shards=adopted)
         self.manifest = self.manifest.replace(shards=tuple(self.manifest.sorted_shards))
 
