@@ -77,7 +77,8 @@ class CacheWriter:
     lock, resume, refuse a foreign run, write shards, keep the manifest.
 
     `manifest` is the new run's header (everything but shards, totals and completeness; a `Manifest`
-    or its JSON object); its `settings_hash` identifies its content; `assigned` are the shard indices this process writes;
+    or its JSON object); its `settings_hash` identifies its content; `assigned` are the shard indices this
+    process writes;
     `shard_ids` the `ids_hash` of each shard's examples, which a file found on resume must match.
     """
 
@@ -162,16 +163,17 @@ class CacheWriter:
             return
         if same and old.sharding.num_shards > 1:
             raise KdpipeError(
-                f"{self.folder} holds part {old.sharding.shard_index} of {old.sharding.num_shards} of this run: "
-                "each --shard-index writes its own folder (e.g. .../part-0, .../part-1), then "
+                f"{self.folder} holds part {old.sharding.shard_index} of {old.sharding.num_shards} of this "
+                "run: each --shard-index writes its own folder (e.g. .../part-0, .../part-1), then "
                 "`kdpipe cache merge PARTS... --output FOLDER` joins them"
             )
         before, after = old.to_dict(), new.to_dict()
-        differ = [key for key in ("teacher", "tokenizer", "template", "dataset", "sparse", "encoding", "sharding")
-                  if _core(before.get(key)) != _core(after.get(key))]
+        sections = ("teacher", "tokenizer", "template", "dataset", "sparse", "encoding", "sharding")
+        differ = [key for key in sections if _core(before.get(key)) != _core(after.get(key))]
         raise KdpipeError(
             f"{self.folder} holds another run (different {', '.join(differ) or 'settings'}: "
-            f"it was written by `{old.command or '?'}`); use another --cache folder or --overwrite to replace it"
+            f"it was written by `{old.command or '?'}`); use another --cache folder or --overwrite to "
+            "replace it"
         )
 
     def _intact(self, shard: ShardEntry, names: list[str]) -> bool:
@@ -184,7 +186,8 @@ class CacheWriter:
         recorded = expected if "ids_sha256" in shard.absent else shard.ids_sha256
         if expected is not None and recorded != expected:
             pass  # recorded for other examples: written again
-        elif name in names and self.store.size(name) == shard.bytes and self.store.sha256(name) == shard.sha256:
+        elif (name in names and self.store.size(name) == shard.bytes
+              and self.store.sha256(name) == shard.sha256):
             return True
         self.store.delete(name)  # never adopted below: a damaged file may still parse
         self.rewritten.append(name)
