@@ -84,3 +84,14 @@ def test_an_unknown_sparse_mode_is_a_clear_error(cache, tmp_path):
     (tmp_path / MANIFEST).write_text(json.dumps(data))
     with pytest.raises(KdpipeError, match="unknown sparse mode 'beam' in a cache manifest"):
         Manifest.read(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["cache-plain", "cache-compact"])
+def test_the_previous_versions_manifests_round_trip(name, tmp_path):
+    """The caches written by the previous version (tests/data/v0): same bytes back, same settings hash."""
+    folder = Path(__file__).parent / "data" / "v0" / name
+    raw = (folder / MANIFEST).read_bytes()
+    m = Manifest.read(folder)
+    m.write(tmp_path)
+    assert (tmp_path / MANIFEST).read_bytes() == raw
+    assert m.compute_settings_hash() == m.settings_hash == reference_hash(json.loads(raw))
