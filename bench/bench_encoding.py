@@ -91,7 +91,7 @@ class Trainee:
         self.data = CacheDataset(cache)
         self.order = BlockShuffleSampler(self.data.sizes, seed).order()
         self.collate = DistillCollator(0, self.model.config.vocab_size, cache.k)
-        self.cfg = DistillLossConfig("fkl", alpha=1.0, sampled=cache.manifest["sparse"]["mode"] == "sampled")
+        self.cfg = DistillLossConfig("fkl", alpha=1.0, sampled=cache.manifest.sampled)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=lr)
         self.batch, self.times = batch, []
 
@@ -220,7 +220,7 @@ def main() -> None:
         untrained = make_student()
         untrained.load_state_dict(student_init)
         base = true_fidelity(untrained.eval(), teacher, heldout)
-        targets = first.manifest["totals"]["target_tokens"]
+        targets = first.manifest.totals.target_tokens
     print(f"teacher: Qwen3 {a.layers} layers x {a.hidden}, vocab {a.vocab:,}, Zipf {a.zipf}, logit scale {a.scale}; "
           f"mean entropy {shape['entropy']:.2f} nats, mean top-1 prob {shape['top1']:.2f}, mean top-32 mass {shape['top32']:.3f}")
     print(f"data: kdpipe:arithmetic, {a.examples} train examples ({targets:,} target tokens, every token distilled), "

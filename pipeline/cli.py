@@ -142,8 +142,8 @@ def cache_merge_cmd(parts: tuple[str, ...], output: str) -> None:
     from kdpipe.cache.tools import merge
 
     merged = merge(list(parts), output)
-    click.echo(f"merged {len(parts)} part(s): {merged['totals']['rows']} examples in "
-               f"{merged['totals']['shards']} shards -> {output}")
+    click.echo(f"merged {len(parts)} part(s): {merged.totals.rows} examples in "
+               f"{merged.totals.shards} shards -> {output}")
 
 
 @main.command("merge-lora")

@@ -159,7 +159,9 @@ def coverage(cache: Any, vmap: vm.VocabMap, teacher: Any, student: Any, limit: i
         aligned += int((a.kd >= 0).sum())
         on_mapped, on_tokens = vm.mapped_mass(e, vmap)
         mass, total = mass + on_mapped, total + on_tokens
-    name = cache.manifest["tokenizer"]["name"]
+    from kdpipe.cache.manifest import as_manifest
+
+    name = as_manifest(cache.manifest).tokenizer.name  # a Manifest (or its JSON, as a test's stand-in has)
     if without_text > 0.01 * rows:
         raise KdpipeError(
             f"cache {cache.path} holds no example text, and for {without_text} of {rows} rows the text "

@@ -32,8 +32,7 @@ import numpy as np
 import torch
 
 from kdpipe.cache.format import CachedExample
-from kdpipe.cache.reader import Cache
-from kdpipe.cache.values import check_decoded
+from kdpipe.cache.reader import Cache, RowGroup
 from kdpipe.tokenize import TokenizedExample
 
 
@@ -41,19 +40,11 @@ class CacheDataset(torch.utils.data.Dataset):
     """Rows of a cache by global index (shard order, then row order), read a row group at a time."""
 
     def __init__(self, cache: Cache, keep_groups: int = 2):
-        self.path, self.store = cache.path, cache.store
-        self._decode = cache._decode
+        self.cache, self.path = cache, cache.path
         self.keep_groups = max(1, keep_groups)
-        self.groups: list[tuple[str, int]] = []  # (shard file, row group index)
-        sizes: list[int] = []
-        for shard in cache.shards:
-            cache.check_present(shard)
-            meta = self.store.parquet(shard["file"]).metadata
-            for g in range(meta.num_row_groups):
-                self.groups.append((shard["file"], g))
-                sizes.append(meta.row_group(g).num_rows)
-        self.sizes = sizes
-        self.starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64).tolist()
+        self.groups: list[RowGroup] = cache.row_groups()
+        self.sizes = [g.rows for g in self.groups]
+        self.starts = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64).tolist()
         self._cache: OrderedDict[int, list[CachedExample]] = OrderedDict()
 
     def __len__(self) -> int:
@@ -69,9 +60,7 @@ class CacheDataset(torch.utils.data.Dataset):
         if g in self._cache:
             self._cache.move_to_end(g)
             return self._cache[g]
-        file, index = self.groups[g]
-        table = self.store.parquet(file).read_row_group(index)
-        rows = check_decoded(self._decode(table), f"{self.store.display(file)} (row group {index})")
+        rows = self.cache.read_row_group(self.groups[g])
         self._cache[g] = rows
         while len(self._cache) > self.keep_groups:
             self._cache.popitem(last=False)

@@ -25,9 +25,9 @@ def check_mixable(caches: Sequence[Any]) -> None:
     """Every cache's targets are interchangeable with the first's; a KdpipeError naming what differs."""
     first = caches[0]
     for other in caches[1:]:
-        for what, get in (("teacher", lambda m: m["teacher"].get("model")),
-                          ("tokenizer (vocabulary hash)", lambda m: m["tokenizer"]["vocab_hash"]),
-                          ("sparse settings", lambda m: m["sparse"])):
+        for what, get in (("teacher", lambda m: m.teacher.model),
+                          ("tokenizer (vocabulary hash)", lambda m: m.tokenizer.vocab_hash),
+                          ("sparse settings", lambda m: m.sparse.to_dict())):
             a, b = get(first.manifest), get(other.manifest)
             if a != b:
                 raise KdpipeError(
@@ -38,7 +38,7 @@ def check_mixable(caches: Sequence[Any]) -> None:
 
 def cache_identity(caches: Sequence[Any]) -> str | list[str]:
     """What a run folder records as its data: one cache's settings hash, or the list of them (in order)."""
-    hashes = [c.manifest["settings_hash"] for c in caches]
+    hashes = [c.manifest.settings_hash for c in caches]
     return hashes[0] if len(hashes) == 1 else hashes
 
 

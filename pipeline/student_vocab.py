@@ -42,11 +42,11 @@ def choose(cfg: Any, cache: Any, tokenizer: Any) -> StudentVocab | None:
     from kdpipe.models import vocab_hash
 
     manifest = cache.manifest
-    same = vocab_hash(tokenizer) == manifest["tokenizer"]["vocab_hash"]
+    same = vocab_hash(tokenizer) == manifest.tokenizer.vocab_hash
     if same and not cfg.cross_tokenizer:
         return None
     teacher = vm.load_teacher_tokenizer(manifest, cfg.teacher_tokenizer, cache.path)
-    vmap = vm.build_map(teacher, tokenizer, manifest["teacher"].get("vocab_size"))
+    vmap = vm.build_map(teacher, tokenizer, manifest.teacher.vocab_size)
     if cfg.cross_tokenizer:
         from kdpipe import cross_tokenizer
 
@@ -55,7 +55,7 @@ def choose(cfg: Any, cache: Any, tokenizer: Any) -> StudentVocab | None:
         return StudentVocab("cross", vmap, teacher, found)
     found = vm.coverage(cache.iter_examples(), vmap, teacher, tokenizer, COVERAGE_ROWS)
     echo_coverage("vocabulary map", vmap, found)
-    vm.check_coverage(found, cfg.min_coverage, cfg.model, manifest["tokenizer"]["name"])
+    vm.check_coverage(found, cfg.min_coverage, cfg.model, manifest.tokenizer.name)
     return StudentVocab("mapped", vmap, teacher, found)
 
 
@@ -147,7 +147,7 @@ def fidelity_rows(cache: Any, student: Any, limit: int | None, min_coverage: flo
 
     outside = np.iinfo(np.int32).max
     teacher = vm.load_teacher_tokenizer(cache.manifest, teacher_tokenizer, cache.path)
-    vmap = vm.build_map(teacher, student, cache.manifest["teacher"].get("vocab_size"))
+    vmap = vm.build_map(teacher, student, cache.manifest.teacher.vocab_size)
     rows = []
     for e in cache.iter_examples():
         if limit and len(rows) >= limit:

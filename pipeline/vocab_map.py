@@ -22,11 +22,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from kdpipe.errors import KdpipeError
+
+if TYPE_CHECKING:
+    from kdpipe.cache.manifest import Manifest
 
 MAP_FILE = "vocab_map.json"
 
@@ -249,11 +252,11 @@ def fallback_id(student: Any) -> int:
     return 0
 
 
-def load_teacher_tokenizer(manifest: dict[str, Any], override: str | None, cache_path: Any) -> Any:
+def load_teacher_tokenizer(manifest: Manifest, override: str | None, cache_path: Any) -> Any:
     """The cache's teacher tokenizer (manifest tokenizer.name, or --teacher-tokenizer)."""
     from kdpipe.models import load_tokenizer, vocab_hash
 
-    name = override or manifest["tokenizer"]["name"]
+    name = override or manifest.tokenizer.name
     try:
         tokenizer = load_tokenizer(name)
     except KdpipeError as e:
@@ -261,7 +264,7 @@ def load_teacher_tokenizer(manifest: dict[str, Any], override: str | None, cache
             f"the student has another tokenizer than the cache's teacher, and matching the two needs the "
             f"teacher's tokenizer, which cannot be loaded: {e}. Pass --teacher-tokenizer PATH (a folder "
             f"or hub id with the tokenizer the cache {cache_path} was made with)") from None
-    if vocab_hash(tokenizer) != manifest["tokenizer"]["vocab_hash"]:
+    if vocab_hash(tokenizer) != manifest.tokenizer.vocab_hash:
         raise KdpipeError(f"--teacher-tokenizer {name} is not the tokenizer the cache {cache_path} was made "
                           "with (its vocabulary hash differs from the manifest's)")
     return tokenizer

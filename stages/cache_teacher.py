@@ -6,20 +6,20 @@ shard by shard: batch by length, score, encode, write (atomically), update the m
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import click
 from tqdm.auto import tqdm
 
 import kdpipe
-from kdpipe.cache.format import ENCODINGS, FORMAT, FORMAT_VERSION, Targets, ids_hash
-from kdpipe.cache.ids import CODING as ID_CODING
+from kdpipe.cache.format import ENCODINGS, Targets, ids_hash
+from kdpipe.cache.manifest import (DatasetInfo, Manifest, Sharding, SparseMode, SparseSpec, TeacherInfo,
+                                   TemplateInfo, TokenizerInfo)
 from kdpipe.cache.storage import Store
 from kdpipe.cache.values import RECOMPUTE, nonfinite, value_stats
-from kdpipe.cache.writer import CacheWriter, now
+from kdpipe.cache.writer import CacheWriter
 from kdpipe.config import progress_disabled
 from kdpipe.data import load_examples
 from kdpipe.errors import KdpipeError
@@ -41,15 +41,23 @@ from kdpipe.tokenize import tokenize_examples
 # The config is defined torch-free in kdpipe.stages.configs (the CLI builds its options from it).
 
 
-def run(cfg: CacheTeacherConfig, command: str = "", teacher: TeacherBackend | None = None) -> dict[str, Any]:
-    """Cache the teacher's targets for `cfg`; returns the final manifest.
+@dataclass(frozen=True)
+class CacheRun:
+    """What `run` did: the cache's final manifest and the seconds spent scoring and writing."""
+
+    manifest: Manifest
+    elapsed_s: float
+
+
+def run(cfg: CacheTeacherConfig, command: str = "", teacher: TeacherBackend | None = None) -> CacheRun:
+    """Cache the teacher's targets for `cfg`; returns the final manifest and the time taken.
 
     `teacher` is a backend already loaded for `cfg` (e.g. to cache several splits with one load);
     otherwise the teacher is loaded here and released at the end, before any later stage.
     """
     if not cfg.model:
         raise KdpipeError("no teacher given: pass --model (or 'model:' in the config file)")
-    if cfg.backend == "vllm" and cfg.sparse_mode == "sampled":
+    if cfg.backend == "vllm" and cfg.sparse_mode == SparseMode.SAMPLED:
         raise KdpipeError("--sparse-mode sampled needs the teacher's full distribution, but --backend vllm only returns "
                           "the top-k prompt log-probs: use --backend hf for sampled caches (or --sparse-mode topk with vllm)")
     pick_device(cfg.device)  # a device this machine lacks: said now, not after tokenizing
@@ -72,11 +80,11 @@ def run(cfg: CacheTeacherConfig, command: str = "", teacher: TeacherBackend | No
 
 
 def _write(cfg: CacheTeacherConfig, command: str, tokenizer: Any, template: Any, selection: Any, examples: list[Any],
-           report: Any, teacher: TeacherBackend, total_shards: int, assigned: list[int]) -> dict[str, Any]:
+           report: Any, teacher: TeacherBackend, total_shards: int, assigned: list[int]) -> CacheRun:
     """Score and write every pending shard of this machine's part."""
-    header = _manifest_header(cfg, command, tokenizer, template, selection, report, teacher, total_shards)
-    encode = ENCODINGS[cfg.encoding][0]
-    meta = _file_metadata(header)
+    header = new_manifest(cfg, command, tokenizer, template, selection, report, teacher, total_shards)
+    encode = ENCODINGS[cfg.encoding].encode
+    meta = header.file_metadata()
     start = time.perf_counter()
     rows_of = {i: examples[i * cfg.rows_per_shard : (i + 1) * cfg.rows_per_shard] for i in assigned}
     shard_ids = {i: ids_hash([e.id for e in rows]) for i, rows in rows_of.items()}
@@ -102,14 +110,13 @@ def _write(cfg: CacheTeacherConfig, command: str, tokenizer: Any, template: Any,
             writer.write(index, table)
         bar.close()
         manifest = writer.manifest
-    manifest["elapsed_s"] = round(time.perf_counter() - start, 2)
-    return manifest
+    return CacheRun(manifest, round(time.perf_counter() - start, 2))
 
 
 def _resume_notes(writer: CacheWriter) -> None:
     """Say what the resume found and repaired."""
     if writer.rebuilt:
-        kept = len(writer.manifest["shards"])
+        kept = len(writer.manifest.shards)
         click.echo(f"note: {writer.rebuilt}: rebuilt from the shards' own metadata ({kept} verified and "
                    "kept, the rest computed again)", err=True)
     if writer.rewritten:
@@ -119,11 +126,11 @@ def _resume_notes(writer: CacheWriter) -> None:
         click.echo(f"note: not adopted, computed again: {', '.join(writer.refused)}", err=True)
 
 
-def _check_finite(t: Targets, example: Any, index: int, header: dict[str, Any]) -> None:
+def _check_finite(t: Targets, example: Any, index: int, header: Manifest) -> None:
     """Refuse a non-finite teacher value where it appears (before anything of its shard is written)."""
     problem = nonfinite(t, example.positions)
     if problem:
-        dtype = header["teacher"]["dtype"]
+        dtype = header.teacher.dtype
         hint = (f"A {dtype} teacher can overflow: rerun with {RECOMPUTE}" if dtype != "float32" else
                 "The teacher already runs in float32 (--dtype fp32), so its checkpoint itself gives them "
                 "(NaN or inf weights?): check the model")
@@ -133,15 +140,14 @@ def _check_finite(t: Targets, example: Any, index: int, header: dict[str, Any]) 
 
 def width(cfg: CacheTeacherConfig) -> int:
     """Ids stored per position: k (top-k) or at most N distinct ids (sampled)."""
-    return cfg.samples if cfg.sparse_mode == "sampled" else cfg.top_k
+    return cfg.samples if cfg.sparse_mode == SparseMode.SAMPLED else cfg.top_k
 
 
-def sparse_section(cfg: CacheTeacherConfig) -> dict[str, Any]:
+def sparse_spec(cfg: CacheTeacherConfig) -> SparseSpec:
     """The manifest's `sparse` section (top-k caches keep the version-1 keys, so their settings hash is unchanged)."""
-    if cfg.sparse_mode == "topk":
-        return {"mode": "topk", "k": cfg.top_k}
-    return {"mode": "sampled", "k": cfg.samples, "samples": cfg.samples,
-            "proposal_temperature": cfg.proposal_temperature, "seed": cfg.seed}
+    if cfg.sparse_mode == SparseMode.TOPK:
+        return SparseSpec.topk(cfg.top_k)
+    return SparseSpec.sampled(cfg.samples, cfg.proposal_temperature, cfg.seed)
 
 
 def _check_model_limits(cfg: CacheTeacherConfig) -> None:
@@ -152,7 +158,7 @@ def _check_model_limits(cfg: CacheTeacherConfig) -> None:
         config = AutoConfig.from_pretrained(resolve_model_name(cfg.model), revision=cfg.revision).get_text_config()
     except Exception:  # the model load right after reports it clearly
         return
-    if cfg.sparse_mode == "topk" and cfg.top_k > config.vocab_size:
+    if cfg.sparse_mode == SparseMode.TOPK and cfg.top_k > config.vocab_size:
         raise KdpipeError(f"top_k={cfg.top_k} is larger than the teacher's vocabulary ({config.vocab_size} tokens)")
     context = getattr(config, "max_position_embeddings", None)
     if context and cfg.max_length > context:
@@ -178,7 +184,7 @@ def _load_teacher(cfg: CacheTeacherConfig) -> TeacherBackend:
 
 def sampling(cfg: CacheTeacherConfig) -> Sampling | None:
     """The HF backend's sampler for sampled mode (None for top-k)."""
-    if cfg.sparse_mode != "sampled":
+    if cfg.sparse_mode != SparseMode.SAMPLED:
         return None
     return Sampling(cfg.samples, cfg.proposal_temperature, cfg.seed)
 
@@ -202,80 +208,47 @@ def _batches(teacher: TeacherBackend, rows: list[Any], cfg: CacheTeacherConfig) 
     return make_batches(rows, cfg.max_batch_tokens, cfg.batch_size)
 
 
-def _manifest_header(cfg: CacheTeacherConfig, command: str, tokenizer: Any, template: Any, selection: Any,
-                     report: Any, teacher: Any, total_shards: int) -> dict[str, Any]:
+def new_manifest(cfg: CacheTeacherConfig, command: str, tokenizer: Any, template: Any, selection: Any,
+                 report: Any, teacher: Any, total_shards: int) -> Manifest:
+    """The new cache's header from the facts of this run: settings, teacher, tokenizer, data read."""
     model = getattr(teacher, "model", None)
     config = getattr(model, "config", None)
-    header = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "kdpipe_version": kdpipe.__version__,
-        "command": command,
-        "created": now(),
-        "updated": now(),
-        "teacher": {
-            "model": resolve_model_name(cfg.model),
-            "revision": cfg.revision,
-            "commit": model_revision(model) if model is not None else None,
-            "dtype": str(getattr(model, "dtype", cfg.dtype)).removeprefix("torch."),
-            "vocab_size": getattr(config, "vocab_size", None),
-            **teacher.info(),
-        },
-        "tokenizer": {
-            "name": getattr(tokenizer, "name_or_path", cfg.model),
-            "vocab_hash": vocab_hash(tokenizer),
-            "vocab_size": len(tokenizer),
-            "eos_token_id": tokenizer.eos_token_id,
-            "pad_token_id": tokenizer.pad_token_id,
-        },
-        "template": {"name": template.name, "add_eos": template.add_eos, "distill_prompt": cfg.distill_prompt,
-                     "label_names": list(cfg.label_names)},
-        "dataset": {
-            "source": selection.source, "split": cfg.split, "part": cfg.part, "heldout_fraction": cfg.heldout_fraction,
-            "seed": cfg.seed, "limit": cfg.limit, "columns": cfg.resolved_columns(), "fingerprint": selection.fingerprint,
-            "max_length": cfg.max_length, "truncation": cfg.truncation,
-            "examples": report.examples, "report": dict(report.counts),
-            "heldout": cfg.heldout or cfg.part == "heldout", "file": selection.file,
-        },
-        "sparse": sparse_section(cfg),
-        "encoding": cfg.encoding,
-        "sharding": {"rows_per_shard": cfg.rows_per_shard, "total_shards": total_shards,
-                     "num_shards": cfg.num_shards, "shard_index": cfg.shard_index},
+    teacher_info = {  # the backend's own facts (backend, its version, perhaps its dtype) override these
+        "model": resolve_model_name(cfg.model),
+        "revision": cfg.revision,
+        "commit": model_revision(model) if model is not None else None,
+        "dtype": str(getattr(model, "dtype", cfg.dtype)).removeprefix("torch."),
+        "vocab_size": getattr(config, "vocab_size", None),
+        **teacher.info(),
     }
-    source = provenance(cfg.dataset)  # a file of `kdpipe generate`: the model and settings that wrote its text
-    if source:
-        header["generated"] = source
-    content = {key: header[key] for key in ("teacher", "tokenizer", "template", "dataset", "sparse", "encoding")}
-    content["teacher"] = {k: v for k, v in content["teacher"].items() if k != "backend_version"}
-    content["dataset"] = {k: v for k, v in content["dataset"].items()
-                          if k not in ("examples", "report", "heldout", "file")}  # facts, not settings
-    content["rows_per_shard"] = cfg.rows_per_shard
-    header["settings_hash"] = hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
-    return header
+    return Manifest.create(
+        kdpipe_version=kdpipe.__version__,
+        command=command,
+        teacher=TeacherInfo.from_dict(teacher_info),
+        tokenizer=TokenizerInfo(
+            name=getattr(tokenizer, "name_or_path", cfg.model), vocab_hash=vocab_hash(tokenizer),
+            vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id),
+        template=TemplateInfo(name=template.name, add_eos=template.add_eos, distill_prompt=cfg.distill_prompt,
+                              label_names=list(cfg.label_names)),
+        dataset=DatasetInfo(
+            source=selection.source, split=cfg.split, part=cfg.part, heldout_fraction=cfg.heldout_fraction,
+            seed=cfg.seed, limit=cfg.limit, columns=cfg.resolved_columns(), fingerprint=selection.fingerprint,
+            max_length=cfg.max_length, truncation=cfg.truncation,
+            examples=report.examples, report=dict(report.counts),
+            heldout=cfg.heldout or cfg.part == "heldout", file=selection.file),
+        sparse=sparse_spec(cfg),
+        encoding=cfg.encoding,
+        sharding=Sharding(rows_per_shard=cfg.rows_per_shard, total_shards=total_shards,
+                          num_shards=cfg.num_shards, shard_index=cfg.shard_index),
+        generated=provenance(cfg.dataset),  # a file of `kdpipe generate`: the model and settings that wrote it
+    )
 
 
-def _file_metadata(header: dict[str, Any]) -> dict[str, Any]:
-    """The key facts repeated in every Parquet file (identical across machines of a split run)."""
-    meta = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "settings_hash": header["settings_hash"],
-        "teacher": header["teacher"]["model"], "teacher_dtype": header["teacher"]["dtype"],
-        "vocab_hash": header["tokenizer"]["vocab_hash"], "template": header["template"]["name"],
-        "dataset": header["dataset"]["source"], "split": header["dataset"]["split"],
-        "sparse_mode": header["sparse"]["mode"], "k": header["sparse"]["k"], "encoding": header["encoding"],
-    }
-    if header["encoding"] != "plain":  # the id width follows from it
-        meta["vocab_size"] = header["teacher"]["vocab_size"]
-        meta["id_coding"] = ID_CODING  # rank-coded ids (kdpipe.cache.ids); shards without it hold raw ids
-    if header["sparse"]["mode"] == "sampled":
-        meta.update(samples=header["sparse"]["samples"], proposal_temperature=header["sparse"]["proposal_temperature"])
-    return meta
-
-
-def summary(manifest: dict[str, Any]) -> str:
-    t = manifest["totals"]
+def summary(result: CacheRun) -> str:
+    m, t = result.manifest, result.manifest.totals
     return (
-        f"{t['rows']} examples, {t['target_tokens']:,} target tokens ({t['tokens']:,} tokens) in {t['shards']} shard(s), "
-        f"{t['bytes'] / 1e6:.2f} MB on disk, {t['bytes_per_target_token']} bytes per target token, "
-        f"{manifest.get('elapsed_s', 0):.1f} s"
-        + "".join(f"; {n} {what}" for what, n in sorted(manifest["dataset"]["report"].items()))
+        f"{t.rows} examples, {t.target_tokens:,} target tokens ({t.tokens:,} tokens) in {t.shards} shard(s), "
+        f"{t.bytes / 1e6:.2f} MB on disk, {t.bytes_per_target_token} bytes per target token, "
+        f"{result.elapsed_s:.1f} s"
+        + "".join(f"; {n} {what}" for what, n in sorted((m.dataset.report or {}).items()))
     )

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kdpipe.config import to_dict
 from kdpipe.errors import KdpipeError
@@ -27,15 +27,18 @@ from kdpipe.stages.configs import (
 from kdpipe.stages.init_model import STAGE as INIT_MODEL
 from kdpipe.stages.init_model import changed
 
+if TYPE_CHECKING:
+    from kdpipe.cache.manifest import Manifest
+
 # ---------------------------------------------------------------- cache-teacher
 
 
-def cache_manifest(location: str) -> dict[str, Any] | None:
+def cache_manifest(location: str) -> Manifest | None:
     """The manifest of a cache folder or URL, None when there is none (yet) or it is unreadable."""
-    from kdpipe.cache.format import read_manifest
+    from kdpipe.cache.manifest import Manifest
 
     try:
-        return read_manifest(location)
+        return Manifest.read(location)
     except (KdpipeError, OSError):
         return None
 
@@ -44,9 +47,9 @@ def _cache_state(cfg: CacheTeacherConfig, command: str, anything_ran: bool) -> t
     manifest = cache_manifest(cfg.cache)
     if manifest is None:
         return "run", ""
-    if manifest.get("command") == command and manifest.get("complete"):
+    if manifest.command == command and manifest.complete:
         return "skip", f"{cfg.cache} is complete with the same settings"
-    if manifest.get("command") == command:
+    if manifest.command == command:
         return "resume", (f"{cfg.cache} is partly written; cache-teacher continues after its last "
                           "complete shard")
     return "run", (f"{cfg.cache} holds another cache; cache-teacher decides (same settings resume, others "
@@ -154,7 +157,7 @@ def run_state(kind: str, cfg: Any, command: str, anything_ran: bool) -> tuple[st
         )
     cached = record.get("identity", {}).get("cache")
     manifests = [cache_manifest(c) for c in (cfg.caches() if hasattr(cfg, "caches") else [])]
-    hashes = [m.get("settings_hash") for m in manifests if m]
+    hashes = [m.settings_hash for m in manifests if m]
     if cached and len(hashes) == len(manifests) and (hashes[0] if len(hashes) == 1 else hashes) != cached:
         raise KdpipeError(f"{out} was trained on another cache than {cfg.cache} (settings differ); "
                           "remove it to train again on this cache")

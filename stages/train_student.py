@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from kdpipe import run_folder, student_vocab, training
+from kdpipe.cache.manifest import SparseMode
 from kdpipe.cache.reader import Cache
 from kdpipe.cache.tools import open_checked
 from kdpipe.errors import KdpipeError
@@ -85,7 +86,7 @@ def sampled_loss_config(cfg: TrainStudentConfig, cache: Cache) -> DistillLossCon
     """The loss for this cache. On a sampled cache `DistillLossConfig` refuses the options whose estimate
     would be biased (the rule is `kdpipe.losses.SAMPLED_SOUND`); this names them as options."""
     try:
-        return cfg.loss_config(sampled=cache.manifest["sparse"]["mode"] == "sampled")
+        return cfg.loss_config(sampled=cache.manifest.sparse.mode is SparseMode.SAMPLED)
     except BiasedOnSampled as e:
         wrong = ", ".join(f"--{name} {value}" for name, value, _ in e.unsound)
         raise KdpipeError(
@@ -99,22 +100,14 @@ def sampled_loss_config(cfg: TrainStudentConfig, cache: Cache) -> DistillLossCon
 def check_context(cache: Cache, model: Any, name: str) -> None:
     """Every cached example fits the student's context (max_position_embeddings)."""
     context = getattr(training.causal_lm(model).config.get_text_config(), "max_position_embeddings", None)
-    if not context or (cache.manifest["dataset"].get("max_length") or context + 1) <= context:
+    if not context or (cache.manifest.dataset.max_length or context + 1) <= context:
         return
-    longest = max(longest_example(cache.path / s["file"]) for s in cache.shards)
+    longest = cache.longest_example()  # through the cache's store: a local folder or an object-storage URL
     if longest > context:
         raise KdpipeError(
             f"cache {cache.path} holds examples of up to {longest} tokens, longer than the student {name}'s context "
             f"({context} tokens); cache the data again with --max-length {context} or pick a student with a longer context"
         )
-
-
-def longest_example(shard: Path) -> int:
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    lengths = pc.list_value_length(pq.read_table(shard, columns=["input_ids"])["input_ids"])
-    return int(pc.max(lengths).as_py() or 0)
 
 
 def student_vocab_size(model: Any) -> int:

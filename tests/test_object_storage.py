@@ -159,6 +159,25 @@ def test_train_student_reads_the_s3_cache(s3, tiny_model_dir, local_cache, tmp_p
     assert losses(tmp_path / "s3run") == losses(tmp_path / "localrun")
 
 
+def test_an_s3_cache_longer_than_the_students_context_is_refused(s3, local_cache, tiny_tokenizer, tmp_path):
+    """The context check reads the S3 shards through the cache's store (it once opened `path / file`
+    with pyarrow directly: a TypeError on a URL) and names the cache and --max-length."""
+    from kdpipe import tiny
+    from kdpipe.cache.reader import open_cache
+
+    url = f"{s3}/long"
+    kdpipe("cache", "merge", local_cache, "--output", url)
+    short = tmp_path / "short"
+    tiny.init_model(short, tiny_tokenizer, max_position_embeddings=16, seed=1)
+    longest = max(len(e.input_ids) for e in open_cache(local_cache).iter_examples())
+    assert longest > 16 and open_cache(url).longest_example() == longest
+    result = kdpipe("train-student", "--cache", url, "--model", short, "--output", tmp_path / "r", ok=False)
+    assert result.exit_code != 0
+    assert (f"cache {url} holds examples of up to {longest} tokens, longer than the student {short}'s context "
+            "(16 tokens); cache the data again with --max-length 16") in " ".join(result.output.split())
+    assert not (tmp_path / "r").exists()
+
+
 def test_missing_bucket_is_a_clear_error(s3, tiny_model_dir):
     result = kdpipe("cache", "verify", "s3://no-such-bucket-kdpipe/x", ok=False)
     assert result.exit_code != 0

@@ -1,4 +1,4 @@
-"""The on-disk cache format (spec: cache/README.md): column schema, encodings, manifest I/O.
+"""The on-disk cache format (spec: cache/README.md): column schema and encodings (manifest: manifest.py).
 
 A cache folder holds ``manifest.json`` and ``shard-NNNNN.parquet`` files. An *encoding* turns the
 teacher's per-position targets into Arrow columns and back; ``plain`` is the default and the one
@@ -11,19 +11,16 @@ import hashlib
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
 
 from kdpipe.cache import ids as ids_coding
-from kdpipe.cache.storage import Store, as_store
-from kdpipe.errors import KdpipeError
+# The manifest's home is kdpipe.cache.manifest; these names stay importable from here (older imports).
+from kdpipe.cache.manifest import (FORMAT, FORMAT_VERSION, MANIFEST, DamagedManifest, Manifest,  # noqa: F401
+                                   SparseMode, read_manifest, write_manifest)
 
-FORMAT = "kdpipe-cache"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
 METADATA_KEY = b"kdpipe"
 
 
@@ -35,10 +32,6 @@ def ids_hash(ids: Sequence[str]) -> str:
     """sha256 of a shard's example ids in row order (a compact JSON array): what proves which shard it is."""
     text = json.dumps(list(ids), ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-class DamagedManifest(KdpipeError):
-    """manifest.json is no readable kdpipe manifest (torn, edited, overwritten); the shards may be intact."""
 
 
 @dataclass
@@ -103,7 +96,7 @@ def _encode(rows: Rows, k: int, metadata: dict[str, Any], bits: int | None) -> p
         "input_ids": _list_array([r[1] for r in rows], id_type),
         "positions": _list_array([r[2] for r in rows], np.int32),
     }
-    if targets and targets[0].sample_counts is not None or metadata.get("sparse_mode") == "sampled":
+    if targets and targets[0].sample_counts is not None or metadata.get("sparse_mode") == SparseMode.SAMPLED:
         ids, cnt, ratio = [], [], []
         for t in targets:
             valid = t.sample_counts > 0
@@ -330,61 +323,3 @@ ENCODINGS = {
     "compact": Encoding(encode_compact, decode, compact_parquet_options),
     "compact16": Encoding(encode_compact16, decode, compact_parquet_options),
 }
-
-
-def read_manifest(folder: str | Path | Store) -> dict[str, Any]:
-    """The manifest of a cache folder (a path or a URL), checked for format and version."""
-    store = as_store(folder)
-    path = store.display(MANIFEST)
-    try:
-        text = store.read_bytes(MANIFEST) if store.is_file(MANIFEST) else None
-    except FileNotFoundError:
-        text = None
-    if text is None:
-        raise KdpipeError(f"{folder} is not a kdpipe cache: {MANIFEST} is missing")
-    repair = "rerunning the cache-teacher command that wrote it rebuilds it from the shards' own metadata"
-    try:
-        manifest = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DamagedManifest(f"{path} is damaged (not valid JSON: {e}); {repair}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise DamagedManifest(f"{path} is not a kdpipe cache manifest; if it was one, {repair}")
-    version = manifest.get("format_version")
-    if isinstance(version, int) and version > FORMAT_VERSION:
-        raise KdpipeError(
-            f"{path} has cache format version {version}, newer than this kdpipe understands ({FORMAT_VERSION}); "
-            "upgrade kdpipe to read it"
-        )
-    damage = _structure_problem(manifest)
-    if damage:
-        raise DamagedManifest(f"{path} is damaged ({damage}); {repair}")
-    return manifest
-
-
-# What the code indexes in a manifest, and the types it relies on.
-_SECTIONS = {"settings_hash": str, "complete": bool, "encoding": str, "totals": dict, "sharding": dict,
-             "shards": list, "teacher": dict, "tokenizer": dict, "template": dict, "dataset": dict,
-             "sparse": dict}
-_SHARD_KEYS = {"file": str, "index": int, "rows": int, "tokens": int, "target_tokens": int, "bytes": int,
-               "sha256": str}
-
-
-def _structure_problem(manifest: dict[str, Any]) -> str | None:
-    """Why a manifest that parses is still not one kdpipe can use (None when it is)."""
-    if not isinstance(manifest.get("format_version"), int):
-        return "no integer format_version"
-    for key, kind in _SECTIONS.items():
-        if not isinstance(manifest.get(key), kind):
-            return f"'{key}' is {'missing' if key not in manifest else 'not a ' + kind.__name__}"
-    for key in ("total_shards", "rows_per_shard"):
-        if not isinstance(manifest["sharding"].get(key), int):
-            return f"sharding.{key} is missing"
-    for i, shard in enumerate(manifest["shards"]):
-        if not isinstance(shard, dict) or any(not isinstance(shard.get(k), t) for k, t in _SHARD_KEYS.items()):
-            return f"shard entry {i} lacks one of {', '.join(_SHARD_KEYS)}"
-    return None
-
-
-def write_manifest(folder: str | Path | Store, manifest: dict[str, Any]) -> None:
-    """Write the manifest whole (atomic locally and on object storage): a reader never sees half of one."""
-    as_store(folder).write_bytes(MANIFEST, (json.dumps(manifest, indent=2, sort_keys=False) + "\n").encode())

@@ -9,77 +9,69 @@ from typing import Any
 
 import numpy as np
 
-from kdpipe.cache.format import (ENCODINGS, MANIFEST, METADATA_KEY, ids_hash, read_manifest, shard_name,
-                                 write_manifest)
+from kdpipe.cache.format import ENCODINGS, METADATA_KEY, ids_hash, shard_name
+from kdpipe.cache.manifest import MANIFEST, Manifest, ShardEntry, Totals, as_manifest, now, write_manifest
 from kdpipe.cache.storage import Store
 from kdpipe.cache.values import nonfinite
 from kdpipe.cache.verified import RECORD
-from kdpipe.cache.writer import now, totals
 from kdpipe.errors import KdpipeError
 
 
 def info(path: str | Path) -> dict[str, Any]:
     """A summary of a cache: teacher, data, sparse mode, encoding, sizes, completeness."""
-    m = read_manifest(path)
-    t = totals(m["shards"])  # what is listed, not what the manifest's totals claim
+    m = Manifest.read(path)
+    t = Totals.of(m.shards)  # what is listed, not what the manifest's totals claim
     problems = check_listing(m, str(path))
     # over-long examples cut or skipped (see kdpipe.tokenize); none is the norm
-    cut = "; ".join(f"{n} {what}" for what, n in sorted(m["dataset"].get("report", {}).items()) if n)
+    cut = "; ".join(f"{n} {what}" for what, n in sorted((m.dataset.report or {}).items()) if n)
     return {
         "path": str(path),
-        "complete": m["complete"] and not problems,
+        "complete": m.complete and not problems,
         **({"problems": f"{'; '.join(problems)}; run `kdpipe cache verify {path}`"} if problems else {}),
-        "teacher": m["teacher"]["model"],
-        "teacher_dtype": m["teacher"]["dtype"],
-        "backend": m["teacher"].get("backend"),
-        "tokenizer": m["tokenizer"]["name"],
-        "dataset": f"{m['dataset']['source']} [{m['dataset']['split']}, part {m['dataset']['part']}]",
-        "template": m["template"]["name"],
-        "sparse_mode": m["sparse"]["mode"],
-        **({"samples": m["sparse"]["samples"], "proposal_temperature": m["sparse"]["proposal_temperature"]}
-           if m["sparse"]["mode"] == "sampled" else {"k": m["sparse"]["k"]}),
-        "encoding": m["encoding"],
-        "shards": f"{t['shards']} of {m['sharding']['total_shards']}",
-        "examples": t["rows"],
-        "tokens": t["tokens"],
-        "target_tokens": t["target_tokens"],
-        "mean_target_tokens_per_example": round(t["target_tokens"] / t["rows"], 1) if t["rows"] else 0,
-        "bytes": t["bytes"],
-        "bytes_per_target_token": t["bytes_per_target_token"],
-        "examples_cut_or_skipped": cut or f"none (every example fit max_length={m['dataset']['max_length']})",
-        "kdpipe_version": m["kdpipe_version"],
-        "command": m["command"],
+        "teacher": m.teacher.model,
+        "teacher_dtype": m.teacher.dtype,
+        "backend": m.teacher.backend,
+        "tokenizer": m.tokenizer.name,
+        "dataset": f"{m.dataset.source} [{m.dataset.split}, part {m.dataset.part}]",
+        "template": m.template.name,
+        "sparse_mode": m.mode.value,
+        **({"samples": m.samples, "proposal_temperature": m.sparse.proposal_temperature}
+           if m.sampled else {"k": m.k}),
+        "encoding": m.encoding,
+        "shards": f"{t.shards} of {m.sharding.total_shards}",
+        "examples": t.rows,
+        "tokens": t.tokens,
+        "target_tokens": t.target_tokens,
+        "mean_target_tokens_per_example": round(t.target_tokens / t.rows, 1) if t.rows else 0,
+        "bytes": t.bytes,
+        "bytes_per_target_token": t.bytes_per_target_token,
+        "examples_cut_or_skipped": cut or f"none (every example fit max_length={m.max_length})",
+        "kdpipe_version": m.kdpipe_version,
+        "command": m.command,
     }
 
 
 def verify(path: str | Path, values: bool = True) -> list[str]:
     """Every problem found (empty when the cache is intact): checksums, schema, counts, value sanity."""
     store = Store.open(path)
-    m = read_manifest(store)
+    m = Manifest.read(store)
     problems = []
-    if not m["complete"]:
-        missing = len(set(part_indices(m)) - {s["index"] for s in m["shards"]})
+    if not m.complete:
+        missing = len(set(m.part_indices()) - {s.index for s in m.shards})
         problems.append(f"{store}: incomplete, {missing} shard(s) not written yet (rerun the same command to resume)")
     problems += check_listing(m, store.display(MANIFEST))
     seen: dict[str, str] = {}  # example id -> the shard holding it
-    for shard in m["shards"]:
+    for shard in m.shards:
         problems += _verify_shard(store, shard, m, values, seen)
     return problems
 
 
-def part_indices(m: dict[str, Any]) -> list[int]:
-    """The shard indices the manifest's part holds when complete (all of them for a whole or merged cache)."""
-    sharding = m["sharding"]
-    n, part = sharding.get("num_shards", 1), sharding.get("shard_index", 0)
-    return [i for i in range(sharding["total_shards"]) if i % n == part]
-
-
-def check_listing(m: dict[str, Any], where: str) -> list[str]:
+def check_listing(m: Manifest, where: str) -> list[str]:
     """The listed shards against the sharding and totals: each index once, in range and in its own file, with
     the rows the dataset gives it; a complete manifest lists every shard of its part; totals add up."""
-    sharding, shards = m["sharding"], m["shards"]
-    total, rps, examples = sharding["total_shards"], sharding["rows_per_shard"], m["dataset"].get("examples")
-    problems, indices, part = [], [s["index"] for s in shards], set(part_indices(m))
+    sharding, shards = m.sharding, m.shards
+    total, rps, examples = sharding.total_shards, sharding.rows_per_shard, m.dataset.examples
+    problems, indices, part = [], [s.index for s in shards], set(m.part_indices())
     twice = sorted(i for i, n in Counter(indices).items() if n > 1)
     if twice:
         problems.append(f"{where}: shard(s) {twice} listed twice")
@@ -87,47 +79,47 @@ def check_listing(m: dict[str, Any], where: str) -> list[str]:
         problems.append(f"{where}: {examples} examples in shards of {rps} make {-(-examples // rps)} shards, "
                         f"not {total}")
     for s in shards:
-        i = s["index"]
+        i = s.index
         if i not in part:
-            of_part = " (of its part)" if sharding.get("num_shards", 1) > 1 and 0 <= i < total else ""
+            of_part = " (of its part)" if sharding.num_shards > 1 and 0 <= i < total else ""
             problems.append(f"{where}: lists shard {i}, which is not one of this cache's {total} shards"
                             f"{of_part}")
-        elif s["file"] != shard_name(i):
-            problems.append(f"{where}: shard {i} is listed as {s['file']}, not {shard_name(i)}")
-        elif isinstance(examples, int) and s["rows"] != min(rps, examples - i * rps):
-            problems.append(f"{where}: shard {i} is listed with {s['rows']} rows; of {examples} examples in "
+        elif s.file != shard_name(i):
+            problems.append(f"{where}: shard {i} is listed as {s.file}, not {shard_name(i)}")
+        elif isinstance(examples, int) and s.rows != min(rps, examples - i * rps):
+            problems.append(f"{where}: shard {i} is listed with {s.rows} rows; of {examples} examples in "
                             f"shards of {rps} it holds {min(rps, examples - i * rps)}")
     missing = sorted(part - set(indices))
-    if m["complete"] and missing:
+    if m.complete and missing:
         problems.append(f"{where} says the cache is complete but does not list shard(s) {missing[:10]} "
                         f"({len(set(indices) & part)} of {len(part)} listed); rerun the cache-teacher command "
                         "that wrote it to compute them")
-    listed = totals(shards)
+    listed = Totals.of(shards)
     differ = [k for k in ("shards", "rows", "tokens", "target_tokens", "bytes")
-              if m["totals"].get(k) != listed[k]]
+              if getattr(m.totals, k) != getattr(listed, k)]
     if differ:
-        claimed = ", ".join(f"{k} {m['totals'].get(k)}" for k in differ)
+        claimed = ", ".join(f"{k} {getattr(m.totals, k)}" for k in differ)
         problems.append(f"{where}: its totals ({claimed}) differ from the listed shards' "
-                        f"({', '.join(f'{k} {listed[k]}' for k in differ)})")
+                        f"({', '.join(f'{k} {getattr(listed, k)}' for k in differ)})")
     return problems
 
 
-def _verify_shard(store: Store, shard: dict[str, Any], m: dict[str, Any], values: bool,
+def _verify_shard(store: Store, shard: ShardEntry, m: Manifest, values: bool,
                   seen: dict[str, str] | None = None) -> list[str]:
-    name, file = shard["file"], store.display(shard["file"])
+    name, file = shard.file, store.display(shard.file)
     if not store.is_file(name):
         return [f"{file}: missing"]
     try:  # the footer alone: tells a shard of another run from a damaged one
         footer = json.loads(store.parquet(name).schema_arrow.metadata[METADATA_KEY])
     except Exception:
         footer = None
-    if footer is not None and footer.get("settings_hash") != m["settings_hash"]:
+    if footer is not None and footer.get("settings_hash") != m.settings_hash:
         return [f"{file}: belongs to another run than {store.display(MANIFEST)} (settings hash differs): "
                 "the shard or the manifest was replaced"]
     size = store.size(name)
-    if size != shard["bytes"]:
-        return [f"{file}: size {size} bytes, the manifest says {shard['bytes']} (truncated or replaced)"]
-    if store.sha256(name) != shard["sha256"]:
+    if size != shard.bytes:
+        return [f"{file}: size {size} bytes, the manifest says {shard.bytes} (truncated or replaced)"]
+    if store.sha256(name) != shard.sha256:
         return [f"{file}: sha256 checksum mismatch (the file is damaged)"]
     try:
         table = store.parquet(name).read()
@@ -135,27 +127,27 @@ def _verify_shard(store: Store, shard: dict[str, Any], m: dict[str, Any], values
     except Exception as e:
         return [f"{file}: unreadable Parquet ({str(e).splitlines()[0][:200]})"]
     problems = []
-    if meta.get("settings_hash") != m["settings_hash"]:
+    if meta.get("settings_hash") != m.settings_hash:
         problems.append(f"{file}: written by another run (settings hash differs from the manifest's)")
-    if table.num_rows != shard["rows"]:
-        problems.append(f"{file}: {table.num_rows} rows, the manifest says {shard['rows']}")
+    if table.num_rows != shard.rows:
+        problems.append(f"{file}: {table.num_rows} rows, the manifest says {shard.rows}")
     problems += [f"{file}: {p}" for p in _identity_problems(table, meta, shard, seen)]
     if values and not problems:
         problems += [f"{file}: {p}" for p in check_values(table, m)]
     return problems
 
 
-def _identity_problems(table: Any, meta: dict[str, Any], shard: dict[str, Any],
+def _identity_problems(table: Any, meta: dict[str, Any], shard: ShardEntry,
                        seen: dict[str, str] | None) -> list[str]:
     """The shard is the one it is listed as: its metadata's shard index, the hash of its example ids (both
     absent from caches written before kdpipe recorded them, which are then not checked for them), and no
     example id in two shards."""
     ids = table["id"].to_pylist()
     digest, problems = ids_hash(ids), []
-    if meta.get("shard_index", shard["index"]) != shard["index"]:
+    if meta.get("shard_index", shard.index) != shard.index:
         problems.append(f"its metadata says it is shard {meta['shard_index']}, "
-                        f"the manifest lists it as shard {shard['index']}")
-    for whose, recorded in (("manifest's", shard.get("ids_sha256")), ("metadata's", meta.get("ids_sha256"))):
+                        f"the manifest lists it as shard {shard.index}")
+    for whose, recorded in (("manifest's", shard.ids_sha256), ("metadata's", meta.get("ids_sha256"))):
         if recorded is not None and recorded != digest:
             problems.append(f"its example ids do not match the {whose} ids hash (it holds other examples)")
     if seen is not None:
@@ -163,7 +155,7 @@ def _identity_problems(table: Any, meta: dict[str, Any], shard: dict[str, Any],
             if example_id in seen and not problems:
                 problems.append(f"example id '{example_id}' is also in {seen[example_id]} "
                                 "(a shard copied over another)")
-            seen.setdefault(example_id, shard["file"])
+            seen.setdefault(example_id, shard.file)
     return problems
 
 
@@ -183,12 +175,13 @@ def open_checked(path: str | Path, verify_mode: str = "fast") -> Any:
     return cache
 
 
-def check_values(table: Any, m: dict[str, Any]) -> list[str]:
+def check_values(table: Any, manifest: Manifest | dict[str, Any]) -> list[str]:
     """Decoded values are sane: log-probs <= 0, top-k sorted, tail mass in [0, 1], ids in the vocabulary
     (sampled caches: counts summing to N, distinct ids, most often drawn first, a finite estimate)."""
-    decode = ENCODINGS[m["encoding"]].decode
-    vocab = m["teacher"].get("vocab_size") or np.iinfo(np.int32).max
-    sampled = m["sparse"]["mode"] == "sampled"
+    m = as_manifest(manifest)
+    decode = ENCODINGS[m.encoding].decode
+    vocab = m.vocab_size or np.iinfo(np.int32).max
+    sampled = m.sampled
     problems = []
     for e in decode(table):
         t, where = e.targets, f"example '{e.id}'"
@@ -199,8 +192,7 @@ def check_values(table: Any, m: dict[str, Any]) -> list[str]:
         elif np.any(t.target_logprob > 1e-6):
             problems.append(f"{where}: a log-prob is positive or NaN")
         elif sampled:
-            problems += [f"{where}: {p}" for p in _check_sampled(t, int(m["sparse"]["samples"]),
-                                                                 float(m["sparse"]["proposal_temperature"]))][:1]
+            problems += [f"{where}: {p}" for p in _check_sampled(t, int(m.samples), m.proposal_temperature)][:1]
         elif np.any(t.topk_logprobs > 0):
             problems.append(f"{where}: a log-prob is positive or NaN")
         elif np.any(np.diff(t.topk_logprobs, axis=1) > 0):
@@ -233,7 +225,7 @@ def _check_sampled(t: Any, n: int, proposal_temperature: float) -> list[str]:
     return problems
 
 
-def merge(parts: list[str | Path], output: str | Path) -> dict[str, Any]:
+def merge(parts: list[str | Path], output: str | Path) -> Manifest:
     """Join the caches of a `--num-shards/--shard-index` split into one folder (hard links where possible).
 
     Every part's shards are verified first (size, sha256, the shard they are); nothing is linked from a
@@ -243,22 +235,22 @@ def merge(parts: list[str | Path], output: str | Path) -> dict[str, Any]:
     """
     out = Store.open(output)
     stores = [Store.open(p) for p in parts]
-    manifests = [read_manifest(s) for s in stores]
+    manifests = [Manifest.read(s) for s in stores]
     first = manifests[0]
     for path, m in zip(parts, manifests):
-        if m["settings_hash"] != first["settings_hash"] or m["sharding"]["rows_per_shard"] != first["sharding"]["rows_per_shard"]:
+        if m.settings_hash != first.settings_hash or m.sharding.rows_per_shard != first.sharding.rows_per_shard:
             raise KdpipeError(f"{path} is not a part of the same run as {parts[0]} (different settings); cannot merge")
-    shards: dict[int, tuple[Store, dict[str, Any]]] = {}
+    shards: dict[int, tuple[Store, ShardEntry]] = {}
     for store, m in zip(stores, manifests):
-        for s in m["shards"]:
-            if s["index"] in shards:
-                raise KdpipeError(f"shard {s['index']} is in both {shards[s['index']][0]} and {store}")
-            shards[s["index"]] = (store, s)
-    total = first["sharding"]["total_shards"]
+        for s in m.shards:
+            if s.index in shards:
+                raise KdpipeError(f"shard {s.index} is in both {shards[s.index][0]} and {store}")
+            shards[s.index] = (store, s)
+    total = first.sharding.total_shards
     missing = sorted(set(range(total)) - set(shards))
     if missing:
         raise KdpipeError(f"the parts lack shard(s) {missing[:10]} of {total}: finish those parts first (rerun them)")
-    owner = {s["index"]: m for m in manifests for s in m["shards"]}
+    owner = {s.index: m for m in manifests for s in m.shards}
     problems = [p for i, (store, s) in sorted(shards.items())
                 for p in _verify_shard(store, s, owner[i], values=False)]
     if problems:
@@ -272,15 +264,15 @@ def merge(parts: list[str | Path], output: str | Path) -> dict[str, Any]:
         for name in [n for n in out.names() if n.startswith(".") and n.endswith(".tmp")]:
             out.delete(name)  # a temp file of a killed merge
         for _, (store, s) in sorted(shards.items()):
-            name = s["file"]
-            if out.is_file(name) and out.size(name) == s["bytes"] and out.sha256(name) == s["sha256"]:
+            if out.is_file(s.file) and out.size(s.file) == s.bytes and out.sha256(s.file) == s.sha256:
                 continue  # put in place by a merge that was killed
-            out.delete(s["file"])
-            out.copy_from(store, s["file"])
-        merged = {**first, "shards": entries, "totals": totals(entries), "complete": True, "updated": now(),
-                  "sharding": {**first["sharding"], "num_shards": 1, "shard_index": 0},
-                  "merged_from": [{"path": str(p), "command": m["command"]} for p, m in zip(parts, manifests)]}
-        merged["dataset"] = {**first["dataset"], "examples": merged["totals"]["rows"]}
+            out.delete(s.file)
+            out.copy_from(store, s.file)
+        merged = first.with_shards(entries, complete=True, updated=now())
+        merged = merged.replace(
+            sharding=first.sharding.replace(num_shards=1, shard_index=0),
+            merged_from=[{"path": str(p), "command": m.command} for p, m in zip(parts, manifests)],
+            dataset=first.dataset.replace(examples=merged.totals.rows))
         write_manifest(out, merged)  # last, atomically: a folder with a manifest is a finished merge
     return merged
 

@@ -26,7 +26,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from kdpipe.cache.format import MANIFEST
+from kdpipe.cache.manifest import MANIFEST, Manifest, ShardEntry
 from kdpipe.cache.storage import Store
 
 RECORD = ".kdpipe-verified.json"
@@ -34,29 +34,29 @@ VERSION = 1
 Mode = Literal["fast", "full"]
 
 
-def check_for_use(store: Store, m: dict[str, Any], mode: Mode = "fast") -> list[str]:
+def check_for_use(store: Store, m: Manifest, mode: Mode = "fast") -> list[str]:
     """Problems that stop a cache from being used (empty: usable); updates the verification record."""
-    from kdpipe.cache.tools import _verify_shard, check_listing, part_indices
+    from kdpipe.cache.tools import _verify_shard, check_listing
 
     if mode not in ("fast", "full"):
         raise ValueError(f"verify must be fast or full, not {mode!r}")
     problems = []
-    if not m["complete"]:
-        missing = len(set(part_indices(m)) - {s["index"] for s in m["shards"]})
+    if not m.complete:
+        missing = len(set(m.part_indices()) - {s.index for s in m.shards})
         problems.append(f"{store}: incomplete, {missing} shard(s) not written yet (rerun the same command to resume)")
     problems += check_listing(m, store.display(MANIFEST))
     old = read_record(store) if store.local else {}
     passed: dict[str, dict[str, Any]] = {}
     seen: dict[str, str] = {}
-    for shard in m["shards"]:
-        name = shard["file"]
+    for shard in m.shards:
+        name = shard.file
         stamp = _stamp(store, name, shard, m)
         if stamp is None:  # missing: the full check names it
             problems += _verify_shard(store, shard, m, False, seen)
             continue
-        if stamp["bytes"] != shard["bytes"]:
+        if stamp["bytes"] != shard.bytes:
             problems.append(f"{store.display(name)}: size {stamp['bytes']} bytes, the manifest says "
-                            f"{shard['bytes']} (truncated or replaced)")
+                            f"{shard.bytes} (truncated or replaced)")
             continue
         if mode == "fast" and old.get(name) == stamp:
             passed[name] = stamp
@@ -70,7 +70,7 @@ def check_for_use(store: Store, m: dict[str, Any], mode: Mode = "fast") -> list[
     return problems
 
 
-def _stamp(store: Store, name: str, shard: dict[str, Any], m: dict[str, Any]) -> dict[str, Any] | None:
+def _stamp(store: Store, name: str, shard: ShardEntry, m: Manifest) -> dict[str, Any] | None:
     """What the record keeps of a shard: its file's size, mtime, ctime, inode, and what the manifest says of it."""
     if store.local:
         try:
@@ -78,7 +78,7 @@ def _stamp(store: Store, name: str, shard: dict[str, Any], m: dict[str, Any]) ->
         except FileNotFoundError:
             return None
         return {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "inode": st.st_ino,
-                "sha256": shard["sha256"], "settings_hash": m["settings_hash"]}
+                "sha256": shard.sha256, "settings_hash": m.settings_hash}
     if not store.is_file(name):
         return None
     return {"bytes": store.size(name)}  # object storage: never skipped (no record)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-from datetime import datetime, timezone
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +13,9 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 
-from kdpipe.cache.format import (ENCODINGS, MANIFEST, METADATA_KEY, DamagedManifest, ids_hash, read_manifest,
-                                 shard_name, write_manifest)
+from kdpipe.cache.format import ENCODINGS, METADATA_KEY, ids_hash, shard_name
+from kdpipe.cache.manifest import (MANIFEST, DamagedManifest, Manifest, ShardEntry, Totals, as_entry,
+                                   as_manifest, now, write_manifest)
 from kdpipe.cache.ids import split_file_metadata
 from kdpipe.cache.storage import Lease, Store, as_store
 from kdpipe.cache.verified import RECORD
@@ -24,7 +25,7 @@ ROW_GROUP_ROWS = 256
 
 
 def write_shard(folder: str | Path | Store, index: int, table: pa.Table) -> dict[str, Any]:
-    """Write `table` as shard `index`; return its manifest entry (rows, tokens, bytes, sha256)."""
+    """Write `table` as shard `index`; return its manifest entry (rows, tokens, bytes, sha256) as JSON."""
     data = shard_bytes(table)
     as_store(folder).write_bytes(shard_name(index), data)
     return shard_entry(index, table, data)
@@ -49,19 +50,21 @@ def parquet_options(schema: pa.Schema) -> dict[str, Any]:
 
 
 def shard_entry(index: int, table: pa.Table, data: bytes) -> dict[str, Any]:
-    """A shard's manifest entry: counts, size, sha256, the hash of its example ids, its value statistics."""
+    """A shard's manifest entry as manifest.json lists it (`ShardEntry.from_dict` types it): counts, size,
+    sha256, the hash of its example ids, its value statistics."""
     stats = footer(table.schema).get("stats")
-    return {
-        "file": shard_name(index),
-        "index": index,
-        "rows": table.num_rows,
-        "tokens": int(pa.compute.sum(pa.compute.list_value_length(table["input_ids"])).as_py() or 0),
-        "target_tokens": int(pa.compute.sum(pa.compute.list_value_length(table["positions"])).as_py() or 0),
-        "bytes": len(data),
-        "sha256": hashlib.sha256(data).hexdigest(),
-        "ids_sha256": ids_hash(table["id"].to_pylist()),
-        **({"stats": stats} if stats else {}),
-    }
+    return ShardEntry(
+        file=shard_name(index),
+        index=index,
+        rows=table.num_rows,
+        tokens=int(pa.compute.sum(pa.compute.list_value_length(table["input_ids"])).as_py() or 0),
+        target_tokens=int(pa.compute.sum(pa.compute.list_value_length(table["positions"])).as_py() or 0),
+        bytes=len(data),
+        sha256=hashlib.sha256(data).hexdigest(),
+        ids_sha256=ids_hash(table["id"].to_pylist()),
+        stats=stats or None,
+        absent=frozenset() if stats else frozenset({"stats"}),
+    ).to_dict()
 
 
 def footer(schema: pa.Schema) -> dict[str, Any]:
@@ -73,16 +76,17 @@ class CacheWriter:
     """A cache folder (a path or an object-storage URL, see `kdpipe.cache.storage`) being written:
     lock, resume, refuse a foreign run, write shards, keep the manifest.
 
-    `manifest` is the new run's header (everything but shards, totals and completeness);
-    `settings_hash` identifies its content; `assigned` are the shard indices this process writes;
+    `manifest` is the new run's header (everything but shards, totals and completeness; a `Manifest`
+    or its JSON object); its `settings_hash` identifies its content; `assigned` are the shard indices this
+    process writes;
     `shard_ids` the `ids_hash` of each shard's examples, which a file found on resume must match.
     """
 
-    def __init__(self, folder: str | Path, manifest: dict[str, Any], assigned: list[int],
+    def __init__(self, folder: str | Path, manifest: Manifest | Mapping[str, Any], assigned: list[int],
                  overwrite: bool = False, shard_ids: dict[int, str] | None = None):
         self.store, self.assigned, self.overwrite = as_store(folder), assigned, overwrite
         self.folder = self.store.url
-        self.manifest = {**manifest, "complete": False, "shards": [], "totals": {}}
+        self.manifest = as_manifest(manifest).replace(complete=False, shards=(), totals=Totals.empty())
         self.shard_ids = shard_ids or {}
         self._held = contextlib.ExitStack()
         self.rewritten: list[str] = []  # recorded shards found missing or damaged on resume (written again)
@@ -104,23 +108,23 @@ class CacheWriter:
 
     @property
     def done(self) -> set[int]:
-        return {s["index"] for s in self.manifest["shards"]}
+        return {s.index for s in self.manifest.shards}
 
     def pending(self) -> list[int]:
         return [i for i in self.assigned if i not in self.done]
 
     def write(self, index: int, table: pa.Table) -> dict[str, Any]:
-        """Write shard `index` and record it in the manifest (in that order: a crash between them is adopted on resume)."""
+        """Write shard `index` and record it in the manifest (in that order: a crash between them is adopted
+        on resume); returns its entry as manifest.json lists it."""
         entry = write_shard(self.store, index, table)
         self._record(entry)
         return entry
 
-    def _record(self, entry: dict[str, Any]) -> None:
-        shards = sorted([s for s in self.manifest["shards"] if s["index"] != entry["index"]] + [entry], key=lambda s: s["index"])
-        self.manifest["shards"] = shards
-        self.manifest["totals"] = totals(shards)
-        self.manifest["complete"] = not self.pending()
-        self.manifest["updated"] = now()
+    def _record(self, entry: ShardEntry | Mapping[str, Any]) -> None:
+        entry = as_entry(entry)
+        shards = [s for s in self.manifest.shards if s.index != entry.index] + [entry]
+        self.manifest = self.manifest.with_shards(shards, complete=False, updated=now())
+        self.manifest = self.manifest.replace(complete=not self.pending())
         self._lease.check()
         write_manifest(self.store, self.manifest)
 
@@ -134,51 +138,56 @@ class CacheWriter:
                 store.delete(old)
             names = store.names()
         try:
-            old = read_manifest(store) if MANIFEST in names else None
+            old = Manifest.read(store) if MANIFEST in names else None
         except DamagedManifest as e:
             if any(n not in (MANIFEST, ".lock", Lease.NAME, RECORD) and not _is_shard(n) for n in names):
                 raise
             self.rebuilt, old = e.message.split("; ")[0], None  # only shards beside it: adopted once checked
         if old is not None:
             self._check_same_run(old)
-            self.manifest["created"] = old.get("created", self.manifest.get("created"))
-            self.manifest["shards"] = [s for s in old["shards"] if self._intact(s, names)]
+            created = old.created if "created" not in old.absent else self.manifest.created
+            kept = tuple(s for s in old.shards if self._intact(s, names))
+            self.manifest = self.manifest.replace(created=created, shards=kept)
         elif not self.rebuilt and any(n not in (".lock", Lease.NAME, RECORD) for n in names):
             raise KdpipeError(f"{self.folder} is not empty and holds no kdpipe cache; choose another --cache folder")
         self._adopt_unrecorded(set(store.names()))  # listed again: damaged shards were just removed
         if self.rewritten or self.refused or self.rebuilt:  # repaired: the verification record goes with it
             store.delete(RECORD)
-        self.manifest["complete"] = not self.pending()
-        self.manifest["totals"] = totals(self.manifest["shards"])
+        self.manifest = self.manifest.with_shards(self.manifest.shards, complete=not self.pending())
         write_manifest(store, self.manifest)
 
-    def _check_same_run(self, old: dict[str, Any]) -> None:
+    def _check_same_run(self, old: Manifest) -> None:
         new = self.manifest
-        if old.get("settings_hash") == new["settings_hash"] and old.get("sharding") == new["sharding"]:
+        same = old.settings_hash == new.settings_hash
+        if same and old.sharding.to_dict() == new.sharding.to_dict():
             return
-        if old.get("settings_hash") == new["settings_hash"] and old.get("sharding", {}).get("num_shards", 1) > 1:
-            part = old["sharding"]
+        if same and old.sharding.num_shards > 1:
             raise KdpipeError(
-                f"{self.folder} holds part {part['shard_index']} of {part['num_shards']} of this run: each --shard-index "
-                "writes its own folder (e.g. .../part-0, .../part-1), then `kdpipe cache merge PARTS... --output FOLDER` "
-                "joins them"
+                f"{self.folder} holds part {old.sharding.shard_index} of {old.sharding.num_shards} of this "
+                "run: each --shard-index writes its own folder (e.g. .../part-0, .../part-1), then "
+                "`kdpipe cache merge PARTS... --output FOLDER` joins them"
             )
-        differ = [key for key in ("teacher", "tokenizer", "template", "dataset", "sparse", "encoding", "sharding") if _core(old.get(key)) != _core(new.get(key))]
+        before, after = old.to_dict(), new.to_dict()
+        sections = ("teacher", "tokenizer", "template", "dataset", "sparse", "encoding", "sharding")
+        differ = [key for key in sections if _core(before.get(key)) != _core(after.get(key))]
         raise KdpipeError(
             f"{self.folder} holds another run (different {', '.join(differ) or 'settings'}: "
-            f"it was written by `{old.get('command', '?')}`); use another --cache folder or --overwrite to replace it"
+            f"it was written by `{old.command or '?'}`); use another --cache folder or --overwrite to "
+            "replace it"
         )
 
-    def _intact(self, shard: dict[str, Any], names: list[str]) -> bool:
+    def _intact(self, shard: ShardEntry, names: list[str]) -> bool:
         """A recorded shard is kept when its size and sha256 match the manifest (and its entry is this run's
         shard: its own file name, this shard's example ids); otherwise it is removed and written again."""
-        name, expected = shard["file"], self.shard_ids.get(shard["index"])
-        if name != shard_name(shard["index"]):  # an edited entry: the file may be another shard's, keep it
-            self.rewritten.append(shard_name(shard["index"]))
+        name, expected = shard.file, self.shard_ids.get(shard.index)
+        if name != shard_name(shard.index):  # an edited entry: the file may be another shard's, keep it
+            self.rewritten.append(shard_name(shard.index))
             return False
-        if expected is not None and shard.get("ids_sha256", expected) != expected:
+        recorded = expected if "ids_sha256" in shard.absent else shard.ids_sha256
+        if expected is not None and recorded != expected:
             pass  # recorded for other examples: written again
-        elif name in names and self.store.size(name) == shard["bytes"] and self.store.sha256(name) == shard["sha256"]:
+        elif (name in names and self.store.size(name) == shard.bytes
+              and self.store.sha256(name) == shard.sha256):
             return True
         self.store.delete(name)  # never adopted below: a damaged file may still parse
         self.rewritten.append(name)
@@ -202,12 +211,12 @@ class CacheWriter:
             try:
                 table = pq.ParquetFile(pa.BufferReader(data)).read()  # with the file metadata (id ranks)
                 meta = json.loads(table.schema.metadata[METADATA_KEY])
-                check_decoded(ENCODINGS[self.manifest["encoding"]].decode(table), name)
+                check_decoded(ENCODINGS[self.manifest.encoding].decode(table), name)
             except Exception as e:
                 self._refuse(name, "holding non-finite values" if isinstance(e, KdpipeError) else
                              "unreadable")
                 continue
-            if meta.get("settings_hash") != self.manifest["settings_hash"]:
+            if meta.get("settings_hash") != self.manifest.settings_hash:
                 if self.rebuilt:  # no manifest says whose it is: refuse rather than delete another run's work
                     raise KdpipeError(f"{self.store.display(name)} belongs to another run (settings hash "
                                       f"differs) and {MANIFEST} is damaged; use another --cache folder or "
@@ -219,8 +228,9 @@ class CacheWriter:
                 why = f"its metadata says shard {claimed}" if claimed != index else "it holds other examples"
                 self._refuse(name, f"not shard {index}: {why}")
                 continue
-            self.manifest["shards"].append(shard_entry(index, table, data))
-        self.manifest["shards"].sort(key=lambda s: s["index"])
+            adopted = (*self.manifest.shards, as_entry(shard_entry(index, table, data)))
+            self.manifest = self.manifest.replace(shards=adopted)
+        self.manifest = self.manifest.replace(shards=tuple(self.manifest.sorted_shards))
 
     def _refuse(self, name: str, why: str) -> None:
         self.store.delete(name)
@@ -232,22 +242,9 @@ def _is_shard(name: str) -> bool:
     return shard or (name.startswith(".") and name.endswith(".tmp"))  # a shard or the temp file of one
 
 
-def totals(shards: list[dict[str, Any]]) -> dict[str, Any]:
-    rows = sum(s["rows"] for s in shards)
-    target = sum(s["target_tokens"] for s in shards)
-    size = sum(s["bytes"] for s in shards)
-    return {
-        "shards": len(shards),
-        "rows": rows,
-        "tokens": sum(s["tokens"] for s in shards),
-        "target_tokens": target,
-        "bytes": size,
-        "bytes_per_target_token": round(size / target, 2) if target else None,
-    }
-
-
-def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+def totals(shards: Sequence[ShardEntry | Mapping[str, Any]]) -> dict[str, Any]:
+    """The totals section of these shard entries, as JSON (see `Totals.of`)."""
+    return Totals.of(as_entry(s) for s in shards).to_dict()
 
 
 def _core(section: Any) -> Any:

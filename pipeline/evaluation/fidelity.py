@@ -20,7 +20,7 @@ def open_heldout(location: str, echo: Callable[[str], None] = print, specs: Sequ
     from kdpipe.cache.tools import open_checked
 
     cache = open_checked(location, verify)
-    data = cache.manifest.get("dataset") or {}
+    data = cache.manifest.dataset
     records = [read_json(s.run / RUN_FILE, quiet=True) for s in specs if s.run]
     trained = [t for t in {c for r in records for c in run_caches(r)} if t and _exists(t)]
     if trained:
@@ -31,9 +31,9 @@ def open_heldout(location: str, echo: Callable[[str], None] = print, specs: Sequ
                 echo(f"note: {shared} of the {len(mine)} examples of cache {location} are also in {other}, "
                      "the training cache of a run evaluated here; fidelity on training data flatters a "
                      "student")
-    elif not (data.get("heldout") or data.get("part") == "heldout" or data.get("split") != "train"):
+    elif not (data.heldout or data.part == "heldout" or data.split != "train"):
         echo(f"note: cache {location} is of training data as far as its manifest says (split=train, "
-             f"part={data.get('part')}); fidelity on training data flatters a student. A separate test file: "
+             f"part={data.part}); fidelity on training data flatters a student. A separate test file: "
              "cache it with --heldout")
     return cache
 
@@ -41,9 +41,8 @@ def open_heldout(location: str, echo: Callable[[str], None] = print, specs: Sequ
 def example_hashes(cache: Any) -> set[bytes]:
     """sha256 of each cached example's token ids (ids like train-0 repeat across files; the tokens do not)."""
     hashes = set()
-    for shard in cache.shards:
-        for ids in cache.store.parquet(shard["file"]).read(columns=["input_ids"])["input_ids"].to_pylist():
-            hashes.add(hashlib.sha256(np.asarray(ids, np.int64).tobytes()).digest())
+    for ids in cache.iter_input_ids():  # through the cache's store: a folder or an object-storage URL
+        hashes.add(hashlib.sha256(np.asarray(ids, np.int64).tobytes()).digest())
     return hashes
 
 
@@ -62,15 +61,16 @@ def fidelity(model: Any, tokenizer: Any, cache: Any, cfg: Any, spec: Any) -> dic
     import torch
 
     from kdpipe import metrics, scoring
+    from kdpipe.cache.manifest import SparseMode
     from kdpipe.models import vocab_hash
 
     manifest = cache.manifest
-    if manifest["sparse"]["mode"] != "topk":
-        mode = manifest["sparse"]["mode"]
+    if manifest.sparse.mode is not SparseMode.TOPK:
+        mode = manifest.sparse.mode.value
         spec.notes.append(f"no fidelity: cache {cache.path} is {mode}; fidelity needs a top-k cache")
         return {}
     rows = []
-    if vocab_hash(tokenizer) != manifest["tokenizer"]["vocab_hash"]:  # another tokenizer: by token string
+    if vocab_hash(tokenizer) != manifest.tokenizer.vocab_hash:  # another tokenizer: by token string
         from kdpipe import student_vocab
         from kdpipe.errors import KdpipeError
 

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kdpipe import run_folder
 from kdpipe.errors import KdpipeError
 from kdpipe.run_folder import EXPERIMENT_FILE, RUN_FILE
+
+if TYPE_CHECKING:
+    from kdpipe.cache.manifest import Manifest
 
 __all__ = ["EXPERIMENT_FILE", "RUN_FILE", "read_json"]
 FINISHED = ("complete", "done")
@@ -61,17 +64,17 @@ def settings_from_experiment(cfg: Any, settings: dict[str, Any]) -> None:
             setattr(cfg, name, value)
 
 
-def cache_manifest(location: str | None) -> dict[str, Any]:
-    """The manifest of the cache at `location` (a folder or an object-storage URL), or {} where there
+def cache_manifest(location: str | None) -> Manifest | None:
+    """The manifest of the cache at `location` (a folder or an object-storage URL), or None where there
     is none to read: a run's cache may have been moved or deleted since it trained."""
     if not location:
-        return {}
+        return None
     from kdpipe.cache.reader import open_cache
 
     try:
         return open_cache(location).manifest
     except (KdpipeError, OSError, ValueError):
-        return {}
+        return None
 
 
 def run_caches(record: dict[str, Any]) -> list[str]:
@@ -83,7 +86,7 @@ def run_caches(record: dict[str, Any]) -> list[str]:
 def run_teacher(record: dict[str, Any]) -> str | None:
     """The teacher of a train-student run: the model its (first) cache was written with."""
     manifest = cache_manifest((run_caches(record) or [None])[0])
-    return (manifest.get("teacher") or {}).get("model")
+    return manifest.teacher.model if manifest else None
 
 
 def data_from_run(cfg: Any, record: dict[str, Any], echo: Callable[[str], None]) -> None:
@@ -93,9 +96,10 @@ def data_from_run(cfg: Any, record: dict[str, Any], echo: Callable[[str], None])
     data = dict(run_cfg)
     if record.get("kind") == "train-student" and run_cfg.get("cache"):
         manifest = cache_manifest(run_caches(record)[0])
-        template = manifest.get("template") or {}
-        data = {**(manifest.get("dataset") or {}), "template": template.get("name"),
-                "label_names": template.get("label_names")}
+        data = {}
+        if manifest:
+            data = {**manifest.dataset.to_dict(), "template": manifest.template.name,
+                    "label_names": manifest.template.label_names}
         data["dataset"] = data.get("source")
     if not data.get("dataset"):
         return
