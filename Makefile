@@ -1,7 +1,7 @@
 # Two commands set everything up on a fresh machine:
 #   make demo   install kdpipe into .venv and run the offline demo (kdpipe run configs/demo.yaml: build and
 #               train a tiny teacher, cache it, distil a student, SFT baseline, table; no hub, CPU)
-#   make test   install kdpipe with its test extras into .venv and run the test suite
+#   make test   install kdpipe with its test extras into .venv, run `ruff check .`, then the test suite
 #   make install  only install kdpipe (no test extras) into .venv
 PYTHON ?= python3
 VENV   ?= .venv
@@ -44,5 +44,7 @@ demo: $(VENV)/.installed
 clean-demo:
 	rm -rf runs/demo cache/demo cache/demo-heldout
 
+# Lint first (ruff, from the test extras; rules in pyproject.toml): a style slip fails fast, before the suite
 test: $(VENV)/.installed-vllm
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q

@@ -78,7 +78,7 @@ def main() -> None:
             def forward() -> None:
                 for batch in batches:
                     ids, mask = pad_batch(batch, 0, device)
-                    model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+                    model(input_ids=ids, attention_mask=mask, use_cache=False)
 
             @torch.inference_mode()
             def limit() -> None:

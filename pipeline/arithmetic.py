@@ -73,7 +73,8 @@ BUILTIN = {"kdpipe:arithmetic": generate, "kdpipe:arithmetic-long": generate_lon
 
 
 def carry_free_addend(n: int, rng: random.Random) -> int:
-    """A random first addend of `n`'s width whose digits never exceed `n`'s (the second keeps the width too)."""
+    """A random first addend of `n`'s width whose digits never exceed `n`'s (the second keeps the width
+    too)."""
     digits = [int(d) for d in str(n)]
     first = [rng.randint(1, digits[0] - 1)] + [rng.randint(0, d) for d in digits[1:]]
     return int("".join(map(str, first)))
@@ -82,4 +83,5 @@ def carry_free_addend(n: int, rng: random.Random) -> int:
 def check(instruction: str, answer: str) -> bool:
     """True when `answer` is ``a + b`` with positive integers that add up to `instruction`."""
     match = _ANSWER.match(answer)
-    return bool(match) and all(int(x) > 0 for x in match.groups()) and sum(map(int, match.groups())) == int(instruction)
+    return (bool(match) and all(int(x) > 0 for x in match.groups())
+            and sum(map(int, match.groups())) == int(instruction))

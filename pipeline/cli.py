@@ -111,7 +111,8 @@ def cache_info_cmd(path: str, as_json: bool) -> None:
         return
     width = max(map(len, summary))
     for key, value in summary.items():
-        click.echo(f"{key:<{width}}  {value:,}" if isinstance(value, int) and not isinstance(value, bool) else f"{key:<{width}}  {value}")
+        click.echo(f"{key:<{width}}  {value:,}" if isinstance(value, int) and not isinstance(value, bool)
+                   else f"{key:<{width}}  {value}")
 
 
 @cache_group.command("verify")
@@ -196,20 +197,23 @@ def stage_command(stage: Stage) -> click.Command:
                    "every token]")
 @click.option("--max-length", type=int, default=512, show_default=True)
 @click.option("--top-k", type=int, default=32, show_default=True)
-@click.option("--encoding", type=click.Choice(["plain", "compact", "compact16"]), default="compact", show_default=True)
+@click.option("--encoding", type=click.Choice(["plain", "compact", "compact16"]), default="compact",
+              show_default=True)
 @click.option("--sparse-mode", type=click.Choice(["topk", "sampled"]), default="topk", show_default=True)
 @click.option("--samples", type=int, default=12, show_default=True, help="Sampled mode: draws per position.")
 @click.option("--lora/--full", default=True, help="LoRA (default) or every weight of the student.")
 @click.option("--lora-r", type=int, default=16, show_default=True)
 @click.option("--batch-size", type=int, default=8, show_default=True, help="The student's micro-batch.")
-@click.option("--gradient-checkpointing", is_flag=True, help="The student recomputes activations in backward.")
+@click.option("--gradient-checkpointing", is_flag=True,
+              help="The student recomputes activations in backward.")
 @click.option("--backend", type=click.Choice(["hf", "vllm"]), default="hf", show_default=True)
 @click.option("--vllm-gpu-memory-utilization", type=float, default=0.9, show_default=True)
 @click.option("--vllm-max-num-batched-tokens", type=int, default=8192, show_default=True)
-@click.option("--dtype", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto", show_default=True,
-              help="Teacher dtype (auto: fp16 below compute capability 8, bf16 from 8, fp32 on CPU).")
-@click.option("--precision", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto", show_default=True,
-              help="Student mixed precision (same rule).")
+@click.option("--dtype", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto",
+              show_default=True, help="Teacher dtype (auto: fp16 below compute capability 8, bf16 from 8, "
+                                      "fp32 on CPU).")
+@click.option("--precision", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto",
+              show_default=True, help="Student mixed precision (same rule).")
 @click.option("--efficiency", type=float, default=0.35, show_default=True, help="Fraction of peak FLOP/s "
                                                                                 "reached.")
 @click.option("--layers", type=int, default=None, help="Plan with this many layers (as bench_real_shapes "
@@ -218,14 +222,15 @@ def stage_command(stage: Stage) -> click.Command:
 def plan_cmd(teacher: str | None, student: str | None, gpu: str | None, gpu_memory_gb: float | None,
              dataset: str | None, limit: int | None, tokens: float | None, mean_length: float | None,
              targets_per_example: float | None, max_length: int, top_k: int, encoding: str, sparse_mode: str,
-             samples: int, lora: bool, lora_r: int, batch_size: int, gradient_checkpointing: bool, backend: str,
-             vllm_gpu_memory_utilization: float, vllm_max_num_batched_tokens: int, dtype: str, precision: str,
-             efficiency: float, layers: int | None, as_json: bool) -> None:
+             samples: int, lora: bool, lora_r: int, batch_size: int, gradient_checkpointing: bool,
+             backend: str, vllm_gpu_memory_utilization: float, vllm_max_num_batched_tokens: int, dtype: str,
+             precision: str, efficiency: float, layers: int | None, as_json: bool) -> None:
     """Predict each stage's peak memory, whether it fits, the largest batch, its time and the cache's size.
 
     \b
     Example:
-      kdpipe plan --teacher Qwen3-4B --student Qwen3-0.6B --gpu t4 --dataset imdb --mean-length 300 --targets-per-example 2
+      kdpipe plan --teacher Qwen3-4B --student Qwen3-0.6B --gpu t4 --dataset imdb --mean-length 300 \\
+        --targets-per-example 2
     From config.json only (no weights are loaded); stages: cache-teacher, train-student, and for
     comparison online KD with both models resident and the student's SFT alone.
     """
@@ -248,8 +253,10 @@ def plan_cmd(teacher: str | None, student: str | None, gpu: str | None, gpu_memo
     if examples is None:
         examples = max(1, round(tokens / mean_length))
     w = plan.Workload(examples=examples, mean_length=mean_length,
-                      targets_per_example=targets_per_example if targets_per_example is not None else mean_length - 1,
-                      max_length=max_length, top_k=top_k, encoding=encoding, sparse_mode=sparse_mode, samples=samples,
+                      targets_per_example=(targets_per_example if targets_per_example is not None
+                                           else mean_length - 1),
+                      max_length=max_length, top_k=top_k, encoding=encoding, sparse_mode=sparse_mode,
+                      samples=samples,
                       backend=backend, lora=lora, lora_r=lora_r, batch_size=batch_size, efficiency=efficiency,
                       gradient_checkpointing=gradient_checkpointing,
                       vllm_gpu_memory_utilization=vllm_gpu_memory_utilization,

@@ -23,7 +23,8 @@ C = TypeVar("C")
 
 
 def option(default: Any, help: str, flag: str | None = None) -> Any:
-    """A config field with its ``--help`` text; `flag` overrides the option spelling (e.g. "--lora/--full")."""
+    """A config field with its ``--help`` text; `flag` overrides the option spelling (e.g.
+    "--lora/--full")."""
     factory = isinstance(default, (dict, list))
     kwargs = {"default_factory": (lambda d=default: type(d)(d))} if factory else {"default": default}
     return dataclasses.field(metadata={"help": help, "flag": flag}, **kwargs)
@@ -39,7 +40,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except yaml.YAMLError as e:
         raise KdpipeError(f"config file {path} is not valid YAML: {e}") from None
     if not isinstance(data, dict):
-        raise KdpipeError(f"config file {path} must hold a mapping of keys to values, not {type(data).__name__}")
+        raise KdpipeError(f"config file {path} must hold a mapping of keys to values, "
+                          f"not {type(data).__name__}")
     return data
 
 
@@ -113,7 +115,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         try:
             number = hint(value)
         except (TypeError, ValueError):
-            raise KdpipeError(f"{where} must be {'an integer' if hint is int else 'a number'}, not {value!r}") from None
+            raise KdpipeError(f"{where} must be {'an integer' if hint is int else 'a number'}, "
+                              f"not {value!r}") from None
         if not math.isfinite(number):  # nan passes every range check (all comparisons are false), inf most
             raise KdpipeError(f"{where} must be a finite number, not {value!r}")
         return number

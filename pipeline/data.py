@@ -39,20 +39,26 @@ KNOWN_DATASETS: dict[str, dict[str, Any]] = {
 class DataConfig:
     """Which examples to use and how to turn them into tokens."""
 
-    dataset: str | None = option(None, "Hub dataset name, local .jsonl/.json/.csv/.parquet file, or kdpipe:arithmetic.")
+    dataset: str | None = option(None, "Hub dataset name, local .jsonl/.json/.csv/.parquet file, or "
+                                       "kdpipe:arithmetic.")
     split: str = option("train", "Dataset split.")
     part: Literal["all", "train", "heldout"] = option(
         "all", "Which part of the split: all, train (without the held-out part) or heldout."
     )
     heldout_fraction: float = option(0.05, "Fraction of the split held out (by a hash of each example id).")
     limit: int | None = option(None, "Use at most this many examples (after choosing the part).")
-    columns: dict[str, str] = option({}, "Template field to dataset column mapping, e.g. text=sentence,label=y.")
-    id_column: str | None = option(None, "Column with a stable example id (default: 'id' if present, else the row index).")
-    template: str = option("auto", "alpaca, sentiment, sentiment-think, guanaco, chat, text, arithmetic, a template .yaml file, or auto.")
-    label_names: list[str] = option(["negative", "positive"], "Names for integer labels (sentiment templates).")
+    columns: dict[str, str] = option({}, "Template field to dataset column mapping, e.g. "
+                                         "text=sentence,label=y.")
+    id_column: str | None = option(None, "Column with a stable example id (default: 'id' if present, else "
+                                         "the row index).")
+    template: str = option("auto", "alpaca, sentiment, sentiment-think, guanaco, chat, text, arithmetic, a "
+                                   "template .yaml file, or auto.")
+    label_names: list[str] = option(["negative", "positive"],
+                                    "Names for integer labels (sentiment templates).")
     max_length: int = option(2048, "Longest tokenized example.")
     truncation: Literal["error", "skip", "truncate", "truncate-prompt"] = option(
-        "truncate", "Over-long examples: error, skip, truncate (cut the end) or truncate-prompt (cut the prompt's start)."
+        "truncate", "Over-long examples: error, skip, truncate (cut the end) or truncate-prompt (cut the "
+                    "prompt's start)."
     )
     distill_prompt: bool = option(False, "Distill every token, not only the completion.")
     seed: int = option(0, "Seed of the held-out split and of everything random.")
@@ -72,7 +78,8 @@ class DataConfig:
             return self.template
         from kdpipe.generated_file import generated_template  # a file of `kdpipe generate` knows its template
 
-        return KNOWN_DATASETS.get(self.dataset or "", {}).get("template") or generated_template(self.dataset) or "alpaca"
+        return (KNOWN_DATASETS.get(self.dataset or "", {}).get("template") or generated_template(self.dataset)
+                or "alpaca")
 
     def resolved_columns(self) -> dict[str, str]:
         return {**KNOWN_DATASETS.get(self.dataset or "", {}).get("columns", {}), **self.columns}
@@ -108,11 +115,13 @@ def load_examples(cfg: DataConfig) -> Selection:
     for name, column in mapping.items():
         if column not in columns:
             raise KdpipeError(
-                f"dataset {cfg.dataset} has no column '{column}' (mapped to field '{name}'); columns: {', '.join(columns)}"
+                f"dataset {cfg.dataset} has no column '{column}' (mapped to field '{name}'); "
+                f"columns: {', '.join(columns)}"
             )
     id_column = cfg.id_column or ("id" if "id" in columns else None)
     if cfg.id_column and cfg.id_column not in columns:
-        raise KdpipeError(f"dataset {cfg.dataset} has no id column '{cfg.id_column}'; columns: {', '.join(columns)}")
+        raise KdpipeError(f"dataset {cfg.dataset} has no id column '{cfg.id_column}'; "
+                          f"columns: {', '.join(columns)}")
     examples, seen = [], set()
     for index, row in enumerate(rows):
         fields = dict(row)
@@ -129,7 +138,8 @@ def load_examples(cfg: DataConfig) -> Selection:
     if cfg.limit is not None:
         examples = examples[: cfg.limit]
     if not examples:
-        raise KdpipeError(f"no examples left in {cfg.dataset} after choosing part={cfg.part}, limit={cfg.limit}")
+        raise KdpipeError(f"no examples left in {cfg.dataset} after choosing part={cfg.part}, "
+                          f"limit={cfg.limit}")
     return Selection(examples, cfg.dataset, columns, fingerprint(examples), source_file(cfg.dataset))
 
 
@@ -162,7 +172,8 @@ def fingerprint(examples: Sequence[Example]) -> str:
 def _read_rows(source: str, split: str) -> tuple[list[dict[str, Any]], list[str]]:
     if source.startswith("kdpipe:"):
         if source not in arithmetic.BUILTIN:
-            raise KdpipeError(f"unknown built-in dataset {source}; the built-in ones are {', '.join(arithmetic.BUILTIN)}")
+            raise KdpipeError(f"unknown built-in dataset {source}; the built-in ones are "
+                              f"{', '.join(arithmetic.BUILTIN)}")
         try:
             rows = arithmetic.BUILTIN[source](split)
         except ValueError as e:
@@ -179,8 +190,8 @@ def _read_local(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
 
     fmt = LOCAL_FORMATS.get(path.suffix.lower())
     if path.is_dir():
-        raise KdpipeError(f"dataset {path} is a directory; --dataset takes one {'/'.join(LOCAL_FORMATS)} file "
-                          "(or a hub dataset name or kdpipe:arithmetic)")
+        raise KdpipeError(f"dataset {path} is a directory; --dataset takes one "
+                          f"{'/'.join(LOCAL_FORMATS)} file (or a hub dataset name or kdpipe:arithmetic)")
     if not path.is_file():
         raise KdpipeError(f"dataset file {path} does not exist")
     if path.stat().st_size == 0:
@@ -208,7 +219,8 @@ def _check_json_lines(path: Path) -> None:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise KdpipeError(f"dataset file {path}, line {number}: not UTF-8 ({e.reason} at byte {e.start})") from None
+                raise KdpipeError(f"dataset file {path}, line {number}: not UTF-8 "
+                                  f"({e.reason} at byte {e.start})") from None
             if not line.strip():
                 continue
             try:
@@ -216,7 +228,8 @@ def _check_json_lines(path: Path) -> None:
             except json.JSONDecodeError as e:
                 raise KdpipeError(f"dataset file {path}, line {number}: malformed JSON ({e.msg})") from None
             if not isinstance(value, dict):
-                raise KdpipeError(f"dataset file {path}, line {number}: expected a JSON object, got {type(value).__name__}")
+                raise KdpipeError(f"dataset file {path}, line {number}: expected a JSON object, "
+                                  f"got {type(value).__name__}")
             objects += 1
     if not objects:
         raise KdpipeError(f"dataset file {path} holds no example (only blank lines); "

@@ -53,14 +53,14 @@ class GeneratedFile:
     def _adopt(self, planned: list[str]) -> None:
         """Keep what a previous run with the same settings wrote (drop a cut-off last line)."""
         if not self.side.exists():
-            raise KdpipeError(f"--output {self.path} already exists and was not written by kdpipe generate (no "
-                              f"{self.side.name} beside it); choose another --output or pass --overwrite")
+            raise KdpipeError(f"--output {self.path} already exists and was not written by kdpipe generate "
+                              f"(no {self.side.name} beside it); choose another --output or pass --overwrite")
         before = self._read_side()
         if before.get("settings_hash") != self.hash:
             changed = _changes(before.get("settings") or {}, self.settings)
-            raise KdpipeError(f"--output {self.path} was generated with other settings ({'; '.join(changed)}); "
-                              "rerun with the same settings to continue it, choose another --output, or pass "
-                              "--overwrite to start again")
+            raise KdpipeError(f"--output {self.path} was generated with other settings "
+                              f"({'; '.join(changed)}); rerun with the same settings to continue it, "
+                              "choose another --output, or pass --overwrite to start again")
         if not self.path.exists():
             return
         keep, ids = 0, []
@@ -75,8 +75,8 @@ class GeneratedFile:
                                       "wrote (edited?); pass --overwrite to generate it again") from None
                 keep += len(line)
         if ids != planned[: len(ids)]:
-            raise KdpipeError(f"--output {self.path} holds other rows than these settings give (edited?); pass "
-                              "--overwrite to generate it again")
+            raise KdpipeError(f"--output {self.path} holds other rows than these settings give (edited?); "
+                              "pass --overwrite to generate it again")
         if keep != self.path.stat().st_size:
             with open(self.path, "r+b") as f:
                 f.truncate(keep)
@@ -135,7 +135,8 @@ def provenance(dataset: str | None) -> dict[str, Any] | None:
         return None
     settings = record.get("settings") or {}
     return {"model": settings.get("model"), "backend": settings.get("backend"),
-            "sampling": settings.get("sampling"), "settings": settings, "settings_hash": record.get("settings_hash"),
+            "sampling": settings.get("sampling"), "settings": settings,
+            "settings_hash": record.get("settings_hash"),
             "complete": record.get("complete"), "rows": record.get("rows"),
             "matches": record.get("sha256") == file_sha256(Path(dataset))}
 

@@ -84,8 +84,9 @@ def make_jobs(examples: Sequence[Any], template: Any, tokenizer: Any, field: str
     jobs, slot, skipped = [], None, {"skipped (prompt too long)": 0}
     for e in examples:
         if template.name == "chat" and e.fields.get("messages"):
-            raise KdpipeError(f"example '{e.id}': kdpipe generate fills the 'output' field of instruction/output "
-                              "rows; conversations in 'messages' are not supported (use instruction/output rows)")
+            raise KdpipeError(f"example '{e.id}': kdpipe generate fills the 'output' field of "
+                              "instruction/output rows; conversations in 'messages' are not supported (use "
+                              "instruction/output rows)")
         segments = template.render({**e.fields, field: SENTINEL}, e.id, tokenizer)
         trained = [i for i, s in enumerate(segments) if s.trained]
         if trained != [len(segments) - 1] or SENTINEL not in segments[-1].text:
@@ -120,7 +121,8 @@ def row_seed(seed: int, example_id: str, sample: int) -> int:
 
 
 def check_can_generate(model: str, revision: str | None) -> None:
-    """Refuse, before any weights load, a model that is not a causal LM (it has no LM head to generate with)."""
+    """Refuse, before any weights load, a model that is not a causal LM (it has no LM head to generate
+    with)."""
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -131,8 +133,9 @@ def check_can_generate(model: str, revision: str | None) -> None:
     except Exception:  # the model load reports it, with the offline hint
         return
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise KdpipeError(f"--model {model} (model type '{config.model_type}') is not a causal LM, so it cannot "
-                          "generate: pass a decoder model that AutoModelForCausalLM loads (e.g. Qwen3, Llama)")
+        raise KdpipeError(f"--model {model} (model type '{config.model_type}') is not a causal LM, so it "
+                          "cannot generate: pass a decoder model that AutoModelForCausalLM loads (e.g. "
+                          "Qwen3, Llama)")
 
 
 class SeededSampler:
@@ -154,7 +157,8 @@ class SeededSampler:
         scores[:, self.vocab:] = -torch.inf  # padded LM-head rows are no tokens of the tokenizer
         if self.temperature == 0:
             return scores
-        uniforms = torch.tensor([rng.random() for rng in self.rngs], dtype=torch.float64, device=scores.device)
+        uniforms = torch.tensor([rng.random() for rng in self.rngs], dtype=torch.float64,
+                                device=scores.device)
         probs = torch.softmax(scores.double() / self.temperature, dim=-1)
         sorted_probs, order = torch.sort(probs, dim=-1, descending=True, stable=True)
         cdf = torch.cumsum(sorted_probs, dim=-1)
@@ -176,7 +180,8 @@ class HFGenerator:
     def __init__(self, model: Any, tokenizer: Any, temperature: float, top_p: float, max_new_tokens: int,
                  seed: int):
         self.model, self.tokenizer = model, tokenizer
-        self.temperature, self.top_p, self.max_new_tokens, self.seed = temperature, top_p, max_new_tokens, seed
+        self.temperature, self.top_p = temperature, top_p
+        self.max_new_tokens, self.seed = max_new_tokens, seed
         self.eos = eos_ids(model, tokenizer)
 
     @classmethod
@@ -209,7 +214,8 @@ class HFGenerator:
         try:
             with torch.no_grad():
                 out = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                          generation_config=config, logits_processor=LogitsProcessorList([sampler]))
+                                          generation_config=config,
+                                          logits_processor=LogitsProcessorList([sampler]))
         finally:
             torch.set_num_threads(threads)
         results = []
@@ -251,9 +257,9 @@ def load_causal_lm(name: str, dtype: str, device: str, revision: str | None) -> 
         raise KdpipeError(_load_error("model", name, resolved, e)) from None
     head = [k for k in info.get("missing_keys", []) if "lm_head" in k or "embed_out" in k]
     if head:
-        raise KdpipeError(f"--model {name} has no LM head ({sorted(head)[0]} is missing from its checkpoint): "
-                          "it is a base model without the layer that predicts tokens, so it cannot generate; "
-                          "pass the causal-LM checkpoint (...ForCausalLM)")
+        raise KdpipeError(f"--model {name} has no LM head ({sorted(head)[0]} is missing from its "
+                          "checkpoint): it is a base model without the layer that predicts tokens, so it "
+                          "cannot generate; pass the causal-LM checkpoint (...ForCausalLM)")
     if "device_map" not in kwargs:
         model.to(target)
     return model.eval()

@@ -19,13 +19,15 @@ class VllmGenerator:
 
     backend = "vllm"
 
-    def __init__(self, llm: Any, temperature: float, top_p: float, max_new_tokens: int, seed: int, eos: list[int]):
+    def __init__(self, llm: Any, temperature: float, top_p: float, max_new_tokens: int, seed: int,
+                 eos: list[int]):
         self.llm, self.eos = llm, eos
-        self.temperature, self.top_p, self.max_new_tokens, self.seed = temperature, top_p, max_new_tokens, seed
+        self.temperature, self.top_p = temperature, top_p
+        self.max_new_tokens, self.seed = max_new_tokens, seed
 
     @classmethod
-    def load(cls, name: str, tokenizer: Any, dtype: str, device: str, revision: str | None, max_model_len: int | None,
-             gpu_memory_utilization: float, **sampling: Any) -> VllmGenerator:
+    def load(cls, name: str, tokenizer: Any, dtype: str, device: str, revision: str | None,
+             max_model_len: int | None, gpu_memory_utilization: float, **sampling: Any) -> VllmGenerator:
         import torch
 
         from kdpipe.models import resolve_model_name
@@ -39,8 +41,8 @@ class VllmGenerator:
         )
 
         if device not in ("auto", "cpu", "cuda"):
-            raise KdpipeError(f"--device {device} is not supported with --backend vllm: use --device auto/cpu/cuda "
-                              "and choose GPUs with CUDA_VISIBLE_DEVICES")
+            raise KdpipeError(f"--device {device} is not supported with --backend vllm: use --device "
+                              "auto/cpu/cuda and choose GPUs with CUDA_VISIBLE_DEVICES")
         cpu = on_cpu(device)
         if cpu:
             for key, value in CPU_ENV_DEFAULTS.items():
@@ -55,7 +57,8 @@ class VllmGenerator:
             kwargs["max_model_len"] = max_model_len
         if cpu:
             kwargs["enforce_eager"] = True  # skip torch.compile: minutes of start-up
-        threading = (torch.set_num_threads, torch.get_num_threads())  # vLLM's CPU worker replaces set_num_threads
+        # vLLM's CPU worker replaces set_num_threads
+        threading = (torch.set_num_threads, torch.get_num_threads())
         try:
             llm = vllm.LLM(**kwargs)
         except Exception as e:  # vLLM raises many types
@@ -79,7 +82,8 @@ class VllmGenerator:
         from kdpipe.teacher_vllm import _first_line
 
         prompts = [TokensPrompt(prompt_token_ids=list(j.prompt_ids)) for j in jobs]
-        params = [SamplingParams(temperature=self.temperature, top_p=self.top_p, max_tokens=self.max_new_tokens,
+        params = [SamplingParams(temperature=self.temperature, top_p=self.top_p,
+                                 max_tokens=self.max_new_tokens,
                                  seed=row_seed(self.seed, j.example_id, j.sample), detokenize=False,
                                  stop_token_ids=self.eos or None) for j in jobs]
         try:

@@ -31,9 +31,10 @@ def check_mixable(caches: Sequence[Any]) -> None:
             a, b = get(first.manifest), get(other.manifest)
             if a != b:
                 raise KdpipeError(
-                    f"caches {first.path} and {other.path} cannot be mixed: their {what} differ ({a} vs {b}). "
-                    "Mixed caches must come from the same teacher with the same tokenizer and the same --top-k / "
-                    "--sparse-mode; cache the other data again with the first cache's settings")
+                    f"caches {first.path} and {other.path} cannot be mixed: their {what} differ ({a} vs "
+                    f"{b}). Mixed caches must come from the same teacher with the same tokenizer and the "
+                    "same --top-k / --sparse-mode; cache the other data again with the first cache's "
+                    "settings")
 
 
 def cache_identity(caches: Sequence[Any]) -> str | list[str]:

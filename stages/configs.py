@@ -13,13 +13,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 from kdpipe.config import option
+from kdpipe.data import DataConfig
+from kdpipe.losses import LOSSES, TAIL_MODES, DistillLossConfig
+from kdpipe.train_config import TrainConfig
 
 # --verify of train-student and evaluate (the check is kdpipe.cache.verified.check_for_use)
 VERIFY_HELP = ("Cache check before use: fast (manifest and sizes; sha256 only of shards changed since they "
                "last passed, see .kdpipe-verified.json) or full (sha256 of every shard).")
-from kdpipe.data import DataConfig
-from kdpipe.losses import LOSSES, TAIL_MODES, DistillLossConfig
-from kdpipe.train_config import TrainConfig
 
 
 @dataclass
@@ -106,7 +106,8 @@ class GenerateConfig(DataConfig):
     model: str | None = option(None, "Model that writes the completions: hub id, local path or short name.")
     revision: str | None = option(None, "Hub revision (branch, tag or commit) of the model.")
     output: str | None = option(None, "The JSONL file to write (e.g. data/NAME.jsonl); a rerun continues it.")
-    backend: Literal["hf", "vllm"] = option("hf", "Runtime: hf (transformers, anywhere) or vllm (fast on GPU).")
+    backend: Literal["hf", "vllm"] = option("hf", "Runtime: hf (transformers, anywhere) or vllm (fast on "
+                                                  "GPU).")
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = option(
         "auto", "Model dtype: auto = fp16 on GPUs before compute capability 8, bf16 from 8, fp32 on CPU.")
     device: str = option("auto", "Device: auto (CUDA if present), cpu, cuda, cuda:1 ...")
@@ -131,7 +132,8 @@ class GenerateConfig(DataConfig):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}")
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
-            raise ValueError(f"--temperature must be a finite number >= 0 (0: greedy), not {self.temperature}")
+            raise ValueError(f"--temperature must be a finite number >= 0 (0: greedy), "
+                             f"not {self.temperature}")
         if not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
             raise ValueError(f"--top-p must be in (0, 1], not {self.top_p}")
         if not (math.isfinite(self.fraction) and 0 < self.fraction <= 1):
@@ -153,8 +155,9 @@ class TrainStudentConfig(TrainConfig):
     """Options of `kdpipe train-student` (YAML keys; CLI options with dashes)."""
 
     cache: str | list[str] | None = option(
-        None, "Cache folder (or object-storage URL: s3://bucket/prefix ...) written by `kdpipe cache-teacher`; "
-              "repeat --cache to train on several caches pooled (same teacher, tokenizer and sparse settings).")
+        None, "Cache folder (or object-storage URL: s3://bucket/prefix ...) written by `kdpipe "
+              "cache-teacher`; repeat --cache to train on several caches pooled (same teacher, tokenizer and "
+              "sparse settings).")
     # Literal over the registry's names: the CLI's choices and the YAML check come from kdpipe.losses
     loss: Literal[LOSSES] = option(  # type: ignore[valid-type]
         "fkl", "Divergence: fkl, rkl, skew-fkl, skew-rkl (skew), jsd (beta), tvd."
@@ -278,7 +281,8 @@ class EvaluateConfig(DataConfig):
 
         unknown = [t for t in self.task if t not in TASK_NAMES]
         if unknown:
-            raise ValueError(f"unknown task {', '.join(map(repr, unknown))}; use one of {', '.join(TASK_NAMES)}")
+            raise ValueError(f"unknown task {', '.join(map(repr, unknown))}; "
+                             f"use one of {', '.join(TASK_NAMES)}")
         for name in ("batch_size", "max_batch_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")

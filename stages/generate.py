@@ -46,8 +46,8 @@ def run(cfg: GenerateConfig, command: str = "") -> dict[str, Any]:
     template = get_template(cfg.resolved_template(), cfg.label_names)
     selection = choose_fraction(load_examples(cfg), cfg.fraction, cfg.selection_seed())
     field = output_field(template)
-    jobs, slot, skipped = make_jobs(selection.examples, template, tokenizer, field, cfg.samples, cfg.max_length,
-                                    cfg.truncation)
+    jobs, slot, skipped = make_jobs(selection.examples, template, tokenizer, field, cfg.samples,
+                                    cfg.max_length, cfg.truncation)
     column = cfg.resolved_columns().get(field, field)  # the file keeps the source's column names
     dtype = resolve_dtype(cfg.dtype, cfg.device)
     model = resolve_model_name(cfg.model)
@@ -67,7 +67,8 @@ def run(cfg: GenerateConfig, command: str = "") -> dict[str, Any]:
             rows = []
             for job, (ids, why) in zip(batch, generator.generate(batch)):
                 text = slot.strip(tokenizer.decode(ids, skip_special_tokens=True))
-                rows.append(_row(job, selection.columns, column, text, settings["model"], out.hash, why, len(ids)))
+                rows.append(_row(job, selection.columns, column, text, settings["model"], out.hash, why,
+                                 len(ids)))
                 tokens, finish[why] = tokens + len(ids), finish[why] + 1
             out.append(rows)
             bar.update(len(batch))
@@ -103,7 +104,8 @@ def _settings(cfg: GenerateConfig, selection: Any, template: Any, dtype: str, mo
     return {
         "model": model, "revision": cfg.revision, "backend": cfg.backend, "dtype": dtype,
         "dataset": {"source": selection.source, "split": cfg.split, "part": cfg.part,
-                    "heldout_fraction": cfg.heldout_fraction, "limit": cfg.limit, "columns": cfg.resolved_columns(),
+                    "heldout_fraction": cfg.heldout_fraction, "limit": cfg.limit,
+                    "columns": cfg.resolved_columns(),
                     "fingerprint": selection.fingerprint},
         "template": template.name, "label_names": list(cfg.label_names), "max_length": cfg.max_length,
         "truncation": cfg.truncation, "sampling": cfg.sampling(),
@@ -127,8 +129,8 @@ def _load(cfg: GenerateConfig, tokenizer: Any, dtype: str) -> Any:
     if cfg.backend == "vllm":
         from kdpipe.generation_vllm import VllmGenerator
 
-        return VllmGenerator.load(cfg.model, tokenizer, dtype, cfg.device, cfg.revision, cfg.vllm_max_model_len,
-                                  cfg.vllm_gpu_memory_utilization, **sampling)
+        return VllmGenerator.load(cfg.model, tokenizer, dtype, cfg.device, cfg.revision,
+                                  cfg.vllm_max_model_len, cfg.vllm_gpu_memory_utilization, **sampling)
     from kdpipe.generation import HFGenerator
 
     return HFGenerator.load(cfg.model, tokenizer, dtype, cfg.device, cfg.revision, **sampling)
@@ -136,7 +138,8 @@ def _load(cfg: GenerateConfig, tokenizer: Any, dtype: str) -> Any:
 
 def summary(record: dict[str, Any], output: str | Path) -> str:
     if record.get("skipped"):
-        return f"{output} is already complete ({record.get('rows')} rows with the same settings): nothing to do"
+        return (f"{output} is already complete ({record.get('rows')} rows with the same settings): "
+                "nothing to do")
     this = record.get("this_run") or {}
     finish = this.get("finish") or {}
     return (f"generated {this.get('rows', 0)} completions ({this.get('new_tokens', 0):,} tokens; "

@@ -7,7 +7,7 @@ its own model and is skipped when its output is already there, complete, with th
 
 | section          | stage                      | skipped when                                              |
 |------------------|----------------------------|-----------------------------------------------------------|
-| `teacher_init`   | `kdpipe init-model`        | the folder holds a model and kdpipe_init.json with the same options |
+| `teacher_init`   | `kdpipe init-model`        | a model and kdpipe_init.json with the same options         |
 | `finetune`       | `kdpipe finetune`          | kdpipe_run.json: status complete, same options             |
 | `cache`          | `kdpipe cache-teacher`     | manifest.json: complete, written by the same command       |
 | `heldout_cache`  | `kdpipe cache-teacher`     | idem (the held-out data for fidelity in `evaluate`)        |
@@ -139,7 +139,8 @@ def plan(path: str | Path) -> Plan:
         fields = {f.name for f in dataclasses.fields(step.cls)}
         if seed is not None and "seed" in fields and "seed" not in values:
             values["seed"] = seed
-        values = {k: _resolve(v, outputs, f"{source}: section '{step.name}', key '{k}'") for k, v in values.items()}
+        values = {k: _resolve(v, outputs, f"{source}: section '{step.name}', key '{k}'")
+                  for k, v in values.items()}
         values = {k: _beside(Path(path), k, v) for k, v in values.items()}
         cfg = build_config(step.cls, values, source=f"{source}: section '{step.name}'")
         outputs[step.name] = step.stage.set_output(cfg, step.output(name))
@@ -219,7 +220,8 @@ def _resolve(value: Any, outputs: dict[str, str], where: str) -> Any:
             raise KdpipeError(f"{where}: '{value}' names no step; steps: "
                               f"{', '.join('@' + s for s in STEP_NAMES)}")
         if ref not in outputs:
-            raise KdpipeError(f"{where}: '{value}' refers to a step that is not in this config or comes later")
+            raise KdpipeError(f"{where}: '{value}' refers to a step that is not in this config or comes "
+                              "later")
         return outputs[ref]
     return value
 
@@ -282,7 +284,8 @@ def describe(p: Plan, steps: list[tuple[Step, Any]]) -> str:
 
 def run(path: str | Path, start: str | None = None, only: str | None = None, dry_run: bool = False,
         echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run (or with `dry_run`, describe) the experiment in `path`; returns what each step did and the results."""
+    """Run (or with `dry_run`, describe) the experiment in `path`; returns what each step did and the
+    results."""
     p = plan(path)
     steps = select(p, start, only)
     if dry_run:
@@ -379,7 +382,8 @@ def final_table(p: Plan, results: dict[str, Any]) -> str:
                ("fidelity/kl", "KL(T||S)")]
     models = results.get("models", [])
     shown = [(k, title) for k, title in columns if any(k in m["metrics"] for m in models)]
-    extra = sorted({k for m in models for k in m["metrics"] if k.startswith("lm_eval") or k.startswith("lm-eval")})
+    extra = sorted({k for m in models for k in m["metrics"]
+                    if k.startswith("lm_eval") or k.startswith("lm-eval")})
     shown += [(k, k.split("/", 1)[-1]) for k in extra]
     header = ["model", "params"] + [t for _, t in shown] + ["train s", "eval s"]
     rows = []

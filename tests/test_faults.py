@@ -171,7 +171,7 @@ def test_kills_at_random_points_then_resume(reference, tiny_model_dir, tmp_path)
         rng = random.Random(seed)
         before = len(recorded(folder)) if (folder / "manifest.json").exists() else 0
         target, delay = rng.randint(before, max(before, min(before + 5, TOTAL - 6))), rng.uniform(0.0, 0.05)
-        kill_when(start(*args), lambda: (folder / "manifest.json").exists() and len(recorded(folder)) >= target, delay)
+        kill_when(start(*args), lambda: (folder / "manifest.json").exists() and len(recorded(folder)) >= target, delay)  # noqa: B023 polled within this iteration
         assert target <= len(recorded(folder)) < TOTAL, seed
         only_incomplete(folder)
     code, output = run(*args)
@@ -296,7 +296,7 @@ def test_train_student_killed_then_resumed_matches_an_uninterrupted_run(referenc
         latest = max((int(p.name.split("-")[1]) for p in out.glob("checkpoint-*")), default=0)
         target, delay = min(latest + 3 * rng.randint(1, 2), 15), rng.uniform(0.0, 0.08)
         process = start(*train_args(cache, student, out), *(["--resume"] if latest else []))
-        kill_when(process, lambda: (out / f"checkpoint-{target}" / "trainer_state.json").exists(), delay)
+        kill_when(process, lambda: (out / f"checkpoint-{target}" / "trainer_state.json").exists(), delay)  # noqa: B023 polled within this iteration
         assert json.loads((out / "kdpipe_run.json").read_text())["status"] == "running"
     code, output = run(*train_args(cache, student, out), "--resume")
     assert code == 0, output

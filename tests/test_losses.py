@@ -207,7 +207,7 @@ def test_chunking_invariance(tail):
     zt, zs, labels = problem(n=10)
     t = make_targets(zt, 4, labels)
     results = [
-        loss_and_grad(lambda z: distill_loss(z, identity, t, cfg_for("jsd", tail, 2.0, alpha=0.5, chunk_size=c)), zs.clone().requires_grad_())
+        loss_and_grad(lambda z: distill_loss(z, identity, t, cfg_for("jsd", tail, 2.0, alpha=0.5, chunk_size=c)), zs.clone().requires_grad_())  # noqa: B023 called at once
         for c in (1, 3, 10, 1024)
     ]
     for other in results[1:]:
@@ -435,7 +435,7 @@ def test_fused_linear_padded_ids_and_chunking():
     params = [hidden, head.weight, head.bias]
     for tail in TAILS:
         results = [
-            loss_and_grad(lambda *_: distill_loss(hidden, head, targets, cfg_for("jsd", tail, 2.0, alpha=0.5, chunk_size=c)), *params)
+            loss_and_grad(lambda *_: distill_loss(hidden, head, targets, cfg_for("jsd", tail, 2.0, alpha=0.5, chunk_size=c)), *params)  # noqa: B023 called at once
             for targets in (t, padded) for c in (1, 3, 10)
         ]
         for other in results[1:]:

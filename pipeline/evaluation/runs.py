@@ -19,7 +19,8 @@ FINISHED = ("complete", "done")
 
 
 def read_json(path: Path, quiet: bool = False) -> dict[str, Any]:
-    """A JSON file as a dict; with `quiet`, {} for a missing or unreadable one (kdpipe.run_folder's reader)."""
+    """A JSON file as a dict; with `quiet`, {} for a missing or unreadable one (kdpipe.run_folder's
+    reader)."""
     return run_folder.read_json(path, missing_ok=quiet) or {}
 
 

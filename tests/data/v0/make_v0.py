@@ -1,6 +1,8 @@
 """Write tests/data/v0-cache (a compact top-k cache and a plain one) and the student with the PREVIOUS
 kdpipe (run with /work/wt-old's venv), train the student 6 steps on each, and record the losses."""
-import json, sys, shutil
+import json
+import shutil
+import sys
 from pathlib import Path
 
 from kdpipe import arithmetic, tiny
@@ -12,7 +14,8 @@ shutil.rmtree(out, ignore_errors=True)
 out.mkdir(parents=True)
 texts = [ARITHMETIC.format(instruction=r["instruction"]) + " " + r["output"] for r in arithmetic.generate("train")]
 tok = tiny.train_tokenizer(texts, vocab_size=300)
-work = Path("/tmp/v0work"); shutil.rmtree(work, ignore_errors=True)
+work = Path("/tmp/v0work")
+shutil.rmtree(work, ignore_errors=True)
 tiny.init_model(work / "teacher", tok, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, seed=0)
 tiny.init_model(out / "student", tok, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, seed=1)
 losses = {}
