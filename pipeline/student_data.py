@@ -97,13 +97,15 @@ class BlockShuffleSampler(torch.utils.data.Sampler[int]):
 
     def order(self, epoch: int | None = None) -> np.ndarray:
         """Every row index once, in this epoch's order."""
-        rng = np.random.default_rng([self.seed, self.epoch if epoch is None else epoch]) if self.shuffle else None
+        epoch = self.epoch if epoch is None else epoch
+        rng = np.random.default_rng([self.seed, epoch]) if self.shuffle else None
         blocks = rng.permutation(len(self.sizes)) if rng is not None else np.arange(len(self.sizes))
         streams = []
         for lane in range(self.lanes):
             mine, parts = blocks[lane :: self.lanes], []
             for i in range(0, len(mine), self.window):
-                rows = np.concatenate([np.arange(self.starts[b], self.starts[b + 1]) for b in mine[i : i + self.window]])
+                group = mine[i : i + self.window]
+                rows = np.concatenate([np.arange(self.starts[b], self.starts[b + 1]) for b in group])
                 parts.append(rng.permutation(rows) if rng is not None else rows)
             streams.append(np.concatenate(parts) if parts else np.zeros(0, np.int64))
         return streams[0] if self.lanes == 1 else _interleave(streams, self.stripe)
@@ -154,7 +156,8 @@ class DistillCollator:
         positions = np.concatenate([r.positions for r in rows]).astype(np.int64)
         labels = np.concatenate([r.input_ids[r.positions + 1] for r in rows]).astype(np.int64)
         ids = np.concatenate([r.targets.topk_ids for r in rows]).astype(np.int64).reshape(-1, self.k)
-        logprobs = np.concatenate([r.targets.topk_logprobs for r in rows]).astype(np.float32).reshape(-1, self.k)
+        logprobs = np.concatenate([r.targets.topk_logprobs for r in rows]).astype(np.float32)
+        logprobs = logprobs.reshape(-1, self.k)
         tail = np.concatenate([r.targets.tail_mass for r in rows]).astype(np.float32)
         ids, logprobs, tail = mask_out_of_vocab(ids, logprobs, tail, self.student_vocab)
         return {
@@ -169,8 +172,10 @@ class DistillCollator:
         }
 
 
-def mask_out_of_vocab(ids: np.ndarray, logprobs: np.ndarray, tail: np.ndarray, vocab: int) -> tuple[np.ndarray, ...]:
-    """Cached ids the student cannot produce (>= `vocab`): id 0, log-prob -inf, their mass added to the tail."""
+def mask_out_of_vocab(ids: np.ndarray, logprobs: np.ndarray, tail: np.ndarray,
+                      vocab: int) -> tuple[np.ndarray, ...]:
+    """Cached ids the student cannot produce (>= `vocab`): id 0, log-prob -inf, their mass added to the
+    tail."""
     outside = ids >= vocab
     if not outside.any():
         return ids, logprobs, tail

@@ -230,7 +230,8 @@ def coverage(examples: Any, vmap: VocabMap, teacher: Any, student: Any, limit: i
 
 
 def mapped_mass(example: Any, vmap: VocabMap) -> tuple[float, float]:
-    """The row's cached top-k mass on ids with a student counterpart, and on real tokens (not head padding)."""
+    """The row's cached top-k mass on ids with a student counterpart, and on real tokens (not head
+    padding)."""
     lp = example.targets.topk_logprobs.astype(np.float64)
     t = example.targets.topk_ids.astype(np.int64)
     real = np.isfinite(lp) & (t < vmap.teacher_tokens)
@@ -279,6 +280,6 @@ def check_coverage(found: dict[str, Any], threshold: float, student_name: str, t
         f"two do not match well enough to reuse the cached ids: {found['mass']:.2%} of the teacher's cached "
         f"probability mass is on tokens the student has, and {found['rows']:.2%} of {found['rows_checked']} "
         f"rows tokenize identically (both must be at least --min-coverage {threshold:g}; first differing "
-        f"row: {found['first_differing_row']}). Use --cross-tokenizer to align the two tokenizations by character "
-        "offsets instead, or pick a student of the teacher's family"
+        f"row: {found['first_differing_row']}). Use --cross-tokenizer to align the two tokenizations by "
+        "character offsets instead, or pick a student of the teacher's family"
     )

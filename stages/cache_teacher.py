@@ -15,8 +15,16 @@ from tqdm.auto import tqdm
 
 import kdpipe
 from kdpipe.cache.format import ENCODINGS, Targets, ids_hash
-from kdpipe.cache.manifest import (DatasetInfo, Manifest, Sharding, SparseMode, SparseSpec, TeacherInfo,
-                                   TemplateInfo, TokenizerInfo)
+from kdpipe.cache.manifest import (
+    DatasetInfo,
+    Manifest,
+    Sharding,
+    SparseMode,
+    SparseSpec,
+    TeacherInfo,
+    TemplateInfo,
+    TokenizerInfo,
+)
 from kdpipe.cache.storage import Store
 from kdpipe.cache.values import RECOMPUTE, nonfinite, value_stats
 from kdpipe.cache.writer import CacheWriter
@@ -58,8 +66,9 @@ def run(cfg: CacheTeacherConfig, command: str = "", teacher: TeacherBackend | No
     if not cfg.model:
         raise KdpipeError("no teacher given: pass --model (or 'model:' in the config file)")
     if cfg.backend == "vllm" and cfg.sparse_mode == SparseMode.SAMPLED:
-        raise KdpipeError("--sparse-mode sampled needs the teacher's full distribution, but --backend vllm only returns "
-                          "the top-k prompt log-probs: use --backend hf for sampled caches (or --sparse-mode topk with vllm)")
+        raise KdpipeError("--sparse-mode sampled needs the teacher's full distribution, but --backend vllm "
+                          "only returns the top-k prompt log-probs: use --backend hf for sampled caches (or "
+                          "--sparse-mode topk with vllm)")
     pick_device(cfg.device)  # a device this machine lacks: said now, not after tokenizing
     tokenizer = load_tokenizer(cfg.model, cfg.revision)
     template = get_template(cfg.resolved_template(), cfg.label_names)
@@ -73,14 +82,16 @@ def run(cfg: CacheTeacherConfig, command: str = "", teacher: TeacherBackend | No
     owned = teacher is None
     teacher = _load_teacher(cfg) if owned else teacher
     try:
-        return _write(cfg, command, tokenizer, template, selection, examples, report, teacher, total_shards, assigned)
+        return _write(cfg, command, tokenizer, template, selection, examples, report, teacher, total_shards,
+                      assigned)
     finally:
         if owned:
             getattr(teacher, "close", lambda: None)()
 
 
-def _write(cfg: CacheTeacherConfig, command: str, tokenizer: Any, template: Any, selection: Any, examples: list[Any],
-           report: Any, teacher: TeacherBackend, total_shards: int, assigned: list[int]) -> CacheRun:
+def _write(cfg: CacheTeacherConfig, command: str, tokenizer: Any, template: Any, selection: Any,
+           examples: list[Any], report: Any, teacher: TeacherBackend, total_shards: int,
+           assigned: list[int]) -> CacheRun:
     """Score and write every pending shard of this machine's part."""
     header = new_manifest(cfg, command, tokenizer, template, selection, report, teacher, total_shards)
     encode = ENCODINGS[cfg.encoding].encode
@@ -92,8 +103,8 @@ def _write(cfg: CacheTeacherConfig, command: str, tokenizer: Any, template: Any,
         _resume_notes(writer)
         todo = writer.pending()
         todo_rows = [rows_of[i] for i in todo]
-        bar = tqdm(total=sum(map(len, todo_rows)), unit="ex", desc=f"caching {cfg.model}", dynamic_ncols=True, mininterval=1.0,
-                   disable=progress_disabled())
+        bar = tqdm(total=sum(map(len, todo_rows)), unit="ex", desc=f"caching {cfg.model}", dynamic_ncols=True,
+                   mininterval=1.0, disable=progress_disabled())
         tokens = 0
         for index, rows in zip(todo, todo_rows):
             targets = [None] * len(rows)
@@ -144,25 +155,30 @@ def width(cfg: CacheTeacherConfig) -> int:
 
 
 def sparse_spec(cfg: CacheTeacherConfig) -> SparseSpec:
-    """The manifest's `sparse` section (top-k caches keep the version-1 keys, so their settings hash is unchanged)."""
+    """The manifest's `sparse` section (top-k caches keep the version-1 keys, so their settings hash is
+    unchanged)."""
     if cfg.sparse_mode == SparseMode.TOPK:
         return SparseSpec.topk(cfg.top_k)
     return SparseSpec.sampled(cfg.samples, cfg.proposal_temperature, cfg.seed)
 
 
 def _check_model_limits(cfg: CacheTeacherConfig) -> None:
-    """top_k within the teacher's vocabulary; max_length lowered to the teacher's context (positions beyond it are garbage or a crash)."""
+    """top_k within the teacher's vocabulary; max_length lowered to the teacher's context (positions beyond
+    it are garbage or a crash)."""
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(resolve_model_name(cfg.model), revision=cfg.revision).get_text_config()
+        config = AutoConfig.from_pretrained(resolve_model_name(cfg.model), revision=cfg.revision)
+        config = config.get_text_config()
     except Exception:  # the model load right after reports it clearly
         return
     if cfg.sparse_mode == SparseMode.TOPK and cfg.top_k > config.vocab_size:
-        raise KdpipeError(f"top_k={cfg.top_k} is larger than the teacher's vocabulary ({config.vocab_size} tokens)")
+        raise KdpipeError(f"top_k={cfg.top_k} is larger than the teacher's vocabulary "
+                          f"({config.vocab_size} tokens)")
     context = getattr(config, "max_position_embeddings", None)
     if context and cfg.max_length > context:
-        click.echo(f"note: max_length={cfg.max_length} is longer than the teacher's context ({context} tokens); "
+        click.echo(f"note: max_length={cfg.max_length} is longer than the teacher's context ({context} "
+                   "tokens); "
                    f"using max_length={context} (longer examples: --truncation {cfg.truncation})", err=True)
         cfg.max_length = context
 
@@ -179,7 +195,8 @@ def _load_teacher(cfg: CacheTeacherConfig) -> TeacherBackend:
             gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
             max_num_batched_tokens=cfg.vllm_max_num_batched_tokens,
         )
-    return HFTeacher(load_model(cfg.model, dtype, cfg.device, cfg.revision), cfg.top_k, cfg.chunk_size, sampling(cfg))
+    model = load_model(cfg.model, dtype, cfg.device, cfg.revision)
+    return HFTeacher(model, cfg.top_k, cfg.chunk_size, sampling(cfg))
 
 
 def sampling(cfg: CacheTeacherConfig) -> Sampling | None:
@@ -227,7 +244,8 @@ def new_manifest(cfg: CacheTeacherConfig, command: str, tokenizer: Any, template
         teacher=TeacherInfo.from_dict(teacher_info),
         tokenizer=TokenizerInfo(
             name=getattr(tokenizer, "name_or_path", cfg.model), vocab_hash=vocab_hash(tokenizer),
-            vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id),
+            vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id),
         template=TemplateInfo(name=template.name, add_eos=template.add_eos, distill_prompt=cfg.distill_prompt,
                               label_names=list(cfg.label_names)),
         dataset=DatasetInfo(
@@ -240,7 +258,7 @@ def new_manifest(cfg: CacheTeacherConfig, command: str, tokenizer: Any, template
         encoding=cfg.encoding,
         sharding=Sharding(rows_per_shard=cfg.rows_per_shard, total_shards=total_shards,
                           num_shards=cfg.num_shards, shard_index=cfg.shard_index),
-        generated=provenance(cfg.dataset),  # a file of `kdpipe generate`: the model and settings that wrote it
+        generated=provenance(cfg.dataset),  # a file of `kdpipe generate`: the model and settings behind it
     )
 
 

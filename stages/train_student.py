@@ -61,7 +61,8 @@ def run(cfg: TrainStudentConfig, command: str = "", callbacks: list[Any] | None 
     if vocab is not None:
         student_vocab.save(vocab, out)
     cross = vocab is not None and vocab.route == "cross"  # offsets-aligned batches: their own loss
-    trainer_class, extra = (CrossTokenizerTrainer, {"uld_weight": cfg.uld_weight}) if cross else (DistillTrainer, {})
+    trainer_class, extra = ((CrossTokenizerTrainer, {"uld_weight": cfg.uld_weight}) if cross
+                            else (DistillTrainer, {}))
     trainer = trainer_class(
         **extra, loss_config=loss_config, model=model, args=args, train_dataset=dataset,
         data_collator=collator, processing_class=tokenizer, sampler=sampler, callbacks=callbacks,
@@ -76,8 +77,8 @@ def lane_layout(cfg: TrainStudentConfig) -> dict[str, int]:
     rows = cfg.batch_size * processes  # one micro-batch over all processes
     if rows % lanes:
         raise KdpipeError(
-            f"--data-lanes {lanes} does not divide the {rows} rows of a micro-batch (--batch-size {cfg.batch_size} × "
-            f"{processes} process(es)); pick a divisor"
+            f"--data-lanes {lanes} does not divide the {rows} rows of a micro-batch (--batch-size "
+            f"{cfg.batch_size} × {processes} process(es)); pick a divisor"
         )
     return {"lanes": lanes, "stripe": rows // lanes}
 
@@ -90,9 +91,9 @@ def sampled_loss_config(cfg: TrainStudentConfig, cache: Cache) -> DistillLossCon
     except BiasedOnSampled as e:
         wrong = ", ".join(f"--{name} {value}" for name, value, _ in e.unsound)
         raise KdpipeError(
-            f"{wrong} cannot train on the sampled cache {cache.path}: only forward KL at temperature 1 over the "
-            "whole vocabulary (--loss fkl --temperature 1 --tail bucket) has an unbiased estimate from sampled "
-            "tokens; use a top-k cache for the other losses") from None
+            f"{wrong} cannot train on the sampled cache {cache.path}: only forward KL at temperature 1 over "
+            "the whole vocabulary (--loss fkl --temperature 1 --tail bucket) has an unbiased estimate from "
+            "sampled tokens; use a top-k cache for the other losses") from None
 
 
 
@@ -105,8 +106,9 @@ def check_context(cache: Cache, model: Any, name: str) -> None:
     longest = cache.longest_example()  # through the cache's store: a local folder or an object-storage URL
     if longest > context:
         raise KdpipeError(
-            f"cache {cache.path} holds examples of up to {longest} tokens, longer than the student {name}'s context "
-            f"({context} tokens); cache the data again with --max-length {context} or pick a student with a longer context"
+            f"cache {cache.path} holds examples of up to {longest} tokens, longer than the student {name}'s "
+            f"context ({context} tokens); cache the data again with --max-length {context} or pick a student "
+            "with a longer context"
         )
 
 
@@ -116,5 +118,6 @@ def student_vocab_size(model: Any) -> int:
 
 
 def summary(record: dict[str, Any], out: str | Path) -> str:
-    return (f"trained {record.get('global_step', 0)} steps, mean loss {record.get('train_loss', float('nan')):.4f}, "
+    loss = record.get("train_loss", float("nan"))
+    return (f"trained {record.get('global_step', 0)} steps, mean loss {loss:.4f}, "
             f"{record.get('train_seconds', 0):.1f} s -> {out} ({record.get('saved')})")

@@ -28,7 +28,7 @@ from kdpipe.losses.divergences import DIVERGENCES, LOSSES, UNDERFLOW_LOGP, diver
 if TYPE_CHECKING:
     from kdpipe.losses.atoms import student_atoms, teacher_atoms, teacher_targets
     from kdpipe.losses.distill import SparseTargets, distill_loss
-    from kdpipe.losses.fused import _fusable_linear
+    from kdpipe.losses.fused import _fusable_linear as _fusable_linear
 
 # The names that need torch: imported from their module when first asked for (PEP 562).
 _TORCH_NAMES = {
