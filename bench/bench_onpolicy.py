@@ -180,10 +180,22 @@ def on_policy_rounds(a: argparse.Namespace, w: Path, seed: int, student: Path, t
                "--fraction-seed", seed * 100 + r, "--temperature", a.round_temperature,
                "--max-new-tokens", 24, "--batch-size", 128, "--device", "cpu")
         round_cache = folder / f"round-{r}" / "cache"
-        cache("cache-teacher", *teacher, "--dataset", gen, "--cache", round_cache)
+        cache("cache-teacher", *teacher, "--dataset", nonempty(gen), "--template", "arithmetic",
+              "--cache", round_cache)
         kdpipe("train-student", "--model", previous, *base, "--max-steps", shares[r],
                "--cache", w / "cache-train", "--cache", round_cache, "--output", train_out)
         previous = train_out
+
+
+def nonempty(gen: Path) -> Path:
+    """The generations less the empty completions (a young student can emit EOS at once; the template
+    refuses an empty output field), as a copy: its template must then be named (no generate record)."""
+    out = gen.with_name("generated-nonempty.jsonl")
+    rows = [json.loads(line) for line in gen.read_text().splitlines() if line.strip()]
+    kept = [row for row in rows if str(row.get("output", "")).strip()]
+    print(f"  {len(rows) - len(kept)} of {len(rows)} completions empty, left out", flush=True)
+    out.write_text("".join(json.dumps(row) + "\n" for row in kept))
+    return out
 
 
 def report(a: argparse.Namespace, w: Path, results: dict[int, dict[str, dict[str, float]]],
