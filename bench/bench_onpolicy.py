@@ -13,10 +13,16 @@ With the real commands, in-process (one Python start-up):
      steps, batch and learning rate: (a) SFT on the references (`finetune`), (b) off-policy KD on the
      reference cache, (c) sequence-level KD on the generations' cache, (c+b) both caches mixed
      (`train-student --cache A --cache B`); then `kdpipe evaluate`: exact match on the test split and
-     the true KL to the teacher on the test cache (top-16 + tail bucket).
+     the true KL to the teacher on the test cache (top-16 + tail bucket);
+  5. (d) on-policy rounds, the steps of `kdpipe run`'s `rounds:` (stages/rounds.py) by hand: off-policy KD
+     on the reference cache for a 1/(R+1) share of the steps, then R rounds of the same share each: the
+     current student completes a seeded fraction λ of the train prompts (`generate --fraction λ
+     --fraction-seed seed*100+r`, sampling at --round-temperature), the teacher caches them, and
+     `train-student` starts from the previous student on the reference cache + the round's cache. The
+     total student steps are the other arms' (each round has its own optimizer and LR schedule, as in
+     `kdpipe run`).
 Every step is skipped when its output is already complete, so the bench can be run in several short
-pieces (`--stop-after SECONDS` ends it cleanly after the step that passes that time). (d) on-policy
-rounds (the student generates, the teacher scores) come with `kdpipe run` rounds.
+pieces (`--stop-after SECONDS` ends it cleanly after the step that passes that time).
 """
 
 from __future__ import annotations
@@ -37,7 +43,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 VARIANTS = {"a": "SFT (references)", "b": "KD off-policy (reference cache)",
-            "c": "seq-KD (teacher generations' cache)", "c+b": "seq-KD + off-policy (both caches)"}
+            "c": "seq-KD (teacher generations' cache)", "c+b": "seq-KD + off-policy (both caches)",
+            "d": "on-policy rounds (λ = 0.5)"}
 START = time.time()
 
 
@@ -85,8 +92,13 @@ def main() -> None:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--limit", type=int, default=None, help="Train examples used (default: all 2,700).")
     p.add_argument("--gen-temperature", type=float, default=0.0)
+    p.add_argument("--variants", default=",".join(VARIANTS), help="Arms to run, e.g. a,b,c,d.")
+    p.add_argument("--rounds", type=int, default=2, help="On-policy rounds of arm d.")
+    p.add_argument("--fraction", type=float, default=0.5, help="λ: share of prompts the student completes.")
+    p.add_argument("--round-temperature", type=float, default=1.0, help="Student sampling in the rounds.")
     p.add_argument("--stop-after", type=float, default=None, help="End cleanly after the step passing this many s.")
     a = p.parse_args()
+    variants = {v: VARIANTS[v] for v in a.variants.split(",")}
     import torch
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
@@ -121,11 +133,13 @@ def main() -> None:
                    "--heads", 2, "--kv-heads", 1, "--seed", seed + 1)
         train = ("--model", student, "--full", "--max-steps", a.steps, "--batch-size", a.batch_size, "--lr", a.lr,
                  "--warmup", 0.05, "--save-steps", 100000, "--seed", seed, "--logging-steps", 50)
-        runs = {v: w / f"seed{seed}" / v for v in VARIANTS}
+        runs = {v: w / f"seed{seed}" / v for v in variants}
         for v, out in runs.items():
             if done_run(out):
                 continue
-            if v == "a":
+            if v == "d":
+                on_policy_rounds(a, w, seed, student, train_part, teacher, out)
+            elif v == "a":
                 kdpipe("finetune", *train, *train_part, "--output", out)
             else:
                 kdpipe("train-student", *train, *[x for c in caches[v] for x in ("--cache", c)], "--alpha", 0.5,
@@ -133,23 +147,65 @@ def main() -> None:
             check_time(a)
         table = w / f"seed{seed}" / "eval" / "results.json"
         if not table.exists():
-            kdpipe("evaluate", *[x for v in VARIANTS for x in ("--model", runs[v])], "--model", w / "teacher",
+            kdpipe("evaluate", *[x for v in variants for x in ("--model", runs[v])], "--model", w / "teacher",
                    *task, "--split", "test", "--task", "exact-match", "--cache", w / "cache-test",
                    "--output", table.parent, "--no-plot", "--device", "cpu")
         models = json.loads(table.read_text())["models"]
-        results[seed] = {v: models[i]["metrics"] for i, v in enumerate(VARIANTS)}
-        results[seed]["teacher"] = models[len(VARIANTS)]["metrics"]
+        results[seed] = {v: models[i]["metrics"] for i, v in enumerate(variants)}
+        results[seed]["teacher"] = models[len(variants)]["metrics"]
         check_time(a)
-    report(a, w, results)
+    report(a, w, results, variants)
 
 
-def report(a: argparse.Namespace, w: Path, results: dict[int, dict[str, dict[str, float]]]) -> None:
+def on_policy_rounds(a: argparse.Namespace, w: Path, seed: int, student: Path, train_part: tuple,
+                     teacher: tuple, out: Path) -> None:
+    """Arm d: KD on the reference cache, then a.rounds rounds; out/ is the last round's student."""
+    shares = [a.steps // (a.rounds + 1)] * (a.rounds + 1)
+    shares[-1] += a.steps - sum(shares)  # equal steps in all: the remainder goes to the last round
+    base = ("--full", "--batch-size", a.batch_size, "--lr", a.lr, "--warmup", 0.05, "--save-steps", 100000,
+            "--seed", seed, "--logging-steps", 50, "--alpha", 0.5)
+    folder = out.parent / "d-rounds"
+    previous = folder / "round-0"
+    if not done_run(previous):
+        kdpipe("train-student", "--model", student, *base, "--max-steps", shares[0],
+               "--cache", w / "cache-train", "--output", previous)
+    for r in range(1, a.rounds + 1):
+        train_out = out if r == a.rounds else folder / f"round-{r}" / "train"
+        if done_run(train_out):
+            previous = train_out
+            continue
+        gen = folder / f"round-{r}" / "generated.jsonl"
+        # generate resumes a partial file and skips a complete one; same --seed (held-out split) as the caches
+        kdpipe("generate", "--model", previous, *train_part, "--output", gen, "--fraction", a.fraction,
+               "--fraction-seed", seed * 100 + r, "--temperature", a.round_temperature,
+               "--max-new-tokens", 24, "--batch-size", 128, "--device", "cpu")
+        round_cache = folder / f"round-{r}" / "cache"
+        cache("cache-teacher", *teacher, "--dataset", nonempty(gen), "--template", "arithmetic",
+              "--cache", round_cache)
+        kdpipe("train-student", "--model", previous, *base, "--max-steps", shares[r],
+               "--cache", w / "cache-train", "--cache", round_cache, "--output", train_out)
+        previous = train_out
+
+
+def nonempty(gen: Path) -> Path:
+    """The generations less the empty completions (a young student can emit EOS at once; the template
+    refuses an empty output field), as a copy: its template must then be named (no generate record)."""
+    out = gen.with_name("generated-nonempty.jsonl")
+    rows = [json.loads(line) for line in gen.read_text().splitlines() if line.strip()]
+    kept = [row for row in rows if str(row.get("output", "")).strip()]
+    print(f"  {len(rows) - len(kept)} of {len(rows)} completions empty, left out", flush=True)
+    out.write_text("".join(json.dumps(row) + "\n" for row in kept))
+    return out
+
+
+def report(a: argparse.Namespace, w: Path, results: dict[int, dict[str, dict[str, float]]],
+           variants: dict[str, str]) -> None:
     em, kl = "exact-match/exact_match", "fidelity/kl"
     print(f"\n{a.task}: students 2 x 64, {a.steps} steps x {a.batch_size}, seeds {a.seeds}; teacher 4 x 128, "
           f"{a.teacher_steps} steps; generations at temperature {a.gen_temperature:g}")
     print(f"{'':<40}{'exact match (test)':>22}{'held-out KL':>18}")
     rows = {}
-    for v, name in {**VARIANTS, "teacher": "teacher"}.items():
+    for v, name in {**variants, "teacher": "teacher"}.items():
         ems = [r[v].get(em, float("nan")) for r in results.values()]
         kls = [r[v].get(kl, float("nan")) for r in results.values()]
         rows[v] = {"name": name, "exact_match": ems, "kl": kls}
