@@ -132,6 +132,7 @@ def load_examples(cfg: DataConfig) -> Selection:
             raise KdpipeError(f"dataset {cfg.dataset}: example id '{example_id}' (row {index}) appears twice")
         seen.add(example_id)
         examples.append(Example(example_id, fields))
+    examples = _drop_empty_generations(cfg, examples)
     if cfg.part != "all":
         want_heldout = cfg.part == "heldout"
         examples = [e for e in examples if is_heldout(e.id, cfg.heldout_fraction, cfg.seed) == want_heldout]
@@ -258,3 +259,26 @@ def _read_hub(name: str, split: str) -> tuple[list[dict[str, Any]], list[str]]:
 def _short(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return (text[0] if text else type(e).__name__)[:300]
+
+
+def _drop_empty_generations(cfg: DataConfig, examples: list[Example]) -> list[Example]:
+    """A file of `kdpipe generate` may hold completions that stopped at once (a barely trained student):
+    no template can train on an empty output, so those rows are left out, and the console says how many."""
+    from kdpipe.generated_file import generated_template
+
+    name = generated_template(cfg.dataset)
+    if name is None:
+        return examples
+    from kdpipe.generation import output_field
+    from kdpipe.templates import get_template
+
+    field = output_field(get_template(name, cfg.label_names))
+    kept = [e for e in examples if str(e.fields.get(field) or "").strip()]
+    if len(kept) < len(examples):
+        import click
+
+        click.echo(f"note: {len(examples) - len(kept)} of the {len(examples)} generated rows of "
+                   f"{cfg.dataset} have an empty '{field}' (the model stopped at once); they are left out",
+                   err=True)
+    return kept
+

@@ -248,3 +248,19 @@ def test_chat_template_column_mapping_and_template_file(world, tmp_path):
     run_cli("generate", "--model", world.teacher, "--dataset", data, "--template", template, "--max-new-tokens", 4,
             "--output", out, "--device", "cpu")
     assert all("answer" in r and r["response"] == "x" for r in rows(out))
+
+
+def test_empty_generations_are_left_out_of_the_cache(world, tmp_path):
+    """A barely trained student can stop at once: cache-teacher (and so a round) skips those rows, says so."""
+    data = tmp_path / "student-gen.jsonl"
+    gen(world, data, "--limit", 6, "--seed", 2)
+    lines = rows(data)
+    lines[1]["output"] = lines[4]["output"] = ""
+    data.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    cache = tmp_path / "cache"
+    out = run_cli("cache-teacher", "--model", world.teacher, "--dataset", data, "--top-k", 8, "--cache", cache,
+                  "--device", "cpu")
+    assert "2 of the 6 generated rows" in out.output and "left out" in out.output
+    manifest = json.loads((cache / "manifest.json").read_text())
+    assert manifest["totals"]["rows"] == 4
+
