@@ -101,13 +101,6 @@ class VllmGenerator:
         return results
 
     def close(self) -> None:
-        import torch
+        from kdpipe.teacher_vllm import close_engine
 
-        engine, self.llm = getattr(self.llm, "llm_engine", None), None
-        try:
-            engine.engine_core.shutdown()  # type: ignore[union-attr]
-        except Exception:
-            pass
-        if getattr(self, "_threading", None):
-            torch.set_num_threads, threads = self._threading
-            torch.set_num_threads(threads)
+        close_engine(self)

@@ -117,16 +117,7 @@ class VllmTeacher:
 
     def close(self) -> None:
         """Stop the engine and give the process its torch threading back (for callers that go on)."""
-        import torch
-
-        engine, self.llm = getattr(self.llm, "llm_engine", None), None
-        try:
-            engine.engine_core.shutdown()  # type: ignore[union-attr]
-        except Exception:
-            pass
-        if getattr(self, "_threading", None):
-            torch.set_num_threads, threads = self._threading
-            torch.set_num_threads(threads)
+        close_engine(self)
 
     def info(self) -> dict[str, Any]:
         import vllm
@@ -229,3 +220,17 @@ def _check_model(resolved: str, revision: str | None, k: int, cpu: bool) -> None
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0][:400] if text else type(error).__name__
+
+
+def close_engine(owner: Any) -> None:
+    """Stop `owner.llm`'s engine and give the process its torch threading back (`owner._threading`)."""
+    import torch
+
+    engine, owner.llm = getattr(owner.llm, "llm_engine", None), None
+    try:
+        engine.engine_core.shutdown()  # type: ignore[union-attr]
+    except Exception:
+        pass
+    if getattr(owner, "_threading", None):
+        torch.set_num_threads, threads = owner._threading
+        torch.set_num_threads(threads)
