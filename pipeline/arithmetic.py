@@ -33,11 +33,16 @@ def generate(split: str, seed: int = 1234) -> list[dict[str, str]]:
     rng = random.Random(seed)
     pool = [n for n in range(200, 10000) if not 1000 <= n < 2000]
     numbers = rng.sample(pool, TRAIN_SIZE + TEST_SIZE)
+    return _rows(numbers, split, f"arith-{split}", rng)
+
+
+def _rows(numbers: list[int], split: str, prefix: str, rng: random.Random) -> list[dict[str, str]]:
+    """The split's part of `numbers` as rows, each with a carry-free first addend (drawn in row order)."""
     chosen = numbers[:TRAIN_SIZE] if split == "train" else numbers[TRAIN_SIZE:]
     rows = []
     for i, n in enumerate(chosen):
         a = carry_free_addend(n, rng)
-        rows.append({"id": f"arith-{split}-{i:05d}", "instruction": str(n), "output": f"{a} + {n - a}"})
+        rows.append({"id": f"{prefix}-{i:05d}", "instruction": str(n), "output": f"{a} + {n - a}"})
     return rows
 
 
@@ -61,12 +66,7 @@ def generate_long(split: str, seed: int = 4321) -> list[dict[str, str]]:
         if n not in seen:
             seen.add(n)
             numbers.append(n)
-    chosen = numbers[:TRAIN_SIZE] if split == "train" else numbers[TRAIN_SIZE:]
-    rows = []
-    for i, n in enumerate(chosen):
-        a = carry_free_addend(n, rng)
-        rows.append({"id": f"arith-long-{split}-{i:05d}", "instruction": str(n), "output": f"{a} + {n - a}"})
-    return rows
+    return _rows(numbers, split, f"arith-long-{split}", rng)
 
 
 BUILTIN = {"kdpipe:arithmetic": generate, "kdpipe:arithmetic-long": generate_long}  # built-in datasets

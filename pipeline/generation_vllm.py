@@ -6,7 +6,6 @@ completions come back as token ids that kdpipe decodes, so both backends write t
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,26 +29,9 @@ class VllmGenerator:
              max_model_len: int | None, gpu_memory_utilization: float, **sampling: Any) -> VllmGenerator:
         import torch
 
-        from kdpipe.models import resolve_model_name
-        from kdpipe.teacher_vllm import (
-            CPU_ENV_DEFAULTS,
-            VLLM_DTYPES,
-            _check_model,
-            _first_line,
-            import_vllm,
-            on_cpu,
-        )
+        from kdpipe.teacher_vllm import VLLM_DTYPES, _first_line, prepare_engine
 
-        if device not in ("auto", "cpu", "cuda"):
-            raise KdpipeError(f"--device {device} is not supported with --backend vllm: use --device "
-                              "auto/cpu/cuda and choose GPUs with CUDA_VISIBLE_DEVICES")
-        cpu = on_cpu(device)
-        if cpu:
-            for key, value in CPU_ENV_DEFAULTS.items():
-                os.environ.setdefault(key, value)
-        vllm = import_vllm()
-        resolved = resolve_model_name(name)
-        _check_model(resolved, revision, 1, cpu)
+        vllm, resolved, cpu = prepare_engine(name, revision, device, 1)
         kwargs: dict[str, Any] = dict(model=resolved, revision=revision, dtype=VLLM_DTYPES[dtype],
                                       seed=sampling["seed"], gpu_memory_utilization=gpu_memory_utilization,
                                       disable_log_stats=True)

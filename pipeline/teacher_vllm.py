@@ -78,19 +78,7 @@ class VllmTeacher:
              seed: int = 0, tensor_parallel_size: int = 1, max_model_len: int | None = None,
              gpu_memory_utilization: float = 0.9, max_num_batched_tokens: int | None = None) -> VllmTeacher:
         """Check what can be checked cheaply, then start the engine; any failure is a KdpipeError."""
-        from kdpipe.models import resolve_model_name
-
-        if device not in ("auto", "cpu", "cuda"):
-            raise KdpipeError(f"--device {device} is not supported with --backend vllm: use --device "
-                              "auto/cpu/cuda and choose GPUs with CUDA_VISIBLE_DEVICES (and "
-                              "--vllm-tensor-parallel-size)")
-        cpu = on_cpu(device)
-        if cpu:
-            for name, value in CPU_ENV_DEFAULTS.items():
-                os.environ.setdefault(name, value)
-        vllm = import_vllm()
-        resolved = resolve_model_name(model)
-        _check_model(resolved, revision, k, cpu)
+        vllm, resolved, cpu = prepare_engine(model, revision, device, k, " (and --vllm-tensor-parallel-size)")
         kwargs: dict[str, Any] = dict(
             model=resolved, revision=revision, dtype=VLLM_DTYPES[dtype], seed=seed,
             max_logprobs=k, logprobs_mode="raw_logprobs", tensor_parallel_size=tensor_parallel_size,
@@ -234,3 +222,22 @@ def close_engine(owner: Any) -> None:
     if getattr(owner, "_threading", None):
         torch.set_num_threads, threads = owner._threading
         torch.set_num_threads(threads)
+
+
+def prepare_engine(model: str, revision: str | None, device: str, k: int, gpus_hint: str = "") -> tuple:
+    """What every vLLM engine of kdpipe checks before it starts (device, CPU defaults, the model's
+    config): returns (the vllm module, the resolved model name, whether it runs on the CPU)."""
+    from kdpipe.models import resolve_model_name
+
+    if device not in ("auto", "cpu", "cuda"):
+        raise KdpipeError(f"--device {device} is not supported with --backend vllm: use --device "
+                          f"auto/cpu/cuda and choose GPUs with CUDA_VISIBLE_DEVICES{gpus_hint}")
+    cpu = on_cpu(device)
+    if cpu:
+        for name, value in CPU_ENV_DEFAULTS.items():
+            os.environ.setdefault(name, value)
+    vllm = import_vllm()
+    resolved = resolve_model_name(model)
+    _check_model(resolved, revision, k, cpu)
+    return vllm, resolved, cpu
+
