@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # A student with *another tokenizer* distilled from the offline demo's cache (run `make demo` first).
 #
-#   bash bench/bench_cross_tokenizer_demo.sh [WORKDIR] [VOCAB] [ULD_WEIGHTS]
-#   (defaults runs/demo-xtok, 270, "0 0.5")
+#   bash bench/bench_cross_tokenizer_demo.sh [WORKDIR] [VOCAB] [ULD_WEIGHTS] [SEEDS]
+#   (defaults runs/demo-xtok, 270, "0 0.5", "0"; a seed other than 0 names its runs `...-s<seed>`)
 #
 # The demo's teacher has a 300-id byte-level BPE trained on kdpipe:arithmetic (42 merges: `Ġ7`, `00`,
 # `Ġ+`, whole words). The new student gets a byte-level BPE trained on the same text with VOCAB ids
@@ -17,6 +17,7 @@ set -euo pipefail
 W=${1:-runs/demo-xtok}
 VOCAB=${2:-270}
 ULD=${3:-0 0.5}
+SEEDS=${4:-0}
 T=runs/demo/teacher C=cache/demo H=cache/demo-heldout
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false KDPIPE_NO_PROGRESS=1
 K=${KDPIPE:-kdpipe}
@@ -30,14 +31,18 @@ S=$W/student-init-v$VOCAB
 # The demo's train section (alpha 0.5: the CE half also trains every student position).
 train=(--full --max-steps 1000 --batch-size 32 --lr 0.003 --warmup 0.05 --save-steps 500 --logging-steps 250)
 models=(--model "$T" --model runs/demo/student-kd --model runs/demo/student-sft)
-for w in $ULD; do
-  out=$W/xtok-kd-uld$w
-  /usr/bin/time -f "  (%e s wall)" $K train-student --model "$S" --cache "$C" --output "$out" --cross-tokenizer \
-    --uld-weight "$w" --loss fkl --alpha 0.5 "${train[@]}" 2>&1 | grep -E "cross-tokenizer|^trained|wall"
-  models+=(--model "$out")
+for seed in $SEEDS; do
+  sfx=$([ "$seed" = 0 ] && echo "" || echo "-s$seed")
+  for w in $ULD; do
+    out=$W/xtok-kd-uld$w$sfx
+    /usr/bin/time -f "  (%e s wall)" $K train-student --model "$S" --cache "$C" --output "$out" \
+      --cross-tokenizer --uld-weight "$w" --loss fkl --alpha 0.5 --seed "$seed" "${train[@]}" 2>&1 \
+      | grep -E "cross-tok|^trained|wall"
+    models+=(--model "$out")
+  done
+  /usr/bin/time -f "  (%e s wall)" $K finetune --model "$S" --dataset kdpipe:arithmetic --split train \
+    --output "$W/xtok-sft$sfx" --seed "$seed" "${train[@]}" 2>&1 | grep -E "^trained|wall"
+  models+=(--model "$W/xtok-sft$sfx")
 done
-/usr/bin/time -f "  (%e s wall)" $K finetune --model "$S" --dataset kdpipe:arithmetic --split train \
-  --output "$W/xtok-sft" "${train[@]}" 2>&1 | grep -E "^trained|wall"
-models+=(--model "$W/xtok-sft")
 $K evaluate "${models[@]}" --dataset kdpipe:arithmetic --split test --task exact-match --cache "$H" \
   --output "$W/eval" --no-plot 2>&1 | grep -v -E "^Loading|Warning"
