@@ -42,12 +42,12 @@ from kdpipe import tiny  # noqa: E402
 from kdpipe.cache.format import ENCODINGS, compact_parquet_options  # noqa: E402
 from kdpipe.cache.ids import RankTable  # noqa: E402
 from kdpipe.cache.writer import ROW_GROUP_ROWS, shard_bytes  # noqa: E402
-from kdpipe.data import load_examples  # noqa: E402
+from kdpipe.data.sources import load_examples  # noqa: E402
+from kdpipe.data.templates import get_template  # noqa: E402
+from kdpipe.data.tokenize import tokenize_examples  # noqa: E402
 from kdpipe.models import load_model, load_tokenizer  # noqa: E402
 from kdpipe.stages import cache_teacher  # noqa: E402
-from kdpipe.teacher import HFTeacher, make_batches  # noqa: E402
-from kdpipe.templates import get_template  # noqa: E402
-from kdpipe.tokenize import tokenize_examples  # noqa: E402
+from kdpipe.teacher.hf import HFTeacher, make_batches  # noqa: E402
 
 ENCODED = [("plain", "plain", None), ("compact, raw ids (before)", "compact", None),
            ("compact (rank ids)", "compact", "rank"), ("compact16, raw ids (before)", "compact16", None),

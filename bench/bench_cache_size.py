@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 from kdpipe import tiny
-from kdpipe.data import load_examples
+from kdpipe.data.sources import load_examples
 from kdpipe.stages import cache_teacher
 
 

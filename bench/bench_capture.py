@@ -30,12 +30,12 @@ import torch
 
 from kdpipe import tiny
 from kdpipe.cache.format import read_manifest
-from kdpipe.data import load_examples
+from kdpipe.data.sources import load_examples
+from kdpipe.data.templates import get_template
+from kdpipe.data.tokenize import tokenize_examples
 from kdpipe.models import load_model, load_tokenizer
 from kdpipe.stages import cache_teacher
-from kdpipe.teacher import HFTeacher, make_batches, pad_batch
-from kdpipe.templates import get_template
-from kdpipe.tokenize import tokenize_examples
+from kdpipe.teacher.hf import HFTeacher, make_batches, pad_batch
 
 
 def main() -> None:

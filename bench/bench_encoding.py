@@ -35,18 +35,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from kdpipe import metrics, tiny
+from kdpipe import tiny
 from kdpipe.cache import open_cache
 from kdpipe.cache.format import ENCODINGS, read_manifest
-from kdpipe.data import load_examples
+from kdpipe.data.sources import load_examples
+from kdpipe.data.templates import get_template
+from kdpipe.data.tokenize import tokenize_examples
+from kdpipe.evaluation import metrics
 from kdpipe.losses import DistillLossConfig
 from kdpipe.models import load_tokenizer
 from kdpipe.stages import cache_teacher
-from kdpipe.student_data import BlockShuffleSampler, CacheDataset, DistillCollator
-from kdpipe.teacher import HFTeacher
-from kdpipe.templates import get_template
-from kdpipe.tokenize import tokenize_examples
-from kdpipe.trainer import student_distill_loss
+from kdpipe.teacher.hf import HFTeacher
+from kdpipe.train.data import BlockShuffleSampler, CacheDataset, DistillCollator
+from kdpipe.train.trainer import student_distill_loss
 
 SEED_ROW = "fp16 k=32, data seed+1"  # the same cache in another batch order: the spread of training itself
 CONFIGS = [("fp16 top-k", "plain", "topk", k) for k in (8, 32, 64)] + \
@@ -115,7 +116,7 @@ def train_all(trainees: dict[str, Trainee], steps: int) -> None:
 
 @torch.no_grad()
 def true_fidelity(student, teacher, examples) -> dict[str, float]:
-    """Held-out true KL(teacher || student) over the full vocabulary, top-1 agreement, ECE (kdpipe.metrics)."""
+    """Held-out true KL(teacher || student) over the full vocabulary, top-1 agreement, ECE (kdpipe.evaluation.metrics)."""
     kl, agree, conf, correct = [], [], [], []
     for e in examples:
         ids = torch.from_numpy(e.input_ids.astype(np.int64))[None]

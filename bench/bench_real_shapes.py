@@ -72,7 +72,7 @@ def build(name: str, layers: int | None, dtype, device):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from kdpipe.plan import ARCH_DIR
+    from kdpipe.plan.estimate import ARCH_DIR
 
     raw = json.loads((ARCH_DIR / f"{name}.json").read_text())
     raw = {k: v for k, v in raw.items() if not k.startswith("_") and k != "torch_dtype"}
@@ -102,7 +102,7 @@ def teacher_targets(teacher, batch: dict, chunk: int) -> dict:
     """The sparse targets cache-teacher would store, made on the fly (the online-KD teacher step)."""
     import torch
 
-    from kdpipe.teacher import sparse_targets
+    from kdpipe.teacher.hf import sparse_targets
 
     with torch.inference_mode():
         hidden = teacher.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -118,11 +118,11 @@ def teacher_targets(teacher, batch: dict, chunk: int) -> dict:
 def run_case(args: argparse.Namespace) -> dict:
     import torch
 
-    from kdpipe.lora import lora_targets
+    from kdpipe.data.tokenize import TokenizedExample
     from kdpipe.losses import DistillLossConfig
-    from kdpipe.teacher import HFTeacher
-    from kdpipe.tokenize import TokenizedExample
-    from kdpipe.trainer import student_distill_loss
+    from kdpipe.teacher.hf import HFTeacher
+    from kdpipe.train.lora import lora_targets
+    from kdpipe.train.trainer import student_distill_loss
 
     gpu = torch.cuda.is_available()
     device = torch.device("cuda" if gpu else "cpu")
@@ -223,7 +223,7 @@ def predictions(args: argparse.Namespace) -> dict[str, dict]:
     """`kdpipe plan`'s prediction for each case, for exactly these shapes."""
     from dataclasses import replace
 
-    from kdpipe import plan
+    from kdpipe.plan import estimate as plan
 
     device = plan.cpu_device() if args.device == "cpu" else plan.local_device()
     if args.gpu_memory_gb and args.device != "cpu":

@@ -90,8 +90,9 @@ def main() -> None:
 
 def demo_models(root: Path) -> tuple[Path, Path]:
     """The demo's teacher and student shapes, random weights (the loop's cost, not its result, matters)."""
-    from kdpipe import arithmetic, tiny
-    from kdpipe.templates import ARITHMETIC
+    from kdpipe import tiny
+    from kdpipe.data import arithmetic
+    from kdpipe.data.templates import ARITHMETIC
 
     texts = [
         ARITHMETIC.format(instruction=r["instruction"]) + " " + r["output"]

@@ -6,7 +6,7 @@
 Modes, all on exactly the same batches and the same student:
   sft         the student alone, the model's own causal-LM loss (HF `labels=`, -100 on the prompt:
               full logits + cross-entropy)
-  kd-bucket   train-student's loss, `kdpipe.trainer.student_distill_loss` as DistillTrainer calls it,
+  kd-bucket   train-student's loss, `kdpipe.train.trainer.student_distill_loss` as DistillTrainer calls it,
               on cached teacher targets (top-k 32 + tail): fkl, alpha 0.5, T 1, bucket tail
   kd-renorm   the same with the renormalised tail
   kd-*-ckpt   (not in the default set) the same with ``fused=False``: the checkpointed generic path
@@ -76,7 +76,7 @@ def build(kind: str, vocab: int):
 
 
 def teacher_targets(teacher, batch, k: int):
-    from kdpipe.teacher import sparse_targets
+    from kdpipe.teacher.hf import sparse_targets
 
     with torch.no_grad():
         hidden = teacher.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
@@ -121,7 +121,7 @@ class Runner:
                      "kd-renorm-ckpt": DistillLossConfig("fkl", 0.5, 1.0, tail="renorm", fused=False)}
 
     def step(self, mode: str, batch: dict) -> float:
-        from kdpipe.trainer import student_distill_loss
+        from kdpipe.train.trainer import student_distill_loss
 
         if mode == "sft":
             loss = self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],

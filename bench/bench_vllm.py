@@ -37,11 +37,11 @@ def config(args: argparse.Namespace, model: str, backend: str) -> object:
 def child(args: argparse.Namespace) -> None:
     """One backend in this process: start it, then time the scoring loop; print a JSON line."""
     start = time.perf_counter()
-    from kdpipe.data import load_examples
+    from kdpipe.data.sources import load_examples
+    from kdpipe.data.templates import get_template
+    from kdpipe.data.tokenize import tokenize_examples
     from kdpipe.models import load_tokenizer
     from kdpipe.stages import cache_teacher
-    from kdpipe.templates import get_template
-    from kdpipe.tokenize import tokenize_examples
 
     cfg = config(args, args.model, args.child)
     tokenizer = load_tokenizer(args.model)
@@ -89,7 +89,7 @@ def main() -> None:
         return child(args)
 
     from kdpipe import tiny
-    from kdpipe.data import load_examples
+    from kdpipe.data.sources import load_examples
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1"}
     with tempfile.TemporaryDirectory() as tmp:

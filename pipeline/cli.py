@@ -153,7 +153,7 @@ def cache_merge_cmd(parts: tuple[str, ...], output: str) -> None:
                                                                        "its tokenizer.")
 def merge_lora_cmd(adapter: str, output: str) -> None:
     """Merge a LoRA adapter folder into its base model (loadable by AutoModelForCausalLM)."""
-    from kdpipe.lora import merge_lora
+    from kdpipe.train.lora import merge_lora
 
     click.echo(f"merged {adapter} -> {merge_lora(adapter, output)}")
 
@@ -234,7 +234,7 @@ def plan_cmd(teacher: str | None, student: str | None, gpu: str | None, gpu_memo
     From config.json only (no weights are loaded); stages: cache-teacher, train-student, and for
     comparison online KD with both models resident and the student's SFT alone.
     """
-    from kdpipe import plan
+    from kdpipe.plan import estimate as plan
 
     if max_length < 1:
         raise KdpipeError(f"--max-length must be at least 1, not {max_length}")

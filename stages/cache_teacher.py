@@ -29,9 +29,11 @@ from kdpipe.cache.storage import Store
 from kdpipe.cache.values import RECOMPUTE, nonfinite, value_stats
 from kdpipe.cache.writer import CacheWriter
 from kdpipe.config import progress_disabled
-from kdpipe.data import load_examples
+from kdpipe.data.generated import provenance
+from kdpipe.data.sources import load_examples
+from kdpipe.data.templates import get_template
+from kdpipe.data.tokenize import tokenize_examples
 from kdpipe.errors import KdpipeError
-from kdpipe.generated_file import provenance
 from kdpipe.models import (
     load_model,
     load_tokenizer,
@@ -42,9 +44,7 @@ from kdpipe.models import (
 )
 from kdpipe.precision import resolve_dtype
 from kdpipe.stages.configs import CacheTeacherConfig
-from kdpipe.teacher import HFTeacher, Sampling, TeacherBackend, make_batches
-from kdpipe.templates import get_template
-from kdpipe.tokenize import tokenize_examples
+from kdpipe.teacher.hf import HFTeacher, Sampling, TeacherBackend, make_batches
 
 # The config is defined torch-free in kdpipe.stages.configs (the CLI builds its options from it).
 
@@ -186,7 +186,7 @@ def _check_model_limits(cfg: CacheTeacherConfig) -> None:
 def _load_teacher(cfg: CacheTeacherConfig) -> TeacherBackend:
     dtype = resolve_dtype(cfg.dtype, cfg.device)  # one rule for "auto" on both backends
     if cfg.backend == "vllm":
-        from kdpipe.teacher_vllm import VllmTeacher
+        from kdpipe.teacher.vllm import VllmTeacher
 
         return VllmTeacher.load(
             cfg.model, cfg.top_k, dtype, cfg.device, cfg.revision, seed=cfg.seed,

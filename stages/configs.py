@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from kdpipe.config import option
-from kdpipe.data import DataConfig
+from kdpipe.data.sources import DataConfig
 from kdpipe.losses import LOSSES, TAIL_MODES, DistillLossConfig
-from kdpipe.train_config import TrainConfig
+from kdpipe.train.config import TrainConfig
 
 # --verify of train-student and evaluate (the check is kdpipe.cache.verified.check_for_use)
 VERIFY_HELP = ("Cache check before use: fast (manifest and sizes; sha256 only of shards changed since they "

@@ -16,13 +16,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import kdpipe
-from kdpipe.data import load_examples
+from kdpipe.data.sources import load_examples
+from kdpipe.data.templates import get_template
 from kdpipe.errors import KdpipeError
 from kdpipe.evaluation.report import definitions as metric_definitions
 from kdpipe.evaluation.report import format_table, summary, write_results
 from kdpipe.evaluation.tasks import TASKS, check_examples, data_info, resolve_tasks
 from kdpipe.stages.configs import EvaluateConfig  # torch-free: the CLI builds its options from it
-from kdpipe.templates import get_template
 
 __all__ = ["EvaluateConfig", "format_table", "run", "summary"]
 
@@ -122,7 +122,7 @@ def evaluate_model(spec: Any, tokenizer: Any, cfg: EvaluateConfig, work: Work,
 
 
 def _plots(results: dict[str, Any], models: list[Any], out: Any, echo: Callable[[str], None]) -> list[str]:
-    from kdpipe import plots
+    from kdpipe.evaluation import plots
 
     plotted, message = plots.write_plots(results, {s.name: s.run for s in models if s.run}, out)
     if message:

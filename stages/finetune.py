@@ -10,13 +10,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from kdpipe import run_folder, training
-from kdpipe.data import load_examples
+from kdpipe import run_folder
+from kdpipe.data.sources import load_examples
+from kdpipe.data.templates import get_template
+from kdpipe.data.tokenize import tokenize_examples
 from kdpipe.errors import KdpipeError
 from kdpipe.stages.configs import FinetuneConfig
 from kdpipe.stages.train_student import summary  # noqa: F401  (summary is re-exported for the CLI)
-from kdpipe.templates import get_template
-from kdpipe.tokenize import tokenize_examples
+from kdpipe.train import setup as training
 
 # The config is defined torch-free in kdpipe.stages.configs (the CLI builds its options from it).
 
@@ -25,8 +26,8 @@ from kdpipe.tokenize import tokenize_examples
 def run(cfg: FinetuneConfig, command: str = "", callbacks: list[Any] | None = None) -> dict[str, Any]:
     """Fine-tune `cfg.model` on `cfg.dataset`; returns the run record (kdpipe_run.json)."""
     from kdpipe.models import load_tokenizer
-    from kdpipe.student_data import BlockShuffleSampler, SFTCollator, TokenizedDataset
-    from kdpipe.trainer import KdpipeTrainer, fit
+    from kdpipe.train.data import BlockShuffleSampler, SFTCollator, TokenizedDataset
+    from kdpipe.train.trainer import KdpipeTrainer, fit
 
     if not cfg.model:
         raise KdpipeError("no model given: pass --model (or 'model:' in the config file)")

@@ -3,7 +3,7 @@
 With the teacher it makes sequence-level KD data (Kim & Rush 2016); with the student, on-policy data
 for the teacher to score (cache-teacher on the output file). Recipe: load the tokenizer and data,
 render each prompt, load the model alone, then batch by batch: generate (seeded per row), decode,
-append to the JSONL file. A rerun continues after the last complete row (see kdpipe.generated_file).
+append to the JSONL file. A rerun continues after the last complete row (see kdpipe.data.generated).
 
 Each row is the example's own columns with the completion in the template's output field, an ``id``
 (the example's, ``ID#j`` for its sample j > 0) and ``kdpipe_generate`` (source example, sample, model,
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from kdpipe.config import progress_disabled
-from kdpipe.data import load_examples
+from kdpipe.data.sources import load_examples
 from kdpipe.errors import KdpipeError
 from kdpipe.stages.configs import GenerateConfig
 
@@ -28,11 +28,11 @@ def run(cfg: GenerateConfig, command: str = "") -> dict[str, Any]:
     """Generate (or continue) `cfg.output`; returns the sidecar record (settings, rows, ...)."""
     from tqdm.auto import tqdm
 
-    from kdpipe.generated_file import GeneratedFile
-    from kdpipe.generation import check_can_generate, make_jobs, output_field
+    from kdpipe.data.generated import GeneratedFile
+    from kdpipe.data.templates import get_template
+    from kdpipe.generation.hf import check_can_generate, make_jobs, output_field
     from kdpipe.models import load_tokenizer, pick_device, resolve_model_name
     from kdpipe.precision import resolve_dtype
-    from kdpipe.templates import get_template
 
     if not cfg.model:
         raise KdpipeError("no model given: pass --model (the teacher, or the student for on-policy data)")
@@ -89,7 +89,7 @@ def choose_fraction(selection: Any, fraction: float, seed: int) -> Any:
 
     import numpy as np
 
-    from kdpipe.data import fingerprint
+    from kdpipe.data.sources import fingerprint
 
     if fraction >= 1:
         return selection
@@ -127,11 +127,11 @@ def _load(cfg: GenerateConfig, tokenizer: Any, dtype: str) -> Any:
     sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens,
                 "seed": cfg.seed}
     if cfg.backend == "vllm":
-        from kdpipe.generation_vllm import VllmGenerator
+        from kdpipe.generation.vllm import VllmGenerator
 
         return VllmGenerator.load(cfg.model, tokenizer, dtype, cfg.device, cfg.revision,
                                   cfg.vllm_max_model_len, cfg.vllm_gpu_memory_utilization, **sampling)
-    from kdpipe.generation import HFGenerator
+    from kdpipe.generation.hf import HFGenerator
 
     return HFGenerator.load(cfg.model, tokenizer, dtype, cfg.device, cfg.revision, **sampling)
 

@@ -79,8 +79,8 @@ def run(cfg: InitModelConfig, command: str = "", echo: Echo = print) -> Any:
 
 
 def _corpus(dataset: str, template_name: str) -> list[str]:
-    from kdpipe.data import DataConfig, load_examples
-    from kdpipe.templates import get_template
+    from kdpipe.data.sources import DataConfig, load_examples
+    from kdpipe.data.templates import get_template
 
     data = DataConfig(dataset=dataset, template=template_name)
     template = get_template(data.resolved_template(), data.label_names)

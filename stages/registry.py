@@ -85,7 +85,7 @@ CACHE_TEACHER = Stage(
 
 def _generate_state(cfg: GenerateConfig, command: str, anything_ran: bool) -> tuple[str, str]:
     """From the output's sidecar: complete with the same command: skip; partly written: resume."""
-    from kdpipe.generated_file import sidecar_path
+    from kdpipe.data.generated import sidecar_path
 
     record = read_json(sidecar_path(cfg.output)) if cfg.output else None
     if record is None:
@@ -126,7 +126,7 @@ GENERATE = Stage(
 
 
 def _same_model(record: dict[str, Any], model: str | None) -> bool:
-    from kdpipe.training import model_identity
+    from kdpipe.train.setup import model_identity
 
     recorded = record.get("identity", {}).get("model")
     try:

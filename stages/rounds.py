@@ -162,7 +162,7 @@ def check_tokenizers(teacher: str, student: str) -> None:
     """The teacher must score the student's own tokens: the same tokenizer, or the same tokens at other ids
     (train-student's vocabulary map); anything else is refused, naming tokens that differ."""
     from kdpipe.models import load_tokenizer, vocab_hash
-    from kdpipe.vocab_map import token_keys
+    from kdpipe.vocab.map import token_keys
 
     t, s = load_tokenizer(teacher), load_tokenizer(student)
     if vocab_hash(t) == vocab_hash(s):

@@ -258,7 +258,7 @@ def select(p: Plan, start: str | None = None, only: str | None = None) -> list[t
 
 def describe(p: Plan, steps: list[tuple[Step, Any]]) -> str:
     """The plan: each step, its equivalent command and what would happen now."""
-    from kdpipe.plan import step_line
+    from kdpipe.plan.estimate import step_line
 
     lines = [f"experiment {p.name} ({p.path}): {len(steps)} step(s); each command shows the options that "
              "differ from their defaults (`kdpipe COMMAND --help` lists the defaults)"]

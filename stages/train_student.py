@@ -11,13 +11,15 @@ import os
 from pathlib import Path
 from typing import Any
 
-from kdpipe import run_folder, student_vocab, training
+from kdpipe import run_folder
 from kdpipe.cache.manifest import SparseMode
 from kdpipe.cache.reader import Cache
 from kdpipe.cache.tools import open_checked
 from kdpipe.errors import KdpipeError
 from kdpipe.losses import BiasedOnSampled, DistillLossConfig
 from kdpipe.stages.configs import TrainStudentConfig, _slug  # noqa: F401  (re-exported: old imports)
+from kdpipe.train import setup as training
+from kdpipe.vocab import routes as student_vocab
 
 # The config is defined torch-free in kdpipe.stages.configs (the CLI builds its options from it).
 
@@ -26,10 +28,10 @@ from kdpipe.stages.configs import TrainStudentConfig, _slug  # noqa: F401  (re-e
 def run(cfg: TrainStudentConfig, command: str = "", callbacks: list[Any] | None = None) -> dict[str, Any]:
     """Train the student of `cfg` on its cache; returns the run record (kdpipe_run.json)."""
     from kdpipe.models import load_tokenizer
-    from kdpipe.student_data import BlockShuffleSampler, CacheDataset, DistillCollator
-    from kdpipe.student_mix import MixedCacheDataset, cache_identity, check_mixable
-    from kdpipe.trainer import DistillTrainer, fit
-    from kdpipe.uld import CrossTokenizerTrainer
+    from kdpipe.train.data import BlockShuffleSampler, CacheDataset, DistillCollator
+    from kdpipe.train.mix import MixedCacheDataset, cache_identity, check_mixable
+    from kdpipe.train.trainer import DistillTrainer, fit
+    from kdpipe.vocab.uld import CrossTokenizerTrainer
 
     if not cfg.cache:
         raise KdpipeError("no cache given: pass --cache (a folder written by `kdpipe cache-teacher`)")
@@ -113,7 +115,7 @@ def check_context(cache: Cache, model: Any, name: str) -> None:
 
 
 def student_vocab_size(model: Any) -> int:
-    """Rows of the student's LM head: cached ids at or above it are masked out (see kdpipe.student_data)."""
+    """Rows of the student's LM head: cached ids at or above it are masked out (see kdpipe.train.data)."""
     return int(training.causal_lm(model).get_output_embeddings().weight.shape[0])
 
 

@@ -3,13 +3,27 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from helpers import student_kwargs, texts
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The one place the suite's environment is set: before collection, so before any test module imports
+# transformers or vLLM (both read some of these at import). A variable already set by the caller wins.
+ENVIRONMENT = {
+    "HF_HUB_OFFLINE": "1",  # no hub: every model and data set is built or shipped locally
+    "HF_DATASETS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "KDPIPE_NO_PROGRESS": "1",  # no progress bars in test output
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # vLLM on CPU: in-process engine (ENVIRONMENT.md)
+    "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB; otherwise it reserves ~9
+}
+
+
+def pytest_configure(config):
+    for name, value in ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
 
 CORPUS_EXTRA = [
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.",
@@ -22,8 +36,9 @@ CORPUS_EXTRA = [
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
-    from kdpipe import arithmetic, tiny
-    from kdpipe.templates import ARITHMETIC
+    from kdpipe import tiny
+    from kdpipe.data import arithmetic
+    from kdpipe.data.templates import ARITHMETIC
 
     rows = arithmetic.generate("train")[:1000]
     texts = [ARITHMETIC.format(instruction=r["instruction"]) + " " + r["output"] for r in rows] + CORPUS_EXTRA * 20
@@ -56,3 +71,39 @@ def workdir(tmp_path, monkeypatch) -> Path:
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
+
+@dataclass
+class World:
+    root: Path
+    tokenizer: object
+    teacher: Path  # 2 layers, hidden 64
+    student: Path  # 1 layer, hidden 32, same tokenizer
+    padded_teacher: Path  # same tokenizer, 16 more embedding rows than tokens
+    other_student: Path  # another tokenizer
+    cache: Path  # teacher on 64 arithmetic examples, k=8, 3 shards
+    padded_cache: Path  # padded teacher on 16 examples, k=8
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory) -> World:
+    from kdpipe import tiny
+    from kdpipe.stages import cache_teacher
+
+    root = tmp_path_factory.mktemp("stage2")
+    tok = tiny.train_tokenizer(texts(600), vocab_size=300)
+    other = tiny.train_tokenizer(texts(600), vocab_size=280)
+    paths = {name: root / "models" / name for name in ("teacher", "student", "padded", "other")}
+    tiny.init_model(paths["teacher"], tok, seed=0)
+    tiny.init_model(paths["student"], tok, seed=1, **student_kwargs())
+    tiny.init_model(paths["padded"], tok, vocab_size=len(tok) + 16, seed=2)
+    tiny.init_model(paths["other"], other, seed=3, **student_kwargs())
+
+    def cache(model: Path, name: str, limit: int, rows_per_shard: int) -> Path:
+        folder = root / "cache" / name
+        cfg = cache_teacher.CacheTeacherConfig(model=str(model), dataset="kdpipe:arithmetic", limit=limit, top_k=8,
+                                               rows_per_shard=rows_per_shard, cache=str(folder), device="cpu")
+        cache_teacher.run(cfg, "test")
+        return folder
+
+    return World(root, tok, paths["teacher"], paths["student"], paths["padded"], paths["other"],
+                 cache(paths["teacher"], "arith", 64, 24), cache(paths["padded"], "padded", 16, 16))

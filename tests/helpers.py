@@ -21,3 +21,35 @@ def kdpipe(*args: str, ok: bool = True) -> Result:
     if ok:
         assert result.exit_code == 0, result.output
     return result
+
+
+def student_kwargs() -> dict:
+    return {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1, "head_dim": 32}
+
+
+def texts(n: int) -> list[str]:
+    from kdpipe.data import arithmetic
+    from kdpipe.data.templates import ARITHMETIC
+
+    return [ARITHMETIC.format(instruction=r["instruction"]) + " " + r["output"] for r in arithmetic.generate("train")[:n]]
+
+
+def run_cli(*args: object, ok: bool = True):
+    """`kdpipe ARGS` in-process; with ok=True, fail the test on a non-zero exit."""
+    from click.testing import CliRunner
+
+    from kdpipe.cli import main
+
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    if ok:
+        assert result.exit_code == 0, (result.output, result.exception)
+    return result
+
+
+def expect_error(*args: object, match: str):
+    """`kdpipe ARGS` must fail with a message (not a traceback) containing `match`."""
+    result = run_cli(*args, ok=False)
+    assert result.exit_code != 0, result.output
+    assert isinstance(result.exception, SystemExit), result.exception  # a message, not a traceback
+    assert match in result.output, result.output
+    return result

@@ -17,9 +17,18 @@ import numpy as np
 import pyarrow as pa
 
 from kdpipe.cache import ids as ids_coding
+
 # The manifest's home is kdpipe.cache.manifest; these names stay importable from here (older imports).
-from kdpipe.cache.manifest import (FORMAT, FORMAT_VERSION, MANIFEST, DamagedManifest, Manifest,  # noqa: F401
-                                   SparseMode, read_manifest, write_manifest)
+from kdpipe.cache.manifest import (  # noqa: F401
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    DamagedManifest,
+    Manifest,
+    SparseMode,
+    read_manifest,
+    write_manifest,
+)
 
 METADATA_KEY = b"kdpipe"
 
@@ -105,13 +114,21 @@ def _encode(rows: Rows, k: int, metadata: dict[str, Any], bits: int | None) -> p
             cnt.append(c)
             n = t.sample_counts.sum(-1, keepdims=True).astype(np.float64)
             with np.errstate(divide="ignore", invalid="ignore"):
-                ratio.append((t.topk_logprobs.astype(np.float64) - np.log(t.sample_counts / np.maximum(n, 1)))[valid])
+                ratio.append(
+                    (t.topk_logprobs.astype(np.float64) - np.log(t.sample_counts / np.maximum(n, 1)))[valid]
+                )
         per_pos = [t.sample_counts.astype(bool).sum(-1) for t in targets]
         inner = _offsets(np.concatenate(per_pos) if per_pos else [])
 
         def nested(values: list[np.ndarray], dtype: Any) -> pa.Array:
-            flat = pa.array(np.concatenate(values).astype(dtype)) if values else pa.array([], pa.from_numpy_dtype(dtype))
-            return pa.ListArray.from_arrays(pa.array(offsets), pa.ListArray.from_arrays(pa.array(inner), flat))
+            flat = (
+                pa.array(np.concatenate(values).astype(dtype))
+                if values
+                else pa.array([], pa.from_numpy_dtype(dtype))
+            )
+            return pa.ListArray.from_arrays(
+                pa.array(offsets), pa.ListArray.from_arrays(pa.array(inner), flat)
+            )
 
         columns["sample_ids"] = nested(ids, id_type)
         columns["sample_counts"] = nested(cnt, np.uint8)
@@ -121,9 +138,13 @@ def _encode(rows: Rows, k: int, metadata: dict[str, Any], bits: int | None) -> p
         columns["topk_ids"] = _per_position(offsets, [t.topk_ids for t in targets], id_type, k)
         if compact:
             codes = [logprob_codes(t.topk_logprobs, bits) for t in targets]
-            columns["topk_logprob_codes"] = _per_position(offsets, codes, codes[0].dtype if codes else np.uint8, k)
+            columns["topk_logprob_codes"] = _per_position(
+                offsets, codes, codes[0].dtype if codes else np.uint8, k
+            )
         else:
-            columns["topk_logprobs"] = _per_position(offsets, [t.topk_logprobs for t in targets], np.float16, k)
+            columns["topk_logprobs"] = _per_position(
+                offsets, [t.topk_logprobs for t in targets], np.float16, k
+            )
     columns["target_logprob"] = _per_position(offsets, [t.target_logprob for t in targets], real)
     if "topk_ids" in columns:
         columns["tail_mass"] = _per_position(offsets, [t.tail_mass for t in targets], real)
@@ -149,7 +170,9 @@ def decode(batch: pa.RecordBatch | pa.Table) -> list[CachedExample]:
         targets = _decode_sampled(data, target, meta.get("samples"), ranks)
     else:
         k = batch.schema.field("topk_ids").type.value_type.list_size
-        topk_ids = [a.astype(np.int32) if ranks is None else ranks.decode(a) for a in _split(data["topk_ids"], k)]
+        topk_ids = [
+            a.astype(np.int32) if ranks is None else ranks.decode(a) for a in _split(data["topk_ids"], k)
+        ]
         if "topk_logprob_codes" in data:
             topk_lp = [logprobs_from_codes(c) for c in _split(data["topk_logprob_codes"], k)]
         else:
@@ -159,9 +182,9 @@ def decode(batch: pa.RecordBatch | pa.Table) -> list[CachedExample]:
     return [CachedExample(ids[i], input_ids[i], positions[i], targets[i]) for i in range(len(ids))]
 
 
-
-def _decode_sampled(data: dict[str, pa.Array], target: list[np.ndarray], samples: int | None,
-                    ranks: Any = None) -> list[Targets]:
+def _decode_sampled(
+    data: dict[str, pa.Array], target: list[np.ndarray], samples: int | None, ranks: Any = None
+) -> list[Targets]:
     """Distinct ids and counts per position -> padded [P, N] ids, log p̂ and counts.
 
     N is the shard metadata's `samples`, else the counts' sum (a row without positions then gets width 1).
@@ -174,7 +197,9 @@ def _decode_sampled(data: dict[str, pa.Array], target: list[np.ndarray], samples
     flat_ids = np.asarray(inner.values.to_numpy(zero_copy_only=False), np.int64)
     flat_ids = flat_ids if ranks is None else ranks.decode(flat_ids)
     flat_cnt = np.asarray(counts.values.values.to_numpy(zero_copy_only=False), np.int64)
-    flat_ratio = None if ratio is None else np.asarray(ratio.values.values.to_numpy(zero_copy_only=False), np.float64)
+    flat_ratio = (
+        None if ratio is None else np.asarray(ratio.values.values.to_numpy(zero_copy_only=False), np.float64)
+    )
     base = pos_off[0]
     out = []
     for i in range(len(row_off) - 1):
@@ -197,17 +222,23 @@ def _decode_sampled(data: dict[str, pa.Array], target: list[np.ndarray], samples
     return out
 
 
-def rank_coded(targets: list[Targets], metadata: dict[str, Any], compact: bool) -> tuple[list[Targets], dict, Any]:
+def rank_coded(
+    targets: list[Targets], metadata: dict[str, Any], compact: bool
+) -> tuple[list[Targets], dict, Any]:
     """A compact shard's targets with ids replaced by ranks (kdpipe.cache.ids) when its metadata asks for it;
     otherwise unchanged, without an ``id_coding`` in the metadata (raw ids)."""
     table = None
     if compact and ids_coding.wants_ranks(metadata) and targets:
-        used = [t.topk_ids[t.sample_counts > 0] if t.sample_counts is not None else t.topk_ids for t in targets]
+        used = [
+            t.topk_ids[t.sample_counts > 0] if t.sample_counts is not None else t.topk_ids for t in targets
+        ]
         table = ids_coding.RankTable.of(np.concatenate([u.ravel() for u in used]), metadata.get("vocab_size"))
     if table is None:
         return targets, {k: v for k, v in metadata.items() if k != "id_coding"}, None
-    coded = [Targets(table.encode(t.topk_ids), t.topk_logprobs, t.target_logprob, t.tail_mass, t.sample_counts)
-             for t in targets]
+    coded = [
+        Targets(table.encode(t.topk_ids), t.topk_logprobs, t.target_logprob, t.tail_mass, t.sample_counts)
+        for t in targets
+    ]
     return coded, metadata, table
 
 
@@ -247,9 +278,15 @@ def id_dtype(vocab_size: int | None) -> Any:
 # ---------------------------------------------------------------- Arrow helpers
 
 
-def _per_position(offsets: np.ndarray, values: list[np.ndarray], dtype: Any, width: int | None = None) -> pa.Array:
+def _per_position(
+    offsets: np.ndarray, values: list[np.ndarray], dtype: Any, width: int | None = None
+) -> pa.Array:
     """Per-position values of every row -> list<value> or list<fixed_size_list<value>[width]>."""
-    flat = pa.array(np.concatenate(values).reshape(-1).astype(dtype)) if values else pa.array([], pa.from_numpy_dtype(dtype))
+    flat = (
+        pa.array(np.concatenate(values).reshape(-1).astype(dtype))
+        if values
+        else pa.array([], pa.from_numpy_dtype(dtype))
+    )
     inner = pa.FixedSizeListArray.from_arrays(flat, width) if width else flat
     return pa.ListArray.from_arrays(pa.array(offsets), inner)
 
@@ -291,10 +328,17 @@ def compact_parquet_options(schema: pa.Schema) -> dict[str, Any]:
     Positions (consecutive indices) are delta-encoded. No dictionaries (they did not pay off).
     """
     leaves = _leaves(schema)
-    encodings = {leaf: "DELTA_BINARY_PACKED" if leaf.startswith("positions.") else "BYTE_STREAM_SPLIT"
-                 for leaf in leaves if not leaf.startswith("id")}
-    return {"compression": "zstd", "compression_level": COMPACT_ZSTD_LEVEL, "use_dictionary": False,
-            "column_encoding": encodings}
+    encodings = {
+        leaf: "DELTA_BINARY_PACKED" if leaf.startswith("positions.") else "BYTE_STREAM_SPLIT"
+        for leaf in leaves
+        if not leaf.startswith("id")
+    }
+    return {
+        "compression": "zstd",
+        "compression_level": COMPACT_ZSTD_LEVEL,
+        "use_dictionary": False,
+        "column_encoding": encodings,
+    }
 
 
 PLAIN_ZSTD_LEVEL = 3
@@ -303,10 +347,12 @@ COMPACT_ZSTD_LEVEL = 9
 
 def _leaves(schema: pa.Schema) -> list[str]:
     """Parquet leaf column paths (``topk_ids.list.element.list.element``) of an Arrow schema."""
+
     def walk(prefix: str, t: pa.DataType) -> list[str]:
         if pa.types.is_list(t) or pa.types.is_fixed_size_list(t) or pa.types.is_large_list(t):
             return walk(f"{prefix}.list.element", t.value_type)
         return [prefix]
+
     return [leaf for f in schema for leaf in walk(f.name, f.type)]
 
 

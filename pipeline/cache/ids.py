@@ -53,7 +53,7 @@ class RankTable:
         self.rank[self.order] = np.arange(self.size, dtype=np.int32)
 
     @classmethod
-    def of(cls, ids: np.ndarray, vocab_size: int | None) -> "RankTable | None":
+    def of(cls, ids: np.ndarray, vocab_size: int | None) -> RankTable | None:
         """The table of a shard whose id columns hold `ids` (any shape); None when an id is beyond any
         vocabulary (``MAX_IDS``): such a shard keeps raw ids rather than a table of that size."""
         flat = np.asarray(ids, np.int64).ravel()
@@ -96,7 +96,7 @@ class RankTable:
                            "zstd_b64": base64.b64encode(packed).decode()}, separators=(",", ":")).encode()
 
     @classmethod
-    def from_metadata(cls, raw: bytes) -> "RankTable":
+    def from_metadata(cls, raw: bytes) -> RankTable:
         key = hashlib.sha1(raw).digest()
         table = _TABLES.get(key)
         if table is None:
@@ -104,11 +104,14 @@ class RankTable:
             n = int(d["n"])
             planes = pa.decompress(base64.b64decode(d["zstd_b64"]), decompressed_size=4 * n, codec="zstd",
                                    asbytes=True)
-            deltas = np.frombuffer(planes, np.uint8).reshape(4, n).T.copy().view("<u4").ravel().astype(np.int64)
+            deltas = (
+                np.frombuffer(planes, np.uint8).reshape(4, n).T.copy().view("<u4").ravel().astype(np.int64)
+            )
             runs = np.asarray(d["runs"], np.int64)
             bounds = np.append(runs, n)
-            head = np.concatenate([np.cumsum(deltas[a:b]) for a, b in zip(bounds[:-1], bounds[1:])] or
-                                  [np.zeros(0, np.int64)])
+            head = np.concatenate(
+                [np.cumsum(deltas[a:b]) for a, b in zip(bounds[:-1], bounds[1:])] or [np.zeros(0, np.int64)]
+            )
             table = cls(head, int(d["size"]))
             if len(_TABLES) >= 8:  # a few shards' tables: a row group at a time, shard by shard
                 _TABLES.pop(next(iter(_TABLES)))
@@ -125,9 +128,11 @@ def table_for(schema_metadata: dict[bytes, bytes] | None) -> RankTable | None:
     raw = meta.get(TABLE_KEY)
     if raw is None:
         if b'"id_coding":"rank"' in meta.get(b"kdpipe", b"").replace(b" ", b""):
-            raise KdpipeError("a rank-coded shard was read without its Parquet file metadata (the rank table): "
-                              "read it with pyarrow.parquet.ParquetFile(...).read() or kdpipe.cache.open_cache, "
-                              "not pyarrow.parquet.read_table")
+            raise KdpipeError(
+                "a rank-coded shard was read without its Parquet file metadata (the rank table): "
+                "read it with pyarrow.parquet.ParquetFile(...).read() or kdpipe.cache.open_cache, "
+                "not pyarrow.parquet.read_table"
+            )
         return None
     return RankTable.from_metadata(raw)
 

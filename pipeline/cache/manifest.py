@@ -156,11 +156,11 @@ class SparseSpec(Section):
     seed: int | None = None  # sampled: the draws' seed
 
     @classmethod
-    def topk(cls, k: int) -> "SparseSpec":
+    def topk(cls, k: int) -> SparseSpec:
         return cls(SparseMode.TOPK, k, absent=frozenset({"samples", "proposal_temperature", "seed"}))
 
     @classmethod
-    def sampled(cls, samples: int, proposal_temperature: float, seed: int) -> "SparseSpec":
+    def sampled(cls, samples: int, proposal_temperature: float, seed: int) -> SparseSpec:
         return cls(SparseMode.SAMPLED, samples, samples, proposal_temperature, seed)
 
     @classmethod
@@ -206,12 +206,12 @@ class Totals(Section):
     bytes_per_target_token: float | None = None
 
     @classmethod
-    def empty(cls) -> "Totals":
+    def empty(cls) -> Totals:
         """``{}``: what a manifest holds before its first shard is counted."""
         return cls(absent=frozenset(cls.known()))
 
     @classmethod
-    def of(cls, shards: Iterable[ShardEntry]) -> "Totals":
+    def of(cls, shards: Iterable[ShardEntry]) -> Totals:
         shards = list(shards)
         target = sum(s.target_tokens for s in shards)
         size = sum(s.bytes for s in shards)
@@ -252,7 +252,7 @@ class Manifest(Section):
     def create(cls, *, teacher: TeacherInfo, tokenizer: TokenizerInfo, template: TemplateInfo,
                dataset: DatasetInfo, sparse: SparseSpec, encoding: str, sharding: Sharding,
                kdpipe_version: str, command: str, generated: dict[str, Any] | None = None,
-               created: str | None = None) -> "Manifest":
+               created: str | None = None) -> Manifest:
         """The header of a new cache from its facts (no shards yet), with its settings hash (which the
         provenance of generated data is not part of)."""
         stamp = created or now()
@@ -271,7 +271,7 @@ class Manifest(Section):
         return value
 
     @classmethod
-    def read(cls, folder: str | Path | Store) -> "Manifest":
+    def read(cls, folder: str | Path | Store) -> Manifest:
         """The manifest of a cache folder (a path or a URL), checked for format, version and structure."""
         return cls.from_dict(read_manifest(folder))
 
@@ -308,7 +308,7 @@ class Manifest(Section):
         return meta
 
     def with_shards(self, shards: Sequence[ShardEntry], complete: bool,
-                    updated: str | None = None) -> "Manifest":
+                    updated: str | None = None) -> Manifest:
         """These shards (sorted by index), their totals and completeness; `updated` stamped when given."""
         listed = tuple(sorted(shards, key=lambda s: s.index))
         stamp = {"updated": updated} if updated else {}

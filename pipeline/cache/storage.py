@@ -56,7 +56,7 @@ class Store:
     local: bool
 
     @classmethod
-    def open(cls, location: str | Path) -> "Store":
+    def open(cls, location: str | Path) -> Store:
         text = str(location)
         if not is_url(text):
             path = str(Path(text.removeprefix("file://")))
@@ -73,7 +73,9 @@ class Store:
                 ffs, root = fsspec.core.url_to_fs(text)
                 fs = pafs.PyFileSystem(pafs.FSSpecHandler(ffs))
         except ImportError as e:
-            raise KdpipeError(f"{text}: the filesystem for '{scheme}://' is not installed ({e}); install its fsspec package") from None
+            raise KdpipeError(
+                f"{text}: the filesystem for '{scheme}://' is not installed ({e}); install its fsspec package"
+            ) from None
         except (OSError, ValueError) as e:
             raise KdpipeError(f"cannot open {text}: {_reason(e)}") from None
         return cls(text.rstrip("/"), fs, root.rstrip("/"), False)
@@ -159,16 +161,20 @@ class Store:
         existing = next(p for p in [target, *target.parents] if p.exists())
         if not existing.is_dir():
             what = "is a file" if existing == target else f"runs through the file {existing}"
-            raise KdpipeError(f"{option} {target} {what}, not a folder; give a folder path (created if missing)")
+            raise KdpipeError(
+                f"{option} {target} {what}, not a folder; give a folder path (created if missing)"
+            )
         try:
             tempfile.TemporaryFile(dir=existing).close()  # the truth, also for read-only mounts and ACLs
         except OSError as e:
             where = "" if existing == target else f" (it would be made inside {existing})"
-            raise KdpipeError(f"{option} {target} cannot be written{where}: {e.strerror}; "
-                              f"choose a folder you can write to") from None
+            raise KdpipeError(
+                f"{option} {target} cannot be written{where}: {e.strerror}; choose a folder you can write to"
+            ) from None
 
     def write_bytes(self, name: str, data: bytes) -> None:
-        """Write a whole file: temp + fsync + rename locally, one upload on object storage (atomic both ways)."""
+        """Write a whole file: temp + fsync + rename locally, one upload on object storage (atomic both
+        ways)."""
         if self.local:
             write_atomic(Path(self.path(name)), data)
             return
@@ -183,7 +189,7 @@ class Store:
         with contextlib.suppress(FileNotFoundError), self._errors(name):
             self.fs.delete_file(self.path(name))
 
-    def copy_from(self, source: "Store", name: str) -> None:
+    def copy_from(self, source: Store, name: str) -> None:
         """Put `source`'s file `name` here: a hard link between local folders when possible, else a copy."""
         if self.local and source.local:
             try:
@@ -195,10 +201,15 @@ class Store:
             self.write_bytes(name, source.read_bytes(name))
             return
         with self._errors(name):
-            pafs.copy_files(source.path(name), self.path(name), source_filesystem=source.fs, destination_filesystem=self.fs)
+            pafs.copy_files(
+                source.path(name),
+                self.path(name),
+                source_filesystem=source.fs,
+                destination_filesystem=self.fs,
+            )
 
     @contextlib.contextmanager
-    def writer_lock(self) -> Iterator["Lease"]:
+    def writer_lock(self) -> Iterator[Lease]:
         """The right to write: a held ``.lock`` file locally; a `Lease` object on object storage."""
         if not self.local:
             lease = Lease(self)
@@ -213,7 +224,10 @@ class Store:
         try:
             lock.acquire(timeout=0)
         except Timeout:
-            raise KdpipeError(f"another kdpipe process is writing to {self.root} (its .lock is held); wait for it or use another --cache") from None
+            raise KdpipeError(
+                f"another kdpipe process is writing to {self.root} (its .lock is held); "
+                "wait for it or use another --cache"
+            ) from None
         try:
             yield Lease(None)
         finally:
@@ -261,7 +275,8 @@ class Lease:
         current = self._current()
         if current != self.token:
             raise KdpipeError(
-                f"another kdpipe process started writing {self.store.url} ({current.decode(errors='replace') or 'its marker is gone'}); "
+                f"another kdpipe process started writing {self.store.url} "
+                f"({current.decode(errors='replace') or 'its marker is gone'}); "
                 "this one stops: one writer per prefix (give each --shard-index its own prefix)"
             )
 
@@ -322,5 +337,5 @@ def _reason(e: BaseException) -> str:
     return text[0][:300] if text else type(e).__name__
 
 
-def as_store(location: "str | Path | Store") -> Store:
+def as_store(location: str | Path | Store) -> Store:
     return location if isinstance(location, Store) else Store.open(location)

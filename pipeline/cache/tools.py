@@ -22,7 +22,7 @@ def info(path: str | Path) -> dict[str, Any]:
     m = Manifest.read(path)
     t = Totals.of(m.shards)  # what is listed, not what the manifest's totals claim
     problems = check_listing(m, str(path))
-    # over-long examples cut or skipped (see kdpipe.tokenize); none is the norm
+    # over-long examples cut or skipped (see kdpipe.data.tokenize); none is the norm
     cut = "; ".join(f"{n} {what}" for what, n in sorted((m.dataset.report or {}).items()) if n)
     return {
         "path": str(path),
@@ -58,7 +58,9 @@ def verify(path: str | Path, values: bool = True) -> list[str]:
     problems = []
     if not m.complete:
         missing = len(set(m.part_indices()) - {s.index for s in m.shards})
-        problems.append(f"{store}: incomplete, {missing} shard(s) not written yet (rerun the same command to resume)")
+        problems.append(
+            f"{store}: incomplete, {missing} shard(s) not written yet (rerun the same command to resume)"
+        )
     problems += check_listing(m, store.display(MANIFEST))
     seen: dict[str, str] = {}  # example id -> the shard holding it
     for shard in m.shards:
@@ -76,36 +78,48 @@ def check_listing(m: Manifest, where: str) -> list[str]:
     if twice:
         problems.append(f"{where}: shard(s) {twice} listed twice")
     if isinstance(examples, int) and -(-examples // rps) != total:
-        problems.append(f"{where}: {examples} examples in shards of {rps} make {-(-examples // rps)} shards, "
-                        f"not {total}")
+        problems.append(
+            f"{where}: {examples} examples in shards of {rps} make {-(-examples // rps)} shards, not {total}"
+        )
     for s in shards:
         i = s.index
         if i not in part:
             of_part = " (of its part)" if sharding.num_shards > 1 and 0 <= i < total else ""
-            problems.append(f"{where}: lists shard {i}, which is not one of this cache's {total} shards"
-                            f"{of_part}")
+            problems.append(
+                f"{where}: lists shard {i}, which is not one of this cache's {total} shards{of_part}"
+            )
         elif s.file != shard_name(i):
             problems.append(f"{where}: shard {i} is listed as {s.file}, not {shard_name(i)}")
         elif isinstance(examples, int) and s.rows != min(rps, examples - i * rps):
-            problems.append(f"{where}: shard {i} is listed with {s.rows} rows; of {examples} examples in "
-                            f"shards of {rps} it holds {min(rps, examples - i * rps)}")
+            problems.append(
+                f"{where}: shard {i} is listed with {s.rows} rows; of {examples} examples in "
+                f"shards of {rps} it holds {min(rps, examples - i * rps)}"
+            )
     missing = sorted(part - set(indices))
     if m.complete and missing:
-        problems.append(f"{where} says the cache is complete but does not list shard(s) {missing[:10]} "
-                        f"({len(set(indices) & part)} of {len(part)} listed); rerun the cache-teacher command "
-                        "that wrote it to compute them")
+        problems.append(
+            f"{where} says the cache is complete but does not list shard(s) {missing[:10]} "
+            f"({len(set(indices) & part)} of {len(part)} listed); rerun the cache-teacher command "
+            "that wrote it to compute them"
+        )
     listed = Totals.of(shards)
-    differ = [k for k in ("shards", "rows", "tokens", "target_tokens", "bytes")
-              if getattr(m.totals, k) != getattr(listed, k)]
+    differ = [
+        k
+        for k in ("shards", "rows", "tokens", "target_tokens", "bytes")
+        if getattr(m.totals, k) != getattr(listed, k)
+    ]
     if differ:
         claimed = ", ".join(f"{k} {getattr(m.totals, k)}" for k in differ)
-        problems.append(f"{where}: its totals ({claimed}) differ from the listed shards' "
-                        f"({', '.join(f'{k} {getattr(listed, k)}' for k in differ)})")
+        problems.append(
+            f"{where}: its totals ({claimed}) differ from the listed shards' "
+            f"({', '.join(f'{k} {getattr(listed, k)}' for k in differ)})"
+        )
     return problems
 
 
-def _verify_shard(store: Store, shard: ShardEntry, m: Manifest, values: bool,
-                  seen: dict[str, str] | None = None) -> list[str]:
+def _verify_shard(
+    store: Store, shard: ShardEntry, m: Manifest, values: bool, seen: dict[str, str] | None = None
+) -> list[str]:
     name, file = shard.file, store.display(shard.file)
     if not store.is_file(name):
         return [f"{file}: missing"]
@@ -114,8 +128,10 @@ def _verify_shard(store: Store, shard: ShardEntry, m: Manifest, values: bool,
     except Exception:
         footer = None
     if footer is not None and footer.get("settings_hash") != m.settings_hash:
-        return [f"{file}: belongs to another run than {store.display(MANIFEST)} (settings hash differs): "
-                "the shard or the manifest was replaced"]
+        return [
+            f"{file}: belongs to another run than {store.display(MANIFEST)} (settings hash differs): "
+            "the shard or the manifest was replaced"
+        ]
     size = store.size(name)
     if size != shard.bytes:
         return [f"{file}: size {size} bytes, the manifest says {shard.bytes} (truncated or replaced)"]
@@ -137,24 +153,28 @@ def _verify_shard(store: Store, shard: ShardEntry, m: Manifest, values: bool,
     return problems
 
 
-def _identity_problems(table: Any, meta: dict[str, Any], shard: ShardEntry,
-                       seen: dict[str, str] | None) -> list[str]:
+def _identity_problems(
+    table: Any, meta: dict[str, Any], shard: ShardEntry, seen: dict[str, str] | None
+) -> list[str]:
     """The shard is the one it is listed as: its metadata's shard index, the hash of its example ids (both
     absent from caches written before kdpipe recorded them, which are then not checked for them), and no
     example id in two shards."""
     ids = table["id"].to_pylist()
     digest, problems = ids_hash(ids), []
     if meta.get("shard_index", shard.index) != shard.index:
-        problems.append(f"its metadata says it is shard {meta['shard_index']}, "
-                        f"the manifest lists it as shard {shard.index}")
+        problems.append(
+            f"its metadata says it is shard {meta['shard_index']}, "
+            f"the manifest lists it as shard {shard.index}"
+        )
     for whose, recorded in (("manifest's", shard.ids_sha256), ("metadata's", meta.get("ids_sha256"))):
         if recorded is not None and recorded != digest:
             problems.append(f"its example ids do not match the {whose} ids hash (it holds other examples)")
     if seen is not None:
         for example_id in ids:
             if example_id in seen and not problems:
-                problems.append(f"example id '{example_id}' is also in {seen[example_id]} "
-                                "(a shard copied over another)")
+                problems.append(
+                    f"example id '{example_id}' is also in {seen[example_id]} (a shard copied over another)"
+                )
             seen.setdefault(example_id, shard.file)
     return problems
 
@@ -171,7 +191,9 @@ def open_checked(path: str | Path, verify_mode: str = "fast") -> Any:
         raise KdpipeError(f"cache {path} holds no examples")
     problems = check_for_use(cache.store, cache.manifest, verify_mode)
     if problems:
-        raise KdpipeError(f"cache {path} failed verification: {'; '.join(problems)}. See `kdpipe cache verify {path}`")
+        raise KdpipeError(
+            f"cache {path} failed verification: {'; '.join(problems)}. See `kdpipe cache verify {path}`"
+        )
     return cache
 
 
@@ -185,14 +207,18 @@ def check_values(table: Any, manifest: Manifest | dict[str, Any]) -> list[str]:
     problems = []
     for e in decode(table):
         t, where = e.targets, f"example '{e.id}'"
-        if len(e.positions) != len(t.target_logprob) or (len(e.positions) and e.positions.max() + 1 >= len(e.input_ids)):
+        if len(e.positions) != len(t.target_logprob) or (
+            len(e.positions) and e.positions.max() + 1 >= len(e.input_ids)
+        ):
             problems.append(f"{where}: positions do not fit input_ids")
         elif nonfinite(t, e.positions):
             problems.append(f"{where}: {nonfinite(t, e.positions)}")
         elif np.any(t.target_logprob > 1e-6):
             problems.append(f"{where}: a log-prob is positive or NaN")
         elif sampled:
-            problems += [f"{where}: {p}" for p in _check_sampled(t, int(m.samples), m.proposal_temperature)][:1]
+            problems += [f"{where}: {p}" for p in _check_sampled(t, int(m.samples), m.proposal_temperature)][
+                :1
+            ]
         elif np.any(t.topk_logprobs > 0):
             problems.append(f"{where}: a log-prob is positive or NaN")
         elif np.any(np.diff(t.topk_logprobs, axis=1) > 0):
@@ -220,7 +246,9 @@ def _check_sampled(t: Any, n: int, proposal_temperature: float) -> list[str]:
         problems.append("a sampled id is stored twice at one position")
     elif np.any(~np.isfinite(t.topk_logprobs[drawn])):
         problems.append("the sampled estimate is not finite")
-    elif proposal_temperature == 1.0 and np.any(np.abs(np.exp(t.topk_logprobs[drawn]) - counts[drawn] / n) > 1e-6):
+    elif proposal_temperature == 1.0 and np.any(
+        np.abs(np.exp(t.topk_logprobs[drawn]) - counts[drawn] / n) > 1e-6
+    ):
         problems.append("the sampled estimate differs from counts / N")
     return problems
 
@@ -238,8 +266,13 @@ def merge(parts: list[str | Path], output: str | Path) -> Manifest:
     manifests = [Manifest.read(s) for s in stores]
     first = manifests[0]
     for path, m in zip(parts, manifests):
-        if m.settings_hash != first.settings_hash or m.sharding.rows_per_shard != first.sharding.rows_per_shard:
-            raise KdpipeError(f"{path} is not a part of the same run as {parts[0]} (different settings); cannot merge")
+        if (
+            m.settings_hash != first.settings_hash
+            or m.sharding.rows_per_shard != first.sharding.rows_per_shard
+        ):
+            raise KdpipeError(
+                f"{path} is not a part of the same run as {parts[0]} (different settings); cannot merge"
+            )
     shards: dict[int, tuple[Store, ShardEntry]] = {}
     for store, m in zip(stores, manifests):
         for s in m.shards:
@@ -249,14 +282,19 @@ def merge(parts: list[str | Path], output: str | Path) -> Manifest:
     total = first.sharding.total_shards
     missing = sorted(set(range(total)) - set(shards))
     if missing:
-        raise KdpipeError(f"the parts lack shard(s) {missing[:10]} of {total}: finish those parts first (rerun them)")
+        raise KdpipeError(
+            f"the parts lack shard(s) {missing[:10]} of {total}: finish those parts first (rerun them)"
+        )
     owner = {s.index: m for m in manifests for s in m.shards}
-    problems = [p for i, (store, s) in sorted(shards.items())
-                for p in _verify_shard(store, s, owner[i], values=False)]
+    problems = [
+        p for i, (store, s) in sorted(shards.items()) for p in _verify_shard(store, s, owner[i], values=False)
+    ]
     if problems:
-        raise KdpipeError(f"cannot merge, a part is damaged: {'; '.join(problems[:5])}. Rerun that part's "
-                          "cache-teacher command (it rewrites damaged shards), then merge again; "
-                          "nothing was merged")
+        raise KdpipeError(
+            f"cannot merge, a part is damaged: {'; '.join(problems[:5])}. Rerun that part's "
+            "cache-teacher command (it rewrites damaged shards), then merge again; "
+            "nothing was merged"
+        )
     entries = [s for _, (_, s) in sorted(shards.items())]
     _check_merge_output(out)
     out.makedirs()
@@ -272,7 +310,8 @@ def merge(parts: list[str | Path], output: str | Path) -> Manifest:
         merged = merged.replace(
             sharding=first.sharding.replace(num_shards=1, shard_index=0),
             merged_from=[{"path": str(p), "command": m.command} for p, m in zip(parts, manifests)],
-            dataset=first.dataset.replace(examples=merged.totals.rows))
+            dataset=first.dataset.replace(examples=merged.totals.rows),
+        )
         write_manifest(out, merged)  # last, atomically: a folder with a manifest is a finished merge
     return merged
 
@@ -280,7 +319,11 @@ def merge(parts: list[str | Path], output: str | Path) -> Manifest:
 def _check_merge_output(out: Store) -> None:
     """The output is new, or what a killed merge left: shard and temp files, no manifest (written last)."""
     names = [n for n in out.names() if n not in (".lock", ".writer", RECORD)]
-    strays = [n for n in names if not (n.startswith("shard-") and n.endswith(".parquet"))
-              and not (n.startswith(".") and n.endswith(".tmp"))]
+    strays = [
+        n
+        for n in names
+        if not (n.startswith("shard-") and n.endswith(".parquet"))
+        and not (n.startswith(".") and n.endswith(".tmp"))
+    ]
     if strays:
         raise KdpipeError(f"{out} is not empty; merge into a new folder")

@@ -43,7 +43,9 @@ def check_for_use(store: Store, m: Manifest, mode: Mode = "fast") -> list[str]:
     problems = []
     if not m.complete:
         missing = len(set(m.part_indices()) - {s.index for s in m.shards})
-        problems.append(f"{store}: incomplete, {missing} shard(s) not written yet (rerun the same command to resume)")
+        problems.append(
+            f"{store}: incomplete, {missing} shard(s) not written yet (rerun the same command to resume)"
+        )
     problems += check_listing(m, store.display(MANIFEST))
     old = read_record(store) if store.local else {}
     passed: dict[str, dict[str, Any]] = {}
@@ -55,8 +57,10 @@ def check_for_use(store: Store, m: Manifest, mode: Mode = "fast") -> list[str]:
             problems += _verify_shard(store, shard, m, False, seen)
             continue
         if stamp["bytes"] != shard.bytes:
-            problems.append(f"{store.display(name)}: size {stamp['bytes']} bytes, the manifest says "
-                            f"{shard.bytes} (truncated or replaced)")
+            problems.append(
+                f"{store.display(name)}: size {stamp['bytes']} bytes, the manifest says "
+                f"{shard.bytes} (truncated or replaced)"
+            )
             continue
         if mode == "fast" and old.get(name) == stamp:
             passed[name] = stamp
@@ -71,14 +75,21 @@ def check_for_use(store: Store, m: Manifest, mode: Mode = "fast") -> list[str]:
 
 
 def _stamp(store: Store, name: str, shard: ShardEntry, m: Manifest) -> dict[str, Any] | None:
-    """What the record keeps of a shard: its file's size, mtime, ctime, inode, and what the manifest says of it."""
+    """What the record keeps of a shard: its file's size, mtime, ctime, inode, and what the manifest says
+    of it."""
     if store.local:
         try:
             st = os.stat(store.path(name))
         except FileNotFoundError:
             return None
-        return {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "inode": st.st_ino,
-                "sha256": shard.sha256, "settings_hash": m.settings_hash}
+        return {
+            "bytes": st.st_size,
+            "mtime_ns": st.st_mtime_ns,
+            "ctime_ns": st.st_ctime_ns,
+            "inode": st.st_ino,
+            "sha256": shard.sha256,
+            "settings_hash": m.settings_hash,
+        }
     if not store.is_file(name):
         return None
     return {"bytes": store.size(name)}  # object storage: never skipped (no record)
@@ -91,15 +102,26 @@ def read_record(store: Store) -> dict[str, dict[str, Any]]:
         data = json.loads(path.read_bytes())
     except (OSError, ValueError):
         return {}
-    if not isinstance(data, dict) or data.get("version") != VERSION or not isinstance(data.get("shards"), dict):
+    if (
+        not isinstance(data, dict)
+        or data.get("version") != VERSION
+        or not isinstance(data.get("shards"), dict)
+    ):
         return {}
     return data["shards"]
 
 
 def write_record(store: Store, shards: dict[str, dict[str, Any]]) -> None:
     """Replace the record atomically; a folder that cannot be written keeps none (no error: it is a cache)."""
-    text = json.dumps({"version": VERSION, "note": "kdpipe: shards that passed a full check (size, mtime, ctime, "
-                       "inode); delete this file to hash every shard again", "shards": shards}, indent=1)
+    text = json.dumps(
+        {
+            "version": VERSION,
+            "note": "kdpipe: shards that passed a full check (size, mtime, ctime, "
+            "inode); delete this file to hash every shard again",
+            "shards": shards,
+        },
+        indent=1,
+    )
     try:
         store.write_bytes(RECORD, (text + "\n").encode())
     except Exception:  # read-only folder, full disk: verification still happened, only not remembered

@@ -1,4 +1,5 @@
-"""Writing shards: zstd Parquet written whole (temp file, fsync, rename locally; one upload on object storage)."""
+"""Writing shards: zstd Parquet written whole (temp file, fsync, rename locally; one upload on object
+storage)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,18 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 
 from kdpipe.cache.format import ENCODINGS, METADATA_KEY, ids_hash, shard_name
-from kdpipe.cache.manifest import (MANIFEST, DamagedManifest, Manifest, ShardEntry, Totals, as_entry,
-                                   as_manifest, now, write_manifest)
 from kdpipe.cache.ids import split_file_metadata
+from kdpipe.cache.manifest import (
+    MANIFEST,
+    DamagedManifest,
+    Manifest,
+    ShardEntry,
+    Totals,
+    as_entry,
+    as_manifest,
+    now,
+    write_manifest,
+)
 from kdpipe.cache.storage import Lease, Store, as_store
 from kdpipe.cache.verified import RECORD
 from kdpipe.errors import KdpipeError
@@ -82,8 +92,14 @@ class CacheWriter:
     `shard_ids` the `ids_hash` of each shard's examples, which a file found on resume must match.
     """
 
-    def __init__(self, folder: str | Path, manifest: Manifest | Mapping[str, Any], assigned: list[int],
-                 overwrite: bool = False, shard_ids: dict[int, str] | None = None):
+    def __init__(
+        self,
+        folder: str | Path,
+        manifest: Manifest | Mapping[str, Any],
+        assigned: list[int],
+        overwrite: bool = False,
+        shard_ids: dict[int, str] | None = None,
+    ):
         self.store, self.assigned, self.overwrite = as_store(folder), assigned, overwrite
         self.folder = self.store.url
         self.manifest = as_manifest(manifest).replace(complete=False, shards=(), totals=Totals.empty())
@@ -93,7 +109,7 @@ class CacheWriter:
         self.refused: list[str] = []  # unrecorded shard files not adopted, and why (computed again)
         self.rebuilt: str | None = None  # why the manifest was rebuilt from the shards' own metadata
 
-    def __enter__(self) -> "CacheWriter":
+    def __enter__(self) -> CacheWriter:
         self.store.makedirs()
         self._lease = self._held.enter_context(self.store.writer_lock())
         try:
@@ -134,7 +150,11 @@ class CacheWriter:
         for tmp in [n for n in names if n.startswith(".") and n.endswith(".tmp")]:
             store.delete(tmp)
         if self.overwrite:
-            for old in [n for n in names if n in (MANIFEST, RECORD) or (n.startswith("shard-") and n.endswith(".parquet"))]:
+            for old in [
+                n
+                for n in names
+                if n in (MANIFEST, RECORD) or (n.startswith("shard-") and n.endswith(".parquet"))
+            ]:
                 store.delete(old)
             names = store.names()
         try:
@@ -149,7 +169,9 @@ class CacheWriter:
             kept = tuple(s for s in old.shards if self._intact(s, names))
             self.manifest = self.manifest.replace(created=created, shards=kept)
         elif not self.rebuilt and any(n not in (".lock", Lease.NAME, RECORD) for n in names):
-            raise KdpipeError(f"{self.folder} is not empty and holds no kdpipe cache; choose another --cache folder")
+            raise KdpipeError(
+                f"{self.folder} is not empty and holds no kdpipe cache; choose another --cache folder"
+            )
         self._adopt_unrecorded(set(store.names()))  # listed again: damaged shards were just removed
         if self.rewritten or self.refused or self.rebuilt:  # repaired: the verification record goes with it
             store.delete(RECORD)
@@ -186,8 +208,9 @@ class CacheWriter:
         recorded = expected if "ids_sha256" in shard.absent else shard.ids_sha256
         if expected is not None and recorded != expected:
             pass  # recorded for other examples: written again
-        elif (name in names and self.store.size(name) == shard.bytes
-              and self.store.sha256(name) == shard.sha256):
+        elif (
+            name in names and self.store.size(name) == shard.bytes and self.store.sha256(name) == shard.sha256
+        ):
             return True
         self.store.delete(name)  # never adopted below: a damaged file may still parse
         self.rewritten.append(name)
@@ -213,14 +236,17 @@ class CacheWriter:
                 meta = json.loads(table.schema.metadata[METADATA_KEY])
                 check_decoded(ENCODINGS[self.manifest.encoding].decode(table), name)
             except Exception as e:
-                self._refuse(name, "holding non-finite values" if isinstance(e, KdpipeError) else
-                             "unreadable")
+                self._refuse(
+                    name, "holding non-finite values" if isinstance(e, KdpipeError) else "unreadable"
+                )
                 continue
             if meta.get("settings_hash") != self.manifest.settings_hash:
                 if self.rebuilt:  # no manifest says whose it is: refuse rather than delete another run's work
-                    raise KdpipeError(f"{self.store.display(name)} belongs to another run (settings hash "
-                                      f"differs) and {MANIFEST} is damaged; use another --cache folder or "
-                                      "--overwrite to replace it")
+                    raise KdpipeError(
+                        f"{self.store.display(name)} belongs to another run (settings hash "
+                        f"differs) and {MANIFEST} is damaged; use another --cache folder or "
+                        "--overwrite to replace it"
+                    )
                 self._refuse(name, "of another run")
                 continue
             claimed, expected = meta.get("shard_index", index), self.shard_ids.get(index)

@@ -7,7 +7,7 @@
 - `fidelity`: fidelity to the teacher on a held-out cache
 - `harness`: lm-evaluation-harness tasks
 - `report`: the table, results.json/.csv and predictions.jsonl
+- `scoring`: the model mechanics (log-likelihoods, generation); `metrics`: the metrics; `plots`: the plots
 
-The model mechanics are `kdpipe.scoring`, the metrics `kdpipe.metrics`, the plots `kdpipe.plots`.
 `runs`, `tasks`, `checkers` and `report` import no torch, so the CLI can read the config cheaply.
 """

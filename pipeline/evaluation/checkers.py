@@ -13,10 +13,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kdpipe import arithmetic
+from kdpipe.data import arithmetic
+from kdpipe.data.templates import Template
 from kdpipe.errors import KdpipeError
 from kdpipe.evaluation.runs import first_line
-from kdpipe.templates import Template
 
 Checker = Callable[[dict[str, Any], str, str], bool]
 FIELD = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -25,7 +25,7 @@ FIELD = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 def make_checker(spec: str | None, template: Template) -> Checker:
     """checker(fields, answer, reference) -> bool from a --checker value (see EvaluateConfig.checker)."""
     spec = spec or template.checker
-    if spec in ("arithmetic", "builtin:arithmetic", "kdpipe.arithmetic.check"):
+    if spec in ("arithmetic", "builtin:arithmetic", "kdpipe.data.arithmetic.check"):
         return _arithmetic
     if spec == "exact":
         return lambda _f, answer, ref: answer.strip() == ref.strip()

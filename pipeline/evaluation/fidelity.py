@@ -1,5 +1,5 @@
 """Fidelity to the teacher on a held-out cache: KL over k+1 atoms, top-1 agreement, top-k recall and
-calibration of each model against the teacher's cached top-k (the metrics are `kdpipe.metrics`)."""
+calibration of each model against the teacher's cached top-k (the metrics are `kdpipe.evaluation.metrics`)."""
 
 from __future__ import annotations
 
@@ -57,11 +57,11 @@ def _exists(location: str) -> bool:
 
 def fidelity(model: Any, tokenizer: Any, cache: Any, cfg: Any, spec: Any) -> dict[str, float]:
     """KL(teacher‖student) over k+1 atoms, top-1 agreement, top-k recall, ECE on the cache
-    (see kdpipe.metrics)."""
+    (see kdpipe.evaluation.metrics)."""
     import torch
 
-    from kdpipe import metrics, scoring
     from kdpipe.cache.manifest import SparseMode
+    from kdpipe.evaluation import metrics, scoring
     from kdpipe.models import vocab_hash
 
     manifest = cache.manifest
@@ -71,8 +71,8 @@ def fidelity(model: Any, tokenizer: Any, cache: Any, cfg: Any, spec: Any) -> dic
         return {}
     rows = []
     if vocab_hash(tokenizer) != manifest.tokenizer.vocab_hash:  # another tokenizer: by token string
-        from kdpipe import student_vocab
         from kdpipe.errors import KdpipeError
+        from kdpipe.vocab import routes as student_vocab
 
         try:
             rows, note = student_vocab.fidelity_rows(cache, tokenizer, cfg.cache_limit)

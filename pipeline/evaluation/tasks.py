@@ -3,9 +3,9 @@ exact-match (greedy answers judged by a checker) and perplexity (the template's 
 
 Each task is a function (model, tokenizer, examples, template, cfg, spec) -> (metrics, per-example
 predictions). What a template needs of them (its default tasks, classifying by generation, its
-checker, its special prefix) is an attribute of the `Template`. The model mechanics (`kdpipe.scoring`)
-and the metrics are imported where a task runs: EvaluateConfig checks task names against this
-registry, and the CLI imports it for `--help` without loading torch.
+checker, its special prefix) is an attribute of the `Template`. The model mechanics
+(`kdpipe.evaluation.scoring`) and the metrics are imported where a task runs: EvaluateConfig checks task
+names against this registry, and the CLI imports it for `--help` without loading torch.
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from typing import Any
 import numpy as np
 
 from kdpipe.config import to_dict
-from kdpipe.data import Example
+from kdpipe.data.sources import Example
+from kdpipe.data.templates import Segment, Template, label_text
+from kdpipe.data.tokenize import special_prefix, tokenize_examples
 from kdpipe.errors import KdpipeError
 from kdpipe.evaluation.checkers import make_checker
-from kdpipe.templates import Segment, Template, label_text
-from kdpipe.tokenize import special_prefix, tokenize_examples
 
 Outcome = tuple[dict[str, float], list[dict[str, Any]]]
 
@@ -52,10 +52,11 @@ def prompt_ids(tokenizer: Any, texts: list[str], template: Template) -> list[int
     return ids
 
 
-def classify(model: Any, tokenizer: Any, examples: list[Example], template: Template, cfg: Any,
-             spec: Any) -> Outcome:
+def classify(
+    model: Any, tokenizer: Any, examples: list[Example], template: Template, cfg: Any, spec: Any
+) -> Outcome:
     """Accuracy and macro-F1: each label's continuation scored after the prompt (or generated and parsed)."""
-    from kdpipe import scoring
+    from kdpipe.evaluation import scoring
 
     names = list(cfg.label_names)
     gold = [label_text(e.fields["label"], tuple(names)) for e in examples]
@@ -71,39 +72,72 @@ def classify(model: Any, tokenizer: Any, examples: list[Example], template: Temp
                 raise KdpipeError(f"example '{e.id}': the prompt or the label '{name}' tokenizes to nothing")
             sequences.append(np.asarray(p_ids + c_ids, np.int64))
             positions.append(np.arange(len(p_ids) - 1, len(p_ids) + len(c_ids) - 1))
-    lp = scoring.target_logprobs(model, sequences, positions, tokenizer.pad_token_id,
-                                 batch_size=cfg.batch_size, max_batch_tokens=cfg.max_batch_tokens,
-                                 desc=f"{spec.name}: classify")
+    lp = scoring.target_logprobs(
+        model,
+        sequences,
+        positions,
+        tokenizer.pad_token_id,
+        batch_size=cfg.batch_size,
+        max_batch_tokens=cfg.max_batch_tokens,
+        desc=f"{spec.name}: classify",
+    )
     bounds = np.cumsum([0] + [len(p) for p in positions])
-    sums = [lp[bounds[i]:bounds[i + 1]].sum() for i in range(len(positions))]
+    sums = [lp[bounds[i] : bounds[i + 1]].sum() for i in range(len(positions))]
     scores = np.array(sums).reshape(len(examples), len(names))
     predicted = [names[int(np.argmax(row))] for row in scores]
-    preds = [{"id": e.id, "gold": g, "predicted": p, "scores": dict(zip(names, map(float, row))),
-              "correct": g == p} for e, g, p, row in zip(examples, gold, predicted, scores)]
+    preds = [
+        {
+            "id": e.id,
+            "gold": g,
+            "predicted": p,
+            "scores": dict(zip(names, map(float, row))),
+            "correct": g == p,
+        }
+        for e, g, p, row in zip(examples, gold, predicted, scores)
+    ]
     return _label_metrics(gold, predicted, names), preds
 
 
 def _label_metrics(gold: list[str], predicted: list[str | None], names: list[str]) -> dict[str, float]:
-    from kdpipe import metrics
+    from kdpipe.evaluation import metrics
 
-    return {"accuracy": metrics.accuracy(gold, predicted),
-            "macro_f1": metrics.macro_f1(gold, predicted, names)}
+    return {
+        "accuracy": metrics.accuracy(gold, predicted),
+        "macro_f1": metrics.macro_f1(gold, predicted, names),
+    }
 
 
-def _classify_by_generation(model: Any, tokenizer: Any, examples: list[Example], template: Template, cfg: Any,
-                            spec: Any, gold: list[str]) -> Outcome:
-    from kdpipe import scoring
+def _classify_by_generation(
+    model: Any,
+    tokenizer: Any,
+    examples: list[Example],
+    template: Template,
+    cfg: Any,
+    spec: Any,
+    gold: list[str],
+) -> Outcome:
+    from kdpipe.evaluation import scoring
 
     names = list(cfg.label_names)
-    prompts = [prompt_ids(tokenizer, split_prompt(template.render(e.fields, e.id, tokenizer))[0], template)
-               for e in examples]
-    new = scoring.greedy_generate(model, prompts, tokenizer.pad_token_id, tokenizer.eos_token_id,
-                                  cfg.max_new_tokens or template.answer_tokens, cfg.batch_size,
-                                  desc=f"{spec.name}: classify")
+    prompts = [
+        prompt_ids(tokenizer, split_prompt(template.render(e.fields, e.id, tokenizer))[0], template)
+        for e in examples
+    ]
+    new = scoring.greedy_generate(
+        model,
+        prompts,
+        tokenizer.pad_token_id,
+        tokenizer.eos_token_id,
+        cfg.max_new_tokens or template.answer_tokens,
+        cfg.batch_size,
+        desc=f"{spec.name}: classify",
+    )
     texts = tokenizer.batch_decode(new, skip_special_tokens=True)
     predicted = [parse_label(t, names) for t in texts]
-    preds = [{"id": e.id, "gold": g, "predicted": p, "output": t, "correct": g == p}
-             for e, g, p, t in zip(examples, gold, predicted, texts)]
+    preds = [
+        {"id": e.id, "gold": g, "predicted": p, "output": t, "correct": g == p}
+        for e, g, p, t in zip(examples, gold, predicted, texts)
+    ]
     unparsed = sum(p is None for p in predicted) / len(predicted)
     return {**_label_metrics(gold, predicted, names), "unparsed": unparsed}, preds
 
@@ -118,10 +152,11 @@ def parse_label(text: str, names: list[str]) -> str | None:
     return lower.get(words[0].lower())
 
 
-def exact_match(model: Any, tokenizer: Any, examples: list[Example], template: Template, cfg: Any,
-                spec: Any) -> Outcome:
+def exact_match(
+    model: Any, tokenizer: Any, examples: list[Example], template: Template, cfg: Any, spec: Any
+) -> Outcome:
     """Greedy answers after each prompt, judged by the checker."""
-    from kdpipe import metrics, scoring
+    from kdpipe.evaluation import metrics, scoring
 
     check = make_checker(cfg.checker, template)
     prompts, references = [], []
@@ -130,33 +165,51 @@ def exact_match(model: Any, tokenizer: Any, examples: list[Example], template: T
         prompts.append(prompt_ids(tokenizer, prompt, template))
         references.append(completion)
     longest = max(len(ids) for ids in tokenizer(references, add_special_tokens=False)["input_ids"])
-    new = scoring.greedy_generate(model, prompts, tokenizer.pad_token_id, tokenizer.eos_token_id,
-                                  cfg.max_new_tokens or longest + 16, cfg.batch_size,
-                                  desc=f"{spec.name}: exact-match")
+    new = scoring.greedy_generate(
+        model,
+        prompts,
+        tokenizer.pad_token_id,
+        tokenizer.eos_token_id,
+        cfg.max_new_tokens or longest + 16,
+        cfg.batch_size,
+        desc=f"{spec.name}: exact-match",
+    )
     answers = tokenizer.batch_decode(new, skip_special_tokens=True)
     correct = [bool(check(e.fields, a, r)) for e, a, r in zip(examples, answers, references)]
-    preds = [{"id": e.id, "answer": a, "reference": r, "correct": c}
-             for e, a, r, c in zip(examples, answers, references, correct)]
+    preds = [
+        {"id": e.id, "answer": a, "reference": r, "correct": c}
+        for e, a, r, c in zip(examples, answers, references, correct)
+    ]
     return {"exact_match": metrics.exact_match(correct)}, preds
 
 
-def perplexity(model: Any, tokenizer: Any, examples: list[Example], template: Template, cfg: Any,
-               spec: Any) -> Outcome:
+def perplexity(
+    model: Any, tokenizer: Any, examples: list[Example], template: Template, cfg: Any, spec: Any
+) -> Outcome:
     """exp(mean NLL) of the template's trained tokens (as training sees them: EOS included, prompt not)."""
-    from kdpipe import metrics, scoring
+    from kdpipe.evaluation import metrics, scoring
 
     tokenized, _report = tokenize_examples(examples, template, tokenizer, cfg)
-    lp = scoring.target_logprobs(model, [t.input_ids for t in tokenized], [t.positions for t in tokenized],
-                                 tokenizer.pad_token_id, batch_size=cfg.batch_size,
-                                 max_batch_tokens=cfg.max_batch_tokens, desc=f"{spec.name}: perplexity")
+    lp = scoring.target_logprobs(
+        model,
+        [t.input_ids for t in tokenized],
+        [t.positions for t in tokenized],
+        tokenizer.pad_token_id,
+        batch_size=cfg.batch_size,
+        max_batch_tokens=cfg.max_batch_tokens,
+        desc=f"{spec.name}: perplexity",
+    )
     return {"perplexity": metrics.perplexity(float(-lp.sum()), int(lp.size)), "tokens": int(lp.size)}, []
 
 
-TASKS: dict[str, Task] = {t.name: t for t in (
-    Task("classify", classify, compares_completion=True),
-    Task("exact-match", exact_match, compares_completion=True),
-    Task("perplexity", perplexity, compares_completion=False),
-)}
+TASKS: dict[str, Task] = {
+    t.name: t
+    for t in (
+        Task("classify", classify, compares_completion=True),
+        Task("exact-match", exact_match, compares_completion=True),
+        Task("perplexity", perplexity, compares_completion=False),
+    )
+}
 TASK_NAMES = ("auto", *TASKS)  # what --task accepts
 
 
@@ -165,8 +218,9 @@ def resolve_tasks(cfg: Any, template: Template | None) -> list[str]:
     if not cfg.dataset:
         explicit = [t for t in cfg.task if t != "auto"]
         if explicit:
-            raise KdpipeError(f"--task {','.join(explicit)} needs data: pass --dataset "
-                              "(and --split, --template ...)")
+            raise KdpipeError(
+                f"--task {','.join(explicit)} needs data: pass --dataset (and --split, --template ...)"
+            )
         return []
     tasks: list[str] = []
     for task in cfg.task:
@@ -185,29 +239,45 @@ def check_examples(examples: list[Example], template: Template, tasks: list[str]
     for e in examples:
         segments = template.render(e.fields, e.id)
         if not any(s.trained for s in segments) and compared:
-            raise KdpipeError(f"example '{e.id}': template {template.name} gives it no completion to "
-                              "compare with")
+            raise KdpipeError(
+                f"example '{e.id}': template {template.name} gives it no completion to compare with"
+            )
     if "classify" in tasks:
         if "label" not in template.required and "label" not in (examples[0].fields if examples else {}):
-            raise KdpipeError(f"task classify needs a 'label' field; template {template.name} has none "
-                              "(map a column with --columns label=COLUMN and use a sentiment or your own "
-                              "template)")
+            raise KdpipeError(
+                f"task classify needs a 'label' field; template {template.name} has none "
+                "(map a column with --columns label=COLUMN and use a sentiment or your own "
+                "template)"
+            )
         for e in examples:
             gold = label_text(e.fields.get("label"), tuple(names))
             if gold not in names:
-                raise KdpipeError(f"example '{e.id}' has the label '{gold}', which is not among the label "
-                                  f"names {names}; pass --label-names covering every label of the data")
+                raise KdpipeError(
+                    f"example '{e.id}' has the label '{gold}', which is not among the label "
+                    f"names {names}; pass --label-names covering every label of the data"
+                )
         if len(names) < 2:
             raise KdpipeError(f"task classify needs at least two label names, got {names}")
 
 
-def data_info(cfg: Any, examples: list[Example], template: Template | None,
-              tasks: list[str]) -> dict[str, Any]:
+def data_info(
+    cfg: Any, examples: list[Example], template: Template | None, tasks: list[str]
+) -> dict[str, Any]:
     """What results.json says of the data: the dataset, its selection, the template, the tasks, the config."""
     if not tasks:
         return {}
     labels = {"label_names": list(cfg.label_names)} if "classify" in tasks else {}  # only classify has labels
     config = {k: v for k, v in to_dict(cfg).items() if k != "label_names" or labels}
-    return {"dataset": cfg.dataset, "split": cfg.split, "part": cfg.part,
-            "heldout_fraction": cfg.heldout_fraction, "seed": cfg.seed, "limit": cfg.limit,
-            "examples": len(examples), "template": template.name, **labels, "tasks": tasks, "config": config}
+    return {
+        "dataset": cfg.dataset,
+        "split": cfg.split,
+        "part": cfg.part,
+        "heldout_fraction": cfg.heldout_fraction,
+        "seed": cfg.seed,
+        "limit": cfg.limit,
+        "examples": len(examples),
+        "template": template.name,
+        **labels,
+        "tasks": tasks,
+        "config": config,
+    }

@@ -1,0 +1,1 @@
+"""Data: sources (hub names, local files, generated files), templates, tokenizing with a loss mask."""

@@ -1,0 +1,1 @@
+"""The teacher's forward pass for stage one: `hf` (transformers) and `vllm` backends."""

@@ -1,0 +1,1 @@
+"""Stage two's machinery: the config, model setup, the Trainer subclass, student batches, LoRA."""

@@ -1,0 +1,140 @@
+"""What train-student and finetune share: options, the model to train, TrainingArguments, the run folder.
+
+Training runs on `transformers.Trainer` (the subclasses are in `kdpipe.train.trainer`), so gradient
+accumulation, mixed precision, LR schedules, checkpoints and resume, logging (`report_to`) and multi-GPU
+runs (`accelerate launch` / `torchrun`, DDP) come from the ecosystem; `kdpipe.train.trainer.fit` trains and
+saves.
+LoRA setup is in `kdpipe.train.lora`.
+
+The run folder (`--output`) holds Trainer's ``checkpoint-N/`` folders, ``kdpipe_run.json`` (options,
+command, status, log history) and, at the end, the trained model with its tokenizer: a LoRA adapter
+(``AutoPeftModelForCausalLM``), or a full / merged model (``AutoModelForCausalLM``); with
+``--lora --merge`` the merged model is at the top and the adapter in ``adapter/``.
+
+No torch or transformers at import (the stage configs derive from `TrainConfig` while the command line
+parses its options): they load inside the functions that use them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from kdpipe.config import progress_disabled
+from kdpipe.errors import KdpipeError
+from kdpipe.precision import resolve_dtype
+from kdpipe.train.config import TrainConfig  # noqa: F401  (defined torch-free, for the CLI)
+
+# ---------------------------------------------------------------- model
+
+
+def load_trainable(cfg: TrainConfig) -> Any:
+    """The model to train: all weights (fp32 master weights), or the base with LoRA adapters."""
+    import torch
+
+    from kdpipe.models import load_model
+    from kdpipe.train.lora import add_lora
+
+    dtype = "fp32"
+    if cfg.lora and resolve_precision(cfg.precision) in ("bf16", "fp16"):
+        dtype = resolve_precision(cfg.precision)  # a frozen base can stay in half precision
+    torch.manual_seed(cfg.seed)
+    model = load_model(cfg.model, dtype, "cpu", cfg.revision)  # Trainer places it
+    model.config.use_cache = False
+    return add_lora(model, cfg) if cfg.lora else model
+
+
+def causal_lm(model: Any) -> Any:
+    """The transformers causal LM under DDP / accelerate / peft wrappers."""
+    while hasattr(model, "module") and not hasattr(model, "config"):
+        model = model.module
+    if hasattr(model, "get_base_model"):  # peft
+        model = model.get_base_model()
+    return model
+
+
+def resolve_precision(precision: str) -> str:
+    """`--precision` as given; auto: fp16 on GPUs before compute capability 8 (T4, V100), bf16 from 8, fp32
+    on CPU."""
+    return resolve_dtype(precision)
+
+
+def model_identity(name: str) -> str:
+    """A model name as recorded: an absolute path for a local folder, else the hub id."""
+    from kdpipe.models import resolve_model_name
+
+    resolved = resolve_model_name(name)
+    return str(Path(resolved).resolve()) if Path(resolved).exists() else resolved
+
+
+# ---------------------------------------------------------------- TrainingArguments
+
+
+def training_arguments(cfg: TrainConfig, output: Path) -> Any:
+    import torch
+    from transformers import TrainingArguments
+
+    precision = resolve_precision(cfg.precision)
+    if precision == "fp16" and not torch.cuda.is_available():
+        raise KdpipeError("--precision fp16 needs a GPU; use bf16 or fp32 on CPU")
+    if torch.cuda.device_count() > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        raise KdpipeError(
+            f"{torch.cuda.device_count()} GPUs are visible but no launcher started one process per GPU: run "
+            "through `accelerate launch` or `torchrun --nproc-per-node N` (DDP), or pick one GPU with "
+            "CUDA_VISIBLE_DEVICES"
+        )
+    try:
+        return TrainingArguments(
+            output_dir=str(output),
+            num_train_epochs=cfg.epochs,
+            max_steps=cfg.max_steps,
+            learning_rate=cfg.learning_rate,
+            per_device_train_batch_size=cfg.batch_size,
+            gradient_accumulation_steps=cfg.grad_accum,
+            lr_scheduler_type=cfg.lr_scheduler,
+            warmup_steps=cfg.warmup,
+            weight_decay=cfg.weight_decay,
+            max_grad_norm=cfg.max_grad_norm,
+            bf16=precision == "bf16",
+            fp16=precision == "fp16",
+            **_checkpointing_args(cfg.gradient_checkpointing),
+            dataloader_pin_memory=torch.cuda.is_available(),
+            use_cpu=_multi_process_on_cpu(),
+            seed=cfg.seed,
+            data_seed=cfg.seed,
+            logging_steps=cfg.logging_steps,
+            logging_nan_inf_filter=False,  # a non-finite loss stops the run (KdpipeTrainer.training_step)
+            save_strategy="steps",
+            save_steps=cfg.save_steps,
+            save_total_limit=cfg.save_total_limit,
+            report_to=cfg.report_to or "none",
+            run_name=cfg.run_name,
+            remove_unused_columns=False,
+            dataloader_num_workers=cfg.num_workers,
+            disable_tqdm=progress_disabled(),
+        )
+    except ValueError as e:
+        raise KdpipeError(f"invalid training options: {str(e).splitlines()[0]}") from None
+
+
+def _multi_process_on_cpu() -> bool:
+    """Launched as several processes (torchrun / accelerate launch) on a machine without CUDA.
+
+    accelerate only sets up a CPU process group (gloo) when told the run is on CPU; without this,
+    each process would silently train its own copy on the whole data.
+    """
+    import torch
+
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
+def _checkpointing_args(enabled: bool) -> dict[str, Any]:
+    """Activation checkpointing, under its transformers >= 5.2x name where it has one."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    key = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    return {key: enabled, f"{key}_kwargs": {"use_reentrant": False} if enabled else None}

@@ -1,0 +1,1 @@
+"""A student with another vocabulary: token-string maps, routes, cross-tokenizer alignment, ULD."""
