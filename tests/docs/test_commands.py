@@ -2,9 +2,9 @@
 
 Every ```bash / ```console block of the README and of every page under docs/ is collected. A block that
 cannot run here is marked on the line before its fence, with the reason: `<!-- not run: needs a GPU -->`.
-Every other block runs, its commands in order, in one scratch folder shared by all pages (a copy of
-configs/, the data files below); the README's quickstart runs first, as a reader would, and the guides
-build on its `cache/mine` and `runs/mine`. Two more markers:
+Every other block runs, its commands in order, in one scratch folder shared by all pages (copies of
+configs/ and examples/, the data files below); the README's quickstart runs first, as a reader would,
+and the guides build on its `cache/mine` and `runs/mine`. Two more markers:
 
 - `<!-- file: PATH -->` before a block (a template, a config) writes that block to PATH first;
 - `<!-- output: ... -->` before a plain ``` block: it is what the last command before it prints, exactly.
@@ -12,7 +12,8 @@ build on its `cache/mine` and `runs/mine`. Two more markers:
 The documented hub ids become tiny models built here, through MODELS (also inside written files):
 `Qwen/Qwen3-4B` is the teacher, `Qwen/Qwen3-0.6B` a smaller student with the teacher's tokenizer. Short
 names (`Qwen3-4B`) are left alone: `kdpipe plan` reads their shipped configs offline. The data files the
-docs name are written by DATA. `kdpipe ...` runs in-process (click's runner: no torch import per command).
+docs name are written by DATA. `kdpipe ...` runs in-process (click's runner: no torch import per command),
+anything else as a subprocess in the scratch folder (`python` is this interpreter).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,7 +98,7 @@ def substitute(text: str, models: dict[str, Path]) -> str:
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    """The scratch folder, with the tiny models, the data files and a copy of configs/; the README's
+    """The scratch folder, with the tiny models, the data files, configs/ and examples/; the README's
     blocks have run in it (the guides build on them)."""
     from kdpipe import tiny
 
@@ -110,7 +112,8 @@ def workspace(tmp_path_factory):
     for path, rows in DATA.items():
         (work / path).parent.mkdir(parents=True, exist_ok=True)
         write_jsonl(work / path, rows)
-    shutil.copytree(ROOT / "configs", work / "configs")
+    for folder in ("configs", "examples"):  # what the docs' commands read from the repository
+        shutil.copytree(ROOT / folder, work / folder)
     state = {"work": work, "models": models, "ran": {}}
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(work)
@@ -138,6 +141,7 @@ def run_page(page: Path, state: dict) -> list[str]:
                     assert result.exit_code == 0, f"{block}: {shlex.join(words)}\n{result.output[-3000:]}"
                     last_output = result.stdout
                 else:
+                    words = [sys.executable if w == "python" else w for w in words]  # this venv's python
                     done = subprocess.run(words, cwd=work, capture_output=True, text=True, timeout=120)
                     assert done.returncode == 0, f"{block}: {shlex.join(words)}\n{done.stdout}{done.stderr}"
                     last_output = done.stdout
