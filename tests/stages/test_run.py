@@ -196,3 +196,13 @@ def test_dry_run_names_a_train_section_without_a_cache(workdir, tiny_model_dir):
     (workdir / "ok.yaml").write_text(f"name: z\ncache:\n  model: {tiny_model_dir}\n  dataset: kdpipe:arithmetic\n"
                                      f"train:\n  model: {tiny_model_dir}\n  cache: '@cache'\n")
     assert "missing" not in kdpipe("run", "ok.yaml", "--dry-run").output
+
+
+@pytest.mark.parametrize(("value", "write"), [("true", "lora: false"), ("false", "lora: true")])
+def test_a_cli_off_switch_in_yaml_says_how_to_write_it(workdir, value, write):
+    """Issue 29 item 11: `full: true` (the CLI's --lora/--full) in a config got only the list of known keys."""
+    (workdir / "f.yaml").write_text(f"name: x\ntrain:\n  model: m\n  cache: c\n  full: {value}\n")
+    out = kdpipe("run", "f.yaml", "--dry-run", ok=False)
+    assert out.exit_code != 0
+    assert f"section 'train': unknown key 'full'; '--full' is the command line's switch for 'lora': write " \
+           f"'{write}' in a config file" in out.output, out.output
