@@ -207,3 +207,18 @@ def test_tail_mass_keeps_relative_precision_when_tiny():
     torch.testing.assert_close(tail.double(), ref_tail, rtol=1e-5, atol=0)
     torch.testing.assert_close(logprobs.double(), ref_top, rtol=0, atol=1e-5)
     torch.testing.assert_close(target.double(), ref.gather(1, labels[:, None]).squeeze(1), rtol=0, atol=1e-4)
+
+
+def test_a_changed_data_file_is_named_as_the_reason_a_cache_is_refused(tmp_path, tiny_model_dir):
+    """Issue 29 item 11: rerunning cache-teacher after the data file was edited refused with "different dataset"
+    only; the message now says the file changed, with both checksums and the row counts."""
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": f"row {i} of the data"} for i in range(6)])
+    args = ("cache-teacher", "--model", tiny_model_dir, "--dataset", data, "--template", "text", "--top-k", "4",
+            "--cache", tmp_path / "c", "--device", "cpu")
+    kdpipe(*args)
+    with data.open("a") as f:
+        f.write(json.dumps({"text": "one more row"}) + "\n")
+    out = kdpipe(*args, ok=False)
+    assert out.exit_code != 0
+    assert f"the data file {data} changed since the cache was written (sha256 " in out.output, out.output
+    assert "6 examples then, 7 now); use another --cache folder or --overwrite" in out.output, out.output
