@@ -190,8 +190,7 @@ class CacheWriter:
                 "`kdpipe cache merge PARTS... --output FOLDER` joins them"
             )
         before, after = old.to_dict(), new.to_dict()
-        sections = ("teacher", "tokenizer", "template", "dataset", "sparse", "encoding", "sharding")
-        differ = [key for key in sections if _core(before.get(key)) != _core(after.get(key))]
+        differ = differing_settings(old, new)
         raise KdpipeError(
             f"{self.folder} holds another run (different {', '.join(differ) or 'settings'}: "
             f"it was written by `{old.command or '?'}`){_changed_file(before, after)}; use another --cache "
@@ -271,6 +270,15 @@ def _is_shard(name: str) -> bool:
 def totals(shards: Sequence[ShardEntry | Mapping[str, Any]]) -> dict[str, Any]:
     """The totals section of these shard entries, as JSON (see `Totals.of`)."""
     return Totals.of(as_entry(s) for s in shards).to_dict()
+
+
+def differing_settings(a: Manifest, b: Manifest, sharding: bool = True) -> list[str]:
+    """The manifest sections in which two runs' settings differ (teacher, tokenizer, template, dataset,
+    sparse, encoding, and with `sharding` the split), informational keys aside."""
+    before, after = a.to_dict(), b.to_dict()
+    sections = ("teacher", "tokenizer", "template", "dataset", "sparse", "encoding") + (
+        ("sharding",) if sharding else ())
+    return [key for key in sections if _core(before.get(key)) != _core(after.get(key))]
 
 
 def _changed_file(before: dict[str, Any], after: dict[str, Any]) -> str:

@@ -143,6 +143,17 @@ def test_shard_split_and_merge_equals_one_run(tmp_path, tiny_model_dir, arith_ca
     assert merged["complete"] and merged["totals"] == single["totals"]
     assert [s["sha256"] for s in merged["shards"]] == [s["sha256"] for s in single["shards"]]
     assert kdpipe("cache", "verify", tmp_path / "merged").exit_code == 0
+    # issue 29 item 11: a rerun of a finished merge is a no-op (exit 0, nothing rewritten), and a merge that
+    # lost a shard file is completed by the same command
+    files = sorted((tmp_path / "merged").iterdir())
+    stamps = [f.stat().st_mtime_ns for f in files]
+    again = kdpipe("cache", "merge", tmp_path / "part0", tmp_path / "part1", "--output", tmp_path / "merged")
+    assert again.output.startswith("already merged (nothing to do) 2 part(s)"), again.output
+    assert [f.stat().st_mtime_ns for f in sorted((tmp_path / "merged").iterdir())] == stamps
+    (tmp_path / "merged" / merged["shards"][1]["file"]).unlink()
+    assert kdpipe("cache", "merge", tmp_path / "part0", tmp_path / "part1", "--output",
+                  tmp_path / "merged").output.startswith("merged 2 part(s)")
+    assert kdpipe("cache", "verify", tmp_path / "merged").exit_code == 0
 
 
 def test_merge_refuses_incomplete_or_foreign_parts(tmp_path, tiny_model_dir, arith_cache):
@@ -153,6 +164,11 @@ def test_merge_refuses_incomplete_or_foreign_parts(tmp_path, tiny_model_dir, ari
     assert result.exit_code != 0 and "lack shard(s) [1]" in result.output
     result = kdpipe("cache", "merge", tmp_path / "part0", arith_cache, "--output", tmp_path / "m2", ok=False)
     assert result.exit_code != 0 and "shard 0 is in both" in result.output
+    # issue 29 item 11: the message names the setting that differs
+    kdpipe("cache-teacher", *common[:7], K + 1, *common[8:], "--shard-index", 1, "--cache", tmp_path / "part1k")
+    result = kdpipe("cache", "merge", tmp_path / "part0", tmp_path / "part1k", "--output", tmp_path / "m3", ok=False)
+    assert result.exit_code != 0 and "is not a part of the same run as" in result.output
+    assert "(different sparse: `kdpipe cache-teacher" in result.output, result.output
 
 
 def test_scores_do_not_depend_on_batching(tmp_path, tiny_model_dir, arith_cache):
