@@ -66,6 +66,12 @@ def verify(path: str | Path, values: bool = True) -> list[str]:
     seen: dict[str, str] = {}  # example id -> the shard holding it
     for shard in m.shards:
         problems += _verify_shard(store, shard, m, values, seen)
+    listed = {s.file for s in m.shards}
+    strays = [n for n in store.names() if n.startswith("shard-") and n.endswith(".parquet")
+              and n not in listed]
+    problems += [f"{store.display(n)}: a shard file the manifest does not list (from a run killed before "
+                 "it recorded the shard: rerun the cache-teacher command to adopt it; or a stray copy: "
+                 "delete it)" for n in strays]
     return problems
 
 
