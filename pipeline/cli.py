@@ -155,7 +155,7 @@ def merge_lora_cmd(adapter: str, output: str) -> None:
     """Merge a LoRA adapter folder into its base model (loadable by AutoModelForCausalLM)."""
     from kdpipe.train.lora import merge_lora
 
-    click.echo(f"merged {adapter} -> {merge_lora(adapter, output)}")
+    click.echo(f"merged {adapter} -> {merge_lora(adapter, output, echo=click.echo)}")
 
 
 # ---- the stages: one command per entry of kdpipe.stages.registry.STAGES ----
