@@ -59,9 +59,11 @@ def table(models, tmp_path_factory):
     return {m["name"]: m["metrics"] for m in results["models"]}, results
 
 
-def reference(tmp_path: Path, pretrained: Path, peft: Path | None = None) -> dict[str, float]:
-    """lm-eval on its own: its HF model loader, IFEval's YAML included by a task file written here."""
-    from lm_eval.tasks import TaskManager
+def reference(tmp_path: Path, manager, pretrained: Path, peft: Path | None = None) -> dict[str, float]:
+    """lm-eval on its own: its HF model loader, IFEval's YAML included by a task file written here; one torch
+    thread, as kdpipe evaluates a model this small on a CPU (greedy decoding of a random tiny model is
+    sensitive to the last bit of a logit, and the sums' order depends on the thread count)."""
+    import torch
 
     ifeval = Path(lm_eval.__file__).parent / "tasks" / "ifeval" / "ifeval.yaml"
     task = tmp_path / "ifeval_local.yaml"
@@ -70,18 +72,26 @@ def reference(tmp_path: Path, pretrained: Path, peft: Path | None = None) -> dic
     args = {"pretrained": str(pretrained), "dtype": "float32", "device": "cpu"}
     if peft is not None:
         args["peft"] = str(peft)
-    out = lm_eval.simple_evaluate(model="hf", model_args=args, tasks=[str(task)], batch_size=4,
-                                  apply_chat_template=True, gen_kwargs={"max_gen_toks": MAX_GEN_TOKS},
-                                  task_manager=TaskManager(), log_samples=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = lm_eval.simple_evaluate(model="hf", model_args=args, tasks=[str(task)], batch_size=4,
+                                      apply_chat_template=True, gen_kwargs={"max_gen_toks": MAX_GEN_TOKS},
+                                      task_manager=manager, log_samples=False)
+    finally:
+        torch.set_num_threads(threads)
     return {m: out["results"]["ifeval"][f"{m},none"] for m in METRICS}
 
 
 def test_ifeval_on_local_data_equals_lm_eval_itself(table, models, tmp_path):
+    from lm_eval.tasks import TaskManager
+
     figures, results = table
     assert list(figures) == ["base", "adapter", "merged"]
+    manager = TaskManager()
     for name in ("base", "adapter"):
         ours = {m: figures[name][f"lm-eval/ifeval/{m}"] for m in METRICS}
-        theirs = reference(tmp_path, models["base"], models["adapter"] if name == "adapter" else None)
+        theirs = reference(tmp_path, manager, models["base"], models["adapter"] if name == "adapter" else None)
         assert ours == theirs, name
     # the file's 12 prompts / 16 instructions: every accuracy is a multiple of 1/12 or 1/16
     for row in figures.values():
