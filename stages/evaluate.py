@@ -110,7 +110,9 @@ def evaluate_model(spec: Any, tokenizer: Any, cfg: EvaluateConfig, work: Work,
         fid = fidelity.fidelity(model, tokenizer, work.cache, cfg, spec)
         values.update({f"fidelity/{k}": v for k, v in fid.items()})
     if cfg.lm_eval:
-        values.update(harness.run_lm_eval(model, tokenizer, cfg, work.lm_eval_manager))
+        scores, samples = harness.run_lm_eval(model, tokenizer, cfg, work.lm_eval_manager)
+        values.update(scores)
+        predictions += [{"model": spec.name, **p} for p in samples]
     torch.set_num_threads(threads)
     del model
     gc.collect()

@@ -68,14 +68,17 @@ def local_task(manager: Any, task: str, file: str, folder: Path) -> Path:
     return path
 
 
-def run_lm_eval(model: Any, tokenizer: Any, cfg: Any, manager: Any = None) -> dict[str, float]:
+def run_lm_eval(model: Any, tokenizer: Any, cfg: Any,
+                manager: Any = None) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """lm-eval's own `simple_evaluate` on an `HFLM` wrapping the loaded model (a peft adapter as peft loaded
-    it), through the tokenizer's chat template where it has one; every numeric metric, no stderr."""
+    it), through the tokenizer's chat template where it has one: every numeric metric (no stderr), and
+    one prediction per document (lm-eval's sample: the model's response and its per-document scores)."""
     check_lm_eval()
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size)
+    _seed_langdetect(cfg.seed)
     files = cfg.lm_eval_files
     gen_kwargs = {"max_gen_toks": cfg.max_new_tokens} if cfg.max_new_tokens else None
     with tempfile.TemporaryDirectory(prefix="kdpipe-lm-eval-") as folder:
@@ -84,7 +87,7 @@ def run_lm_eval(model: Any, tokenizer: Any, cfg: Any, manager: Any = None) -> di
         chat = getattr(tokenizer, "chat_template", None) is not None
         try:
             out = lm_eval.simple_evaluate(
-                model=lm, tasks=tasks, limit=cfg.limit, log_samples=False, task_manager=manager,
+                model=lm, tasks=tasks, limit=cfg.limit, log_samples=True, task_manager=manager,
                 apply_chat_template=chat, gen_kwargs=gen_kwargs,
                 random_seed=cfg.seed, numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed,
                 fewshot_random_seed=cfg.seed)
@@ -102,7 +105,28 @@ def run_lm_eval(model: Any, tokenizer: Any, cfg: Any, manager: Any = None) -> di
                 continue
             name = metric if filt in ("", "none") else f"{metric}[{filt}]"
             values[f"lm-eval/{task}/{name}"] = float(value)
-    return values
+    return values, [_prediction(task, sample) for task, samples in out.get("samples", {}).items()
+                    for sample in samples]
+
+
+def _seed_langdetect(seed: int) -> None:
+    """IFEval's language checkers call langdetect, which samples: on short or mixed text its verdict on the
+    same response changes from run to run (and with it inst_level_strict_acc). Its documented fix is a
+    fixed `DetectorFactory.seed`; --seed sets it, so the figures repeat."""
+    try:
+        from langdetect import DetectorFactory
+    except ImportError:  # a task without language checks
+        return
+    DetectorFactory.seed = seed
+
+
+def _prediction(task: str, sample: dict[str, Any]) -> dict[str, Any]:
+    """A predictions.jsonl row from an lm-eval sample: the prompt as rendered, the response, the scores."""
+    scores = {k: v for k, v in sample.items() if k in sample.get("metrics", ())}
+    response = sample["filtered_resps"][0] if sample.get("filtered_resps") else None
+    prompt = sample["arguments"][0][0] if sample.get("arguments") else None
+    return {"task": f"lm-eval/{task}", "doc_id": sample.get("doc_id"), "prompt": prompt,
+            "response": response, **scores}
 
 
 def _check_punkt(task: str, file: str) -> None:

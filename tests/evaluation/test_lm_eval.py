@@ -56,10 +56,14 @@ def table(models, tmp_path_factory):
            "--lm-eval", "ifeval", "--lm-eval-data", f"ifeval={DATA}", "--max-new-tokens", MAX_GEN_TOKS,
            "--batch-size", 4, "--output", out, "--no-plot")
     results = json.loads((out / "results.json").read_text())
-    return {m["name"]: m["metrics"] for m in results["models"]}, results
+    responses: dict[str, dict[int, str]] = {}
+    for row in map(json.loads, (out / "predictions.jsonl").read_text().splitlines()):
+        assert row["task"] == "lm-eval/ifeval"
+        responses.setdefault(row["model"], {})[row["doc_id"]] = row["response"]
+    return {m["name"]: m["metrics"] for m in results["models"]}, responses, results
 
 
-def reference(tmp_path: Path, manager, pretrained: Path, peft: Path | None = None) -> dict[str, float]:
+def reference(tmp_path: Path, manager, pretrained: Path, peft: Path | None = None) -> tuple[dict, dict]:
     """lm-eval on its own: its HF model loader, IFEval's YAML included by a task file written here; one torch
     thread, as kdpipe evaluates a model this small on a CPU (greedy decoding of a random tiny model is
     sensitive to the last bit of a logit, and the sums' order depends on the thread count)."""
@@ -72,27 +76,34 @@ def reference(tmp_path: Path, manager, pretrained: Path, peft: Path | None = Non
     args = {"pretrained": str(pretrained), "dtype": "float32", "device": "cpu"}
     if peft is not None:
         args["peft"] = str(peft)
+    from langdetect import DetectorFactory
+
+    DetectorFactory.seed = 0  # IFEval's language checks sample; kdpipe evaluate fixes this seed (--seed 0)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         out = lm_eval.simple_evaluate(model="hf", model_args=args, tasks=[str(task)], batch_size=4,
                                       apply_chat_template=True, gen_kwargs={"max_gen_toks": MAX_GEN_TOKS},
-                                      task_manager=manager, log_samples=False)
+                                      task_manager=manager, log_samples=True)
     finally:
         torch.set_num_threads(threads)
-    return {m: out["results"]["ifeval"][f"{m},none"] for m in METRICS}
+    responses = {s["doc_id"]: s["filtered_resps"][0] for s in out["samples"]["ifeval"]}
+    return {m: out["results"]["ifeval"][f"{m},none"] for m in METRICS}, responses
 
 
 def test_ifeval_on_local_data_equals_lm_eval_itself(table, models, tmp_path):
     from lm_eval.tasks import TaskManager
 
-    figures, results = table
+    figures, responses, results = table
     assert list(figures) == ["base", "adapter", "merged"]
     manager = TaskManager()
     for name in ("base", "adapter"):
         ours = {m: figures[name][f"lm-eval/ifeval/{m}"] for m in METRICS}
-        theirs = reference(tmp_path, manager, models["base"], models["adapter"] if name == "adapter" else None)
+        theirs, their_responses = reference(tmp_path, manager, models["base"],
+                                            models["adapter"] if name == "adapter" else None)
+        assert responses[name] == their_responses, name
         assert ours == theirs, name
+    assert responses["adapter"] != responses["base"]  # the adapter is applied
     # the file's 12 prompts / 16 instructions: every accuracy is a multiple of 1/12 or 1/16
     for row in figures.values():
         assert round(row["lm-eval/ifeval/prompt_level_strict_acc"] * 12, 9).is_integer()
