@@ -123,3 +123,24 @@ def test_missing_local_file_and_missing_hub_data_name_the_option(models, tmp_pat
     result = kdpipe("evaluate", "--model", models["base"], "--lm-eval", "ifeval", "--lm-eval-data",
                     f"hellaswag={DATA}", ok=False)
     assert result.exit_code == 2 and "add --lm-eval hellaswag" in result.output
+
+
+def test_rows_needing_nltk_punkt_are_refused_where_it_is_missing(tmp_path, monkeypatch):
+    import nltk
+
+    from kdpipe.errors import KdpipeError
+    from kdpipe.evaluation import harness
+
+    def missing(name, *args, **kwargs):
+        raise LookupError(name)
+
+    monkeypatch.setattr(nltk.data, "find", missing)  # as on a machine that never downloaded punkt_tab
+    harness._check_punkt("ifeval", str(DATA))  # the shipped file needs none
+    rows = [json.loads(line) for line in DATA.read_text().splitlines()[:2]]
+    rows.append({"key": 9, "prompt": "Write 3 sentences.", "instruction_id_list": ["length_constraints:number_sentences"],
+                 "kwargs": [{"relation": "at least", "num_sentences": 3}]})
+    data = tmp_path / "sentences.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(KdpipeError, match=f"--lm-eval-data ifeval={data}: IFEval's checkers of "
+                                          "length_constraints:number_sentences need nltk's punkt_tab data"):
+        harness.check_lm_eval(["ifeval"], {"ifeval": str(data)})
