@@ -35,6 +35,7 @@ def check_lm_eval(tasks: list[str] | None = None, data: dict[str, str] | None = 
     for task, file in (data or {}).items():
         if not Path(file).is_file():
             raise KdpipeError(f"--lm-eval-data {task}={file}: {file} does not exist")
+        _data_kind(task, file)
         if task.startswith("ifeval"):
             _check_punkt(task, file)
     manager = TaskManager()
@@ -58,10 +59,8 @@ def local_task(manager: Any, task: str, file: str, folder: Path) -> Path:
         raise KdpipeError(f"--lm-eval-data {task}=...: lm-eval's {task} is not a YAML task (a group or a "
                           "Python task), so its data cannot be replaced; name one of its YAML tasks")
     split = entry.cfg.get("test_split") or entry.cfg.get("validation_split") or "train"
-    kind = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}.get(Path(file).suffix)
-    if kind is None:
-        raise KdpipeError(f"--lm-eval-data {task}={file}: use a .jsonl, .json, .csv or .parquet file")
-    config = {"include": str(entry.yaml_path), "task": task, "dataset_path": kind, "dataset_name": None,
+    config = {"include": str(entry.yaml_path), "task": task, "dataset_path": _data_kind(task, file),
+              "dataset_name": None,
               "dataset_kwargs": {"data_files": {split: str(Path(file).resolve())}}}
     path = folder / f"{task}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -109,6 +108,14 @@ def run_lm_eval(model: Any, tokenizer: Any, cfg: Any,
                     for sample in samples]
 
 
+def _data_kind(task: str, file: str) -> str:
+    """The `datasets` builder of a --lm-eval-data file, by its suffix."""
+    kind = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}.get(Path(file).suffix)
+    if kind is None:
+        raise KdpipeError(f"--lm-eval-data {task}={file}: use a .jsonl, .json, .csv or .parquet file")
+    return kind
+
+
 def _seed_langdetect(seed: int) -> None:
     """IFEval's language checkers call langdetect, which samples: on short or mixed text its verdict on the
     same response changes from run to run (and with it inst_level_strict_acc). Its documented fix is a
@@ -141,8 +148,7 @@ def _check_punkt(task: str, file: str) -> None:
         pass
     from datasets import load_dataset
 
-    kind = "json" if file.endswith((".json", ".jsonl")) else Path(file).suffix.lstrip(".")
-    rows = load_dataset(kind, data_files=file, split="train")
+    rows = load_dataset(_data_kind(task, file), data_files=file, split="train")
     if "instruction_id_list" not in rows.column_names:
         raise KdpipeError(f"--lm-eval-data {task}={file}: the rows have no instruction_id_list (IFEval's "
                           "format: key, prompt, instruction_id_list, kwargs)")

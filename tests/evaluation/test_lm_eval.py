@@ -116,6 +116,10 @@ def test_missing_local_file_and_missing_hub_data_name_the_option(models, tmp_pat
                     f"ifeval={tmp_path / 'nope.jsonl'}", "--output", tmp_path, ok=False)
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert f"--lm-eval-data ifeval={tmp_path / 'nope.jsonl'}: {tmp_path / 'nope.jsonl'} does not exist" in result.output
+    text = tmp_path / "rows.txt"
+    text.write_text("not a table\n")
+    result = kdpipe("evaluate", "--model", models["base"], "--lm-eval", "ifeval", "--lm-eval-data", f"ifeval={text}", ok=False)
+    assert result.exit_code == 2 and f"--lm-eval-data ifeval={text}: use a .jsonl, .json, .csv or .parquet file" in result.output
     result = kdpipe("evaluate", "--model", models["base"], "--lm-eval", "ifeval", "--limit", 2,
                     "--output", tmp_path, ok=False)  # the hub's google/IFEval, offline
     assert result.exit_code == 2 and "Traceback" not in result.output

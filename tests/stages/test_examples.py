@@ -92,7 +92,7 @@ def test_ray_capture_killed_part_is_retried_and_resumes(tmp_path, tiny_model_dir
     pytest.importorskip("ray", reason="ray is not installed (pip install -e '.[test]')")
     cache, marker = tmp_path / "ray", tmp_path / "killed"
     env = script_env(tiny_model_dir, cache, KDPIPE_FAULT="mid-write:shard-00003.parquet",
-                     KDPIPE_FAULT_ONCE=str(marker), RAY_ENABLE_UV_RUN_RUNTIME_ENV="0")
+                     KDPIPE_FAULT_ONCE=str(marker))
     done = run([sys.executable, str(EXAMPLES / "capture_ray.py"), "--num-cpus", "2", "--gpus-per-part", "0",
                 "--model", str(tiny_model_dir), "--dataset", "kdpipe:arithmetic", "--cache", str(cache),
                 "--num-shards", "2", "--", *ARGS], env)
