@@ -59,6 +59,7 @@ def table(models, tmp_path_factory):
     responses: dict[str, dict[int, str]] = {}
     for row in map(json.loads, (out / "predictions.jsonl").read_text().splitlines()):
         assert row["task"] == "lm-eval/ifeval"
+        assert row["prompt"].startswith("<|im_start|>user\n") and row["prompt"].endswith("<|im_start|>assistant\n")
         responses.setdefault(row["model"], {})[row["doc_id"]] = row["response"]
     return {m["name"]: m["metrics"] for m in results["models"]}, responses, results
 
