@@ -264,7 +264,11 @@ class EvaluateConfig(DataConfig):
     max_new_tokens: int | None = option(None, "Generation length (default: longest reference + 16; 256 for "
                                               "sentiment-think).")
     lm_eval: list[str] = option([], "lm-evaluation-harness tasks, e.g. ifeval,hellaswag (needs "
-                                    "kdpipe[lm-eval]; --limit applies).")
+                                    "kdpipe[lm-eval]; --limit applies; --max-new-tokens caps generation).")
+    lm_eval_data: list[str] = option([], "TASK=FILE: run that --lm-eval task on a local JSONL/JSON/CSV/"
+                                         "Parquet file in the task's own format instead of its hub data set "
+                                         "(e.g. ifeval=ifeval.jsonl with key, prompt, instruction_id_list, "
+                                         "kwargs).")
     output: str | None = option(None, "Folder for results.json/.csv, predictions and plots (default: "
                                       "RUN/eval for a run, else eval).")
     batch_size: int = option(64, "Most sequences in one forward pass (or one generation batch).")
@@ -289,6 +293,18 @@ class EvaluateConfig(DataConfig):
         for name in ("max_new_tokens", "cache_limit"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
+        for pair in self.lm_eval_data:
+            task, _, path = pair.partition("=")
+            if not task or not path:
+                raise ValueError(f"lm_eval_data takes TASK=FILE (e.g. ifeval=ifeval.jsonl), not {pair!r}")
+            if task not in self.lm_eval:
+                raise ValueError(f"lm_eval_data names the task {task!r}, which is not among the lm_eval "
+                                 f"tasks ({', '.join(self.lm_eval) or 'none'}): add --lm-eval {task}")
+
+    @property
+    def lm_eval_files(self) -> dict[str, str]:
+        """--lm-eval-data as {task: file}."""
+        return dict(pair.partition("=")[::2] for pair in self.lm_eval_data)
 
 
 def _slug(text: str) -> str:
