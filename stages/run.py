@@ -235,7 +235,7 @@ def _beside(config: Path, key: str, value: Any) -> Any:
 def missing_inputs(step: Step, cfg: Any, produced: set[str]) -> list[str]:
     """Files and folders the step reads that do not exist and that no earlier step writes (for --dry-run)."""
     missing = []
-    for key in (*INPUT_FILES, "model", "tokenizer", "cache"):
+    for key in (*INPUT_FILES, "model", "from_model", "like", "tokenizer", "cache"):
         value = getattr(cfg, key, None)
         if key == step.stage.output_key:
             continue  # the step writes it
@@ -304,12 +304,13 @@ def describe(p: Plan, steps: list[tuple[Step, Any]]) -> str:
     first = [s.name for s, _ in p.steps].index(steps[0][0].name) if steps else 0
     produced = {p.outputs[s.name] for s, _ in p.steps[:first]}  # --from / --only: the earlier steps are done
     cache_length = None  # what train steps plan with: the sequences the cache step writes
+    width = max([15] + [len(s.name) for s, _ in steps])  # train.seed1, round1_generate.seed0 ...
     for i, (step, cfg) in enumerate(steps, 1):
         try:
             state, why = step_state(step, cfg, anything_ran=False)
         except KdpipeError as e:
             state, why = "error", e.message
-        lines.append(f"{i}. {step.name:<15} [{state}] {why}".rstrip())
+        lines.append(f"{i}. {step.name:<{width}} [{state}] {why}".rstrip())
         lines.append(f"     {standalone_command(step, cfg)}")
         lines += [f"     missing: {what}" for what in missing_inputs(step, cfg, produced)]
         produced.add(p.outputs[step.name])

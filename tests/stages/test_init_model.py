@@ -180,3 +180,13 @@ def test_output_that_holds_something_else_is_refused(tiny_model_dir, tmp_path):
     (partial / "config.json").write_text("{")
     run_cli("init-model", "--tokenizer", tiny_model_dir, "-o", tmp_path / "fresh")
     assert not partial.exists() and (tmp_path / "fresh/model.safetensors").is_file()
+
+
+def test_a_run_step_cuts_its_student_from_the_teacher(teachers, tmp_path, monkeypatch):
+    from helpers import kdpipe
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cut.yaml").write_text(f"student_init:\n  from_model: {teachers / 'llama'}\n  layer_ids: [5, 0]\n")
+    assert "kdpipe init-model --output runs/cut/student-init --from-model" in kdpipe("run", "cut.yaml").output
+    assert json.loads((tmp_path / "runs/cut/student-init/config.json").read_text())["num_hidden_layers"] == 2
+    assert "skipped (runs/cut/student-init holds this model)" in kdpipe("run", "cut.yaml").output
