@@ -137,6 +137,27 @@ def test_like_takes_the_teachers_architecture_and_ties_its_head(teachers, tmp_pa
     run_cli("init-model", "--tokenizer", llama, "-o", tmp_path / "qwen")
     qwen = json.loads((tmp_path / "qwen/config.json").read_text())
     assert qwen["model_type"] == "qwen3" and qwen["bos_token_id"] == tok.bos_token_id and qwen["tie_word_embeddings"]
+    # what the Trainer checks (and warns about) before training: nothing to align
+    assert _alignment_warnings(AutoModelForCausalLM.from_pretrained(tmp_path / "qwen"), tok) == []
+    model.config.bos_token_id = model.generation_config.bos_token_id = None  # as init-model left it before
+    assert "new PAD/BOS/EOS tokens" in " ".join(_alignment_warnings(model, tok))
+
+
+def _alignment_warnings(model, tok) -> list[str]:
+    import logging
+
+    from transformers.trainer_utils import align_special_tokens
+
+    messages: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger = logging.getLogger("transformers.trainer_utils")
+    logger.addHandler(handler)
+    try:
+        align_special_tokens(model, tok)
+    finally:
+        logger.removeHandler(handler)
+    return messages
 
 
 def _digest(folder: Path) -> str:
