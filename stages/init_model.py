@@ -81,8 +81,9 @@ class InitModelConfig:
             sizes = ("hidden_size", "heads", "kv_heads", "head_dim", "intermediate_size", "seed")
             given = [n for n in sizes if getattr(self, n) != getattr(type(self), n, None)]
             if given:
-                raise ValueError(f"--from takes its sizes from the model it cuts; drop --{given[0]} (keep "
-                                 "--layers or --layer-ids)")
+                flag = "--" + given[0].replace("_", "-")
+                raise ValueError(f"--from takes its sizes from the model it cuts; drop {flag} (keep --layers "
+                                 "or --layer-ids)")
             if self.layers is None and self.layer_ids is None:
                 raise ValueError("--from needs --layers N (evenly spaced) or --layer-ids 0,5,9")
         elif self.layer_ids is not None:

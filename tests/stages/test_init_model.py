@@ -102,7 +102,7 @@ def test_bad_cuts_are_refused_before_anything_is_written(teachers, tmp_path):
                  match="--layers 3 but --layer-ids lists 2 layers")
     expect_error("init-model", "--from", llama, "-o", out, match="--from needs --layers N")
     expect_error("init-model", "--from", llama, "--layers", 2, "--hidden-size", 32, "-o", out,
-                 match="drop --hidden_size")
+                 match="drop --hidden-size (keep")
     expect_error("init-model", "--from", llama, "--layers", 2, "--no-tie-embeddings", "-o", out,
                  match="tied to its embeddings")
     t5 = tmp_path / "t5"
