@@ -34,9 +34,10 @@ from typing import Any
 from kdpipe.config import build_config, read_yaml, to_dict
 from kdpipe.errors import KdpipeError
 from kdpipe.run_folder import EXPERIMENT_FILE, INIT_FILE, RUN_FILE, read_json  # noqa: F401  (re-exported)
-from kdpipe.stages import registry, rounds
+from kdpipe.stages import registry, rounds, seeds
 from kdpipe.stages.base import Stage, command_line
 from kdpipe.stages.init_model import InitModelConfig, changed  # noqa: F401  (InitModelConfig: re-exported)
+from kdpipe.stages.tables import final_table, label, params, seeds_table, train_seconds
 
 
 @dataclass
@@ -47,6 +48,7 @@ class Step:
     name: str
     stage: Stage
     default_output: str = "runs/{name}/{folder}"
+    seed: int | None = None  # a copy of the step for this entry of `seeds:`
 
     @property
     def cls(self) -> type:
@@ -69,6 +71,10 @@ STEPS = [
 STEP_NAMES = [s.name for s in STEPS]
 TOP_KEYS = {"name": "experiment name: default folders runs/NAME/STEP and cache/NAME[-heldout]",
             "seed": "default seed of every section that has one",
+            "seeds": "repeat the training steps once per seed, e.g. [0, 1, 2]: the table shows mean and "
+                     "range (stages/seeds.py)",
+            "threads": "torch CPU threads of every step (CPU results depend on it; default: one for a tiny "
+                       "model, torch's own otherwise)",
             "base": "YAML file (relative to this one) whose keys this file extends",
             "description": "free text",
             "labels": "names of the evaluated models in the final table, by reference (e.g. '@train': "
@@ -87,6 +93,9 @@ class Plan:
     labels: dict[str, str]
     outputs: dict[str, str]
     notes: list[str] = field(default_factory=list)  # lines --dry-run adds after the steps
+    seeds: list[int] | None = None  # `seeds:` (stages/seeds.py)
+    threads: int | None = None  # `threads:` torch CPU threads of every step
+    seeds_output: str | None = None  # the evaluate section's own folder: results.json over the seeds
 
 
 # ---------------------------------------------------------------- loading
@@ -121,44 +130,74 @@ def plan(path: str | Path) -> Plan:
         raise KdpipeError(f"{source}: unknown section '{unknown[0]}'; sections: {', '.join(STEP_NAMES)}; "
                           f"other top-level keys: {', '.join(TOP_KEYS)}")
     name = str(data.get("name") or Path(path).stem)
-    seed = data.get("seed")
-    outputs: dict[str, str] = {}
-    steps: list[tuple[Step, Any]] = []
+    seed, seed_list = data.get("seed"), seeds.read(data.get("seeds"), source)
+    threads = data.get("threads")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise KdpipeError(f"{source}: 'threads' must be a positive integer (torch CPU threads), "
+                          f"not {threads!r}")
+    p = Plan(Path(path), name, [], {}, {}, seeds=seed_list, threads=threads)
+    if seed_list is None:
+        _plan_steps(p, data, STEPS, seed, None)
+    else:
+        shared = seeds.shared_sections(data)
+        _plan_steps(p, data, [s for s in STEPS if s.name in shared], seed, None, final=False)
+        for s in seed_list:
+            _plan_steps(p, data, [st for st in STEPS if st.name not in shared], s, s)
+    if not p.steps:
+        raise KdpipeError(f"{source}: no steps; give at least one of the sections {', '.join(STEP_NAMES)}")
+    return p
+
+
+def _plan_steps(p: Plan, data: dict[str, Any], wanted: list[Step], seed: int | None, repeat: int | None,
+                final: bool = True) -> None:
+    """Add the sections of `wanted` to `p` (with `repeat`: that seed's copies, into their own folders);
+    `final`: also resolve the labels and the rounds."""
+    source = str(p.path)
+    outputs = dict(p.outputs)  # the shared steps' (a seed's copies are named train.seed1 ...)
     spec = (rounds.read_spec(data["rounds"], seed, f"{source}: section 'rounds'")
-            if data.get("rounds") is not None else None)
+            if data.get("rounds") is not None and final else None)
+    steps: list[tuple[Step, Any]] = []
     added: list[tuple[Step, Any]] = []
-    for step in STEPS:
-        if step.name not in data:
-            continue
-        values = data[step.name]
+    for step in wanted:
+        values = data.get(step.name)
         if values is None:
             continue
         if not isinstance(values, dict):
             raise KdpipeError(f"{source}: section '{step.name}' must be a mapping of {step.name} options")
+        if repeat is not None:
+            seeds.check_section(values, step.name, source)
         values = dict(values)
         fields = {f.name for f in dataclasses.fields(step.cls)}
         if seed is not None and "seed" in fields and "seed" not in values:
             values["seed"] = seed
         values = {k: _resolve(v, outputs, f"{source}: section '{step.name}', key '{k}'")
                   for k, v in values.items()}
-        values = {k: _beside(Path(path), k, v) for k, v in values.items()}
+        values = {k: _beside(p.path, k, v) for k, v in values.items()}
         cfg = build_config(step.cls, values, source=f"{source}: section '{step.name}'")
-        outputs[step.name] = step.stage.set_output(cfg, step.output(name))
+        out = step.stage.set_output(cfg, step.output(p.name))
+        if repeat is not None:
+            p.seeds_output = out if step.stage.tabulates else p.seeds_output
+            out = seeds.folder(out, repeat)
+            setattr(cfg, step.stage.output_key, out)
+        outputs[step.name] = out
         steps.append((step, cfg))
         if step.name == "train" and spec:  # the on-policy rounds continue the trained student
-            added = rounds.expand(spec, steps, Step, name, f"{source}: section 'rounds'")
+            home = p.name if repeat is None else f"{p.name}/seed{repeat}"
+            added = rounds.expand(spec, p.steps + steps, Step, home, f"{source}: section 'rounds'")
             outputs.update((s.name, s.stage.output(c)) for s, c in added)
             steps += added
-    if not steps:
-        raise KdpipeError(f"{source}: no steps; give at least one of the sections {', '.join(STEP_NAMES)}")
     if spec and not added:
-        rounds.expand(spec, steps, Step, name, f"{source}: section 'rounds'")  # says what is missing
-    labels = {}
-    for ref, label in _label_pairs(data.get("labels"), source):
-        labels[_resolve(ref, outputs, f"{source}: labels")] = str(label)
-    rounds.add_to_evaluate(steps, added, labels)
-    notes = [line for line in [rounds.steps_line(steps)] if line]
-    return Plan(Path(path), name, steps, labels, outputs, notes)
+        rounds.expand(spec, p.steps + steps, Step, p.name, f"{source}: section 'rounds'")  # says what lacks
+    if final:
+        for ref, label in _label_pairs(data.get("labels"), source):
+            p.labels[_resolve(ref, outputs, f"{source}: labels")] = str(label)
+        rounds.add_to_evaluate(steps, added, p.labels)
+        if not p.notes:  # the first seed's (every seed plans the same steps)
+            p.notes = [line for line in [rounds.steps_line(p.steps + steps)] if line]
+    if repeat is not None:  # the seed's copies: their own step names (--only train.seed1)
+        steps = [(dataclasses.replace(s, name=f"{s.name}.seed{repeat}", seed=repeat), c) for s, c in steps]
+    p.steps += steps
+    p.outputs.update((s.name, s.stage.output(c)) for s, c in steps)
 
 
 def _label_pairs(labels: Any, source: str) -> list[tuple[Any, Any]]:
@@ -203,7 +242,7 @@ def missing_inputs(step: Step, cfg: Any, produced: set[str]) -> list[str]:
     missing = [f"{key} is not set (the step needs it: give '{key}:' in its section"
                + (", or a 'cache:' section before it)" if key == "cache" else ")")
                for key in unset(step, cfg)]
-    for key in (*INPUT_FILES, "model", "tokenizer", "cache"):
+    for key in (*INPUT_FILES, "model", "from_model", "like", "tokenizer", "cache"):
         value = getattr(cfg, key, None)
         if key == step.stage.output_key:
             continue  # the step writes it
@@ -272,12 +311,13 @@ def describe(p: Plan, steps: list[tuple[Step, Any]]) -> str:
     first = [s.name for s, _ in p.steps].index(steps[0][0].name) if steps else 0
     produced = {p.outputs[s.name] for s, _ in p.steps[:first]}  # --from / --only: the earlier steps are done
     cache_length = None  # what train steps plan with: the sequences the cache step writes
+    width = max([15] + [len(s.name) for s, _ in steps])  # train.seed1, round1_generate.seed0 ...
     for i, (step, cfg) in enumerate(steps, 1):
         try:
             state, why = step_state(step, cfg, anything_ran=False)
         except KdpipeError as e:
             state, why = "error", e.message
-        lines.append(f"{i}. {step.name:<15} [{state}] {why}".rstrip())
+        lines.append(f"{i}. {step.name:<{width}} [{state}] {why}".rstrip())
         lines.append(f"     {standalone_command(step, cfg)}")
         lines += [f"     missing: {what}" for what in missing_inputs(step, cfg, produced)]
         produced.add(p.outputs[step.name])
@@ -299,8 +339,11 @@ def run(path: str | Path, start: str | None = None, only: str | None = None, dry
         echo(describe(p, steps))
         return {"plan": [s.name for s, _ in steps], "done": {}}
     write_experiment_record(p)
+    if p.threads:
+        echo(f"torch threads: {p.threads} (threads: in {p.path}; results on a CPU depend on the thread "
+             "count)")
     done: dict[str, dict[str, Any]] = {}
-    results = None
+    evaluations: dict[int | None, tuple[Any, dict[str, Any]]] = {}  # seed -> (evaluate config, results)
     anything_ran = False
     total = time.perf_counter()
     for i, (step, cfg) in enumerate(steps, 1):
@@ -309,22 +352,42 @@ def run(path: str | Path, start: str | None = None, only: str | None = None, dry
         if state == "skip":
             echo(f"[{i}/{len(steps)}] {step.name}: skipped ({why})")
             done[step.name] = {"state": "skipped", "seconds": 0.0}
-            results = step.stage.previous(cfg) if step.stage.tabulates else results
+            if step.stage.tabulates:
+                evaluations[step.seed] = (cfg, step.stage.previous(cfg))
             continue
         echo(f"[{i}/{len(steps)}] {step.name}: {command}" + (f"\n      ({why})" if why else ""))
         start_t = time.perf_counter()
-        result = _run_step(step, cfg, command, state, echo)
-        results = result if step.stage.tabulates else results
+        result = _run_step(step, cfg, command, state, echo, p.threads)
+        if step.stage.tabulates:
+            evaluations[step.seed] = (cfg, result)
         anything_ran = True
         done[step.name] = {"state": state, "seconds": round(time.perf_counter() - start_t, 1)}
         echo(f"      {step.name} done in {done[step.name]['seconds']:.1f} s")
     echo(f"experiment {p.name}: {sum(1 for d in done.values() if d['state'] != 'skipped')} step(s) run, "
          f"{sum(1 for d in done.values() if d['state'] == 'skipped')} skipped, "
          f"{time.perf_counter() - total:.1f} s")
-    if results is not None:
+    evaluations = {seed: (cfg, r) for seed, (cfg, r) in evaluations.items() if r is not None}
+    results = None
+    if p.seeds is not None and evaluations:
+        results = seed_summary(p, evaluations)
         echo("")
-        echo(final_table(p, results))
+        echo(seeds.describe(results))
+        echo(seeds_table(results))
+    elif evaluations:
+        results = evaluations[None][1]
+        echo("")
+        echo(final_table(p.labels, results))
     return {"plan": [s.name for s, _ in steps], "done": done, "results": results}
+
+
+def seed_summary(p: Plan, evaluations: dict[Any, tuple[Any, dict[str, Any]]]) -> dict[str, Any]:
+    """Mean and range over the seeds' evaluations, written to the evaluate section's own folder."""
+    summary = seeds.summarise({seed: r for seed, (_, r) in evaluations.items()}, lambda m: label(p.labels, m),
+                              train_seconds)
+    summary["evaluations"] = {seed: cfg.output for seed, (cfg, _) in sorted(evaluations.items())}
+    summary["config"] = str(p.path)
+    summary["written_to"] = str(seeds.write(summary, p.seeds_output))
+    return summary
 
 
 def write_experiment_record(p: Plan) -> None:
@@ -354,18 +417,22 @@ def write_experiment_record(p: Plan) -> None:
     (home / EXPERIMENT_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
 
-def _run_step(step: Step, cfg: Any, command: str, state: str, echo: Callable[[str], None]) -> Any:
-    """Run one step; a tiny model on a CPU uses one thread (thread hand-offs cost more than they save)."""
+def _run_step(step: Step, cfg: Any, command: str, state: str, echo: Callable[[str], None],
+              threads: int | None = None) -> Any:
+    """Run one step with `threads` torch threads (`threads:` of the file); by default a tiny model on a CPU
+    uses one thread (thread hand-offs cost more than they save)."""
     import torch
 
-    threads = torch.get_num_threads()
+    before = torch.get_num_threads()
     model = getattr(cfg, "model", None)
-    if isinstance(model, str) and not torch.cuda.is_available() and (_params(model) or 10**9) < SMALL_MODEL:
+    if threads:
+        torch.set_num_threads(threads)
+    elif isinstance(model, str) and not torch.cuda.is_available() and (params(model) or 10**9) < SMALL_MODEL:
         torch.set_num_threads(1)
     try:
         return _run_stage(step, cfg, command, state, echo)
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(before)
 
 
 SMALL_MODEL = 20_000_000  # parameters
@@ -377,70 +444,3 @@ def _run_stage(step: Step, cfg: Any, command: str, state: str, echo: Callable[[s
     if line and not step.stage.tabulates:  # the evaluation's results end the experiment as its table
         echo("      " + line)
     return result
-
-
-# ---------------------------------------------------------------- the final table
-
-
-def final_table(p: Plan, results: dict[str, Any]) -> str:
-    """A row per evaluated model: task metrics, fidelity, size and training time."""
-    columns = [("exact-match/exact_match", "exact match"), ("classify/accuracy", "accuracy"),
-               ("perplexity/perplexity", "perplexity"), ("fidelity/top1_agreement", "top-1 agree"),
-               ("fidelity/kl", "KL(T||S)")]
-    models = results.get("models", [])
-    shown = [(k, title) for k, title in columns if any(k in m["metrics"] for m in models)]
-    extra = sorted({k for m in models for k in m["metrics"]
-                    if k.startswith("lm_eval") or k.startswith("lm-eval")})
-    shown += [(k, k.split("/", 1)[-1]) for k in extra]
-    header = ["model", "params"] + [t for _, t in shown] + ["train s", "eval s"]
-    rows = []
-    for m in models:
-        label = _label(p, m)
-        size = _params(m.get("path") or m.get("source") or "")
-        train_s = (_read_json(Path(m["run"]) / RUN_FILE) or {}).get("train_seconds") if m.get("run") else None
-        cells = [label, f"{size / 1e6:.2f}M" if size else "—"]
-        cells += [_cell(m["metrics"].get(k)) for k, _ in shown]
-        cells += [f"{train_s:.0f}" if train_s is not None else "—", f"{m.get('seconds', 0):.0f}"]
-        rows.append(cells)
-    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
-    fmt = lambda r: "  ".join(c.ljust(widths[0]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(r))  # noqa: E731
-    table = [fmt(header), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows]
-    if sum(r[-2] != "—" for r in rows) > 1:  # two training times side by side invite a ratio
-        table.append("train s: each run's wall time, the runs measured one after the other (not "
-                     "alternated): a change of machine load between them moves their ratio; "
-                     "bench/bench_train.py compares step times fairly")
-    return "\n".join(table)
-
-
-def _label(p: Plan, m: dict[str, Any]) -> str:
-    for key in (m.get("source"), m.get("path")):
-        if key in p.labels:
-            return p.labels[key]
-    return m.get("name", "?")
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return "—"
-    if isinstance(value, float) and abs(value) < 1000:
-        return f"{value:.4f}"
-    return str(value)
-
-
-def _params(path: str) -> int | None:
-    """Parameters of a local model folder, from its safetensors headers (no load)."""
-    folder = Path(path)
-    if not folder.is_dir():
-        return None
-    total = 0
-    for file in folder.glob("*.safetensors"):
-        with open(file, "rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(size))
-        for key, info in header.items():
-            if key != "__metadata__":
-                n = 1
-                for d in info["shape"]:
-                    n *= d
-                total += n
-    return total or None
