@@ -103,7 +103,7 @@ def cache_group() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def cache_info_cmd(path: str, as_json: bool) -> None:
     """Summarise a cache: teacher, data, k, encoding, sizes, bytes per target token."""
-    from kdpipe.cache.tools import info
+    from kdpipe.cache.commands import info
 
     summary = info(path)
     if as_json:
@@ -121,7 +121,7 @@ def cache_info_cmd(path: str, as_json: bool) -> None:
                                                 "counts only).")
 def cache_verify_cmd(paths: tuple[str, ...], no_values: bool) -> None:
     """Check checksums, schema, row counts and value sanity; non-zero exit naming what is broken."""
-    from kdpipe.cache.tools import verify
+    from kdpipe.cache.commands import verify
 
     failed = False
     for path in paths:
@@ -140,7 +140,7 @@ def cache_verify_cmd(paths: tuple[str, ...], no_values: bool) -> None:
 @click.option("--output", "-o", required=True, type=click.Path(), help="New folder for the merged cache.")
 def cache_merge_cmd(parts: tuple[str, ...], output: str) -> None:
     """Join the caches written with --num-shards/--shard-index into one."""
-    from kdpipe.cache.tools import merge
+    from kdpipe.cache.commands import merge
 
     merged = merge(list(parts), output)
     click.echo(f"merged {len(parts)} part(s): {merged.totals.rows} examples in "

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from kdpipe.errors import KdpipeError
+from kdpipe.errors import KdpipeError, first_line
 
 DTYPES = {"auto": "auto", "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -150,6 +150,6 @@ def model_revision(model: Any) -> str | None:
 def _load_error(what: str, name: str, resolved: str, error: Exception) -> str:
     offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
     shown = name if resolved == name else f"{name} ({resolved})"
-    reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+    reason = first_line(error)
     hint = "offline mode is on (HF_HUB_OFFLINE)" if offline else "check the name or path and your network"
     return f"could not load the {what} {shown}: {reason}. {hint}"

@@ -18,7 +18,7 @@ from typing import Any
 
 import click
 
-from kdpipe.errors import KdpipeError
+from kdpipe.errors import KdpipeError, first_line
 
 RUN_FILE = "kdpipe_run.json"  # the run record of train-student / finetune
 LOCK_FILE = ".lock"  # held by the running train-student / finetune for its whole run
@@ -34,9 +34,7 @@ def read_json(path: str | Path, missing_ok: bool = True) -> dict[str, Any] | Non
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         if missing_ok:
             return None
-        text = str(e).strip().splitlines()
-        reason = (text[0] if text else type(e).__name__)[:300]
-        raise KdpipeError(f"{path} could not be read as JSON: {reason}") from None
+        raise KdpipeError(f"{path} could not be read as JSON: {first_line(e)}") from None
 
 
 def write_json(path: Path, record: dict[str, Any]) -> None:

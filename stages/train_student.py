@@ -14,7 +14,7 @@ from typing import Any
 from kdpipe import run_folder
 from kdpipe.cache.manifest import SparseMode
 from kdpipe.cache.reader import Cache
-from kdpipe.cache.tools import open_checked
+from kdpipe.cache.verified import open_checked
 from kdpipe.errors import KdpipeError
 from kdpipe.losses import BiasedOnSampled, DistillLossConfig
 from kdpipe.stages.configs import TrainStudentConfig, _slug  # noqa: F401  (re-exported: old imports)

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from kdpipe.config import option
 from kdpipe.data import arithmetic
-from kdpipe.errors import KdpipeError
+from kdpipe.errors import KdpipeError, first_line
 
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
@@ -204,7 +204,7 @@ def _read_local(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
     try:
         ds = datasets.load_dataset(fmt, data_files=str(path), split="train")
     except Exception as e:  # datasets raises many types; the file is the user's, so say which
-        raise KdpipeError(f"dataset file {path} could not be read as {fmt}: {_short(e)}") from None
+        raise KdpipeError(f"dataset file {path} could not be read as {fmt}: {first_line(e)}") from None
     return ds.to_list(), list(ds.column_names)
 
 
@@ -244,21 +244,16 @@ def _read_hub(name: str, split: str) -> tuple[list[dict[str, Any]], list[str]]:
         ds = datasets.load_dataset(name, split=split)
     except ValueError as e:
         if "split" in str(e).lower():
-            raise KdpipeError(f"dataset {name} has no split '{split}': {_short(e)}") from None
-        raise KdpipeError(f"dataset {name} could not be loaded: {_short(e)}") from None
+            raise KdpipeError(f"dataset {name} has no split '{split}': {first_line(e)}") from None
+        raise KdpipeError(f"dataset {name} could not be loaded: {first_line(e)}") from None
     except Exception as e:
         offline = os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
         hint = " (offline mode is on: HF_DATASETS_OFFLINE/HF_HUB_OFFLINE)" if offline else ""
         raise KdpipeError(
-            f"dataset {name} could not be loaded from the hub{hint}: {_short(e)}. "
+            f"dataset {name} could not be loaded from the hub{hint}: {first_line(e)}. "
             "Check the name, your network, or pass a local .jsonl/.csv/.parquet file"
         ) from None
     return ds.to_list(), list(ds.column_names)
-
-
-def _short(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return (text[0] if text else type(e).__name__)[:300]
 
 
 def _drop_empty_generations(cfg: DataConfig, examples: list[Example]) -> list[Example]:

@@ -17,7 +17,7 @@ def open_heldout(location: str, echo: Callable[[str], None] = print, specs: Sequ
                  verify: str = "fast") -> Any:
     """The held-out cache (checked); a note when its examples are in a run's training cache (or, with no
     run to compare with, when nothing says it is held out)."""
-    from kdpipe.cache.tools import open_checked
+    from kdpipe.cache.verified import open_checked
 
     cache = open_checked(location, verify)
     data = cache.manifest.dataset

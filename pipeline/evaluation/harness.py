@@ -6,8 +6,7 @@ import importlib.util
 import os
 from typing import Any
 
-from kdpipe.errors import KdpipeError
-from kdpipe.evaluation.runs import first_line
+from kdpipe.errors import KdpipeError, first_line
 
 NETWORK_ERRORS = ("ConnectionError", "OfflineModeIsEnabled", "LocalEntryNotFoundError",
                   "DatasetNotFoundError", "HfHubHTTPError", "ConnectTimeout", "ReadTimeout", "MaxRetryError")

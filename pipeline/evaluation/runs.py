@@ -24,11 +24,6 @@ def read_json(path: Path, quiet: bool = False) -> dict[str, Any]:
     return run_folder.read_json(path, missing_ok=quiet) or {}
 
 
-def first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return (text[0] if text else type(e).__name__)[:300]
-
-
 def latest_run(root: str | Path = "runs") -> tuple[Path, dict[str, Any]]:
     """The newest run folder under `root` whose kdpipe_run.json says it finished."""
     found = []

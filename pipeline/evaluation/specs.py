@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kdpipe.errors import KdpipeError
+from kdpipe.errors import KdpipeError, first_line
 from kdpipe.evaluation import runs
-from kdpipe.evaluation.runs import RUN_FILE, first_line, read_json
+from kdpipe.evaluation.runs import RUN_FILE, read_json
 
 
 @dataclass

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from kdpipe.errors import KdpipeError
+from kdpipe.errors import KdpipeError, first_line
 
 # LoRA target modules per model type: every linear projection of the blocks (not the LM head).
 _DECODER_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -55,7 +55,7 @@ def add_lora(model: Any, cfg: Any) -> Any:
     try:
         return get_peft_model(model, lora)
     except ValueError as e:
-        raise KdpipeError(f"LoRA setup failed for {cfg.model}: {str(e).splitlines()[0]} "
+        raise KdpipeError(f"LoRA setup failed for {cfg.model}: {first_line(e)} "
                           "(check --lora-target-modules)") from None
 
 
@@ -76,9 +76,8 @@ def merge_lora(adapter: str | Path, output: str | Path) -> Path:
     try:
         model = AutoPeftModelForCausalLM.from_pretrained(str(adapter), dtype="auto")
     except Exception as e:
-        reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         raise KdpipeError(f"could not load the adapter {adapter} on its base model {base}: "
-                          f"{reason}") from None
+                          f"{first_line(e)}") from None
     has_tokenizer = any((adapter / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
     tokenizer = load_tokenizer(str(adapter) if has_tokenizer else base)
     merged = model.merge_and_unload()

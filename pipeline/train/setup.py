@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from kdpipe.config import progress_disabled
-from kdpipe.errors import KdpipeError
+from kdpipe.errors import KdpipeError, first_line
 from kdpipe.precision import resolve_dtype
 from kdpipe.train.config import TrainConfig  # noqa: F401  (defined torch-free, for the CLI)
 
@@ -115,7 +115,7 @@ def training_arguments(cfg: TrainConfig, output: Path) -> Any:
             disable_tqdm=progress_disabled(),
         )
     except ValueError as e:
-        raise KdpipeError(f"invalid training options: {str(e).splitlines()[0]}") from None
+        raise KdpipeError(f"invalid training options: {first_line(e)}") from None
 
 
 def _multi_process_on_cpu() -> bool:

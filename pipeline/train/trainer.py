@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from transformers import Trainer
 
-from kdpipe.errors import KdpipeError
+from kdpipe.errors import KdpipeError, first_line
 from kdpipe.losses import DistillLossConfig, SparseTargets, distill_loss
 from kdpipe.run_folder import RUN_FILE, now, read_json, write_json
 from kdpipe.train.config import TrainConfig
@@ -149,8 +149,7 @@ def write_errors(target: Path) -> Iterator[None]:
     try:
         yield
     except (OSError, RuntimeError) as e:
-        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        reason = getattr(e, "strerror", None) or first_line
+        reason = getattr(e, "strerror", None) or first_line(e, 200)
         raise KdpipeError(
             f"could not write {target} ({reason}); is the disk full? Free some space and rerun with "
             "--resume: training continues from the last complete checkpoint"

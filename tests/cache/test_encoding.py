@@ -119,8 +119,8 @@ def test_cache_info_and_verify_name_the_encoding(caches):
 
 
 def test_verify_catches_a_bad_id_in_a_compact_cache(caches):
+    from kdpipe.cache.checks import check_values
     from kdpipe.cache.format import read_manifest
-    from kdpipe.cache.tools import check_values
 
     table = pq.ParquetFile(caches / "compact" / "shard-00000.parquet").read()  # with the id rank table
     assert check_values(table, read_manifest(caches / "compact")) == []
