@@ -234,14 +234,14 @@ def plan_cmd(teacher: str | None, student: str | None, gpu: str | None, gpu_memo
     From config.json only (no weights are loaded); stages: cache-teacher, train-student, and for
     comparison online KD with both models resident and the student's SFT alone.
     """
-    from kdpipe.plan import estimate as plan
+    from kdpipe.plan import estimate, hardware, report
 
     if max_length < 1:
         raise KdpipeError(f"--max-length must be at least 1, not {max_length}")
-    device = plan.get_device(gpu, gpu_memory_gb)
-    examples = limit if limit is not None else plan.dataset_examples(dataset) if dataset else None
+    device = hardware.get_device(gpu, gpu_memory_gb)
+    examples = limit if limit is not None else report.dataset_examples(dataset) if dataset else None
     if limit is not None and dataset:
-        examples = min(limit, plan.dataset_examples(dataset))
+        examples = min(limit, report.dataset_examples(dataset))
     if tokens is not None and not tokens > 0:
         raise KdpipeError(f"--tokens must be positive, not {tokens:g}")
     if examples is None and tokens is None:
@@ -252,7 +252,7 @@ def plan_cmd(teacher: str | None, student: str | None, gpu: str | None, gpu_memo
         mean_length = tokens / examples if tokens and examples else float(max_length)
     if examples is None:
         examples = max(1, round(tokens / mean_length))
-    w = plan.Workload(examples=examples, mean_length=mean_length,
+    w = estimate.Workload(examples=examples, mean_length=mean_length,
                       targets_per_example=(targets_per_example if targets_per_example is not None
                                            else mean_length - 1),
                       max_length=max_length, top_k=top_k, encoding=encoding, sparse_mode=sparse_mode,
@@ -262,8 +262,8 @@ def plan_cmd(teacher: str | None, student: str | None, gpu: str | None, gpu_memo
                       vllm_gpu_memory_utilization=vllm_gpu_memory_utilization,
                       vllm_max_num_batched_tokens=vllm_max_num_batched_tokens,
                       teacher_dtype=dtype, precision=precision)
-    result = plan.make_plan(teacher, student, device, w, layers)
-    click.echo(json.dumps(result, indent=2) if as_json else plan.format_plan(result))
+    result = estimate.make_plan(teacher, student, device, w, layers)
+    click.echo(json.dumps(result, indent=2) if as_json else report.format_plan(result))
 
 
 # ---- run: a whole experiment from one YAML file ----

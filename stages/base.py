@@ -40,7 +40,7 @@ class Stage:
     cache-teacher). state: skip/resume given what is on disk. summary: one line about a result.
     report: what the command prints at the end (default: the summary). trains: writes a run record
     (kdpipe_run.json), as train-student and finetune do. repeatable: list options given once per
-    value (``--model A --model B``). plan_kind: what `kdpipe.plan.estimate.step_line` predicts (or None).
+    value (``--model A --model B``). plan_kind: what `kdpipe.plan.report.step_line` predicts (or None).
     tabulates: its result is the evaluation table `kdpipe run` ends with. previous: the result a
     skipped step left behind (for that table). short_options: one-letter aliases (``output: -o``).
     """

@@ -15,9 +15,9 @@ from tqdm.auto import tqdm
 
 import kdpipe
 from kdpipe.cache.format import ENCODINGS, Targets, ids_hash
-from kdpipe.cache.manifest import (
+from kdpipe.cache.manifest import Manifest
+from kdpipe.cache.sections import (
     DatasetInfo,
-    Manifest,
     Sharding,
     SparseMode,
     SparseSpec,
@@ -35,6 +35,7 @@ from kdpipe.data.templates import get_template
 from kdpipe.data.tokenize import tokenize_examples
 from kdpipe.errors import KdpipeError
 from kdpipe.models import (
+    load_config,
     load_model,
     load_tokenizer,
     model_revision,
@@ -165,11 +166,8 @@ def sparse_spec(cfg: CacheTeacherConfig) -> SparseSpec:
 def _check_model_limits(cfg: CacheTeacherConfig) -> None:
     """top_k within the teacher's vocabulary; max_length lowered to the teacher's context (positions beyond
     it are garbage or a crash)."""
-    from transformers import AutoConfig
-
     try:
-        config = AutoConfig.from_pretrained(resolve_model_name(cfg.model), revision=cfg.revision)
-        config = config.get_text_config()
+        config = load_config(cfg.model, cfg.revision).get_text_config()
     except Exception:  # the model load right after reports it clearly
         return
     if cfg.sparse_mode == SparseMode.TOPK and cfg.top_k > config.vocab_size:
@@ -208,10 +206,8 @@ def sampling(cfg: CacheTeacherConfig) -> Sampling | None:
 
 def _vllm_model_len(cfg: CacheTeacherConfig) -> int | None:
     """max_length + 1 (vLLM counts the one generated token), capped by the model's own limit."""
-    from transformers import AutoConfig
-
     try:
-        config = AutoConfig.from_pretrained(resolve_model_name(cfg.model), revision=cfg.revision)
+        config = load_config(cfg.model, cfg.revision)
     except Exception:  # the engine start reports it
         return None
     limit = getattr(config.get_text_config(), "max_position_embeddings", None)

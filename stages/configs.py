@@ -1,7 +1,7 @@
 """The stages' configs: one dataclass per stage, whose fields are its YAML keys and (with dashes) its CLI
 options. Torch-free on purpose: the CLI builds every command's options from these classes, so
-`kdpipe --help` and an option error never import torch or transformers. Each stage module re-exports
-its config (``from kdpipe.stages.train_student import TrainStudentConfig`` keeps working).
+`kdpipe --help` and an option error never import torch or transformers. Each stage's recipe module
+imports its config from here.
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ class CacheTeacherConfig(DataConfig):
             return self.cache if is_url(self.cache) else Path(self.cache)
         source = self.dataset or "data"
         stem = Path(source).stem if Path(source).suffix else re.split(r"[/:]", source)[-1]
-        return Path("cache") / re.sub(r"[^A-Za-z0-9_.-]+", "-", stem).strip("-")
+        return Path("cache") / _slug(stem)
 
 
 @dataclass

@@ -11,7 +11,8 @@ from typing import Any
 import numpy as np
 
 from kdpipe.cache.format import ENCODINGS, METADATA_KEY, ids_hash, shard_name
-from kdpipe.cache.manifest import MANIFEST, Manifest, ShardEntry, Totals, as_manifest
+from kdpipe.cache.manifest import MANIFEST, Manifest, as_manifest
+from kdpipe.cache.sections import ShardEntry, Totals
 from kdpipe.cache.storage import Store
 from kdpipe.cache.values import nonfinite
 from kdpipe.errors import first_line

@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from kdpipe.cache.checks import check_listing, incomplete, verify_shard
-from kdpipe.cache.manifest import MANIFEST, Manifest, ShardEntry, Totals, now, write_manifest
+from kdpipe.cache.manifest import MANIFEST, Manifest, write_manifest
+from kdpipe.cache.sections import ShardEntry, Totals, now
 from kdpipe.cache.storage import Store
 from kdpipe.cache.verified import RECORD
 from kdpipe.errors import KdpipeError

@@ -27,8 +27,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from kdpipe.cache.checks import check_listing, incomplete, verify_shard
-from kdpipe.cache.manifest import MANIFEST, Manifest, ShardEntry
+from kdpipe.cache.manifest import MANIFEST, Manifest
 from kdpipe.cache.reader import Cache, open_cache
+from kdpipe.cache.sections import ShardEntry
 from kdpipe.cache.storage import Store
 from kdpipe.errors import KdpipeError
 

@@ -265,9 +265,8 @@ def _drop_empty_generations(cfg: DataConfig, examples: list[Example]) -> list[Ex
     if name is None:
         return examples
     from kdpipe.data.templates import get_template
-    from kdpipe.generation.hf import output_field
 
-    field = output_field(get_template(name, cfg.label_names))
+    field = get_template(name, cfg.label_names).output_field()
     kept = [e for e in examples if str(e.fields.get(field) or "").strip()]
     if len(kept) < len(examples):
         import click

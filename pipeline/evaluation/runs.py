@@ -14,7 +14,6 @@ from kdpipe.run_folder import EXPERIMENT_FILE, RUN_FILE
 if TYPE_CHECKING:
     from kdpipe.cache.manifest import Manifest
 
-__all__ = ["EXPERIMENT_FILE", "RUN_FILE", "read_json"]
 FINISHED = ("complete", "done")
 
 

@@ -24,7 +24,7 @@ from typing import Any
 from kdpipe.config import progress_disabled
 from kdpipe.errors import KdpipeError, first_line
 from kdpipe.precision import resolve_dtype
-from kdpipe.train.config import TrainConfig  # noqa: F401  (defined torch-free, for the CLI)
+from kdpipe.train.config import TrainConfig
 
 # ---------------------------------------------------------------- model
 
@@ -43,15 +43,6 @@ def load_trainable(cfg: TrainConfig) -> Any:
     model = load_model(cfg.model, dtype, "cpu", cfg.revision)  # Trainer places it
     model.config.use_cache = False
     return add_lora(model, cfg) if cfg.lora else model
-
-
-def causal_lm(model: Any) -> Any:
-    """The transformers causal LM under DDP / accelerate / peft wrappers."""
-    while hasattr(model, "module") and not hasattr(model, "config"):
-        model = model.module
-    if hasattr(model, "get_base_model"):  # peft
-        model = model.get_base_model()
-    return model
 
 
 def resolve_precision(precision: str) -> str:

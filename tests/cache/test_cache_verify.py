@@ -87,7 +87,7 @@ def test_insane_values_are_caught(cache):
     import pyarrow.parquet as pq
 
     from kdpipe.cache.checks import check_values
-    from kdpipe.cache.format import read_manifest
+    from kdpipe.cache.manifest import read_manifest
 
     table = pq.read_table(cache / "shard-00000.parquet")
     lp = table["topk_logprobs"].combine_chunks()

@@ -247,7 +247,7 @@ def test_verify_catches_bad_sample_counts(sampled_cache):
     import pyarrow.parquet as pq
 
     from kdpipe.cache.checks import check_values
-    from kdpipe.cache.format import read_manifest
+    from kdpipe.cache.manifest import read_manifest
 
     table = pq.ParquetFile(sampled_cache / "b" / "shard-00000.parquet").read()  # with the id rank table
     counts = table["sample_counts"].combine_chunks()

@@ -12,7 +12,7 @@ import torch
 from helpers import dense_reference, kdpipe, write_jsonl
 
 from kdpipe.cache import open_cache
-from kdpipe.cache.format import read_manifest
+from kdpipe.cache.manifest import read_manifest
 
 K = 8
 
