@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import logging
 import typing
 from collections.abc import Callable
 from typing import Any, Literal
@@ -18,6 +19,21 @@ from kdpipe.config import load_config
 from kdpipe.errors import KdpipeError
 from kdpipe.stages.base import Stage, flag_spelling
 from kdpipe.stages.registry import STAGES
+
+
+class ConsoleNotes(logging.Handler):
+    """kdpipe's log records (notes from the library and from stages run without an echo) as the command
+    line's notes on stderr; click resolves stderr when each is written, so redirections and click's test
+    runner see them."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(self.format(record), err=True)
+
+
+_logger = logging.getLogger("kdpipe")
+if not any(isinstance(h, ConsoleNotes) for h in _logger.handlers):
+    _logger.addHandler(ConsoleNotes())
+    _logger.setLevel(logging.INFO)
 
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 

@@ -12,12 +12,19 @@ This module imports neither torch nor the recipes, so `kdpipe --help` stays fast
 from __future__ import annotations
 
 import dataclasses
+import logging
 import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 Echo = Callable[[str], None]
+
+
+def log_note(message: str) -> None:
+    """The echo of a stage run as a library (no echo given): kdpipe's logger, which the command line shows
+    on stderr (`kdpipe.cli`)."""
+    logging.getLogger("kdpipe.stages").info(message)
 # `state(cfg, command, anything_ran)` -> ("skip" | "run" | "resume" | "restart", why)
 StateFn = Callable[[Any, str, bool], tuple[str, str]]
 # `runner(cfg, command, echo, state)` -> the stage's result (a manifest, a run record, results, ...); state is

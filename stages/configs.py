@@ -210,8 +210,9 @@ class TrainStudentConfig(TrainConfig):
         return [] if not self.cache else [self.cache] if isinstance(self.cache, str) else list(self.cache)
 
     def loss_config(self, sampled: bool = False) -> DistillLossConfig:
-        return DistillLossConfig(self.loss, self.alpha, self.temperature, self.skew, self.beta, self.tail,
-                                 self.chunk_size, sampled=sampled)
+        return DistillLossConfig(loss=self.loss, alpha=self.alpha, temperature=self.temperature,
+                                 skew=self.skew, beta=self.beta, tail=self.tail, chunk_size=self.chunk_size,
+                                 sampled=sampled)
 
     def output_folder(self) -> Path:
         if self.output:

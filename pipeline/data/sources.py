@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ from typing import Any, Literal
 from kdpipe.config import option
 from kdpipe.data import arithmetic
 from kdpipe.errors import KdpipeError, first_line
+
+log = logging.getLogger(__name__)
 
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
@@ -269,10 +272,7 @@ def _drop_empty_generations(cfg: DataConfig, examples: list[Example]) -> list[Ex
     field = get_template(name, cfg.label_names).output_field()
     kept = [e for e in examples if str(e.fields.get(field) or "").strip()]
     if len(kept) < len(examples):
-        import click
-
-        click.echo(f"note: {len(examples) - len(kept)} of the {len(examples)} generated rows of "
-                   f"{cfg.dataset} have an empty '{field}' (the model stopped at once); they are left out",
-                   err=True)
+        log.warning(f"note: {len(examples) - len(kept)} of the {len(examples)} generated rows of "
+                    f"{cfg.dataset} have an empty '{field}' (the model stopped at once); they are left out")
     return kept
 
