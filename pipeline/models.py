@@ -79,7 +79,7 @@ def load_model(name: str, dtype: str = "auto", device: str = "auto", revision: s
     return model.eval()
 
 
-def load_config(name: str, revision: str | None = None) -> Any:
+def load_model_config(name: str, revision: str | None = None) -> Any:
     """The model's transformers config (read before the weights, to check what they would refuse later);
     the caller decides what a config that does not load means."""
     from transformers import AutoConfig

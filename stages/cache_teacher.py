@@ -34,8 +34,8 @@ from kdpipe.data.templates import get_template
 from kdpipe.data.tokenize import tokenize_examples
 from kdpipe.errors import KdpipeError
 from kdpipe.models import (
-    load_config,
     load_model,
+    load_model_config,
     load_tokenizer,
     model_revision,
     pick_device,
@@ -169,7 +169,7 @@ def _check_model_limits(cfg: CacheTeacherConfig, echo: Echo) -> None:
     """top_k within the teacher's vocabulary; max_length lowered to the teacher's context (positions beyond
     it are garbage or a crash)."""
     try:
-        config = load_config(cfg.model, cfg.revision).get_text_config()
+        config = load_model_config(cfg.model, cfg.revision).get_text_config()
     except Exception:  # the model load right after reports it clearly
         return
     if cfg.sparse_mode == SparseMode.TOPK and cfg.top_k > config.vocab_size:
@@ -208,7 +208,7 @@ def sampling(cfg: CacheTeacherConfig) -> Sampling | None:
 def _vllm_model_len(cfg: CacheTeacherConfig) -> int | None:
     """max_length + 1 (vLLM counts the one generated token), capped by the model's own limit."""
     try:
-        config = load_config(cfg.model, cfg.revision)
+        config = load_model_config(cfg.model, cfg.revision)
     except Exception:  # the engine start reports it
         return None
     limit = getattr(config.get_text_config(), "max_position_embeddings", None)

@@ -102,10 +102,10 @@ def check_can_generate(model: str, revision: str | None) -> None:
     with)."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    from kdpipe.models import load_config
+    from kdpipe.models import load_model_config
 
     try:
-        config = load_config(model, revision)
+        config = load_model_config(model, revision)
     except Exception:  # the model load reports it, with the offline hint
         return
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:

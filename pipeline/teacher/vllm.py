@@ -176,10 +176,10 @@ def _assemble(ids: np.ndarray, values: np.ndarray, target: np.ndarray) -> Target
 
 def _check_model(resolved: str, revision: str | None, k: int, cpu: bool) -> None:
     """Refuse, before the engine starts, what vLLM would refuse later or less clearly."""
-    from kdpipe.models import load_config
+    from kdpipe.models import load_model_config
 
     try:
-        config = load_config(resolved, revision)
+        config = load_model_config(resolved, revision)
     except Exception as e:
         raise KdpipeError(f"vLLM cannot load the teacher {resolved}: its config does not load "
                           f"({first_line(e, 400)})") from None
