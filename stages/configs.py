@@ -1,7 +1,7 @@
 """The stages' configs: one dataclass per stage, whose fields are its YAML keys and (with dashes) its CLI
 options. Torch-free on purpose: the CLI builds every command's options from these classes, so
-`kdpipe --help` and an option error never import torch or transformers. Each stage module re-exports
-its config (``from kdpipe.stages.train_student import TrainStudentConfig`` keeps working).
+`kdpipe --help` and an option error never import torch or transformers. Each stage's recipe module
+imports its config from here.
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ class CacheTeacherConfig(DataConfig):
             return self.cache if is_url(self.cache) else Path(self.cache)
         source = self.dataset or "data"
         stem = Path(source).stem if Path(source).suffix else re.split(r"[/:]", source)[-1]
-        return Path("cache") / re.sub(r"[^A-Za-z0-9_.-]+", "-", stem).strip("-")
+        return Path("cache") / _slug(stem)
 
 
 @dataclass
@@ -210,8 +210,9 @@ class TrainStudentConfig(TrainConfig):
         return [] if not self.cache else [self.cache] if isinstance(self.cache, str) else list(self.cache)
 
     def loss_config(self, sampled: bool = False) -> DistillLossConfig:
-        return DistillLossConfig(self.loss, self.alpha, self.temperature, self.skew, self.beta, self.tail,
-                                 self.chunk_size, sampled=sampled)
+        return DistillLossConfig(loss=self.loss, alpha=self.alpha, temperature=self.temperature,
+                                 skew=self.skew, beta=self.beta, tail=self.tail, chunk_size=self.chunk_size,
+                                 sampled=sampled)
 
     def output_folder(self) -> Path:
         if self.output:

@@ -8,8 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from kdpipe.errors import KdpipeError
-from kdpipe.evaluation.runs import first_line
+from kdpipe.errors import KdpipeError, first_line
 
 NETWORK_ERRORS = ("ConnectionError", "OfflineModeIsEnabled", "LocalEntryNotFoundError",
                   "DatasetNotFoundError", "HfHubHTTPError", "ConnectTimeout", "ReadTimeout", "MaxRetryError")

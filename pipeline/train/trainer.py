@@ -13,7 +13,6 @@ import it inside `run` and the command line stays fast.
 
 from __future__ import annotations
 
-import inspect
 import shutil
 import time
 from collections.abc import Iterator
@@ -25,12 +24,12 @@ import torch
 from transformers import Trainer
 
 from kdpipe.cache.storage import honour_umask
-from kdpipe.errors import KdpipeError
+from kdpipe.errors import KdpipeError, first_line
 from kdpipe.losses import DistillLossConfig, SparseTargets, distill_loss
 from kdpipe.losses.distill import loss_terms
+from kdpipe.models import causal_lm, last_hidden_states, output_head
 from kdpipe.run_folder import RUN_FILE, now, read_json, write_json
 from kdpipe.train.config import TrainConfig
-from kdpipe.train.setup import causal_lm
 
 
 class KdpipeTrainer(Trainer):
@@ -179,8 +178,7 @@ def write_errors(target: Path) -> Iterator[None]:
         yield
         honour_umask(target)  # weights are written 0600 by transformers; the rest of a run honours the umask
     except (OSError, RuntimeError) as e:
-        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        reason = getattr(e, "strerror", None) or first_line
+        reason = getattr(e, "strerror", None) or first_line(e, 200)
         raise KdpipeError(
             f"could not write {target} ({reason}); is the disk full? Free some space and rerun with "
             "--resume: training continues from the last complete checkpoint"
@@ -190,37 +188,22 @@ def write_errors(target: Path) -> Iterator[None]:
 # ---------------------------------------------------------------- the student's loss on a batch
 
 
-def student_hidden(model: Any, inputs: dict[str, Any]) -> Any:
-    """The student's last hidden states [B, L, D] (after the final norm), through the model's forward."""
-    lm = causal_lm(model)
-    body = lm.base_model
-    captured: dict[str, Any] = {}
-
-    def hook(_module: Any, _args: Any, output: Any) -> None:
-        captured["hidden"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
-
-    kwargs: dict[str, Any] = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"],
-                              "use_cache": False}
-    if "logits_to_keep" in inspect.signature(lm.forward).parameters:
-        kwargs["logits_to_keep"] = 1
-    handle = body.register_forward_hook(hook)
-    try:
-        model(**kwargs)
-    finally:
-        handle.remove()
-    return captured["hidden"]
+def student_at_targets(model: Any, inputs: dict[str, Any]) -> tuple[torch.Tensor, Any]:
+    """The student's last hidden states at the batch's target positions [T, D], and its LM head (whole
+    again under FSDP2) to apply to them: full logits never exist."""
+    hidden = last_hidden_states(model, inputs["input_ids"], inputs["attention_mask"])
+    selected = hidden[inputs["target_rows"], inputs["target_cols"]]
+    _gather_fsdp_root(model)
+    return selected, output_head(model)
 
 
 def student_distill_loss(model: Any, inputs: dict[str, Any], cfg: DistillLossConfig,
                          num_items: Any = None, terms: dict[str, float] | None = None) -> torch.Tensor:
     """`distill_loss` of the student on a `DistillCollator` batch (hidden states at the targets, LM head);
     with `terms`, also add the loss's parts (`loss_terms`) and the position count to it."""
-    hidden = student_hidden(model, inputs)
-    selected = hidden[inputs["target_rows"], inputs["target_cols"]]
+    selected, head = student_at_targets(model, inputs)
     targets = SparseTargets(inputs["topk_ids"], inputs["topk_logprobs"], inputs["tail_mass"],
                             inputs["labels"])
-    _gather_fsdp_root(model)
-    head = causal_lm(model).get_output_embeddings()
     loss = distill_loss(selected, head, targets, cfg, num_items=num_items)
     if terms is not None:
         for name, value in loss_terms(selected.detach(), head, targets, cfg).items():

@@ -13,7 +13,7 @@ import pytest
 from helpers import kdpipe
 
 from kdpipe.cache import open_cache
-from kdpipe.cache.format import read_manifest
+from kdpipe.cache.manifest import read_manifest
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 ARGS = ["--limit", "40", "--top-k", "8", "--rows-per-shard", "10", "--dtype", "fp32"]
