@@ -29,7 +29,7 @@ def run(cfg: TrainStudentConfig, command: str = "", callbacks: list[Any] | None 
     """Train the student of `cfg` on its cache; returns the run record (kdpipe_run.json)."""
     from kdpipe.models import load_tokenizer
     from kdpipe.train.data import BlockShuffleSampler, CacheDataset, DistillCollator
-    from kdpipe.train.mix import MixedCacheDataset, cache_identity, check_mixable
+    from kdpipe.train.mix import MixedCacheDataset, cache_identity, check_distinct, check_mixable
     from kdpipe.train.trainer import DistillTrainer, fit
     from kdpipe.vocab.uld import CrossTokenizerTrainer
 
@@ -40,6 +40,7 @@ def run(cfg: TrainStudentConfig, command: str = "", callbacks: list[Any] | None 
     cfg.output = str(cfg.output_folder())
     caches = [open_checked(c, cfg.verify) for c in cfg.caches()]
     check_mixable(caches)  # several caches: same teacher, tokenizer and sparse settings
+    check_distinct(caches, cfg.allow_overlap)  # ... and no example in two of them
     cache = caches[0]
     loss_config = sampled_loss_config(cfg, cache)
     tokenizer = load_tokenizer(cfg.model, cfg.revision)

@@ -22,7 +22,7 @@ def info(path: str | Path) -> dict[str, Any]:
     """A summary of a cache: teacher, data, sparse mode, encoding, sizes, completeness."""
     m = Manifest.read(path)
     t = Totals.of(m.shards)  # what is listed, not what the manifest's totals claim
-    problems = check_listing(m, str(path))
+    problems = check_listing(m, str(path)) + check_settings(Store.open(path), m)
     # over-long examples cut or skipped (see kdpipe.data.tokenize); none is the norm
     cut = "; ".join(f"{n} {what}" for what, n in sorted((m.dataset.report or {}).items()) if n)
     return {
@@ -62,7 +62,7 @@ def verify(path: str | Path, values: bool = True) -> list[str]:
         problems.append(
             f"{store}: incomplete, {missing} shard(s) not written yet (rerun the same command to resume)"
         )
-    problems += check_listing(m, store.display(MANIFEST))
+    problems += check_listing(m, store.display(MANIFEST)) + check_settings(store, m)
     seen: dict[str, str] = {}  # example id -> the shard holding it
     for shard in m.shards:
         problems += _verify_shard(store, shard, m, values, seen)
@@ -124,6 +124,35 @@ def check_listing(m: Manifest, where: str) -> list[str]:
     return problems
 
 
+# The shard metadata that shapes the data as the readers decode it (`Manifest.file_metadata`)
+SHAPING = ("sparse_mode", "k", "encoding", "vocab_hash", "vocab_size", "id_coding", "samples",
+           "proposal_temperature")
+
+
+def shaping_differences(footer: dict[str, Any], m: Manifest) -> list[str]:
+    """The fields that shape the data on which a shard's own metadata and the manifest disagree."""
+    claimed = m.file_metadata()
+    return [f"{key}={footer[key]} (the manifest says {claimed.get(key)})" for key in SHAPING
+            if key in footer and footer[key] != claimed.get(key)]
+
+
+def check_settings(store: Store, m: Manifest) -> list[str]:
+    """The manifest's settings still give its settings hash (an edited k, mode, encoding or vocabulary does
+    not), named field by field against the first shard's own metadata."""
+    if not m.settings_hash or m.compute_settings_hash() == m.settings_hash:
+        return []
+    named = ""
+    if m.shards and store.is_file(m.shards[0].file):
+        try:
+            footer = json.loads(store.parquet(m.shards[0].file).schema_arrow.metadata[METADATA_KEY])
+            differ = shaping_differences(footer, m)
+            named = f"; its shards' metadata says {', '.join(differ)}" if differ else ""
+        except Exception:  # an unreadable shard: the shard checks name it
+            pass
+    return [f"{store.display(MANIFEST)}: its settings do not give its settings hash (a setting was edited "
+            f"after the cache was written){named}; restore the manifest or cache the data again"]
+
+
 def _verify_shard(
     store: Store, shard: ShardEntry, m: Manifest, values: bool, seen: dict[str, str] | None = None
 ) -> list[str]:
@@ -134,6 +163,9 @@ def _verify_shard(
         footer = json.loads(store.parquet(name).schema_arrow.metadata[METADATA_KEY])
     except Exception:
         footer = None
+    differ = shaping_differences(footer, m) if footer is not None else []
+    if differ:
+        return [f"{file}: its metadata says {', '.join(differ)}: the manifest does not describe this shard"]
     if footer is not None and footer.get("settings_hash") != m.settings_hash:
         return [
             f"{file}: belongs to another run than {store.display(MANIFEST)} (settings hash differs): "

@@ -36,7 +36,7 @@ Mode = Literal["fast", "full"]
 
 def check_for_use(store: Store, m: Manifest, mode: Mode = "fast") -> list[str]:
     """Problems that stop a cache from being used (empty: usable); updates the verification record."""
-    from kdpipe.cache.tools import _verify_shard, check_listing
+    from kdpipe.cache.tools import _verify_shard, check_listing, check_settings
 
     if mode not in ("fast", "full"):
         raise ValueError(f"verify must be fast or full, not {mode!r}")
@@ -46,7 +46,7 @@ def check_for_use(store: Store, m: Manifest, mode: Mode = "fast") -> list[str]:
         problems.append(
             f"{store}: incomplete, {missing} shard(s) not written yet (rerun the same command to resume)"
         )
-    problems += check_listing(m, store.display(MANIFEST))
+    problems += check_listing(m, store.display(MANIFEST)) + check_settings(store, m)
     old = read_record(store) if store.local else {}
     passed: dict[str, dict[str, Any]] = {}
     seen: dict[str, str] = {}
