@@ -125,9 +125,11 @@ def check_output(cfg: Any, kind: str, identity: dict[str, Any]) -> str | None:
     the same model and data; nothing that is there is ever deleted.
     """
     out = Path(cfg.output)
-    if int(os.environ.get("RANK", "0")) != 0:  # multi-process run: the main process checks and records
-        return last_checkpoint(out) if cfg.resume else None
     previous = read_json(out / RUN_FILE)
+    if int(os.environ.get("RANK", "0")) != 0:  # multi-process run: the main process checks and records
+        if cfg.resume and previous is not None and previous.get("status") == "complete":
+            raise Finished(previous)  # as the main process does: no process trains
+        return last_checkpoint(out) if cfg.resume else None
     if cfg.resume:
         checkpoint = last_checkpoint(out, echo=lambda m: click.echo(m, err=True))
         # an unfinished run without a checkpoint starts over; a finished one has nothing to resume

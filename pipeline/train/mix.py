@@ -38,7 +38,7 @@ def check_mixable(caches: Sequence[Any]) -> None:
                     "settings")
 
 
-def check_distinct(caches: Sequence[Any], allow_overlap: bool = False) -> None:
+def check_distinct(caches: Sequence[Any], given: Sequence[str], allow_overlap: bool = False) -> None:
     """No cache pooled twice, no example in two caches (each would be trained on twice per epoch).
 
     The same cache: the same folder however spelled (``c/base``, ``c/base/``, ``./c/../c/base``, a symlink)
@@ -47,16 +47,16 @@ def check_distinct(caches: Sequence[Any], allow_overlap: bool = False) -> None:
     refused unless `allow_overlap`.
     """
     for j, b in enumerate(caches):
-        for a in caches[:j]:
+        for i, a in enumerate(caches[:j]):
             if _where(a) == _where(b) or _shard_files(a) == _shard_files(b):
                 how = "the same folder" if _where(a) == _where(b) else "a copy: the same shard files"
-                raise KdpipeError(f"--cache {b.path} is the same cache as --cache {a.path} ({how}); pooling "
-                                  "it twice would train every example twice: give it once")
+                raise KdpipeError(f"--cache {given[j]} is the same cache as --cache {given[i]} ({how}); "
+                                  "pooling it twice would train every example twice: give it once")
             shared = _examples(a) & _examples(b)
             if shared and not allow_overlap:
                 rows = sum(s.rows for s in b.manifest.shards if (_data(b), s.ids_sha256) in shared)
                 raise KdpipeError(
-                    f"--cache {a.path} and --cache {b.path} overlap: {len(shared)} of the latter's "
+                    f"--cache {given[i]} and --cache {given[j]} overlap: {len(shared)} of the latter's "
                     f"{len(b.manifest.shards)} shards ({rows} examples) hold the same examples as shards of "
                     "the former (a cache and one of its parts, or two caches of the same data), which would "
                     "be trained on twice; leave one out, or pass --allow-overlap to pool them on purpose")

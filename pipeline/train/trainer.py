@@ -160,16 +160,16 @@ def finished_state(checkpoint: str) -> Any:
     return state if state.max_steps and state.global_step >= state.max_steps else None
 
 
-def logged_mean_loss(state: Any) -> float:
+def logged_mean_loss(state: Any) -> float | None:
     """The run's mean loss from the logged losses (each the mean over its logging interval): Trainer's
-    `training_loss` of a run that is not trained again."""
+    `training_loss` of a run that is not trained again; None when no loss was logged (--logging-steps)."""
     total, last, steps = 0.0, 0, 0
     for entry in state.log_history:
         if "loss" in entry:
             total += float(entry["loss"]) * (entry["step"] - last)
             steps += entry["step"] - last
             last = entry["step"]
-    return total / steps if steps else float("nan")
+    return total / steps if steps else None
 
 
 class Diverged(Exception):

@@ -42,7 +42,8 @@ def test_the_same_cache_twice_is_refused_however_spelled(world, split, tmp_path,
                         (tmp_path / "link", "the same folder"), (copy, "a copy: the same shard files")):
         out = tmp_path / "run"
         result = expect_error(*train(world, out, whole, second, extra=("--allow-overlap",)),
-                              match=f"is the same cache as --cache {whole} ({how}); pooling it twice would train")
+                              match=f"--cache {second} is the same cache as --cache {whole} ({how}); pooling it "
+                                    "twice would train")
         assert "give it once" in result.output and not out.exists()
 
 
