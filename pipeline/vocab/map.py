@@ -277,8 +277,9 @@ def load_teacher_tokenizer(manifest: Manifest, override: str | None, cache_path:
             f"teacher's tokenizer, which cannot be loaded: {e}. Pass --teacher-tokenizer PATH (a folder "
             f"or hub id with the tokenizer the cache {cache_path} was made with)") from None
     if vocab_hash(tokenizer) != manifest.tokenizer.vocab_hash:
-        raise KdpipeError(f"--teacher-tokenizer {name} is not the tokenizer the cache {cache_path} was made "
-                          "with (its vocabulary hash differs from the manifest's)")
+        what = f"--teacher-tokenizer {name}" if override else f"the manifest's teacher tokenizer {name}"
+        raise KdpipeError(f"{what} is not the tokenizer the cache {cache_path} was made with (its vocabulary "
+                          "hash differs from the manifest's); pass --teacher-tokenizer PATH with that one")
     return tokenizer
 
 
