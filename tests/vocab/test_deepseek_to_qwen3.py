@@ -8,9 +8,8 @@ their tokenizer_config.json files list them: the teacher's 22 (DeepSeek's <｜en
 26 (Qwen3: EOS <|im_end|> at 151645, PAD <|endoftext|> at 151643, no BOS), 151,669 tokens, head 151,936. The
 models around them are tiny (hidden size 16): the 151k embedding rows are their whole cost.
 
-Before the fix the row check refused the pair: "0.00 % of 16 rows tokenize identically", because the teacher's
-leading BOS (a special token the student lacks, which the remapped rows drop) was compared as -1 against
-nothing, and special tokens were recognised only among the added tokens.
+Before the fix the row check refused the pair ("0.00% of 12 rows tokenize identically"): the teacher's leading
+BOS, a special token the student lacks and the remapped rows drop, was compared as -1 against nothing.
 """
 
 from __future__ import annotations
