@@ -60,12 +60,24 @@ def holds_other_files(out: Path) -> bool:
 
 
 def locked(run_fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Decorate a stage's `run(cfg, ...)`: it holds its run folder's lock (``OUTPUT/.lock``) throughout."""
+    """Decorate a stage's `run(cfg, ...)`: it holds its run folder's lock (``OUTPUT/.lock``) throughout; a
+    `--resume` of a run that already finished (`Finished`, raised by `check_output`) returns its record."""
     @functools.wraps(run_fn)
     def run(cfg: Any, *args: Any, **kwargs: Any) -> Any:
         with run_lock(Path(cfg.output_folder())):
-            return run_fn(cfg, *args, **kwargs)
+            try:
+                return run_fn(cfg, *args, **kwargs)
+            except Finished as done:
+                return done.record
     return run
+
+
+class Finished(Exception):  # noqa: N818  (not an error: the way out of a stage that has nothing to do)
+    """--resume of a run whose record says complete: nothing to train, the record is the result."""
+
+    def __init__(self, record: dict[str, Any]):
+        super().__init__("finished")
+        self.record = record
 
 
 @contextmanager
@@ -112,9 +124,11 @@ def check_output(cfg: Any, kind: str, identity: dict[str, Any]) -> str | None:
     the same model and data; nothing that is there is ever deleted.
     """
     out = Path(cfg.output)
-    if int(os.environ.get("RANK", "0")) != 0:  # multi-process run: the main process checks and records
-        return last_checkpoint(out) if cfg.resume else None
     previous = read_json(out / RUN_FILE)
+    if int(os.environ.get("RANK", "0")) != 0:  # multi-process run: the main process checks and records
+        if cfg.resume and previous is not None and previous.get("status") == "complete":
+            raise Finished(previous)  # as the main process does: no process trains
+        return last_checkpoint(out) if cfg.resume else None
     if cfg.resume:
         checkpoint = last_checkpoint(out, echo=log.warning)
         # an unfinished run without a checkpoint starts over; a finished one has nothing to resume
@@ -136,6 +150,11 @@ def check_output(cfg: Any, kind: str, identity: dict[str, Any]) -> str | None:
                     f"--resume: {out} was trained with another {', '.join(changed)} ({was}); "
                     "resume with the same model and data, or choose another --output"
                 )
+            check_same_options(cfg, previous, out)
+            if previous.get("status") == "complete":
+                log.warning(f"{out} is already complete ({previous.get('global_step')} steps): --resume has "
+                            "nothing to do (the model there is kept as it is)")
+                raise Finished(previous)
     else:
         checkpoint = None
         if holds_other_files(out):
@@ -144,6 +163,27 @@ def check_output(cfg: Any, kind: str, identity: dict[str, Any]) -> str | None:
             raise KdpipeError(f"output folder {out} already holds {what}{hint}; choose another --output or "
                               "remove it yourself")
     return checkpoint
+
+
+# Options that may differ on --resume: the output (spelled another way), those the identity checks (model,
+# cache, data: compared by content) and bookkeeping that does not change what is trained.
+RESUMABLE_CHANGES = {"resume", "output", "model", "cache", "dataset", "verify", "logging_steps", "save_steps",
+                     "save_total_limit", "report_to", "run_name", "num_workers"}
+
+
+def check_same_options(cfg: Any, previous: dict[str, Any], out: Path) -> None:
+    """--resume continues the recorded run: an option that changes what is trained (--lr, --max-steps, ...)
+    is refused, not written into the record over the options the checkpoints were trained with."""
+    from kdpipe.config import to_dict
+
+    before, now_ = previous.get("config") or {}, to_dict(cfg)
+    changed = [k for k in now_ if k in before and k not in RESUMABLE_CHANGES and before[k] != now_[k]]
+    if changed:
+        was = ", ".join(f"--{k.replace('_', '-')} {before[k]} (now {now_[k]})" for k in changed)
+        raise KdpipeError(
+            f"--resume: {out} was trained with {was}; resume with the recorded options, or train with the "
+            "new ones into another --output"
+        )
 
 
 def start_run(cfg: Any, kind: str, identity: dict[str, Any], command: str, checkpoint: str | None) -> Path:

@@ -158,6 +158,9 @@ class TrainStudentConfig(TrainConfig):
         None, "Cache folder (or object-storage URL: s3://bucket/prefix ...) written by `kdpipe "
               "cache-teacher`; repeat --cache to train on several caches pooled (same teacher, tokenizer and "
               "sparse settings).")
+    allow_overlap: bool = option(
+        False, "Pool caches that hold some of the same examples (a cache and one of its parts), which are "
+               "then trained on twice per epoch; refused by default.")
     # Literal over the registry's names: the CLI's choices and the YAML check come from kdpipe.losses
     loss: Literal[LOSSES] = option(  # type: ignore[valid-type]
         "fkl", "Divergence: fkl, rkl, skew-fkl, skew-rkl (skew), jsd (beta), tvd."

@@ -22,6 +22,7 @@ from kdpipe.errors import KdpipeError
 from kdpipe.evaluation.report import definitions as metric_definitions
 from kdpipe.evaluation.report import format_table, summary, write_results
 from kdpipe.evaluation.tasks import TASKS, check_examples, data_info, resolve_tasks
+from kdpipe.run_folder import run_lock
 from kdpipe.stages.configs import EvaluateConfig  # torch-free: the CLI builds its options from it
 
 __all__ = ["EvaluateConfig", "format_table", "run", "summary"]
@@ -31,12 +32,21 @@ def run(cfg: EvaluateConfig, command: str = "", echo: Callable[[str], None] = pr
     """Evaluate every model of `cfg`; write results.json/.csv (+ predictions, plots); return the results."""
     import torch
 
-    from kdpipe.evaluation import fidelity, harness, specs
+    from kdpipe.evaluation import specs
     from kdpipe.models import pick_device
 
     torch.manual_seed(cfg.seed)
     pick_device(cfg.device)  # a device this machine lacks: said before anything loads
     models = specs.resolve_models(cfg, echo)  # with no --dataset, cfg gets the run's data
+    out = specs.output_folder(cfg.output, models)
+    with run_lock(out):  # a second evaluation into the same folder fails at once, as a second training run
+        return _evaluate(cfg, command, echo, models, out)
+
+
+def _evaluate(cfg: EvaluateConfig, command: str, echo: Callable[[str], None], models: list[Any],
+              out: Any) -> dict[str, Any]:
+    from kdpipe.evaluation import fidelity, harness, specs
+
     template = get_template(cfg.resolved_template(), cfg.label_names) if cfg.dataset else None
     tasks = resolve_tasks(cfg, template)
     if not tasks and not cfg.cache and not cfg.lm_eval:
@@ -63,7 +73,6 @@ def run(cfg: EvaluateConfig, command: str = "", echo: Callable[[str], None] = pr
             predictions += evaluated[1]
 
     results["definitions"] = metric_definitions(results)
-    out = specs.output_folder(cfg.output, models)
     plotted = _plots(results, models, out, echo) if cfg.plot else []
     write_results(results, predictions, out, plotted)
     return results

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from kdpipe.config import progress_disabled
+from kdpipe.data.generated import check_not_an_input
 from kdpipe.data.sources import load_examples
 from kdpipe.errors import KdpipeError
 from kdpipe.stages.configs import GenerateConfig
@@ -40,6 +41,7 @@ def run(cfg: GenerateConfig, command: str = "") -> dict[str, Any]:
         raise KdpipeError("no output file given: pass --output data/NAME.jsonl")
     if Path(cfg.output).suffix != ".jsonl":
         raise KdpipeError(f"--output {cfg.output}: kdpipe generate writes JSON lines; name the file *.jsonl")
+    check_not_an_input(cfg.output, {"--dataset": cfg.dataset, "--template": cfg.template})
     pick_device(cfg.device)
     check_can_generate(cfg.model, cfg.revision)
     tokenizer = load_tokenizer(cfg.model, cfg.revision)

@@ -29,7 +29,7 @@ def run(cfg: TrainStudentConfig, command: str = "", callbacks: list[Any] | None 
     """Train the student of `cfg` on its cache; returns the run record (kdpipe_run.json)."""
     from kdpipe.models import load_tokenizer
     from kdpipe.train.data import BlockShuffleSampler, CacheDataset, DistillCollator
-    from kdpipe.train.mix import MixedCacheDataset, cache_identity, check_mixable
+    from kdpipe.train.mix import MixedCacheDataset, cache_identity, check_distinct, check_mixable
     from kdpipe.train.trainer import DistillTrainer, fit
     from kdpipe.vocab.uld import CrossTokenizerTrainer
 
@@ -40,6 +40,7 @@ def run(cfg: TrainStudentConfig, command: str = "", callbacks: list[Any] | None 
     cfg.output = str(cfg.output_folder())
     caches = [open_checked(c, cfg.verify) for c in cfg.caches()]
     check_mixable(caches)  # several caches: same teacher, tokenizer and sparse settings
+    check_distinct(caches, cfg.caches(), cfg.allow_overlap)  # ... and no example in two of them
     cache = caches[0]
     loss_config = sampled_loss_config(cfg, cache)
     tokenizer = load_tokenizer(cfg.model, cfg.revision)
@@ -125,5 +126,6 @@ def student_vocab_size(model: Any) -> int:
 
 def summary(record: dict[str, Any], out: str | Path) -> str:
     loss = record.get("train_loss", float("nan"))
-    return (f"trained {record.get('global_step', 0)} steps, mean loss {loss:.4f}, "
+    loss = "not logged" if loss is None else f"{loss:.4f}"  # saved from its last checkpoint, none logged
+    return (f"trained {record.get('global_step', 0)} steps, mean loss {loss}, "
             f"{record.get('train_seconds', 0):.1f} s -> {out} ({record.get('saved')})")

@@ -75,6 +75,35 @@ def check_listing(m: Manifest, where: str) -> list[str]:
     return problems
 
 
+# The shard metadata that shapes the data as the readers decode it (`Manifest.file_metadata`)
+SHAPING = ("sparse_mode", "k", "encoding", "vocab_hash", "vocab_size", "id_coding", "samples",
+           "proposal_temperature")
+
+
+def shaping_differences(footer: dict[str, Any], m: Manifest) -> list[str]:
+    """The fields that shape the data on which a shard's own metadata and the manifest disagree."""
+    claimed = m.file_metadata()
+    return [f"{key}={footer[key]} (the manifest says {claimed.get(key)})" for key in SHAPING
+            if key in footer and footer[key] != claimed.get(key)]
+
+
+def check_settings(store: Store, m: Manifest) -> list[str]:
+    """The manifest's settings still give its settings hash (an edited k, mode, encoding or vocabulary does
+    not), named field by field against the first shard's own metadata."""
+    if not m.settings_hash or m.compute_settings_hash() == m.settings_hash:
+        return []
+    named = ""
+    if m.shards and store.is_file(m.shards[0].file):
+        try:
+            footer = json.loads(store.parquet(m.shards[0].file).schema_arrow.metadata[METADATA_KEY])
+            differ = shaping_differences(footer, m)
+            named = f"; its shards' metadata says {', '.join(differ)}" if differ else ""
+        except Exception:  # an unreadable shard: the shard checks name it
+            pass
+    return [f"{store.display(MANIFEST)}: its settings do not give its settings hash (a setting was edited "
+            f"after the cache was written){named}; restore the manifest or cache the data again"]
+
+
 def verify_shard(
     store: Store, shard: ShardEntry, m: Manifest, values: bool, seen: dict[str, str] | None = None
 ) -> list[str]:
@@ -85,6 +114,9 @@ def verify_shard(
         footer = json.loads(store.parquet(name).schema_arrow.metadata[METADATA_KEY])
     except Exception:
         footer = None
+    differ = shaping_differences(footer, m) if footer is not None else []
+    if differ:
+        return [f"{file}: its metadata says {', '.join(differ)}: the manifest does not describe this shard"]
     if footer is not None and footer.get("settings_hash") != m.settings_hash:
         return [
             f"{file}: belongs to another run than {store.display(MANIFEST)} (settings hash differs): "

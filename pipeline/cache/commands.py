@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from kdpipe.cache.checks import check_listing, incomplete, verify_shard
+from kdpipe.cache.checks import check_listing, check_settings, incomplete, verify_shard
 from kdpipe.cache.manifest import MANIFEST, Manifest, write_manifest
 from kdpipe.cache.sections import ShardEntry, Totals, now
 from kdpipe.cache.storage import Store
@@ -19,7 +19,7 @@ def info(path: str | Path) -> dict[str, Any]:
     """A summary of a cache: teacher, data, sparse mode, encoding, sizes, completeness."""
     m = Manifest.read(path)
     t = Totals.of(m.shards)  # what is listed, not what the manifest's totals claim
-    problems = check_listing(m, str(path))
+    problems = check_listing(m, str(path)) + check_settings(Store.open(path), m)
     # over-long examples cut or skipped (see kdpipe.data.tokenize); none is the norm
     cut = "; ".join(f"{n} {what}" for what, n in sorted((m.dataset.report or {}).items()) if n)
     return {
@@ -54,6 +54,7 @@ def verify(path: str | Path, values: bool = True) -> list[str]:
     store = Store.open(path)
     m = Manifest.read(store)
     problems = incomplete(store, m) + check_listing(m, store.display(MANIFEST))
+    problems += check_settings(store, m)
     seen: dict[str, str] = {}  # example id -> the shard holding it
     for shard in m.shards:
         problems += verify_shard(store, shard, m, values, seen)

@@ -26,7 +26,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from kdpipe.cache.checks import check_listing, incomplete, verify_shard
+from kdpipe.cache.checks import check_listing, check_settings, incomplete, verify_shard
 from kdpipe.cache.manifest import MANIFEST, Manifest
 from kdpipe.cache.reader import Cache, open_cache
 from kdpipe.cache.sections import ShardEntry
@@ -42,7 +42,7 @@ def check_for_use(store: Store, m: Manifest, mode: Mode = "fast") -> list[str]:
     """Problems that stop a cache from being used (empty: usable); updates the verification record."""
     if mode not in ("fast", "full"):
         raise ValueError(f"verify must be fast or full, not {mode!r}")
-    problems = incomplete(store, m) + check_listing(m, store.display(MANIFEST))
+    problems = incomplete(store, m) + check_listing(m, store.display(MANIFEST)) + check_settings(store, m)
     old = read_record(store) if store.local else {}
     passed: dict[str, dict[str, Any]] = {}
     seen: dict[str, str] = {}

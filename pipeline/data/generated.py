@@ -28,6 +28,20 @@ def sidecar_path(output: str | Path) -> Path:
     return Path(str(output) + SUFFIX)
 
 
+def check_not_an_input(output: str | Path, inputs: dict[str, str | None]) -> None:
+    """Refuse an output (or its sidecar) that is, or resolves to, one of `inputs` ({option: path}): a symlink,
+    a hard link, ``./a/../x`` or the same name; whatever the flags (``--overwrite`` would empty the input)."""
+    for written in (Path(output), sidecar_path(output)):
+        for option, source in inputs.items():
+            if not source or not Path(source).exists():
+                continue
+            same = written.resolve() == Path(source).resolve() or (
+                written.exists() and os.path.samefile(written, source))
+            if same:
+                raise KdpipeError(f"--output {output} would write over the input {option} {source} (the same "
+                                  "file); write the completions to another file")
+
+
 def settings_hash(settings: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
 

@@ -42,7 +42,8 @@ class TrainConfig:
     )
     gradient_checkpointing: bool = option(False, "Recompute activations in backward (less memory, slower).")
     seed: int = option(0, "Seed of the initialisation, the data order and dropout.")
-    resume: bool = option(False, "Continue the run in --output from its last checkpoint (same data order).")
+    resume: bool = option(False, "Continue the run in --output from its last checkpoint (same data order; "
+                                 "the options it was started with); a finished run is left as it is.")
     merge: bool = option(False, "With --lora: also merge the adapter into the base model (merged model at "
                                 "the top, adapter in adapter/).")
     save_steps: int = option(500, "Write a checkpoint every this many optimizer steps.")

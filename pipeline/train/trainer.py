@@ -14,6 +14,7 @@ import it inside `run` and the command line stays fast.
 from __future__ import annotations
 
 import shutil
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,6 +23,7 @@ from typing import Any
 
 import torch
 from transformers import Trainer
+from transformers.trainer_utils import TrainOutput
 
 from kdpipe.cache.storage import honour_umask
 from kdpipe.errors import KdpipeError, first_line
@@ -119,6 +121,17 @@ def fit(trainer: Any, cfg: TrainConfig, out: Path, tokenizer: Any, checkpoint: s
     """Train (resuming from `checkpoint`), then save the model and tokenizer into `out`; returns the run
     record."""
     start = time.perf_counter()
+    if checkpoint and finished_state(checkpoint) is not None:
+        # killed after the last step's checkpoint, before the record said complete: Trainer would train one
+        # step more from it, so its weights are saved as they are
+        if trainer.is_world_process_zero():
+            print(f"note: {checkpoint} is the last step's checkpoint; saving its weights as the model "
+                  "without training further", file=sys.stderr)
+        trainer._load_from_checkpoint(checkpoint)
+        trainer.state = finished_state(checkpoint)
+        result = TrainOutput(trainer.state.global_step, logged_mean_loss(trainer.state), {})
+        with write_errors(out):
+            return _save(trainer, cfg, out, tokenizer, result, start)
     try:
         result = trainer.train(resume_from_checkpoint=checkpoint)
         params = trainer.model.named_parameters()
@@ -164,6 +177,26 @@ def _save(trainer: Any, cfg: TrainConfig, out: Path, tokenizer: Any, result: Any
         write_json(out / RUN_FILE, record)
         return record
     return {}
+
+
+def finished_state(checkpoint: str) -> Any:
+    """The TrainerState of `checkpoint` if it was written at the run's last step, else None."""
+    from transformers import TrainerState
+
+    state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
+    return state if state.max_steps and state.global_step >= state.max_steps else None
+
+
+def logged_mean_loss(state: Any) -> float | None:
+    """The run's mean loss from the logged losses (each the mean over its logging interval): Trainer's
+    `training_loss` of a run that is not trained again; None when no loss was logged (--logging-steps)."""
+    total, last, steps = 0.0, 0, 0
+    for entry in state.log_history:
+        if "loss" in entry:
+            total += float(entry["loss"]) * (entry["step"] - last)
+            steps += entry["step"] - last
+            last = entry["step"]
+    return total / steps if steps else None
 
 
 class Diverged(Exception):

@@ -118,7 +118,7 @@ def build_map(teacher: Any, student: Any, teacher_rows: int | None = None) -> Vo
         t, s = getattr(teacher, role, None), getattr(student, role, None)
         if t is not None and s is not None and t < len(ids) and ids[t] < 0 and s not in set(ids.tolist()):
             ids[t] = s
-            unmapped["added"] -= 1
+            unmapped["added" if t_keys[t][0] == "added" else "ordinary"] -= 1
             if repr(t_keys[t][1])[:40] in examples:
                 examples.remove(repr(t_keys[t][1])[:40])
     return VocabMap(ids, tokens, len(student), unmapped, examples)
@@ -165,16 +165,27 @@ def text_pieces(ids: np.ndarray, flags: np.ndarray, tokenizer: Any, added: set[i
 
 
 def added_ids(tokenizer: Any) -> set[int]:
-    return set(getattr(tokenizer, "added_tokens_decoder", {}))
+    """The ids that are tokens, never text: added tokens and the special ones (EOS/BOS/PAD/...), also when
+    a tokenizer keeps a special token in its base vocabulary (decoded, it would be literal text)."""
+    special = getattr(tokenizer, "all_special_ids", [])
+    return set(getattr(tokenizer, "added_tokens_decoder", {})) | set(special)
 
 
 def student_encoding(pieces: list[Piece], teacher_ids: np.ndarray, student: Any, vmap: VocabMap) -> list[int]:
-    """The student's own tokenization of the pieces (added tokens through the map; -1 where it has none)."""
+    """The student's own tokenization of the pieces: text by the student's tokenizer, special tokens as tokens
+    through the map (the teacher's EOS/BOS/PAD stand for the student's own; -1 where it has none). A leading
+    special token the student lacks (DeepSeek's BOS before a Qwen3 student) is left out, as the student adds
+    no such token and `remap_example` drops it."""
     texts = [p.text for p in pieces if p.text is not None]
     encoded = iter(student(texts, add_special_tokens=False)["input_ids"] if texts else [])
     out: list[int] = []
     for p in pieces:
-        out += next(encoded) if p.text is not None else [int(vmap.ids[int(teacher_ids[p.start])])]
+        if p.text is not None:
+            out += next(encoded)
+            continue
+        mapped = int(vmap.ids[int(teacher_ids[p.start])])
+        if mapped >= 0 or out:
+            out.append(mapped)
     return out
 
 
@@ -266,8 +277,9 @@ def load_teacher_tokenizer(manifest: Manifest, override: str | None, cache_path:
             f"teacher's tokenizer, which cannot be loaded: {e}. Pass --teacher-tokenizer PATH (a folder "
             f"or hub id with the tokenizer the cache {cache_path} was made with)") from None
     if vocab_hash(tokenizer) != manifest.tokenizer.vocab_hash:
-        raise KdpipeError(f"--teacher-tokenizer {name} is not the tokenizer the cache {cache_path} was made "
-                          "with (its vocabulary hash differs from the manifest's)")
+        what = f"--teacher-tokenizer {name}" if override else f"the manifest's teacher tokenizer {name}"
+        raise KdpipeError(f"{what} is not the tokenizer the cache {cache_path} was made with (its vocabulary "
+                          "hash differs from the manifest's); pass --teacher-tokenizer PATH with that one")
     return tokenizer
 
 
