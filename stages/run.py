@@ -48,7 +48,7 @@ from kdpipe.stages.tables import final_table, label, params, seeds_table, train_
 
 def describe(p: Plan, steps: list[tuple[Step, Any]]) -> str:
     """The plan: each step, its equivalent command and what would happen now."""
-    from kdpipe.plan.estimate import step_line
+    from kdpipe.plan.report import step_line
 
     lines = [f"experiment {p.name} ({p.path}): {len(steps)} step(s); each command shows the options that "
              "differ from their defaults (`kdpipe COMMAND --help` lists the defaults)"]
