@@ -285,7 +285,10 @@ def test_a_nan_cache_is_refused_by_verify_train_student_and_evaluate(nan_cache, 
     assert result.exit_code == 2, result.output
     assert "shard-00001.parquet (row group 0): example 'arith-train-00013' has 1 NaN top-k log-prob" in result.output
     assert "this cache holds non-finite teacher values" in result.output and "--dtype fp32" in result.output
-    assert json.loads((run / "kdpipe_run.json").read_text())["status"] != "complete"
+    # the run stops "failed", not "running" forever, and says how to go on (issue 29 item 11)
+    assert f"{run} is marked failed, not complete; its checkpoints are kept" in result.output
+    assert "rerun the same command with --resume" in result.output
+    assert json.loads((run / "kdpipe_run.json").read_text())["status"] == "failed"
     result = kdpipe("evaluate", "--model", tiny_model_dir, "--cache", nan_cache, "--output", tmp_path / "eval", ok=False)
     assert result.exit_code == 2 and "shard-00001.parquet: example 'arith-train-00013' has 1 NaN top-k log-prob" in result.output
 
