@@ -49,7 +49,7 @@ def _field_option(f: dataclasses.Field, hint: Any, multiple: bool = False,
     if default not in (None, [], {}, "") and not isinstance(default, bool):
         shown = ",".join(default) if isinstance(default, list) else default
         help_text += f"  [default: {shown}]"
-    if hint is bool:
+    if hint is bool or hint == bool | None:  # bool | None: a switch whose default is decided later
         on, off = flag_spelling(f)
         return click.option(f"{on}/{off}", f.name, default=None, help=help_text)
     decls = [f"--{name}", *([short] if short else [])]

@@ -40,6 +40,7 @@ def run(cfg: GenerateConfig, command: str = "") -> dict[str, Any]:
         raise KdpipeError("no output file given: pass --output data/NAME.jsonl")
     if Path(cfg.output).suffix != ".jsonl":
         raise KdpipeError(f"--output {cfg.output}: kdpipe generate writes JSON lines; name the file *.jsonl")
+    check_output_file(cfg.output)
     pick_device(cfg.device)
     check_can_generate(cfg.model, cfg.revision)
     tokenizer = load_tokenizer(cfg.model, cfg.revision)
@@ -80,6 +81,15 @@ def run(cfg: GenerateConfig, command: str = "") -> dict[str, Any]:
     return out.finish({"command": command, "backend_info": info, "skipped_prompts": skipped,
                        "this_run": {"rows": len(todo), "new_tokens": tokens, "finish": finish,
                                     "elapsed_s": round(time.perf_counter() - start, 2)}})
+
+
+def check_output_file(output: str) -> None:
+    """The output file can be written, said before the model loads: not a folder, its folder writable."""
+    from kdpipe.cache.storage import Store
+
+    if Path(output).is_dir():
+        raise KdpipeError(f"--output {output} is a folder; give a file path (data/NAME.jsonl)")
+    Store.open(str(Path(output).parent)).check_writable("--output's folder")
 
 
 def choose_fraction(selection: Any, fraction: float, seed: int) -> Any:

@@ -286,6 +286,7 @@ def merge(parts: list[str | Path], output: str | Path) -> tuple[Manifest, bool]:
     done = _earlier_merge(out, manifests)
     if done is not None and all(out.is_file(s.file) and out.size(s.file) == s.bytes for s in done.shards):
         return done, False
+    out.check_writable("--output")  # before the parts' shards are read and hashed
     shards: dict[int, tuple[Store, ShardEntry]] = {}
     for store, m in zip(stores, manifests):
         for s in m.shards:
