@@ -54,8 +54,10 @@ def run(cfg: EvaluateConfig, command: str = "", echo: Callable[[str], None] = pr
 
     results: dict[str, Any] = {
         "kdpipe_version": kdpipe.__version__, "command": command,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "data": data_info(cfg, examples, template, tasks),
-        "cache": cfg.cache, "lm_eval": cfg.lm_eval, "definitions": {}, "models": [],
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "data": data_info(cfg, examples, template, tasks, cache.manifest if cache else None),
+        "cache": cfg.cache, **({"cache_heldout": cache.manifest.heldout} if cache else {}),
+        "lm_eval": cfg.lm_eval, "definitions": {}, "models": [],
     }
     predictions: list[dict[str, Any]] = []
     for spec in models:  # one at a time: never two models in memory
