@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import kdpipe, write_jsonl
+from helpers import kdpipe, read_only_folder, write_jsonl
 
 from kdpipe.cache import open_cache
 from kdpipe.cache.format import METADATA_KEY, read_manifest
@@ -460,12 +460,7 @@ def test_cache_path_that_is_a_file_is_named_before_the_teacher_loads(tmp_path, u
 
 def test_read_only_cache_folder_is_named_before_the_teacher_loads(tmp_path, unloadable_teacher):
     folder = tmp_path / "ro"
-    folder.mkdir()
-    folder.chmod(0o555)
-    # root writes anywhere: drop the capability that lets it, as an ordinary user runs
-    prefix = ["setpriv", "--inh-caps=-dac_override", "--bounding-set=-dac_override"] if os.geteuid() == 0 else []
-    if prefix and not shutil.which("setpriv"):
-        pytest.skip("running as root without setpriv: a read-only folder cannot be simulated")
+    prefix = read_only_folder(folder)  # root writes anywhere: a subprocess without that capability
     for target, where in ((folder / "new", f" (it would be made inside {folder})"),):  # one run: torch imports are slow
         result = subprocess.run([*prefix, sys.executable, "-m", "kdpipe.cli", *map(str, args(unloadable_teacher, target))],
                                 env=ENV, capture_output=True, text=True)

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
-from helpers import expect_error, run_cli
+from helpers import expect_error, read_only_folder, run_cli
 
 
 @pytest.fixture
@@ -58,11 +57,7 @@ def test_an_output_through_a_file_or_a_file_as_folder_is_named_first(world, tmp_
 
 def test_a_read_only_folder_is_named_first(world, tmp_path):
     folder = tmp_path / "ro"
-    folder.mkdir()
-    folder.chmod(0o555)
-    prefix = ["setpriv", "--inh-caps=-dac_override", "--bounding-set=-dac_override"] if os.geteuid() == 0 else []
-    if prefix and not shutil.which("setpriv"):
-        pytest.skip("running as root without setpriv: a read-only folder cannot be simulated")
+    prefix = read_only_folder(folder)  # root writes anywhere: a subprocess without that capability
     commands = [generate(world, folder / "out.jsonl"), ("cache", "merge", world.cache, "--output", folder / "m"),
                 evaluate(world, folder / "eval")]
     code = ("import json, sys\nfrom click.testing import CliRunner\nfrom kdpipe.cli import main\n"
