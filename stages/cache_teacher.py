@@ -28,7 +28,7 @@ from kdpipe.cache.storage import Store
 from kdpipe.cache.values import RECOMPUTE, nonfinite, value_stats
 from kdpipe.cache.writer import CacheWriter
 from kdpipe.config import progress_disabled
-from kdpipe.data.generated import provenance
+from kdpipe.data.generated import check_unedited, provenance
 from kdpipe.data.sources import load_examples
 from kdpipe.data.templates import get_template
 from kdpipe.data.tokenize import tokenize_examples
@@ -76,6 +76,7 @@ def run(cfg: CacheTeacherConfig, command: str = "", teacher: TeacherBackend | No
     tokenizer = load_tokenizer(cfg.model, cfg.revision)
     template = get_template(cfg.resolved_template(), cfg.label_names)
     selection = load_examples(cfg)
+    check_unedited(cfg.dataset)  # a generated file changed since it was finished: said, not recorded
     _check_model_limits(cfg, echo)
     examples, report = tokenize_examples(selection.examples, template, tokenizer, cfg)
 

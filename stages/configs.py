@@ -281,7 +281,8 @@ class EvaluateConfig(DataConfig):
                                                                     "checkpoint's).")
     device: str = option("auto", "Device: auto (CUDA if present), cpu, cuda, cuda:1 ...")
     verify: Literal["fast", "full"] = option("fast", VERIFY_HELP)
-    plot: bool = option(True, "Write metrics.png (and training curves of runs); needs matplotlib.")
+    plot: bool | None = option(None, "Write metrics.png (and training curves of runs); needs matplotlib. "
+                                     "Default: when matplotlib is installed.")
 
     def __post_init__(self) -> None:
         super().__post_init__()

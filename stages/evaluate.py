@@ -32,6 +32,7 @@ def run(cfg: EvaluateConfig, command: str = "", echo: Callable[[str], None] = pr
     """Evaluate every model of `cfg`; write results.json/.csv (+ predictions, plots); return the results."""
     import torch
 
+    from kdpipe.cache.storage import Store
     from kdpipe.evaluation import specs
     from kdpipe.models import pick_device
 
@@ -39,6 +40,7 @@ def run(cfg: EvaluateConfig, command: str = "", echo: Callable[[str], None] = pr
     pick_device(cfg.device)  # a device this machine lacks: said before anything loads
     models = specs.resolve_models(cfg, echo)  # with no --dataset, cfg gets the run's data
     out = specs.output_folder(cfg.output, models)
+    Store.open(str(out)).check_writable("--output")  # a read-only folder or a file: said before any work
     with run_lock(out):  # a second evaluation into the same folder fails at once, as a second training run
         return _evaluate(cfg, command, echo, models, out)
 
@@ -61,9 +63,10 @@ def _evaluate(cfg: EvaluateConfig, command: str, echo: Callable[[str], None], mo
 
     results: dict[str, Any] = {
         "kdpipe_version": kdpipe.__version__, "command": command,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "data": data_info(cfg, examples, template, tasks),
-        "cache": cfg.cache, "lm_eval": cfg.lm_eval, "lm_eval_data": cfg.lm_eval_files, "definitions": {},
-        "models": [],
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "data": data_info(cfg, examples, template, tasks, cache.manifest if cache else None),
+        "cache": cfg.cache, **({"cache_heldout": cache.manifest.heldout} if cache else {}),
+        "lm_eval": cfg.lm_eval, "lm_eval_data": cfg.lm_eval_files, "definitions": {}, "models": [],
     }
     predictions: list[dict[str, Any]] = []
     for spec in models:  # one at a time: never two models in memory
@@ -73,7 +76,7 @@ def _evaluate(cfg: EvaluateConfig, command: str, echo: Callable[[str], None], mo
             predictions += evaluated[1]
 
     results["definitions"] = metric_definitions(results)
-    plotted = _plots(results, models, out, echo) if cfg.plot else []
+    plotted = _plots(results, models, out, echo, cfg.plot) if cfg.plot is not False else []
     write_results(results, predictions, out, plotted)
     return results
 
@@ -133,10 +136,19 @@ def evaluate_model(spec: Any, tokenizer: Any, cfg: EvaluateConfig, work: Work,
     return row, predictions
 
 
-def _plots(results: dict[str, Any], models: list[Any], out: Any, echo: Callable[[str], None]) -> list[str]:
+def _plots(results: dict[str, Any], models: list[Any], out: Any, echo: Callable[[str], None],
+           asked: bool | None) -> list[str]:
+    """The plots' files; a plot that fails is said and costs nothing else (the results are still written).
+    A missing matplotlib is said only when plots were asked for (--plot), not on every default run."""
     from kdpipe.evaluation import plots
 
-    plotted, message = plots.write_plots(results, {s.name: s.run for s in models if s.run}, out)
-    if message:
+    try:
+        plotted, message = plots.write_plots(results, {s.name: s.run for s in models if s.run}, out)
+    except Exception as e:  # noqa: BLE001 - matplotlib or a disk: the evaluation itself is done
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        echo(f"warning: the plots could not be written ({type(e).__name__}: {reason}); the results are "
+             "written without them")
+        return []
+    if message and asked:
         echo(message)
     return plotted

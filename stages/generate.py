@@ -42,6 +42,7 @@ def run(cfg: GenerateConfig, command: str = "") -> dict[str, Any]:
     if Path(cfg.output).suffix != ".jsonl":
         raise KdpipeError(f"--output {cfg.output}: kdpipe generate writes JSON lines; name the file *.jsonl")
     check_not_an_input(cfg.output, {"--dataset": cfg.dataset, "--template": cfg.template})
+    check_output_file(cfg.output)
     pick_device(cfg.device)
     check_can_generate(cfg.model, cfg.revision)
     tokenizer = load_tokenizer(cfg.model, cfg.revision)
@@ -59,7 +60,7 @@ def run(cfg: GenerateConfig, command: str = "") -> dict[str, Any]:
     if out.complete:
         return {**out._read_side(), "skipped": True}
     todo = jobs[len(out.done):]
-    start, tokens, finish = time.perf_counter(), 0, {"eos": 0, "length": 0}
+    start, tokens, cuts, finish = time.perf_counter(), 0, 0, {"eos": 0, "length": 0}
     generator = _load(cfg, tokenizer, dtype)
     try:
         bar = tqdm(total=len(jobs), initial=len(out.done), unit="row", desc=f"generating with {cfg.model}",
@@ -68,10 +69,10 @@ def run(cfg: GenerateConfig, command: str = "") -> dict[str, Any]:
             batch = todo[i : i + cfg.batch_size]
             rows = []
             for job, (ids, why) in zip(batch, generator.generate(batch)):
-                text = slot.strip(tokenizer.decode(ids, skip_special_tokens=True))
-                rows.append(_row(job, selection.columns, column, text, settings["model"], out.hash, why,
-                                 len(ids)))
-                tokens, finish[why] = tokens + len(ids), finish[why] + 1
+                text, cut = decode_whole(tokenizer, ids)
+                rows.append(_row(job, selection.columns, column, slot.strip(text), settings["model"],
+                                 out.hash, why, len(ids), cut))
+                tokens, finish[why], cuts = tokens + len(ids), finish[why] + 1, cuts + bool(cut)
             out.append(rows)
             bar.update(len(batch))
             bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - start, 1e-9):,.0f}")
@@ -81,7 +82,17 @@ def run(cfg: GenerateConfig, command: str = "") -> dict[str, Any]:
         generator.close()
     return out.finish({"command": command, "backend_info": info, "skipped_prompts": skipped,
                        "this_run": {"rows": len(todo), "new_tokens": tokens, "finish": finish,
+                                    "cut_mid_character": cuts,
                                     "elapsed_s": round(time.perf_counter() - start, 2)}})
+
+
+def check_output_file(output: str) -> None:
+    """The output file can be written, said before the model loads: not a folder, its folder writable."""
+    from kdpipe.cache.storage import Store
+
+    if Path(output).is_dir():
+        raise KdpipeError(f"--output {output} is a folder; give a file path (data/NAME.jsonl)")
+    Store.open(str(Path(output).parent)).check_writable("--output's folder")
 
 
 def choose_fraction(selection: Any, fraction: float, seed: int) -> Any:
@@ -116,12 +127,29 @@ def _settings(cfg: GenerateConfig, selection: Any, template: Any, dtype: str, mo
     }
 
 
+def decode_whole(tokenizer: Any, ids: list[int]) -> tuple[str, int]:
+    """(the completion's text, tokens dropped): a completion stopped inside a multi-byte character (by
+    --max-new-tokens, or an EOS right after a character's first bytes) decodes to a trailing U+FFFD; it ends
+    instead at the last whole character (at most 3 tokens of that character's bytes dropped, the row says
+    how many)."""
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    if not text.endswith("\ufffd"):
+        return text, 0
+    for cut in range(1, min(3, len(ids)) + 1):
+        shorter = tokenizer.decode(ids[: len(ids) - cut], skip_special_tokens=True)
+        if not shorter.endswith("\ufffd"):
+            return shorter, cut
+    return text, 0  # a U+FFFD the model wrote as a whole character
+
+
 def _row(job: Any, columns: list[str], column: str, text: str, model: str, settings: str, why: str,
-         new_tokens: int) -> dict[str, Any]:
+         new_tokens: int, cut: int = 0) -> dict[str, Any]:
     row = {c: job.fields[c] for c in columns if c in job.fields}
     row.update({"id": job.row_id, column: text})
     row["kdpipe_generate"] = {"source_id": job.example_id, "sample": job.sample, "model": model,
-                              "settings_hash": settings[:16], "finish": why, "new_tokens": new_tokens}
+                              "settings_hash": settings[:16], "finish": why, "new_tokens": new_tokens,
+                              # the last tokens began a character the length limit cut: not in the text
+                              **({"cut_mid_character": cut} if cut else {})}
     return row
 
 
@@ -144,6 +172,8 @@ def summary(record: dict[str, Any], output: str | Path) -> str:
                 "nothing to do")
     this = record.get("this_run") or {}
     finish = this.get("finish") or {}
+    cut = this.get("cut_mid_character")
+    cut_note = f"; {cut} stopped inside a character: cut before it" if cut else ""
     return (f"generated {this.get('rows', 0)} completions ({this.get('new_tokens', 0):,} tokens; "
-            f"{finish.get('eos', 0)} ended, {finish.get('length', 0)} hit --max-new-tokens) in "
+            f"{finish.get('eos', 0)} ended, {finish.get('length', 0)} hit --max-new-tokens{cut_note}) in "
             f"{this.get('elapsed_s', 0):.1f} s; {record.get('rows')} rows -> {output}")

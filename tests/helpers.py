@@ -19,6 +19,22 @@ def dense_reference(model_dir: Path, input_ids):
     return torch.log_softmax(logits.double(), dim=-1)
 
 
+def read_only_folder(folder: Path) -> list[str]:
+    """Make `folder` read-only; the command prefix under which a subprocess cannot write it even as root
+    (setpriv drops root's override capability), or skip the test where that cannot be simulated."""
+    import os
+    import shutil
+
+    import pytest
+
+    folder.mkdir()
+    folder.chmod(0o555)
+    prefix = ["setpriv", "--inh-caps=-dac_override", "--bounding-set=-dac_override"] if os.geteuid() == 0 else []
+    if prefix and not shutil.which("setpriv"):
+        pytest.skip("running as root without setpriv: a read-only folder cannot be simulated")
+    return prefix
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

@@ -30,7 +30,7 @@ def info(path: str | Path) -> dict[str, Any]:
         "teacher_dtype": m.teacher.dtype,
         "backend": m.teacher.backend,
         "tokenizer": m.tokenizer.name,
-        "dataset": f"{m.dataset.source} [{m.dataset.split}, part {m.dataset.part}]",
+        "dataset": f"{m.dataset.source} [{_selection(m.dataset)}]",
         "template": m.template.name,
         "sparse_mode": m.mode.value,
         **({"samples": m.samples, "proposal_temperature": m.sparse.proposal_temperature}
@@ -47,6 +47,16 @@ def info(path: str | Path) -> dict[str, Any]:
         "kdpipe_version": m.kdpipe_version,
         "command": m.command,
     }
+
+
+def _selection(data: Any) -> str:
+    """Which examples of the source a cache holds, as `cache info` says it: a held-out cache says so first (a
+    local file's only split is called train by the loader, which is not what it is)."""
+    if data.part == "heldout":
+        return f"held out: part heldout of split {data.split}"
+    if data.heldout:
+        return "held out (--heldout)" + ("" if data.part == "all" else f", part {data.part}")
+    return f"{data.split}, part {data.part}"
 
 
 def verify(path: str | Path, values: bool = True) -> list[str]:
@@ -93,6 +103,7 @@ def merge(parts: list[str | Path], output: str | Path) -> tuple[Manifest, bool]:
     done = _earlier_merge(out, manifests)
     if done is not None and all(out.is_file(s.file) and out.size(s.file) == s.bytes for s in done.shards):
         return done, False
+    out.check_writable("--output")  # before the parts' shards are read and hashed
     shards: dict[int, tuple[Store, ShardEntry]] = {}
     for store, m in zip(stores, manifests):
         for s in m.shards:

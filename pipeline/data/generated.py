@@ -60,6 +60,11 @@ class GeneratedFile:
             else:
                 self._adopt(planned)
         self.complete = len(self.done) == len(planned) and self._read_side().get("complete", False)
+        if self.complete:
+            edited = edited_since(self.path, self._read_side())
+            if edited:
+                raise KdpipeError(f"--output {edited}; pass --overwrite to generate it again, or choose "
+                                  "another --output")
         if not self.complete:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._write_side({"complete": False})
@@ -153,6 +158,32 @@ def provenance(dataset: str | None) -> dict[str, Any] | None:
             "settings_hash": record.get("settings_hash"),
             "complete": record.get("complete"), "rows": record.get("rows"),
             "matches": record.get("sha256") == file_sha256(Path(dataset))}
+
+
+def edited_since(path: Path, record: dict[str, Any]) -> str | None:
+    """How a finished file differs from its sidecar's record ("PATH was changed after ..."), None when it
+    is the file kdpipe generate finished (or not finished yet)."""
+    now = file_sha256(path) if record.get("complete") and record.get("sha256") else None
+    if now in (None, record.get("sha256")):
+        return None
+    with open(path, "rb") as f:
+        lines = sum(1 for _ in f)
+    return (f"{path} was changed after kdpipe generate finished it (sha256 {now[:12]}..., "
+            f"recorded {record['sha256'][:12]}...; {lines} lines, {record.get('rows')} rows recorded in "
+            f"{sidecar_path(path).name})")
+
+
+def check_unedited(dataset: str | None) -> None:
+    """Refuse a generated file edited after it was finished: its cache would record a provenance (model,
+    sampling) that no longer describes its text."""
+    record = _sidecar_of(dataset)
+    edited = edited_since(Path(dataset), record) if record else None  # type: ignore[arg-type]
+    if edited:
+        raise KdpipeError(
+            f"--dataset {edited}, so the generation settings beside it no longer describe its text. Generate "
+            "it again (kdpipe generate ... --overwrite), or, if the edit is on purpose, remove "
+            f"{sidecar_path(dataset).name} to cache it as a plain dataset"  # type: ignore[arg-type]
+        )
 
 
 def generated_template(dataset: str | None) -> str | None:

@@ -36,19 +36,21 @@ def map_positions(
     max_batch_tokens: int = 16384,
     chunk_size: int = 1024,
     desc: str = "scoring",
+    per_example: int = 1,
 ) -> dict[str, np.ndarray]:
     """Apply `fn(logp [C, V] float32 log-softmax, flat slice)` to the next-token distributions at
     ``positions[i]`` of each sequence; return each output key concatenated in the flat order
     (sequence by sequence, positions in the given order).
 
     The flat slice tells `fn` which entries of the flattened positions the chunk covers, so it can
-    look up per-position data (labels, cached targets) of its own.
+    look up per-position data (labels, cached targets) of its own. The progress bar counts examples of
+    `per_example` sequences each (classify scores one sequence per label).
     """
     device = next(model.parameters()).device
     head = output_head(model)
     starts = np.concatenate([[0], np.cumsum([len(p) for p in positions])]).astype(np.int64)
     outputs: dict[int, dict[str, torch.Tensor]] = {}
-    bar = progress(len(sequences), desc)
+    bar, done = progress(len(sequences) // per_example, desc), 0
     for batch in length_batches([len(s) for s in sequences], batch_size, max_batch_tokens):
         ids, mask = pad([sequences[i] for i in batch], pad_id)
         hidden = last_hidden_states(model, ids.to(device), mask.to(device))
@@ -62,7 +64,8 @@ def map_positions(
                 pieces.append({k: v.detach().cpu() for k, v in out.items()})
             if pieces:
                 outputs[i] = {k: torch.cat([p[k] for p in pieces]) for k in pieces[0]}
-        bar.update(len(batch))
+        done += len(batch)
+        bar.update(done // per_example - bar.n)
     bar.close()
     done = [outputs[i] for i in range(len(sequences)) if i in outputs]
     if not done:

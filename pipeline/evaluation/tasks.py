@@ -72,6 +72,7 @@ def classify(
         batch_size=cfg.batch_size,
         max_batch_tokens=cfg.max_batch_tokens,
         desc=f"{spec.name}: classify",
+        per_example=len(names),
     )
     bounds = np.cumsum([0] + [len(p) for p in positions])
     sums = [lp[bounds[i] : bounds[i + 1]].sum() for i in range(len(positions))]
@@ -253,11 +254,13 @@ def check_examples(examples: list[Example], template: Template, tasks: list[str]
 
 
 def data_info(
-    cfg: Any, examples: list[Example], template: Template | None, tasks: list[str]
+    cfg: Any, examples: list[Example], template: Template | None, tasks: list[str], cache: Any = None
 ) -> dict[str, Any]:
-    """What results.json says of the data: the dataset, its selection, the template, the tasks, the config."""
+    """What results.json says of the data: the dataset, its selection, whether it is held out (and what says
+    so), the template, the tasks, the config. `cache`: the manifest of the --cache evaluated with it."""
     if not tasks:
         return {}
+    heldout_by = heldout_evidence(cfg, cache)
     labels = {"label_names": list(cfg.label_names)} if "classify" in tasks else {}  # only classify has labels
     config = {k: v for k, v in to_dict(cfg).items() if k != "label_names" or labels}
     return {
@@ -265,6 +268,8 @@ def data_info(
         "split": cfg.split,
         "part": cfg.part,
         "heldout_fraction": cfg.heldout_fraction,
+        "heldout": heldout_by is not None,
+        "heldout_by": heldout_by,
         "seed": cfg.seed,
         "limit": cfg.limit,
         "examples": len(examples),
@@ -273,3 +278,19 @@ def data_info(
         "tasks": tasks,
         "config": config,
     }
+
+
+def heldout_evidence(cfg: Any, cache: Any = None) -> str | None:
+    """What says the evaluated examples are held out from training: part=heldout, or a --cache of the same
+    file cached with --heldout; None when nothing does (a local file's split is "train" either way)."""
+    from pathlib import Path
+
+    if cfg.part == "heldout":
+        return f"part=heldout of split {cfg.split} (fraction {cfg.heldout_fraction}, seed {cfg.seed})"
+    data = cache.dataset if cache is not None else None
+    if data is None or not data.heldout or not cfg.dataset:
+        return None
+    path = (data.file or {}).get("path")
+    same = data.source == cfg.dataset or (path is not None and Path(cfg.dataset).exists()
+                                          and Path(cfg.dataset).resolve() == Path(path))
+    return f"the --cache {cfg.cache} of this file was cached with --heldout" if same else None

@@ -49,10 +49,12 @@ class KdpipeTrainer(Trainer):
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         loss = super().training_step(*args, **kwargs)
         if not torch.isfinite(loss):  # one sync per step, as Trainer's own NaN filter costs (turned off)
-            raise Diverged(f"the loss became {float(loss)} at step {self.state.global_step + 1}")
+            raise Diverged(f"the loss became {float(loss)} at step {self.state.global_step + 1}",
+                           self.state.global_step)  # the weights of that step gave it
         return loss
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        check_finite(self.model, self.state.global_step)  # never a checkpoint that --resume would pick up
         with write_errors(Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"):
             super()._save_checkpoint(model, trial)
 
@@ -134,21 +136,55 @@ def fit(trainer: Any, cfg: TrainConfig, out: Path, tokenizer: Any, checkpoint: s
             return _save(trainer, cfg, out, tokenizer, result, start)
     try:
         result = trainer.train(resume_from_checkpoint=checkpoint)
-        params = trainer.model.named_parameters()
-        bad = [n for n, p in params if p.requires_grad and not torch.isfinite(p).all()]
-        if bad:
-            raise Diverged(f"{len(bad)} trained weight tensor(s) hold nan or inf after step "
-                           f"{trainer.state.global_step} ({bad[0]}{', ...' if len(bad) > 1 else ''})")
+        check_finite(trainer.model, trainer.state.global_step)
     except Diverged as e:
+        aside = _set_aside(out, e.bad_from) if trainer.is_world_process_zero() else []
         message = (f"training diverged: {e}. Nothing was saved as the model and {out} is marked failed, not "
-                   f"complete. Lower --lr (now {cfg.learning_rate:g}), keep --max-grad-norm on, or check the "
-                   "data, then train again into a new --output")
-        if trainer.is_world_process_zero():
-            record = read_json(out / RUN_FILE) or {}
-            write_json(out / RUN_FILE, {**record, "status": "failed", "error": message, "updated": now()})
+                   f"complete{_aside_note(aside)}. Lower --lr (now {cfg.learning_rate:g}), keep "
+                   "--max-grad-norm on, or check the data, then train again into a new --output")
+        _mark_failed(trainer, out, message)
+        raise KdpipeError(message) from None
+    except KdpipeError as e:  # bad data met mid-run (a cache row group with NaN ...): stopped, resumable
+        message = (f"{e.message.rstrip('.')}. {out} is marked failed, not complete; its checkpoints are "
+                   "kept: once the cause is fixed, rerun the same command with --resume to continue from the "
+                   "last one")
+        _mark_failed(trainer, out, message)
         raise KdpipeError(message) from None
     with write_errors(out):
         return _save(trainer, cfg, out, tokenizer, result, start)
+
+
+def check_finite(model: Any, step: int) -> None:
+    """Raise Diverged when a trained weight holds nan or inf."""
+    bad = [n for n, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+    if bad:
+        raise Diverged(f"{len(bad)} trained weight tensor(s) hold nan or inf after step {step} "
+                       f"({bad[0]}{', ...' if len(bad) > 1 else ''})", step)
+
+
+def _set_aside(out: Path, bad_from: int) -> list[str]:
+    """Rename the checkpoints that hold the weights which gave a non-finite loss (step >= `bad_from`) to
+    diverged-checkpoint-N: kept to look at, never picked up by --resume."""
+    moved = []
+    for path in sorted(out.glob("checkpoint-*")):
+        step = path.name.removeprefix("checkpoint-")
+        if step.isdigit() and int(step) >= bad_from:
+            path.rename(out / f"diverged-{path.name}")
+            moved.append(path.name)
+    return moved
+
+
+def _aside_note(moved: list[str]) -> str:
+    if not moved:
+        return ""
+    return (f"; {', '.join(moved)} held the weights that diverged: renamed diverged-checkpoint-N, so "
+            "--resume never continues from them")
+
+
+def _mark_failed(trainer: Any, out: Path, message: str) -> None:
+    if trainer.is_world_process_zero():
+        record = read_json(out / RUN_FILE) or {}
+        write_json(out / RUN_FILE, {**record, "status": "failed", "error": message, "updated": now()})
 
 
 def _save(trainer: Any, cfg: TrainConfig, out: Path, tokenizer: Any, result: Any,
@@ -200,7 +236,12 @@ def logged_mean_loss(state: Any) -> float | None:
 
 
 class Diverged(Exception):
-    """The loss or the trained weights became non-finite (nan or inf): the run stops, nothing is saved."""
+    """The loss or the trained weights became non-finite (nan or inf): the run stops, nothing is saved.
+    `bad_from`: the first step whose weights are bad (a loss is computed with the previous step's)."""
+
+    def __init__(self, message: str, bad_from: int) -> None:
+        super().__init__(message)
+        self.bad_from = bad_from
 
 
 @contextmanager

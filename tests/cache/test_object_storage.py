@@ -134,8 +134,10 @@ def test_split_parts_on_s3_merge_into_one_cache(s3, tiny_model_dir, local_cache)
     merged = read_manifest(f"{s3}/split/all")
     assert merged["complete"] and merged["sharding"]["num_shards"] == 1
     assert shard_bytes(f"{s3}/split/all") == shard_bytes(local_cache)
-    result = kdpipe("cache", "merge", f"{s3}/split/part0", f"{s3}/split/part1", "--output", f"{s3}/split/all", ok=False)
-    assert f"{s3}/split/all is not empty; merge into a new folder" in result.output
+    # a finished merge: rerunning it is a no-op (issue 29 item 11; it used to refuse with "not empty")
+    result = kdpipe("cache", "merge", f"{s3}/split/part0", f"{s3}/split/part1", "--output", f"{s3}/split/all")
+    assert result.output.startswith("already merged (nothing to do)")
+    assert shard_bytes(f"{s3}/split/all") == shard_bytes(local_cache)
 
 
 def test_train_student_reads_the_s3_cache(s3, tiny_model_dir, local_cache, tmp_path):

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 from helpers import expect_error, run_cli
 
+from kdpipe.data.generated import file_sha256
+
 DATA = ["--dataset", "kdpipe:arithmetic", "--max-new-tokens", "10"]
 
 
@@ -254,6 +256,8 @@ def test_empty_generations_are_left_out_of_the_cache(world, tmp_path):
     lines = rows(data)
     lines[1]["output"] = lines[4]["output"] = ""
     data.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    side = Path(str(data) + ".kdpipe-generate.json")  # as generate itself wrote them: an edit is refused
+    side.write_text(json.dumps({**json.loads(side.read_text()), "sha256": file_sha256(data)}))
     cache = tmp_path / "cache"
     out = run_cli("cache-teacher", "--model", world.teacher, "--dataset", data, "--top-k", 8, "--cache", cache,
                   "--device", "cpu")

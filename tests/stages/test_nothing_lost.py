@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import kdpipe, write_jsonl
+from helpers import kdpipe, read_only_folder, write_jsonl
 
 from kdpipe.cache import open_cache
 from kdpipe.cache.commands import verify
@@ -287,7 +287,10 @@ def test_a_nan_cache_is_refused_by_verify_train_student_and_evaluate(nan_cache, 
     assert result.exit_code == 2, result.output
     assert "shard-00001.parquet (row group 0): example 'arith-train-00013' has 1 NaN top-k log-prob" in result.output
     assert "this cache holds non-finite teacher values" in result.output and "--dtype fp32" in result.output
-    assert json.loads((run / "kdpipe_run.json").read_text())["status"] != "complete"
+    # the run stops "failed", not "running" forever, and says how to go on (issue 29 item 11)
+    assert f"{run} is marked failed, not complete; its checkpoints are kept" in result.output
+    assert "rerun the same command with --resume" in result.output
+    assert json.loads((run / "kdpipe_run.json").read_text())["status"] == "failed"
     result = kdpipe("evaluate", "--model", tiny_model_dir, "--cache", nan_cache, "--output", tmp_path / "eval", ok=False)
     assert result.exit_code == 2 and "shard-00001.parquet: example 'arith-train-00013' has 1 NaN top-k log-prob" in result.output
 
@@ -459,12 +462,7 @@ def test_cache_path_that_is_a_file_is_named_before_the_teacher_loads(tmp_path, u
 
 def test_read_only_cache_folder_is_named_before_the_teacher_loads(tmp_path, unloadable_teacher):
     folder = tmp_path / "ro"
-    folder.mkdir()
-    folder.chmod(0o555)
-    # root writes anywhere: drop the capability that lets it, as an ordinary user runs
-    prefix = ["setpriv", "--inh-caps=-dac_override", "--bounding-set=-dac_override"] if os.geteuid() == 0 else []
-    if prefix and not shutil.which("setpriv"):
-        pytest.skip("running as root without setpriv: a read-only folder cannot be simulated")
+    prefix = read_only_folder(folder)  # root writes anywhere: a subprocess without that capability
     for target, where in ((folder / "new", f" (it would be made inside {folder})"),):  # one run: torch imports are slow
         result = subprocess.run([*prefix, sys.executable, "-m", "kdpipe.cli", *map(str, args(unloadable_teacher, target))],
                                 env=ENV, capture_output=True, text=True)
