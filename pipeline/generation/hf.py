@@ -123,14 +123,13 @@ def row_seed(seed: int, example_id: str, sample: int) -> int:
 def check_can_generate(model: str, revision: str | None) -> None:
     """Refuse, before any weights load, a model that is not a causal LM (it has no LM head to generate
     with)."""
-    from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    from kdpipe.models import resolve_model_name
+    from kdpipe.models import load_config
 
     try:
-        config = AutoConfig.from_pretrained(resolve_model_name(model), revision=revision)
-    except Exception:  # the model load reports it, with the offline hint
+        config = load_config(model, revision)
+    except KdpipeError:  # the model load reports it, with the offline hint
         return
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise KdpipeError(f"--model {model} (model type '{config.model_type}') is not a causal LM, so it "
@@ -187,7 +186,9 @@ class HFGenerator:
     @classmethod
     def load(cls, name: str, tokenizer: Any, dtype: str, device: str, revision: str | None,
              **sampling: Any) -> HFGenerator:
-        return cls(load_causal_lm(name, dtype, device, revision), tokenizer, **sampling)
+        from kdpipe.models import load_model
+
+        return cls(load_model(name, dtype, device, revision, need_head=True), tokenizer, **sampling)
 
     def info(self) -> dict[str, Any]:
         return {"backend": "hf", "dtype": str(self.model.dtype).removeprefix("torch.")}
@@ -236,30 +237,3 @@ def eos_ids(model: Any, tokenizer: Any) -> list[int]:
         if token is not None and token not in ids:
             ids.append(int(token))
     return ids
-
-
-def load_causal_lm(name: str, dtype: str, device: str, revision: str | None) -> Any:
-    """As `kdpipe.models.load_model`, and refused when the checkpoint has no LM-head weights: transformers
-    would load it with a random head (a warning) and it would generate noise."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from kdpipe.models import DTYPES, _load_error, pick_device, resolve_model_name
-
-    resolved = resolve_model_name(name)
-    target = pick_device(device)
-    kwargs: dict[str, Any] = {"dtype": DTYPES[dtype], "revision": revision, "output_loading_info": True}
-    if device == "auto" and torch.cuda.is_available() and torch.cuda.device_count() > 1:
-        kwargs["device_map"] = "auto"
-    try:
-        model, info = AutoModelForCausalLM.from_pretrained(resolved, **kwargs)
-    except Exception as e:
-        raise KdpipeError(_load_error("model", name, resolved, e)) from None
-    head = [k for k in info.get("missing_keys", []) if "lm_head" in k or "embed_out" in k]
-    if head:
-        raise KdpipeError(f"--model {name} has no LM head ({sorted(head)[0]} is missing from its "
-                          "checkpoint): it is a base model without the layer that predicts tokens, so it "
-                          "cannot generate; pass the causal-LM checkpoint (...ForCausalLM)")
-    if "device_map" not in kwargs:
-        model.to(target)
-    return model.eval()
