@@ -15,6 +15,7 @@ import click
 
 import kdpipe
 from kdpipe.config import load_config
+from kdpipe.data.show import ShowExampleConfig
 from kdpipe.errors import KdpipeError
 from kdpipe.stages.base import Stage, flag_spelling
 from kdpipe.stages.registry import STAGES
@@ -188,6 +189,21 @@ def convert_gguf_cmd(file: str, output: str) -> None:
     from kdpipe.fetch import convert_gguf
 
     click.echo(convert_gguf(file, output, echo=lambda m: click.echo(m, err=True)))
+
+
+@main.command("show-example")
+@config_options(ShowExampleConfig)
+def show_example_cmd(config_file: str | None, **options: Any) -> None:
+    """Print one example as the template renders it: its text, token ids and which tokens are trained.
+
+    \b
+    Example:
+      kdpipe show-example --model models/SmolLM2-135M-Instruct --dataset reviews.jsonl \\
+        --template sentiment-chat --row 0
+    """
+    from kdpipe.data.show import show_example
+
+    click.echo(show_example(load_config(ShowExampleConfig, config_file, options)))
 
 
 # ---- the stages: one command per entry of kdpipe.stages.registry.STAGES ----

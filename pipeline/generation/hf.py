@@ -181,7 +181,9 @@ class HFGenerator:
         self.model, self.tokenizer = model, tokenizer
         self.temperature, self.top_p = temperature, top_p
         self.max_new_tokens, self.seed = max_new_tokens, seed
-        self.eos = eos_ids(model, tokenizer)
+        from kdpipe.models import stop_ids
+
+        self.eos = stop_ids(model, tokenizer)
 
     @classmethod
     def load(cls, name: str, tokenizer: Any, dtype: str, device: str, revision: str | None,
@@ -227,13 +229,3 @@ class HFGenerator:
 
     def close(self) -> None:
         self.model = None
-
-
-def eos_ids(model: Any, tokenizer: Any) -> list[int]:
-    """The ids that end a completion: the tokenizer's EOS and the model's generation config's."""
-    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for token in extra if isinstance(extra, list) else [extra]:
-        if token is not None and token not in ids:
-            ids.append(int(token))
-    return ids
