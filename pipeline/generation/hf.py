@@ -80,7 +80,7 @@ def make_jobs(examples: Sequence[Any], template: Any, tokenizer: Any, field: str
     """Every (example, sample) with its prompt's ids, tokenized segment by segment as cache-teacher does."""
     from kdpipe.data.tokenize import special_prefix
 
-    prefix = special_prefix(tokenizer) if template.name != "chat" else []
+    prefix = special_prefix(tokenizer) if template.special_prefix else []
     jobs, slot, skipped = [], None, {"skipped (prompt too long)": 0}
     for e in examples:
         if template.name == "chat" and e.fields.get("messages"):
@@ -88,16 +88,18 @@ def make_jobs(examples: Sequence[Any], template: Any, tokenizer: Any, field: str
                               "instruction/output rows; conversations in 'messages' are not supported (use "
                               "instruction/output rows)")
         segments = template.render({**e.fields, field: SENTINEL}, e.id, tokenizer)
-        trained = [i for i, s in enumerate(segments) if s.trained]
-        if trained != [len(segments) - 1] or SENTINEL not in segments[-1].text:
+        trained = [i for i, s in enumerate(segments) if s.trained]  # a chat answer: content, end of turn
+        first = trained[0] if trained else len(segments)
+        completion = "".join(s.text for s in segments[first:])
+        if trained != list(range(first, len(segments))) or SENTINEL not in completion:
             raise KdpipeError(f"template {template.name}: the output field '{field}' must be the completion, "
                               "the last and only trained part, for kdpipe generate to fill it")
-        if any(SENTINEL in s.text for s in segments[:-1]):
+        if any(SENTINEL in s.text for s in segments[:first]):
             raise KdpipeError(f"template {template.name} uses the output field '{field}' in its prompt: "
                               "generation cannot fill it")
-        before, _, after = segments[-1].text.partition(SENTINEL)
+        before, _, after = completion.partition(SENTINEL)
         slot = slot or Slot(field, before, after)
-        pieces = tokenizer([s.text for s in segments[:-1]], add_special_tokens=False)["input_ids"]
+        pieces = tokenizer([s.text for s in segments[:first]], add_special_tokens=False)["input_ids"]
         ids = list(prefix) + [t for piece in pieces for t in piece]
         if len(ids) >= max_length:
             if truncation in ("error", "truncate"):
