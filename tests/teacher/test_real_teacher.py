@@ -153,6 +153,18 @@ def test_bad_gguf_input_is_refused_clearly(tmp_path, reviews):
     expect_error("convert-gguf", reviews, "--output", tmp_path / "m",
                  match="is a file but not a GGUF checkpoint")
     assert not (tmp_path / "c").exists() and not (tmp_path / "m").exists()
+    expect_error("fetch-model", "smollm3", "--output", tmp_path / "m",
+                 match="unknown model 'smollm3'; kdpipe fetch-model knows smollm2-135m-instruct")
+
+
+def test_convert_gguf_never_overwrites(tmp_path, smollm2):
+    gguf = next((smollm2 / GGUF_FOLDER).glob("*.gguf"))
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("mine")
+    expect_error("convert-gguf", gguf, "--output", tmp_path / "taken",
+                 match="already exists and holds other files; choose another --output")
+    assert [p.name for p in (tmp_path / "taken").iterdir()] == ["notes.txt"]
+    assert "nothing to do" in kdpipe("convert-gguf", gguf, "--output", smollm2).output  # its own source
 
 
 def _ids(folder: Path, text: str) -> list[int]:
