@@ -185,3 +185,17 @@ def test_template_attributes_say_how_evaluate_uses_it(tmp_path):
     mine = get_template(str(file))
     assert (mine.default_tasks, mine.checker, mine.special_prefix, mine.generates_label) == (
         ("perplexity",), "exact", True, False)
+
+
+def test_a_chat_tokenizer_without_a_pad_token_pads_with_its_end_of_turn(tiny_tokenizer, tmp_path):
+    from kdpipe.models import load_tokenizer
+
+    tok = tiny_tokenizer.__class__(tokenizer_object=tiny_tokenizer.backend_tokenizer, eos_token="<|im_end|>",
+                                   additional_special_tokens=["<|im_start|>"])
+    tok.chat_template = CHATML
+    tok.pad_token = None
+    tok.save_pretrained(tmp_path / "tok")
+    loaded = load_tokenizer(str(tmp_path / "tok"))
+    assert loaded.pad_token == "<|im_end|>" and loaded.pad_token_id == loaded.eos_token_id
+    _full, trained = trained_text(loaded, {"instruction": "Say hi", "output": "Hi."}, "chat")
+    assert trained == "Hi.<|im_end|>"
