@@ -1,7 +1,7 @@
 """Model and tokenizer loading (hub ids, local paths, GGUF files and the short names people type), and
 reaching the causal LM, its last hidden states and its LM head through DDP / accelerate / peft wrappers.
 
-Every stage loads through `load_model`, `load_tokenizer` and `load_config` here: a ``.gguf`` file (or a
+Every stage loads through `load_model`, `load_tokenizer` and `load_model_config` here: a ``.gguf`` file (or a
 folder whose only checkpoint is one) goes through transformers' GGUF support (``gguf_file=``),
 dequantized, and `source_record` names the file and its sha256 for manifests and run records."""
 
@@ -11,13 +11,15 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from kdpipe.errors import KdpipeError
+from kdpipe.errors import KdpipeError, first_line
 
 DTYPES = {"auto": "auto", "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -122,17 +124,6 @@ def file_sha256(path: Path) -> str:
     return _SHA256[key]
 
 
-def load_config(name: str, revision: str | None = None) -> Any:
-    """The model's config (a GGUF file's from its metadata); loading errors as a KdpipeError."""
-    from transformers import AutoConfig
-
-    source = model_source(name)
-    try:
-        return AutoConfig.from_pretrained(source.path, revision=revision, **source.kwargs())
-    except Exception as e:
-        raise KdpipeError(_load_error("config", name, source.path, e)) from None
-
-
 def load_tokenizer(name: str, revision: str | None = None) -> Any:
     """The tokenizer, with a pad token (EOS when it has none)."""
     from transformers import AutoTokenizer
@@ -147,11 +138,10 @@ def load_tokenizer(name: str, revision: str | None = None) -> Any:
     return tokenizer
 
 
-def load_model(name: str, dtype: str = "auto", device: str = "auto", revision: str | None = None,
-               need_head: bool = False) -> Any:
-    """A causal LM in eval mode on `device` ("auto": CUDA if there is one, else CPU). `need_head`: refuse
-    a checkpoint without LM-head weights (transformers would give it a random head, and it would
-    generate noise)."""
+def load_model(name: str, dtype: str = "auto", device: str = "auto", revision: str | None = None) -> Any:
+    """A causal LM in eval mode on `device` ("auto": CUDA if there is one, else CPU); refused when the
+    checkpoint has no LM-head weights: transformers would load it with a random head (only a warning),
+    and the teacher would be cached, the generator would generate, the student would train as noise."""
     from transformers import AutoModelForCausalLM
 
     source = model_source(name)
@@ -167,10 +157,10 @@ def load_model(name: str, dtype: str = "auto", device: str = "auto", revision: s
     except Exception as e:
         raise KdpipeError(_load_error("model", name, source.path, e)) from None
     head = [k for k in info.get("missing_keys", []) if "lm_head" in k or "embed_out" in k]
-    if need_head and head:
+    if head:
         raise KdpipeError(f"--model {name} has no LM head ({sorted(head)[0]} is missing from its "
                           "checkpoint): it is a base model without the layer that predicts tokens, so it "
-                          "cannot generate; pass the causal-LM checkpoint (...ForCausalLM)")
+                          "cannot generate or be distilled; pass the causal-LM checkpoint (...ForCausalLM)")
     if source.gguf_file:
         model = _plain_model(model)
     if "device_map" not in kwargs:
@@ -214,6 +204,15 @@ def stop_ids(model: Any, tokenizer: Any) -> list[int]:
     return ids
 
 
+def load_model_config(name: str, revision: str | None = None) -> Any:
+    """The model's transformers config (read before the weights, to check what they would refuse later);
+    the caller decides what a config that does not load means."""
+    from transformers import AutoConfig
+
+    source = model_source(name)
+    return AutoConfig.from_pretrained(source.path, revision=revision, **source.kwargs())
+
+
 def pick_device(device: str = "auto") -> torch.device:
     """The torch device for --device; a KdpipeError for one this machine does not have."""
     if device == "auto":
@@ -231,6 +230,34 @@ def pick_device(device: str = "auto") -> torch.device:
             raise KdpipeError(f"--device {device}: only {torch.cuda.device_count()} CUDA GPU(s) are visible "
                               f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
     return picked
+
+
+# Below this many parameters a model runs on one CPU thread: thread hand-offs on tiny matrices cost more
+# than they save (10x on a busy CPU).
+SMALL_MODEL = 20_000_000
+
+
+def small_on_cpu(params: int | None, device: str | torch.device) -> bool:
+    """Whether a model of `params` parameters (None: not known, so not small) on `device` is run on one
+    thread."""
+    return torch.device(device).type == "cpu" and params is not None and params < SMALL_MODEL
+
+
+def parameter_count(model: Any) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@contextmanager
+def threads_for(params: int | None, device: str | torch.device) -> Iterator[None]:
+    """One torch thread inside the block for a small model on the CPU (`small_on_cpu`); the thread count
+    is given back after it."""
+    threads = torch.get_num_threads()
+    if small_on_cpu(params, device):
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def causal_lm(model: Any) -> Any:
@@ -294,6 +321,6 @@ def model_revision(model: Any) -> str | None:
 def _load_error(what: str, name: str, resolved: str, error: Exception) -> str:
     offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
     shown = name if resolved == name else f"{name} ({resolved})"
-    reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+    reason = first_line(error)
     hint = "offline mode is on (HF_HUB_OFFLINE)" if offline else "check the name or path and your network"
     return f"could not load the {what} {shown}: {reason}. {hint}"

@@ -60,7 +60,7 @@ def _cache_state(cfg: CacheTeacherConfig, command: str, anything_ran: bool) -> t
 def _cache_run(cfg: CacheTeacherConfig, command: str, echo: Echo, state: str) -> Any:
     from kdpipe.stages import cache_teacher
 
-    return cache_teacher.run(cfg, command)
+    return cache_teacher.run(cfg, command, echo=echo)
 
 
 def _cache_summary(manifest: dict[str, Any], cfg: CacheTeacherConfig) -> str:

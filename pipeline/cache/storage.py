@@ -33,7 +33,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from kdpipe.errors import KdpipeError, disk_errors
+from kdpipe.errors import KdpipeError, disk_errors, first_line
 from kdpipe.faults import fault
 
 _NATIVE = ("s3", "gs", "gcs", "hdfs", "viewfs")
@@ -77,7 +77,7 @@ class Store:
                 f"{text}: the filesystem for '{scheme}://' is not installed ({e}); install its fsspec package"
             ) from None
         except (OSError, ValueError) as e:
-            raise KdpipeError(f"cannot open {text}: {_reason(e)}") from None
+            raise KdpipeError(f"cannot open {text}: {first_line(e)}") from None
         return cls(text.rstrip("/"), fs, root.rstrip("/"), False)
 
     def __str__(self) -> str:
@@ -243,7 +243,7 @@ class Store:
         except OSError as e:
             if "not found" in str(e).lower() or "does not exist" in str(e).lower():
                 raise FileNotFoundError(self.display(name)) from None
-            raise KdpipeError(f"{self.display(name)}: {_reason(e)}") from None
+            raise KdpipeError(f"{self.display(name)}: {first_line(e)}") from None
 
 
 class Lease:
@@ -339,11 +339,6 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-def _reason(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:300] if text else type(e).__name__
 
 
 def as_store(location: str | Path | Store) -> Store:

@@ -16,17 +16,8 @@ import pyarrow.parquet as pq
 
 from kdpipe.cache.format import ENCODINGS, METADATA_KEY, ids_hash, shard_name
 from kdpipe.cache.ids import split_file_metadata
-from kdpipe.cache.manifest import (
-    MANIFEST,
-    DamagedManifest,
-    Manifest,
-    ShardEntry,
-    Totals,
-    as_entry,
-    as_manifest,
-    now,
-    write_manifest,
-)
+from kdpipe.cache.manifest import MANIFEST, DamagedManifest, Manifest, as_entry, as_manifest, write_manifest
+from kdpipe.cache.sections import ShardEntry, Totals, now
 from kdpipe.cache.storage import Lease, Store, as_store
 from kdpipe.cache.verified import RECORD
 from kdpipe.errors import KdpipeError

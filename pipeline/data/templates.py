@@ -75,6 +75,7 @@ class Template:
     special_prefix: bool = True  # False: the rendered text carries its own (a chat template renders its BOS)
     renders_with_tokenizer: bool = False  # rendering needs the model's tokenizer (its chat template)
     label_slot: bool = False  # its completion is the label: classify scores each label name there
+    completion_field: str | None = None  # the one field its completion shows (what `kdpipe generate` fills)
 
     def render(self, fields: Fields, example_id: str, tokenizer: Any = None) -> list[Segment]:
         for name in self.required:
@@ -93,6 +94,15 @@ class Template:
         if "label" in self.required:
             self._check_label(fields["label"], example_id)
         return self.render_fn({**fields, "_labels": self.label_names}, tokenizer)
+
+    def output_field(self) -> str:
+        """The field a generated completion fills; a KdpipeError for templates without a single one."""
+        if self.completion_field is None:
+            raise KdpipeError(
+                f"template {self.name} has no single output field for kdpipe generate to fill: use alpaca, "
+                "arithmetic, chat (instruction/output rows) or a template file whose completion is one "
+                "field, e.g. completion: \" {answer}\"")
+        return self.completion_field
 
     def _check_label(self, value: Any, example_id: str) -> None:
         """The label names a label: an index of label_names (1, or 1.0 from a CSV column with a gap) or,
@@ -282,16 +292,17 @@ CHAT_USE: dict[str, Any] = {"add_eos": False, "special_prefix": False, "renders_
 
 # name -> (required fields, renderer, how the template is used: Template's keyword arguments)
 BUILTIN: dict[str, tuple[tuple[str, ...], Callable[[Fields, Any], list[Segment]], dict[str, Any]]] = {
-    "alpaca": (("instruction", "output"), _alpaca, {}),
+    "alpaca": (("instruction", "output"), _alpaca, {"completion_field": "output"}),
     "sentiment": (("text", "label"), _sentiment, SENTIMENT_USE),
     "sentiment-chat": (("text", "label"), _sentiment_chat, {**SENTIMENT_USE, **CHAT_USE}),
     "sentiment-think": (("text", "label", "rationale"), _sentiment_think,
                         {**SENTIMENT_USE, "generates_label": True, "answer_tokens": 256}),
     "guanaco": (("text",), _guanaco, {}),
-    "chat": ((), _chat, CHAT_USE),
+    "chat": ((), _chat, {**CHAT_USE, "completion_field": "output"}),
     "text": (("text",), _text, {}),
     "arithmetic": (("instruction", "output"), _arithmetic,
-                   {"default_tasks": ("exact-match", "perplexity"), "checker": "arithmetic"}),
+                   {"default_tasks": ("exact-match", "perplexity"), "checker": "arithmetic",
+                    "completion_field": "output"}),
 }
 
 
@@ -315,7 +326,7 @@ def _user_template(path: Path, label_names: tuple[str, ...]) -> Template:
             f"unknown keys: {', '.join(sorted(unknown)) or 'none'}"
         )
     prompt, completion = str(spec["prompt"]), str(spec["completion"])
-    required = []
+    required, fields = [], set()
     for text in (prompt, completion):
         try:
             names = [name for _, name, _, _ in string.Formatter().parse(text) if name is not None]
@@ -326,6 +337,7 @@ def _user_template(path: Path, label_names: tuple[str, ...]) -> Template:
             raise KdpipeError(f"template file {path}: fields must be plain names like {{instruction}}, "
                               f"got {names}")
         required += [n for n in names if n not in required]
+        fields = set(names)  # the completion's, after the last pass
 
     chat = bool(spec.get("chat", False))
 
@@ -337,6 +349,6 @@ def _user_template(path: Path, label_names: tuple[str, ...]) -> Template:
             return chat_segments(_with_system(f, turns), tokenizer, str(path))
         return [Segment(user, False), Segment(answer, True)]
 
-    slot = "label" in [n for _, n, _, _ in string.Formatter().parse(completion) if n]
     use = {**CHAT_USE} if chat else {"add_eos": bool(spec.get("add_eos", True))}
-    return Template(str(path), tuple(required), render, label_names=label_names, label_slot=slot, **use)
+    return Template(str(path), tuple(required), render, label_names=label_names, label_slot="label" in fields,
+                    completion_field=next(iter(fields)) if len(fields) == 1 else None, **use)

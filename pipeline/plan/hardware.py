@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from kdpipe.errors import KdpipeError
+from kdpipe.errors import KdpipeError, first_line
 
 ARCH_DIR = Path(__file__).with_name("archs")
 
@@ -191,8 +191,7 @@ def _hub_config(name: str) -> Path:
 
         return Path(hf_hub_download(name, "config.json"))
     except Exception as e:  # offline and not cached, unknown repo, no network ...
-        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise KdpipeError(f"no model config for {name}: {reason}. Pass a local model folder, "
+        raise KdpipeError(f"no model config for {name}: {first_line(e, 200)}. Pass a local model folder, "
                           "or one of the shipped "
                           f"configs: {', '.join(known)}") from None
 

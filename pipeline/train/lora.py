@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from kdpipe.cache.storage import Store, honour_umask
-from kdpipe.errors import KdpipeError
+from kdpipe.errors import KdpipeError, first_line
 
 # LoRA target modules per model type: every linear projection of the blocks (not the LM head).
 _DECODER_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -59,7 +59,7 @@ def add_lora(model: Any, cfg: Any) -> Any:
     try:
         return get_peft_model(model, lora)
     except ValueError as e:
-        raise KdpipeError(f"LoRA setup failed for {cfg.model}: {str(e).splitlines()[0]} "
+        raise KdpipeError(f"LoRA setup failed for {cfg.model}: {first_line(e)} "
                           "(check --lora-target-modules)") from None
 
 
@@ -84,9 +84,8 @@ def merge_lora(adapter: str | Path, output: str | Path, echo: Callable[[str], No
     try:
         model = AutoPeftModelForCausalLM.from_pretrained(str(adapter), dtype="auto")
     except Exception as e:
-        reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         raise KdpipeError(f"could not load the adapter {adapter} on its base model {base}: "
-                          f"{reason}") from None
+                          f"{first_line(e)}") from None
     has_tokenizer = any((adapter / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
     tokenizer = load_tokenizer(str(adapter) if has_tokenizer else base)
     merged = model.merge_and_unload()
@@ -99,7 +98,7 @@ def merge_lora(adapter: str | Path, output: str | Path, echo: Callable[[str], No
         honour_umask(tmp)  # transformers writes the weights 0600
     except (OSError, RuntimeError) as e:  # a full disk is a bare RuntimeError from safetensors' writer
         shutil.rmtree(tmp, ignore_errors=True)
-        reason = getattr(e, "strerror", None) or (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        reason = getattr(e, "strerror", None) or first_line(e)
         raise KdpipeError(f"could not write the merged model to {output} ({reason}); nothing was left there: "
                           "free some space and rerun the same command") from None
     if torn:

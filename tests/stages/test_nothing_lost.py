@@ -25,8 +25,10 @@ import pytest
 from helpers import kdpipe, write_jsonl
 
 from kdpipe.cache import open_cache
-from kdpipe.cache.format import METADATA_KEY, read_manifest
-from kdpipe.cache.tools import open_checked, verify
+from kdpipe.cache.commands import verify
+from kdpipe.cache.format import METADATA_KEY
+from kdpipe.cache.manifest import read_manifest
+from kdpipe.cache.verified import open_checked
 from kdpipe.cache.writer import shard_bytes, totals
 from kdpipe.errors import KdpipeError
 

@@ -9,22 +9,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import kdpipe, write_jsonl
+from helpers import dense_reference, kdpipe, write_jsonl
 
 from kdpipe.cache import open_cache
-from kdpipe.cache.format import read_manifest
+from kdpipe.cache.manifest import read_manifest
 
 K = 8
-
-
-def dense_reference(model_dir: Path, input_ids: np.ndarray) -> torch.Tensor:
-    """Full-vocabulary log-softmax of the whole model forward, float64: the independent reference."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    with torch.no_grad():
-        logits = model(torch.tensor(input_ids, dtype=torch.long)[None]).logits[0]
-    return torch.log_softmax(logits.double(), dim=-1)
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ from helpers import expect_error, run_cli
 
 from kdpipe import run_folder
 from kdpipe.errors import KdpipeError
+from kdpipe.models import causal_lm
 from kdpipe.train import setup as training
 
 
@@ -113,7 +114,7 @@ def test_weights_that_become_non_finite_at_the_last_step_are_not_saved(world, tm
         def on_step_end(self, args, state, control, model=None, **kwargs):
             if state.global_step == state.max_steps:
                 with torch.no_grad():
-                    training.causal_lm(model).lm_head.weight[0, 0] = float("nan")
+                    causal_lm(model).lm_head.weight[0, 0] = float("nan")
 
     out = tmp_path / "poisoned"
     cfg = train_student.TrainStudentConfig(model=str(world.student), cache=str(world.cache), output=str(out),
