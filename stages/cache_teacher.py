@@ -40,6 +40,7 @@ from kdpipe.models import (
     model_revision,
     pick_device,
     resolve_model_name,
+    source_record,
     vocab_hash,
 )
 from kdpipe.precision import resolve_dtype
@@ -234,6 +235,7 @@ def new_manifest(cfg: CacheTeacherConfig, command: str, tokenizer: Any, template
         "commit": model_revision(model) if model is not None else None,
         "dtype": str(getattr(model, "dtype", cfg.dtype)).removeprefix("torch."),
         "vocab_size": getattr(config, "vocab_size", None),
+        **source_record(cfg.model),
         **teacher.info(),
     }
     return Manifest.create(

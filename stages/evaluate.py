@@ -99,6 +99,7 @@ def evaluate_model(spec: Any, tokenizer: Any, cfg: EvaluateConfig, work: Work,
     import torch
 
     from kdpipe.evaluation import fidelity, harness, specs
+    from kdpipe.models import source_record
 
     start = time.perf_counter()
     torch.manual_seed(cfg.seed)
@@ -132,6 +133,7 @@ def evaluate_model(spec: Any, tokenizer: Any, cfg: EvaluateConfig, work: Work,
         echo(f"note ({spec.name}): {note}")
     row = {"name": spec.name, "source": spec.source, "kind": spec.kind, "role": spec.role, "path": spec.path,
            "base": spec.base, "run": str(spec.run) if spec.run else None, "notes": spec.notes,
+           **(source_record(spec.path) if spec.kind == "model" else {}),
            "metrics": values, "seconds": round(time.perf_counter() - start, 2)}
     return row, predictions
 

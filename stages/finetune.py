@@ -24,7 +24,7 @@ from kdpipe.train import setup as training
 @run_folder.locked
 def run(cfg: FinetuneConfig, command: str = "", callbacks: list[Any] | None = None) -> dict[str, Any]:
     """Fine-tune `cfg.model` on `cfg.dataset`; returns the run record (kdpipe_run.json)."""
-    from kdpipe.models import load_tokenizer
+    from kdpipe.models import load_tokenizer, source_record
     from kdpipe.train.data import BlockShuffleSampler, SFTCollator, TokenizedDataset
     from kdpipe.train.trainer import KdpipeTrainer, fit
 
@@ -35,7 +35,8 @@ def run(cfg: FinetuneConfig, command: str = "", callbacks: list[Any] | None = No
     template = get_template(cfg.resolved_template(), cfg.label_names)
     selection = load_examples(cfg)
     examples, _report = tokenize_examples(selection.examples, template, tokenizer, cfg)
-    identity = {"model": training.model_identity(cfg.model), "data": selection.fingerprint}
+    identity = {"model": training.model_identity(cfg.model), **source_record(cfg.model),
+                "data": selection.fingerprint}
     checkpoint = run_folder.check_output(cfg, "finetune", identity)
 
     cfg.model = identity["model"]

@@ -27,7 +27,7 @@ from kdpipe.vocab import routes as student_vocab
 @run_folder.locked
 def run(cfg: TrainStudentConfig, command: str = "", callbacks: list[Any] | None = None) -> dict[str, Any]:
     """Train the student of `cfg` on its cache; returns the run record (kdpipe_run.json)."""
-    from kdpipe.models import load_tokenizer
+    from kdpipe.models import load_tokenizer, source_record
     from kdpipe.train.data import BlockShuffleSampler, CacheDataset, DistillCollator
     from kdpipe.train.mix import MixedCacheDataset, cache_identity, check_distinct, check_mixable
     from kdpipe.train.trainer import DistillTrainer, fit
@@ -46,7 +46,8 @@ def run(cfg: TrainStudentConfig, command: str = "", callbacks: list[Any] | None 
     tokenizer = load_tokenizer(cfg.model, cfg.revision)
     student_vocab.check_options(cfg)
     vocab = student_vocab.choose(cfg, cache, tokenizer)  # None: identical tokenizers, today's route
-    identity = {"model": training.model_identity(cfg.model), "cache": cache_identity(caches)}
+    identity = {"model": training.model_identity(cfg.model), **source_record(cfg.model),
+                "cache": cache_identity(caches)}
     checkpoint = run_folder.check_output(cfg, "train-student", identity)
 
     cfg.model = identity["model"]  # absolute: the adapter's base_model_name_or_path must load from anywhere

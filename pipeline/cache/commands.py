@@ -68,12 +68,13 @@ def verify(path: str | Path, values: bool = True) -> list[str]:
     seen: dict[str, str] = {}  # example id -> the shard holding it
     for shard in m.shards:
         problems += verify_shard(store, shard, m, values, seen)
+    # a complete cache lists every shard of its part; in an unfinished one, a shard written by a run killed
+    # before it recorded it is adopted by the rerun, which the "incomplete" problem already asks for
     listed = {s.file for s in m.shards}
     strays = [n for n in store.names() if n.startswith("shard-") and n.endswith(".parquet")
-              and n not in listed]
-    problems += [f"{store.display(n)}: a shard file the manifest does not list (from a run killed before "
-                 "it recorded the shard: rerun the cache-teacher command to adopt it; or a stray copy: "
-                 "delete it)" for n in strays]
+              and n not in listed] if m.complete else []
+    problems += [f"{store.display(n)}: a shard file the manifest does not list (a stray copy, or left by "
+                 "another run: delete it)" for n in strays]
     return problems
 
 

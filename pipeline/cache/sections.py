@@ -84,6 +84,8 @@ class TeacherInfo(Section):
     commit: str | None = None
     dtype: str | None = None  # "float32", "bfloat16", ...
     vocab_size: int | None = None  # rows of the teacher's LM head (ids stored are below it)
+    gguf_file: str | None = None  # a GGUF checkpoint: the file loaded (dequantized) and its sha256
+    gguf_sha256: str | None = None
     backend: str | None = None  # "hf" or "vllm"
     backend_version: str | None = None  # informational: not part of the settings hash
 

@@ -1,7 +1,15 @@
 """Prompt templates: an example's fields -> text segments, each marked as trained (completion) or not.
 
-Built in: alpaca, sentiment, sentiment-think, guanaco, chat (the tokenizer's chat template), text,
-arithmetic; or a user template file (YAML with ``prompt`` and ``completion`` format strings).
+Built in: alpaca, sentiment, sentiment-chat (the sentiment prompt as a user turn in the model's chat format),
+sentiment-think, guanaco, chat (the tokenizer's chat template), text, arithmetic; or a user template file
+(YAML with ``prompt`` and ``completion`` format strings; ``chat: true`` renders them as a user and an
+assistant turn in the model's chat format).
+
+Chat rendering: each assistant turn is trained through its end-of-turn token (``<|im_end|>``), the text
+after that token is not; a system turn only when the row has one (a ``system`` field or message): the
+default system prompt some templates inject (SmolLM2's "You are a helpful AI assistant named SmolLM...")
+is left out, since it would be the same ~20 tokens on every row and names the teacher. A row that wants it
+gives it as its ``system`` field.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ ALPACA_NO_INPUT = (
     "### Instruction:\n{instruction}\n\n### Response:\n"
 )
 SENTIMENT = "Classify the sentiment of this review as {choices}.\n\nReview: {text}\nSentiment:"
+SENTIMENT_CHAT = "Classify the sentiment of this review as {choices}. Answer with one word.\n\nReview: {text}"
 SENTIMENT_THINK = (
     "Classify the sentiment of this review as {choices}. Think step by step inside <think></think>, "
     "then give the answer.\n\nReview: {text}\n"
@@ -65,6 +74,7 @@ class Template:
     checker: str = "exact"  # evaluate's default --checker for exact-match
     special_prefix: bool = True  # False: the rendered text carries its own (a chat template renders its BOS)
     renders_with_tokenizer: bool = False  # rendering needs the model's tokenizer (its chat template)
+    label_slot: bool = False  # its completion is the label: classify scores each label name there
     completion_field: str | None = None  # the one field its completion shows (what `kdpipe generate` fills)
 
     def render(self, fields: Fields, example_id: str, tokenizer: Any = None) -> list[Segment]:
@@ -172,42 +182,123 @@ def _arithmetic(f: Fields, _tok: Any) -> list[Segment]:
 
 def _messages(f: Fields) -> list[dict[str, str]]:
     if f.get("messages"):
-        return [{"role": m["role"], "content": m["content"]} for m in f["messages"]]
-    user = str(f["instruction"]) + (f"\n\n{f['input']}" if str(f.get("input") or "").strip() else "")
-    return [{"role": "user", "content": user}, {"role": "assistant", "content": str(f["output"])}]
+        messages = [{"role": m["role"], "content": m["content"]} for m in f["messages"]]
+    else:
+        user = str(f["instruction"]) + (f"\n\n{f['input']}" if str(f.get("input") or "").strip() else "")
+        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": str(f["output"])}]
+    return _with_system(f, messages)
+
+
+def _with_system(f: Fields, messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The row's own system turn (its `system` field) first, where it has one."""
+    system = f.get("system")
+    if isinstance(system, str) and system.strip() and messages[0]["role"] != "system":
+        return [{"role": "system", "content": system}, *messages]
+    return messages
 
 
 def _chat(f: Fields, tokenizer: Any) -> list[Segment]:
-    """The tokenizer's own chat template; each assistant turn is trained (found by rendering prefixes)."""
+    return chat_segments(_messages(f), tokenizer, "chat")
+
+
+_PROBE = "kdpipe-probe-7f3a"  # a system turn's or an answer's text that no template changes
+
+
+def chat_segments(messages: list[dict[str, str]], tokenizer: Any, name: str) -> list[Segment]:
+    """`messages` in the tokenizer's own chat template, as segments (found by rendering growing prefixes):
+    each assistant turn's content and its end-of-turn token trained, the rest not; no default system turn.
+    """
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-        raise KdpipeError("template 'chat' needs a tokenizer with a chat template; this tokenizer has none")
-    messages, segments, done = _messages(f), [], ""
+        raise KdpipeError(f"template '{name}' needs a tokenizer with a chat template; this tokenizer has "
+                          "none")
+
+    def render(turns: list[dict[str, str]], generation_prompt: bool = False) -> str:
+        return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=generation_prompt)
+
+    head = ""
+    if messages and messages[0]["role"] != "system":  # a stand-in system turn, cut off again below
+        probe = [{"role": "system", "content": _PROBE}]
+        try:
+            head = render(probe)
+            if render(probe + messages).startswith(head):
+                messages = probe + messages
+            else:
+                head = ""  # the template folds the system text into the first turn: its default stays
+        except Exception:  # a template without a system role: nothing to leave out
+            head = ""
+    segments, done = [], head
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
-        through = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        before = render(messages[:i], True)
+        through = render(messages[: i + 1])
         if not before.startswith(done) or not through.startswith(before):
             raise KdpipeError("this tokenizer's chat template does not render conversations as growing "
                               "prefixes")
-        segments += [Segment(before[len(done):], False), Segment(through[len(before):], True)]
+        segments.append(Segment(before[len(done):], False))
+        segments += _answer(through[len(before):], message["content"], tokenizer)
         done = through
     if not segments:
-        raise KdpipeError("template 'chat': the conversation has no assistant message")
-    return segments
+        raise KdpipeError(f"template '{name}': the conversation has no assistant message")
+    while segments and not segments[-1].trained:  # after the last turn's end nothing is predicted
+        segments.pop()
+    return [s for s in segments if s.text]
 
 
-SENTIMENT_USE: dict[str, Any] = {"lists_labels": True, "default_tasks": ("classify",)}
+def _answer(piece: str, content: str, tokenizer: Any) -> list[Segment]:
+    """An assistant turn as rendered: what the template puts before the content (an empty think block)
+    goes with the prompt, the content and the end-of-turn token are trained, what follows is not."""
+    start = piece.find(content) if content else -1
+    lead, body = (piece[:start], piece[start + len(content):]) if start >= 0 else ("", piece)
+    end = _first_special(body, tokenizer)
+    if end is None:
+        return [Segment(lead, False), Segment(piece[len(lead):], True)]
+    at, token = end
+    trained = content if start >= 0 else ""
+    return [Segment(lead, False), Segment(trained + body[:at], True), Segment(token, True),
+            Segment(body[at + len(token):], False)]
+
+
+def _first_special(text: str, tokenizer: Any) -> tuple[int, str] | None:
+    """(where, which) the first special token in `text` is: the turn's end."""
+    specials = set(getattr(tokenizer, "all_special_tokens", []))
+    specials |= {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
+    found = [(text.find(t), t) for t in specials if t and t in text]
+    return min(found, key=lambda f: (f[0], -len(f[1]))) if found else None
+
+
+def turn_end(tokenizer: Any) -> str | None:
+    """The token that ends an assistant turn in the tokenizer's chat template (None without one)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    try:
+        turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _PROBE}]
+        segments = chat_segments(turns, tokenizer, "chat")
+    except Exception:  # a template that renders no plain conversation: no end of turn to stop at
+        return None
+    trained = [s.text for s in segments if s.trained]
+    return trained[-1] if len(trained) > 1 else None
+
+
+def _sentiment_chat(f: Fields, tokenizer: Any) -> list[Segment]:
+    user = SENTIMENT_CHAT.format(choices=_choices(f["_labels"]), text=f["text"])
+    label = label_text(f["label"], f["_labels"])
+    messages = [{"role": "user", "content": user}, {"role": "assistant", "content": label}]
+    return chat_segments(_with_system(f, messages), tokenizer, "sentiment-chat")
+
+
+SENTIMENT_USE: dict[str, Any] = {"lists_labels": True, "default_tasks": ("classify",), "label_slot": True}
+CHAT_USE: dict[str, Any] = {"add_eos": False, "special_prefix": False, "renders_with_tokenizer": True}
 
 # name -> (required fields, renderer, how the template is used: Template's keyword arguments)
 BUILTIN: dict[str, tuple[tuple[str, ...], Callable[[Fields, Any], list[Segment]], dict[str, Any]]] = {
     "alpaca": (("instruction", "output"), _alpaca, {"completion_field": "output"}),
     "sentiment": (("text", "label"), _sentiment, SENTIMENT_USE),
+    "sentiment-chat": (("text", "label"), _sentiment_chat, {**SENTIMENT_USE, **CHAT_USE}),
     "sentiment-think": (("text", "label", "rationale"), _sentiment_think,
                         {**SENTIMENT_USE, "generates_label": True, "answer_tokens": 256}),
     "guanaco": (("text",), _guanaco, {}),
-    "chat": ((), _chat, {"add_eos": False, "special_prefix": False, "renders_with_tokenizer": True,
-                         "completion_field": "output"}),
+    "chat": ((), _chat, {**CHAT_USE, "completion_field": "output"}),
     "text": (("text",), _text, {}),
     "arithmetic": (("instruction", "output"), _arithmetic,
                    {"default_tasks": ("exact-match", "perplexity"), "checker": "arithmetic",
@@ -227,10 +318,11 @@ def get_template(name: str, label_names: tuple[str, ...] | list[str] = ("negativ
 
 def _user_template(path: Path, label_names: tuple[str, ...]) -> Template:
     spec = read_yaml(path)
-    unknown = set(spec) - {"prompt", "completion", "add_eos", "description"}
+    unknown = set(spec) - {"prompt", "completion", "add_eos", "chat", "description"}
     if unknown or "prompt" not in spec or "completion" not in spec:
         raise KdpipeError(
-            f"template file {path} must have 'prompt' and 'completion' (optional: add_eos, description); "
+            f"template file {path} must have 'prompt' and 'completion' (optional: add_eos, chat, "
+            "description); "
             f"unknown keys: {', '.join(sorted(unknown)) or 'none'}"
         )
     prompt, completion = str(spec["prompt"]), str(spec["completion"])
@@ -247,9 +339,16 @@ def _user_template(path: Path, label_names: tuple[str, ...]) -> Template:
         required += [n for n in names if n not in required]
         fields = set(names)  # the completion's, after the last pass
 
-    def render(f: Fields, _tok: Any) -> list[Segment]:
-        values = {k: label_text(v, label_names) if k == "label" else v for k, v in f.items()}
-        return [Segment(prompt.format(**values), False), Segment(completion.format(**values), True)]
+    chat = bool(spec.get("chat", False))
 
-    return Template(str(path), tuple(required), render, bool(spec.get("add_eos", True)), label_names,
-                    completion_field=fields.pop() if len(fields) == 1 else None)
+    def render(f: Fields, tokenizer: Any) -> list[Segment]:
+        values = {k: label_text(v, label_names) if k == "label" else v for k, v in f.items()}
+        user, answer = prompt.format(**values), completion.format(**values)
+        if chat:  # a user turn and the assistant's answer in the model's chat format
+            turns = [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+            return chat_segments(_with_system(f, turns), tokenizer, str(path))
+        return [Segment(user, False), Segment(answer, True)]
+
+    use = {**CHAT_USE} if chat else {"add_eos": bool(spec.get("add_eos", True))}
+    return Template(str(path), tuple(required), render, label_names=label_names, label_slot="label" in fields,
+                    completion_field=next(iter(fields)) if len(fields) == 1 else None, **use)

@@ -86,9 +86,11 @@ def target_logprobs(model: Any, sequences: Sequence[np.ndarray], positions: Sequ
 
 
 @torch.no_grad()
-def greedy_generate(model: Any, prompts: Sequence[Sequence[int]], pad_id: int, eos_id: int | None,
+def greedy_generate(model: Any, prompts: Sequence[Sequence[int]], pad_id: int, eos_id: int | list[int] | None,
                     max_new_tokens: int, batch_size: int = 32, desc: str = "generating") -> list[list[int]]:
-    """Greedy continuations (token ids, up to and without the first EOS) of left-padded prompt batches."""
+    """Greedy continuations (token ids, up to and without the first EOS) of left-padded prompt batches;
+    `eos_id` may list several ids that end an answer (EOS and a chat template's end of turn)."""
+    stops = set(eos_id) if isinstance(eos_id, list) else {eos_id} - {None}
     device = next(model.parameters()).device
     results: list[list[int]] = [[] for _ in prompts]
     bar = progress(len(prompts), desc)
@@ -97,11 +99,11 @@ def greedy_generate(model: Any, prompts: Sequence[Sequence[int]], pad_id: int, e
         longest = ids.shape[1]
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                              max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad_id,
-                             eos_token_id=eos_id, temperature=None, top_p=None, top_k=None)
+                             eos_token_id=sorted(stops) or None, temperature=None, top_p=None, top_k=None)
         for row, i in enumerate(batch):
             new = out[row, longest:].tolist()
-            if eos_id is not None and eos_id in new:
-                new = new[: new.index(eos_id)]
+            cut = next((t for t, token in enumerate(new) if token in stops), None)
+            new = new if cut is None else new[:cut]
             results[i] = new
         bar.update(len(batch))
     bar.close()

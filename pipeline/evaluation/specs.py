@@ -68,15 +68,20 @@ def _latest_run_models(cfg: Any, echo: Callable[[str], None]) -> list[ModelSpec]
 
 def resolve_spec(source: str) -> ModelSpec:
     """A hub id, a model folder, a LoRA adapter folder or a run folder (model or adapter at its top)."""
+    from kdpipe import models
     from kdpipe.models import resolve_model_name
 
     path = Path(source).expanduser()
     if not path.exists():
         resolved = resolve_model_name(source)  # a clear error for a missing local path
         return ModelSpec(short_name(source), source, "model", resolved)
+    if not path.is_dir() or not any((path / f).is_file() for f in ("config.json", "adapter_config.json",
+                                                                  RUN_FILE)):
+        if models.model_source(source).gguf_file:  # a .gguf file, or a folder holding one
+            return ModelSpec(short_name(source), source, "model", str(path))
     if not path.is_dir():
-        raise KdpipeError(f"model {source} is a file; pass a model folder, a LoRA adapter folder, a run "
-                          "folder or a hub id")
+        raise KdpipeError(f"model {source} is a file; pass a model folder, a .gguf file, a LoRA adapter "
+                          "folder, a run folder or a hub id")
     run = path if (path / RUN_FILE).is_file() else None
     if run is not None:
         record = read_json(path / RUN_FILE)

@@ -110,6 +110,7 @@ def _classify_by_generation(
     gold: list[str],
 ) -> Outcome:
     from kdpipe.evaluation import scoring
+    from kdpipe.models import stop_ids
 
     names = list(cfg.label_names)
     prompts = [
@@ -120,7 +121,7 @@ def _classify_by_generation(
         model,
         prompts,
         tokenizer.pad_token_id,
-        tokenizer.eos_token_id,
+        stop_ids(model, tokenizer),
         cfg.max_new_tokens or template.answer_tokens,
         cfg.batch_size,
         desc=f"{spec.name}: classify",
@@ -150,6 +151,7 @@ def exact_match(
 ) -> Outcome:
     """Greedy answers after each prompt, judged by the checker."""
     from kdpipe.evaluation import metrics, scoring
+    from kdpipe.models import stop_ids
 
     check = make_checker(cfg.checker, template)
     prompts, references = [], []
@@ -162,7 +164,7 @@ def exact_match(
         model,
         prompts,
         tokenizer.pad_token_id,
-        tokenizer.eos_token_id,
+        stop_ids(model, tokenizer),
         cfg.max_new_tokens or longest + 16,
         cfg.batch_size,
         desc=f"{spec.name}: exact-match",
@@ -225,22 +227,18 @@ def resolve_tasks(cfg: Any, template: Template | None) -> list[str]:
 def check_examples(examples: list[Example], template: Template, tasks: list[str], cfg: Any) -> None:
     """Render every example once (no tokenizer): missing fields, labels outside --label-names, no
     completion."""
-    if template.renders_with_tokenizer:  # nothing to render before a model's tokenizer is loaded
-        return
     names = list(cfg.label_names)
-    compared = [t for t in tasks if TASKS[t].compares_completion]
-    for e in examples:
-        segments = template.render(e.fields, e.id)
-        if not any(s.trained for s in segments) and compared:
-            raise KdpipeError(
-                f"example '{e.id}': template {template.name} gives it no completion to compare with"
-            )
     if "classify" in tasks:
-        if "label" not in template.required and "label" not in (examples[0].fields if examples else {}):
+        if not template.label_slot:  # each label would be scored after the same text: all alike
             raise KdpipeError(
-                f"task classify needs a 'label' field; template {template.name} has none "
-                "(map a column with --columns label=COLUMN and use a sentiment or your own "
-                "template)"
+                f"task classify scores each label name as the template's completion, and template "
+                f"{template.name} has no label slot; use --template sentiment-chat (a chat model), "
+                "sentiment, or a template file whose completion is {label} (with chat: true for a chat model)"
+            )
+        if "label" not in (examples[0].fields if examples else {}):
+            raise KdpipeError(
+                "task classify needs a 'label' field; the data has none (map a column with --columns "
+                "label=COLUMN)"
             )
         for e in examples:
             gold = label_text(e.fields.get("label"), tuple(names))
@@ -251,6 +249,15 @@ def check_examples(examples: list[Example], template: Template, tasks: list[str]
                 )
         if len(names) < 2:
             raise KdpipeError(f"task classify needs at least two label names, got {names}")
+    if template.renders_with_tokenizer:  # nothing to render before a model's tokenizer is loaded
+        return
+    compared = [t for t in tasks if TASKS[t].compares_completion]
+    for e in examples:
+        segments = template.render(e.fields, e.id)
+        if not any(s.trained for s in segments) and compared:
+            raise KdpipeError(
+                f"example '{e.id}': template {template.name} gives it no completion to compare with"
+            )
 
 
 def data_info(

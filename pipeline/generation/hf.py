@@ -66,16 +66,18 @@ def make_jobs(examples: Sequence[Any], template: Any, tokenizer: Any, field: str
                               "instruction/output rows; conversations in 'messages' are not supported (use "
                               "instruction/output rows)")
         segments = template.render({**e.fields, field: SENTINEL}, e.id, tokenizer)
-        trained = [i for i, s in enumerate(segments) if s.trained]
-        if trained != [len(segments) - 1] or SENTINEL not in segments[-1].text:
+        trained = [i for i, s in enumerate(segments) if s.trained]  # a chat answer: content, end of turn
+        first = trained[0] if trained else len(segments)
+        completion = "".join(s.text for s in segments[first:])
+        if trained != list(range(first, len(segments))) or SENTINEL not in completion:
             raise KdpipeError(f"template {template.name}: the output field '{field}' must be the completion, "
                               "the last and only trained part, for kdpipe generate to fill it")
-        if any(SENTINEL in s.text for s in segments[:-1]):
+        if any(SENTINEL in s.text for s in segments[:first]):
             raise KdpipeError(f"template {template.name} uses the output field '{field}' in its prompt: "
                               "generation cannot fill it")
-        before, _, after = segments[-1].text.partition(SENTINEL)
+        before, _, after = completion.partition(SENTINEL)
         slot = slot or Slot(field, before, after)
-        ids = prompt_ids(tokenizer, [s.text for s in segments[:-1]], template)
+        ids = prompt_ids(tokenizer, [s.text for s in segments[:first]], template)
         if len(ids) >= max_length:
             if truncation in ("error", "truncate"):
                 raise KdpipeError(f"example '{e.id}': its prompt has {len(ids)} tokens, not fewer than "
@@ -158,7 +160,9 @@ class HFGenerator:
         self.model, self.tokenizer = model, tokenizer
         self.temperature, self.top_p = temperature, top_p
         self.max_new_tokens, self.seed = max_new_tokens, seed
-        self.eos = eos_ids(model, tokenizer)
+        from kdpipe.models import stop_ids
+
+        self.eos = stop_ids(model, tokenizer)
 
     @classmethod
     def load(cls, name: str, tokenizer: Any, dtype: str, device: str, revision: str | None,
@@ -200,14 +204,3 @@ class HFGenerator:
 
     def close(self) -> None:
         self.model = None
-
-
-def eos_ids(model: Any, tokenizer: Any) -> list[int]:
-    """The ids that end a completion: the tokenizer's EOS and the model's generation config's."""
-    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for token in extra if isinstance(extra, list) else [extra]:
-        if token is not None and token not in ids:
-            ids.append(int(token))
-    return ids
-

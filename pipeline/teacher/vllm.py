@@ -222,8 +222,11 @@ def close_engine(owner: Any) -> None:
 def prepare_engine(model: str, revision: str | None, device: str, k: int, gpus_hint: str = "") -> tuple:
     """What every vLLM engine of kdpipe checks before it starts (device, CPU defaults, the model's
     config): returns (the vllm module, the resolved model name, whether it runs on the CPU)."""
-    from kdpipe.models import resolve_model_name
+    from kdpipe.models import model_source
 
+    if model_source(model).gguf_file:
+        raise KdpipeError(f"--backend vllm does not load the GGUF checkpoint {model} here; write it out as a "
+                          "model folder first (kdpipe convert-gguf FILE --output DIR) or use --backend hf")
     if device not in ("auto", "cpu", "cuda"):
         raise KdpipeError(f"--device {device} is not supported with --backend vllm: use --device "
                           f"auto/cpu/cuda and choose GPUs with CUDA_VISIBLE_DEVICES{gpus_hint}")
@@ -232,7 +235,7 @@ def prepare_engine(model: str, revision: str | None, device: str, k: int, gpus_h
         for name, value in CPU_ENV_DEFAULTS.items():
             os.environ.setdefault(name, value)
     vllm = import_vllm()
-    resolved = resolve_model_name(model)
+    resolved = model_source(model).path
     _check_model(resolved, revision, k, cpu)
     return vllm, resolved, cpu
 

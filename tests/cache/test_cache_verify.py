@@ -60,8 +60,8 @@ def test_a_stray_shard_file_is_named(cache):
     """Issue 29 item 11: a shard file the manifest does not list (a stray copy, or one written by a run killed
     before recording it) was never reported."""
     shutil.copy(cache / "shard-00001.parquet", cache / "shard-00007.parquet")
-    verify_fails(cache, "shard-00007.parquet: a shard file the manifest does not list", "rerun the cache-teacher "
-                 "command to adopt it; or a stray copy: delete it")
+    verify_fails(cache, "shard-00007.parquet: a shard file the manifest does not list (a stray copy, or left by "
+                 "another run: delete it)")
     (cache / "shard-00007.parquet").unlink()
     assert kdpipe("cache", "verify", cache).exit_code == 0
 

@@ -69,6 +69,45 @@ def test_chat_template_masks_all_but_assistant(tiny_tokenizer):
         trained_text(tiny_tokenizer, {"instruction": "a", "output": "b"}, "chat")
 
 
+# SmolLM2's template: ChatML, a default system turn when the conversation has none
+CHATML = ("{% for m in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+          "<|im_start|>system\nYou are SmolLM<|im_end|>\n{% endif %}"
+          "<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def chatml(tiny_tokenizer):
+    tok = tiny_tokenizer.__class__(tokenizer_object=tiny_tokenizer.backend_tokenizer, eos_token="<|im_end|>",
+                                   pad_token="<|pad|>", additional_special_tokens=["<|im_start|>"])
+    tok.chat_template = CHATML
+    return tok
+
+
+def test_chat_answer_ends_at_its_end_of_turn_without_a_default_system_turn(chatml):
+    from kdpipe.data.templates import turn_end
+
+    full, trained = trained_text(chatml, {"instruction": "Say hi", "output": "Hi."}, "chat")
+    assert full == "<|im_start|>user\nSay hi<|im_end|>\n<|im_start|>assistant\nHi.<|im_end|>"  # no "SmolLM"
+    assert trained == "Hi.<|im_end|>"  # the newline after the end token is not trained (nor kept, at the end)
+    full, _ = trained_text(chatml, {"instruction": "Say hi", "output": "Hi.", "system": "Be brief."}, "chat")
+    assert full.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n")
+    assert turn_end(chatml) == "<|im_end|>"
+    full, trained = trained_text(chatml, {"text": "great film", "label": 1}, "sentiment-chat")
+    assert trained == "positive<|im_end|>"
+    assert full.endswith("Answer with one word.\n\nReview: great film<|im_end|>\n<|im_start|>assistant\npositive<|im_end|>")
+
+
+def test_chat_template_file_and_label_slots(chatml, tmp_path):
+    path = tmp_path / "qa.yaml"
+    path.write_text('prompt: "Q: {question}"\ncompletion: "{label}"\nchat: true\n')
+    full, trained = trained_text(chatml, {"question": "2+2?", "label": 1}, str(path))
+    assert full == "<|im_start|>user\nQ: 2+2?<|im_end|>\n<|im_start|>assistant\npositive<|im_end|>"
+    assert trained == "positive<|im_end|>"
+    assert get_template(str(path)).label_slot and get_template("sentiment-chat").label_slot
+    assert not get_template("chat").label_slot and not get_template("alpaca").label_slot
+
+
 def test_user_template_file(tiny_tokenizer, tmp_path):
     path = tmp_path / "qa.yaml"
     path.write_text('prompt: "Q: {question}\\nA:"\ncompletion: " {answer}"\nadd_eos: false\n')
@@ -146,3 +185,17 @@ def test_template_attributes_say_how_evaluate_uses_it(tmp_path):
     mine = get_template(str(file))
     assert (mine.default_tasks, mine.checker, mine.special_prefix, mine.generates_label) == (
         ("perplexity",), "exact", True, False)
+
+
+def test_a_chat_tokenizer_without_a_pad_token_pads_with_its_end_of_turn(tiny_tokenizer, tmp_path):
+    from kdpipe.models import load_tokenizer
+
+    tok = tiny_tokenizer.__class__(tokenizer_object=tiny_tokenizer.backend_tokenizer, eos_token="<|im_end|>",
+                                   additional_special_tokens=["<|im_start|>"])
+    tok.chat_template = CHATML
+    tok.pad_token = None
+    tok.save_pretrained(tmp_path / "tok")
+    loaded = load_tokenizer(str(tmp_path / "tok"))
+    assert loaded.pad_token == "<|im_end|>" and loaded.pad_token_id == loaded.eos_token_id
+    _full, trained = trained_text(loaded, {"instruction": "Say hi", "output": "Hi."}, "chat")
+    assert trained == "Hi.<|im_end|>"
