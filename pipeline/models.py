@@ -189,21 +189,6 @@ def _plain_model(model: Any) -> Any:
     return plain
 
 
-def stop_ids(model: Any, tokenizer: Any) -> list[int]:
-    """The ids that end an answer: the tokenizer's EOS, the model's generation config's, and the end of
-    an assistant turn in the tokenizer's chat template (``<|im_end|>``)."""
-    from kdpipe.data.templates import turn_end
-
-    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    end = turn_end(tokenizer)
-    turn = tokenizer.convert_tokens_to_ids(end) if end else None
-    for token in [*(extra if isinstance(extra, list) else [extra]), turn]:
-        if token is not None and token not in ids:
-            ids.append(int(token))
-    return ids
-
-
 def load_model_config(name: str, revision: str | None = None) -> Any:
     """The model's transformers config (read before the weights, to check what they would refuse later);
     the caller decides what a config that does not load means."""

@@ -36,7 +36,7 @@ LAYERS = [
     {"kdpipe", "errors", "config", "precision", "faults", "batching", "models", "tiny", "students"},
     {"cache", "losses"},
     {"data", "run_folder"},
-    {"teacher", "train"},
+    {"teacher", "train", "fetch"},  # fetch: writes its model folder through run_folder
     {"generation", "vocab"},
     {"evaluation", "plan"},
     {"stages"},

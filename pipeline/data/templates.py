@@ -267,6 +267,19 @@ def _first_special(text: str, tokenizer: Any) -> tuple[int, str] | None:
     return min(found, key=lambda f: (f[0], -len(f[1]))) if found else None
 
 
+def stop_ids(model: Any, tokenizer: Any) -> list[int]:
+    """The ids that end an answer: the tokenizer's EOS, the model's generation config's, and the end of
+    an assistant turn in the tokenizer's chat template (``<|im_end|>``)."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    end = turn_end(tokenizer)
+    turn = tokenizer.convert_tokens_to_ids(end) if end else None
+    for token in [*(extra if isinstance(extra, list) else [extra]), turn]:
+        if token is not None and token not in ids:
+            ids.append(int(token))
+    return ids
+
+
 def turn_end(tokenizer: Any) -> str | None:
     """The token that ends an assistant turn in the tokenizer's chat template (None without one)."""
     if not getattr(tokenizer, "chat_template", None):

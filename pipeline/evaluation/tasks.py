@@ -109,8 +109,8 @@ def _classify_by_generation(
     spec: Any,
     gold: list[str],
 ) -> Outcome:
+    from kdpipe.data.templates import stop_ids
     from kdpipe.evaluation import scoring
-    from kdpipe.models import stop_ids
 
     names = list(cfg.label_names)
     prompts = [
@@ -150,8 +150,8 @@ def exact_match(
     model: Any, tokenizer: Any, examples: list[Example], template: Template, cfg: Any, spec: Any
 ) -> Outcome:
     """Greedy answers after each prompt, judged by the checker."""
+    from kdpipe.data.templates import stop_ids
     from kdpipe.evaluation import metrics, scoring
-    from kdpipe.models import stop_ids
 
     check = make_checker(cfg.checker, template)
     prompts, references = [], []

@@ -160,7 +160,7 @@ class HFGenerator:
         self.model, self.tokenizer = model, tokenizer
         self.temperature, self.top_p = temperature, top_p
         self.max_new_tokens, self.seed = max_new_tokens, seed
-        from kdpipe.models import stop_ids
+        from kdpipe.data.templates import stop_ids
 
         self.eos = stop_ids(model, tokenizer)
 
