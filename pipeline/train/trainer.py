@@ -1,6 +1,6 @@
 """The `transformers.Trainer` subclasses of train-student and finetune, `fit`, and the student's loss.
 
-    finetune run()       ->  KdpipeTrainer (the model's own cross-entropy)  ->  fit
+    finetune run()       ->  DistillTrainer (alpha = 0: cross-entropy on the fused head path)  ->  fit
     train-student run()  ->  DistillTrainer  ->  fit
                              DistillTrainer.compute_loss  ->  student_distill_loss  ->  losses.distill_loss
 
@@ -28,6 +28,7 @@ from kdpipe.errors import KdpipeError
 from kdpipe.losses import DistillLossConfig, SparseTargets, distill_loss
 from kdpipe.run_folder import RUN_FILE, now, read_json, write_json
 from kdpipe.train.config import TrainConfig
+from kdpipe.train.packing import model_inputs
 from kdpipe.train.setup import causal_lm
 
 
@@ -169,8 +170,7 @@ def student_hidden(model: Any, inputs: dict[str, Any]) -> Any:
     def hook(_module: Any, _args: Any, output: Any) -> None:
         captured["hidden"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
 
-    kwargs: dict[str, Any] = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"],
-                              "use_cache": False}
+    kwargs: dict[str, Any] = {**model_inputs(inputs), "use_cache": False}  # padded or packed rows
     if "logits_to_keep" in inspect.signature(lm.forward).parameters:
         kwargs["logits_to_keep"] = 1
     handle = body.register_forward_hook(hook)
