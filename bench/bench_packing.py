@@ -1,8 +1,8 @@
 """Target tokens/s and peak memory of train-student and finetune batched padded, length-grouped and packed.
 
     .venv/bin/python bench/bench_packing.py [--steps 50] [--batch 8] [--seed 0] [--cases imdb,demo]
-                                            [--finetune-steps 20] [--threads N] [--layers 6] [--hidden 256]
-                                            [--vocab 8192] [--no-finetune]
+                                            [--finetune-steps 10] [--threads N] [--layers 3] [--hidden 256]
+                                            [--vocab 4096] [--no-finetune]
 
 Cases (rows made in memory in the cache's decoded form, every position a target with top-32 targets;
 the three batchings read the same rows, so reading the Parquet cache is left out):
@@ -10,7 +10,7 @@ the three batchings read the same rows, so reading the Parquet cache is left out
          capped at 512 (as `--max-length 512` does), at least 16
   demo   the demo's short rows: the arithmetic task in its template, tokenized by a tiny BPE (19-26 tokens)
 
-Per case, three students (a random Qwen3, default 6 layers x 256, vocab 8192, fp32, AdamW, the same init) are
+Per case, three students (a random Qwen3, default 3 layers x 256, vocab 4096, fp32, AdamW, the same init) are
 trained side by side, one optimizer step each in turn (padded, grouped, packed, then the next step), so
 machine load hits the three alike. Each gets its batches exactly as train-student makes them:
 `BlockShuffleSampler` (window 4) + `DistillCollator`; grouped: the sampler with the rows' lengths;
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import threading
 import time
 
@@ -151,7 +152,9 @@ def run(case: str, args: argparse.Namespace, sft: bool) -> None:
             if s:
                 secs[m] += took
                 peak[m] = max(peak[m], mem.added)
-                losses[m].append(float(loss))
+                losses[m].append(float(loss.detach()))
+        if s % 10 == 0:
+            print(f"  {case} {'finetune' if sft else 'train-student'}: step {s}/{steps}", file=sys.stderr, flush=True)
     stage = "finetune" if sft else "train-student"
     print(f"\n{stage}, {case}: {steps} steps of {args.batch} rows, lengths mean {lengths.mean():.0f} "
           f"median {np.median(lengths):.0f} max {lengths.max()}")
@@ -172,15 +175,15 @@ def run(case: str, args: argparse.Namespace, sft: bool) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--finetune-steps", type=int, default=20)
+    ap.add_argument("--finetune-steps", type=int, default=10)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cases", default="imdb,demo")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--no-finetune", action="store_true")
-    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--layers", type=int, default=3)
     ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--vocab", type=int, default=4096)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"machine: {os.cpu_count()}-core CPU (shared, noisy), torch {torch.__version__}, {args.threads} threads, "

@@ -147,17 +147,6 @@ def _interleave(streams: list[np.ndarray], stripe: int) -> np.ndarray:
             return np.concatenate(chunks) if chunks else np.zeros(0, np.int64)
 
 
-def pad_tokens(rows: Sequence[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded [B, L] ids and attention mask."""
-    longest = max(len(r) for r in rows)
-    ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), longest), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.from_numpy(np.asarray(r, np.int64))
-        mask[i, : len(r)] = 1
-    return ids, mask
-
-
 class DistillCollator:
     """Cached rows -> a padded or packed token batch plus the flattened sparse targets (see the module doc
     and `kdpipe.train.packing.token_batch`)."""

@@ -165,3 +165,10 @@ def test_routes_train_the_same_packed_as_padded(world, tmp_path, route):
         losses[batching] = logged_losses(out)
     assert len(losses["packed"]) == 3
     np.testing.assert_allclose(losses["packed"], losses["padded"], rtol=2e-5)
+
+
+def test_bad_pack_length_is_refused(world, tmp_path):
+    result = run_cli("train-student", "--cache", world.cache, "--model", world.student, "--pack-length", 1,
+                     "--output", tmp_path / "r", ok=False)
+    assert result.exit_code != 0 and "pack_length must be at least 2, not 1" in result.output
+    assert not (tmp_path / "r").exists()
