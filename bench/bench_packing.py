@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/bench_packing.py [--steps 50] [--batch 8] [--seed 0] [--cases imdb,demo]
                                             [--finetune-steps 10] [--threads N] [--layers 3] [--hidden 256]
-                                            [--vocab 4096] [--no-finetune]
+                                            [--vocab 4096] [--stages train-student,finetune]
 
 Cases (rows made in memory in the cache's decoded form, every position a target with top-32 targets;
 the three batchings read the same rows, so reading the Parquet cache is left out):
@@ -180,7 +180,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cases", default="imdb,demo")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    ap.add_argument("--no-finetune", action="store_true")
+    ap.add_argument("--stages", default="train-student,finetune")
     ap.add_argument("--layers", type=int, default=3)
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--vocab", type=int, default=4096)
@@ -190,9 +190,8 @@ def main() -> None:
           f"load average {os.getloadavg()[0]:.1f} at start; student Qwen3 {args.layers} x {args.hidden}, vocab "
           f"{args.vocab}, fp32, sdpa, AdamW; step 0 of each is a warm-up (not counted)", flush=True)
     for case in args.cases.split(","):
-        run(case, args, sft=False)
-        if not args.no_finetune:
-            run(case, args, sft=True)
+        for stage in args.stages.split(","):
+            run(case, args, sft=stage == "finetune")
 
 
 if __name__ == "__main__":
