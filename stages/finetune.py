@@ -30,7 +30,7 @@ def run(cfg: FinetuneConfig, command: str = "", callbacks: list[Any] | None = No
     from kdpipe.losses import DistillLossConfig
     from kdpipe.models import load_tokenizer
     from kdpipe.train.data import BlockShuffleSampler, SFTCollator, TokenizedDataset
-    from kdpipe.train.packing import choose_batching
+    from kdpipe.train.packing import choose_batching, pack_length_for
     from kdpipe.train.trainer import DistillTrainer, fit
 
     if not cfg.model:
@@ -52,7 +52,8 @@ def run(cfg: FinetuneConfig, command: str = "", callbacks: list[Any] | None = No
     batching = choose_batching(cfg.batching, model)
     lengths = [len(e.input_ids) for e in examples] if batching == "grouped" else None
     sampler = BlockShuffleSampler([len(dataset)], cfg.seed, lengths=lengths, stripe=cfg.batch_size)
-    collator = SFTCollator(tokenizer.pad_token_id, batching == "packed", cfg.pack_length)
+    packed = batching == "packed"
+    collator = SFTCollator(tokenizer.pad_token_id, packed, pack_length_for(model, cfg.pack_length))
     trainer = DistillTrainer(  # cross-entropy on the trained tokens through the fused head: alpha 0
         loss_config=DistillLossConfig(alpha=0.0), model=model, args=args, train_dataset=dataset,
         data_collator=collator, processing_class=tokenizer, sampler=sampler, callbacks=callbacks,

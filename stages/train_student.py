@@ -32,7 +32,7 @@ def run(cfg: TrainStudentConfig, command: str = "", callbacks: list[Any] | None 
     from kdpipe.models import load_tokenizer
     from kdpipe.train.data import BlockShuffleSampler, CacheDataset, DistillCollator
     from kdpipe.train.mix import MixedCacheDataset, cache_identity, check_mixable
-    from kdpipe.train.packing import choose_batching
+    from kdpipe.train.packing import choose_batching, pack_length_for
     from kdpipe.train.trainer import DistillTrainer, fit
     from kdpipe.vocab.uld import CrossTokenizerTrainer
 
@@ -64,7 +64,7 @@ def run(cfg: TrainStudentConfig, command: str = "", callbacks: list[Any] | None 
     lengths = np.concatenate([c.row_lengths() for c in caches]) if batching == "grouped" else None
     sampler = BlockShuffleSampler(dataset.sizes, cfg.seed, cfg.shuffle_window, lengths=lengths,
                                   **lane_layout(cfg))
-    packing = {"packed": batching == "packed", "pack_length": cfg.pack_length}
+    packing = {"packed": batching == "packed", "pack_length": pack_length_for(model, cfg.pack_length)}
     collator = DistillCollator(tokenizer.pad_token_id, student_vocab_size(model), cache.k, **packing)
     collator = student_vocab.collator(vocab, collator, tokenizer, cfg, student_vocab_size(model), **packing)
     if vocab is not None:

@@ -6,7 +6,8 @@ as few rows as fit: rows as long as the batch's longest example (or ``--pack-len
 by decreasing length. ``position_ids`` restart at 0 for every example and no 2D attention mask is
 passed: transformers (5.x, `masking_utils.find_packed_sequence_indices`) then reads the restarts as
 sequence boundaries and builds a block-diagonal causal mask for the sdpa, eager and flex
-implementations, and flash-attention takes its variable-length path from the same position ids; each
+implementations, and flash-attention takes its variable-length path from the same position ids (in a
+one-row batch only, so there each micro-batch becomes one row: `pack_length_for`); each
 example attends only to itself, so its hidden states, loss and gradients are those of the padded
 batch. The sparse targets are indexed into the packed rows (``target_rows``/``target_cols``); their
 flattened order is the padded batch's, so the loss sums in the same order.
@@ -99,30 +100,47 @@ def model_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
     return {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
 
 
+def one_row(model: Any) -> bool:
+    """flash-attention takes packed sequences from the position ids only in a batch of ONE row (transformers'
+    `_is_packed_sequence`); with more rows it would attend across the examples of a row. There each
+    micro-batch is packed into a single row: no padding at all, the variable-length kernel's best case."""
+    from kdpipe.train.setup import causal_lm
+
+    return "flash" in (getattr(causal_lm(model).config, "_attn_implementation", None) or "")
+
+
+def pack_length_for(model: Any, pack_length: int | None) -> int | None:
+    """The row length the collator packs to: `pack_length`, or everything in one row for flash-attention."""
+    return 1 << 40 if one_row(model) else pack_length
+
+
 def packing_supported(model: Any) -> bool:
-    """Whether the model keeps packed examples apart: its last hidden states of two short examples packed
-    into one row equal those of the two run separately (a few tokens through the real model)."""
+    """Whether the model keeps packed examples apart: the last hidden states of four short examples packed
+    as the collator will pack them (two rows, or one for flash-attention) equal those of each run alone
+    (a few tokens through the real model)."""
     from kdpipe.train.setup import causal_lm
 
     lm = causal_lm(model)
     body, vocab = lm.base_model, lm.config.get_text_config().vocab_size
     gen = torch.Generator().manual_seed(0)
-    a, b = torch.randint(0, vocab, (1, 5), generator=gen), torch.randint(0, vocab, (1, 4), generator=gen)
-    positions = torch.cat([torch.arange(5), torch.arange(4)]).unsqueeze(0)
+    examples = [torch.randint(0, vocab, (n,), generator=gen).numpy() for n in (5, 4, 3, 4)]
+    batch = token_batch(examples, [np.arange(len(e)) for e in examples], 0, packed=True,
+                        pack_length=pack_length_for(model, 9))
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            apart = [body(input_ids=x.to(device), use_cache=False)[0][0] for x in (a, b)]
-            packed = body(input_ids=torch.cat([a, b], 1).to(device), position_ids=positions.to(device),
-                          use_cache=False)[0][0]
+            apart = [body(input_ids=torch.from_numpy(e).long()[None].to(device), use_cache=False)[0][0]
+                     for e in examples]
+            packed = body(**{k: v.to(device) for k, v in model_inputs(batch).items()}, use_cache=False)[0]
     except (TypeError, ValueError, RuntimeError):
         return False
     finally:
         model.train(was_training)
     want = torch.cat(apart).float()
-    return bool((packed.float() - want).abs().max() <= 1e-2 * (want.abs().max() + 1e-6))
+    got = packed[batch["target_rows"].to(device), batch["target_cols"].to(device)].float()
+    return bool((got - want).abs().max() <= 1e-2 * (want.abs().max() + 1e-6))
 
 
 def choose_batching(wanted: str, model: Any, why_not: str | None = None) -> str:

@@ -16,7 +16,7 @@ from helpers import run_cli
 from kdpipe.cache import open_cache
 from kdpipe.losses import DistillLossConfig, SparseTargets, distill_loss
 from kdpipe.train.data import BlockShuffleSampler, DistillCollator, SFTCollator
-from kdpipe.train.packing import choose_batching, first_fit, packing_supported, token_batch
+from kdpipe.train.packing import choose_batching, first_fit, pack_length_for, packing_supported, token_batch
 
 LOSS = DistillLossConfig("jsd", 0.7, 2.0, beta=0.3, tail="bucket", chunk_size=5)
 
@@ -147,6 +147,10 @@ def test_packing_falls_back_with_a_note(world, capsys):
     broken = student(world)
     broken.model = Positionless()
     assert not packing_supported(broken)
+    # flash-attention reads packed sequences from position ids only in a one-row batch: one row per micro-batch
+    assert pack_length_for(model, 64) == 64 and pack_length_for(model, None) is None
+    model.config._attn_implementation = "flash_attention_2"
+    assert pack_length_for(model, 64) >= 2**40
 
 
 @pytest.mark.parametrize("route", ["lora", "two-caches", "cross-tokenizer"])
