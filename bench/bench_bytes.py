@@ -237,7 +237,7 @@ def _manifest(rows: list[tuple], k: int, data: bytes) -> dict:
     """A minimal manifest over one shard (what `Cache` reads; the bench does not verify it)."""
     import hashlib
 
-    from kdpipe.cache.format import FORMAT, FORMAT_VERSION
+    from kdpipe.cache.manifest import FORMAT, FORMAT_VERSION
 
     entry = {"file": "shard-00000.parquet", "index": 0, "rows": len(rows), "tokens": sum(len(r[1]) for r in rows),
              "target_tokens": sum(len(r[2]) for r in rows), "bytes": len(data),

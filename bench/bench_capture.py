@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from kdpipe import tiny
-from kdpipe.cache.format import read_manifest
+from kdpipe.cache.manifest import read_manifest
 from kdpipe.data.sources import load_examples
 from kdpipe.data.templates import get_template
 from kdpipe.data.tokenize import tokenize_examples

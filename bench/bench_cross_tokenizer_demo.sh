@@ -21,7 +21,7 @@ SEEDS=${4:-0}
 T=runs/demo/teacher C=cache/demo H=cache/demo-heldout
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false KDPIPE_NO_PROGRESS=1
 K=${KDPIPE:-kdpipe}
-for p in "$T" "$C" "$H" runs/demo/student-kd runs/demo/student-sft; do
+for p in "$T" "$C" "$H" runs/demo/student-kd-seed0 runs/demo/student-sft-seed0; do
   [ -e "$p" ] || { echo "run 'make demo' first (needs $p)"; exit 2; }
 done
 S=$W/student-init-v$VOCAB
@@ -30,7 +30,7 @@ S=$W/student-init-v$VOCAB
   --hidden-size 64 --layers 2 --heads 2 --kv-heads 1 --head-dim 32 --seed 1 | tail -1
 # The demo's train section (alpha 0.5: the CE half also trains every student position).
 train=(--full --max-steps 1000 --batch-size 32 --lr 0.003 --warmup 0.05 --save-steps 500 --logging-steps 250)
-models=(--model "$T" --model runs/demo/student-kd --model runs/demo/student-sft)
+models=(--model "$T" --model runs/demo/student-kd-seed0 --model runs/demo/student-sft-seed0)
 for seed in $SEEDS; do
   sfx=$([ "$seed" = 0 ] && echo "" || echo "-s$seed")
   for w in $ULD; do

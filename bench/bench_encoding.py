@@ -37,7 +37,8 @@ import torch
 
 from kdpipe import tiny
 from kdpipe.cache import open_cache
-from kdpipe.cache.format import ENCODINGS, read_manifest
+from kdpipe.cache.format import ENCODINGS
+from kdpipe.cache.manifest import read_manifest
 from kdpipe.data.sources import load_examples
 from kdpipe.data.templates import get_template
 from kdpipe.data.tokenize import tokenize_examples

@@ -72,7 +72,7 @@ def build(name: str, layers: int | None, dtype, device):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from kdpipe.plan.estimate import ARCH_DIR
+    from kdpipe.plan.hardware import ARCH_DIR
 
     raw = json.loads((ARCH_DIR / f"{name}.json").read_text())
     raw = {k: v for k, v in raw.items() if not k.startswith("_") and k != "torch_dtype"}
@@ -223,21 +223,21 @@ def predictions(args: argparse.Namespace) -> dict[str, dict]:
     """`kdpipe plan`'s prediction for each case, for exactly these shapes."""
     from dataclasses import replace
 
-    from kdpipe.plan import estimate as plan
+    from kdpipe.plan import estimate, hardware
 
-    device = plan.cpu_device() if args.device == "cpu" else plan.local_device()
+    device = hardware.cpu_device() if args.device == "cpu" else hardware.local_device()
     if args.gpu_memory_gb and args.device != "cpu":
         device = replace(device, memory=int(args.gpu_memory_gb * 1e9))
-    w = plan.Workload(examples=args.batch, mean_length=args.length, targets_per_example=args.length - 1,
+    w = estimate.Workload(examples=args.batch, mean_length=args.length, targets_per_example=args.length - 1,
                       max_length=args.length, top_k=K, encoding="compact", batch_size=args.batch,
                       teacher_batch_size=args.teacher_batch, max_batch_tokens=args.teacher_batch * args.length,
                       teacher_chunk=args.teacher_chunk, student_chunk=args.student_chunk,
                       teacher_dtype=args.dtype, precision=args.dtype)
-    teacher, student = plan.load_arch(args.teacher, args.layers), plan.load_arch(args.student, args.layers)
-    cache = plan.cache_teacher_plan(teacher, device, plan.Workload(**{**w.__dict__, "examples": args.teacher_batch}))
-    out = {"cache": cache, "train": plan.train_plan(student, device, w),
-           "online": plan.online_plan(teacher, student, device, w),
-           "sft": plan.train_plan(student, device, w, "SFT alone", head="hf")}
+    teacher, student = hardware.load_arch(args.teacher, args.layers), hardware.load_arch(args.student, args.layers)
+    cache = estimate.cache_teacher_plan(teacher, device, estimate.Workload(**{**w.__dict__, "examples": args.teacher_batch}))
+    out = {"cache": cache, "train": estimate.train_plan(student, device, w),
+           "online": estimate.online_plan(teacher, student, device, w),
+           "sft": estimate.train_plan(student, device, w, "SFT alone", head="hf")}
     return {k: {"peak_bytes": v.peak, "fits": v.fits, "seconds": v.seconds, "device_bytes": v.device_memory,
                 "memory": v.memory} for k, v in out.items()}
 

@@ -5,14 +5,14 @@
 #
 # Caches the demo teacher (runs/demo/teacher, vocabulary 300) on the 2,700 training numbers as top-k
 # k = 8 and 64 (plain) and sampled N = 6, 12, 24 (compact), distils the same untrained student
-# (runs/demo/student-init) from each with pure forward KL (alpha 1, T 1, bucket tail: the settings every
+# (runs/demo/student-init-seed0) from each with pure forward KL (alpha 1, T 1, bucket tail: the settings every
 # mode supports), same steps, batches and seed, and evaluates all on the 290 test numbers against a
 # held-out cache of the *full* teacher distribution (k = 300 = the vocabulary): KL there is the true KL.
 # One table per training seed: the seed-to-seed spread is the noise floor of the comparison.
 set -euo pipefail
 W=${1:-/tmp/kdpipe-sampled-vs-topk}
 SEEDS=${2:-0 1 2 3}
-T=runs/demo/teacher S=runs/demo/student-init
+T=runs/demo/teacher S=runs/demo/student-init-seed0
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false KDPIPE_NO_PROGRESS=1 OMP_NUM_THREADS=1
 [ -d "$T" ] && [ -d "$S" ] || { echo "run 'make demo' first (needs $T and $S)"; exit 2; }
 common=(--model "$T" --dataset kdpipe:arithmetic --dtype fp32 --batch-size 64)

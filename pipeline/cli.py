@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import logging
 import typing
 from collections.abc import Callable
 from typing import Any, Literal
@@ -18,6 +19,21 @@ from kdpipe.config import load_config
 from kdpipe.errors import KdpipeError
 from kdpipe.stages.base import Stage, flag_spelling
 from kdpipe.stages.registry import STAGES
+
+
+class ConsoleNotes(logging.Handler):
+    """kdpipe's log records (notes from the library and from stages run without an echo) as the command
+    line's notes on stderr; click resolves stderr when each is written, so redirections and click's test
+    runner see them."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(self.format(record), err=True)
+
+
+_logger = logging.getLogger("kdpipe")
+if not any(isinstance(h, ConsoleNotes) for h in _logger.handlers):
+    _logger.addHandler(ConsoleNotes())
+    _logger.setLevel(logging.INFO)
 
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 
@@ -49,7 +65,7 @@ def _field_option(f: dataclasses.Field, hint: Any, multiple: bool = False,
     if default not in (None, [], {}, "") and not isinstance(default, bool):
         shown = ",".join(default) if isinstance(default, list) else default
         help_text += f"  [default: {shown}]"
-    if hint is bool:
+    if hint is bool or hint == typing.Optional[bool]:  # noqa: UP045  (None: the option was not given)
         on, off = flag_spelling(f)
         return click.option(f"{on}/{off}", f.name, default=None, help=help_text)
     decls = [f"--{name}", *([short] if short else [])]
@@ -103,7 +119,7 @@ def cache_group() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def cache_info_cmd(path: str, as_json: bool) -> None:
     """Summarise a cache: teacher, data, k, encoding, sizes, bytes per target token."""
-    from kdpipe.cache.tools import info
+    from kdpipe.cache.commands import info
 
     summary = info(path)
     if as_json:
@@ -121,7 +137,7 @@ def cache_info_cmd(path: str, as_json: bool) -> None:
                                                 "counts only).")
 def cache_verify_cmd(paths: tuple[str, ...], no_values: bool) -> None:
     """Check checksums, schema, row counts and value sanity; non-zero exit naming what is broken."""
-    from kdpipe.cache.tools import verify
+    from kdpipe.cache.commands import verify
 
     failed = False
     for path in paths:
@@ -140,11 +156,11 @@ def cache_verify_cmd(paths: tuple[str, ...], no_values: bool) -> None:
 @click.option("--output", "-o", required=True, type=click.Path(), help="New folder for the merged cache.")
 def cache_merge_cmd(parts: tuple[str, ...], output: str) -> None:
     """Join the caches written with --num-shards/--shard-index into one."""
-    from kdpipe.cache.tools import merge
+    from kdpipe.cache.commands import merge
 
-    merged = merge(list(parts), output)
-    click.echo(f"merged {len(parts)} part(s): {merged.totals.rows} examples in "
-               f"{merged.totals.shards} shards -> {output}")
+    merged, written = merge(list(parts), output)
+    click.echo(f"{'merged' if written else 'already merged (nothing to do)'} {len(parts)} part(s): "
+               f"{merged.totals.rows} examples in {merged.totals.shards} shards -> {output}")
 
 
 @main.command("merge-lora")
@@ -155,7 +171,7 @@ def merge_lora_cmd(adapter: str, output: str) -> None:
     """Merge a LoRA adapter folder into its base model (loadable by AutoModelForCausalLM)."""
     from kdpipe.train.lora import merge_lora
 
-    click.echo(f"merged {adapter} -> {merge_lora(adapter, output)}")
+    click.echo(f"merged {adapter} -> {merge_lora(adapter, output, echo=click.echo)}")
 
 
 # ---- the stages: one command per entry of kdpipe.stages.registry.STAGES ----
@@ -238,14 +254,14 @@ def plan_cmd(teacher: str | None, student: str | None, gpu: str | None, gpu_memo
     fine-tune. Times assume packed batches (--mean-length tokens per example); --measure calibrates
     them with 3 real steps per stage on this machine.
     """
-    from kdpipe.plan import estimate as plan
+    from kdpipe.plan import estimate, hardware, report
 
     if max_length < 1:
         raise KdpipeError(f"--max-length must be at least 1, not {max_length}")
-    device = plan.get_device(gpu, gpu_memory_gb)
-    examples = limit if limit is not None else plan.dataset_examples(dataset) if dataset else None
+    device = hardware.get_device(gpu, gpu_memory_gb)
+    examples = limit if limit is not None else report.dataset_examples(dataset) if dataset else None
     if limit is not None and dataset:
-        examples = min(limit, plan.dataset_examples(dataset))
+        examples = min(limit, report.dataset_examples(dataset))
     if tokens is not None and not tokens > 0:
         raise KdpipeError(f"--tokens must be positive, not {tokens:g}")
     if examples is None and tokens is None:
@@ -256,7 +272,7 @@ def plan_cmd(teacher: str | None, student: str | None, gpu: str | None, gpu_memo
         mean_length = tokens / examples if tokens and examples else float(max_length)
     if examples is None:
         examples = max(1, round(tokens / mean_length))
-    w = plan.Workload(examples=examples, mean_length=mean_length,
+    w = estimate.Workload(examples=examples, mean_length=mean_length,
                       targets_per_example=(targets_per_example if targets_per_example is not None
                                            else mean_length - 1),
                       max_length=max_length, top_k=top_k, encoding=encoding, sparse_mode=sparse_mode,
@@ -266,12 +282,12 @@ def plan_cmd(teacher: str | None, student: str | None, gpu: str | None, gpu_memo
                       vllm_gpu_memory_utilization=vllm_gpu_memory_utilization,
                       vllm_max_num_batched_tokens=vllm_max_num_batched_tokens,
                       teacher_dtype=dtype, precision=precision)
-    result = plan.make_plan(teacher, student, device, w, layers)
+    result = estimate.make_plan(teacher, student, device, w, layers)
     if measure:
         from kdpipe.plan.measure import measure as run_steps
 
         run_steps(result, teacher, student, w)
-    click.echo(json.dumps(result, indent=2) if as_json else plan.format_plan(result))
+    click.echo(json.dumps(result, indent=2) if as_json else report.format_plan(result))
 
 
 # ---- run: a whole experiment from one YAML file ----

@@ -23,6 +23,13 @@ class KdpipeError(Exception):
         return self.message
 
 
+def first_line(error: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (at most `limit` characters), or its type's name when it
+    has none: what a KdpipeError quotes of an error from a library."""
+    text = str(error).strip()
+    return text.splitlines()[0][:limit] if text else type(error).__name__
+
+
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 

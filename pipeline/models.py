@@ -7,12 +7,14 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from kdpipe.errors import KdpipeError
+from kdpipe.errors import KdpipeError, first_line
 
 DTYPES = {"auto": "auto", "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -53,21 +55,36 @@ def load_tokenizer(name: str, revision: str | None = None) -> Any:
 
 
 def load_model(name: str, dtype: str = "auto", device: str = "auto", revision: str | None = None) -> Any:
-    """A causal LM in eval mode on `device` ("auto": CUDA if there is one, else CPU)."""
+    """A causal LM in eval mode on `device` ("auto": CUDA if there is one, else CPU); refused when the
+    checkpoint has no LM-head weights: transformers would load it with a random head (only a warning),
+    and the teacher would be cached, the generator would generate, the student would train as noise."""
     from transformers import AutoModelForCausalLM
 
     resolved = resolve_model_name(name)
     target = pick_device(device)  # an unusable device is reported before the weights load
-    kwargs: dict[str, Any] = {"dtype": DTYPES[dtype], "revision": revision}
+    kwargs: dict[str, Any] = {"dtype": DTYPES[dtype], "revision": revision, "output_loading_info": True}
     if device == "auto" and torch.cuda.is_available() and torch.cuda.device_count() > 1:
         kwargs["device_map"] = "auto"
     try:
-        model = AutoModelForCausalLM.from_pretrained(resolved, **kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(resolved, **kwargs)
     except Exception as e:
         raise KdpipeError(_load_error("model", name, resolved, e)) from None
+    head = [k for k in info.get("missing_keys", []) if "lm_head" in k or "embed_out" in k]
+    if head:
+        raise KdpipeError(f"--model {name} has no LM head ({sorted(head)[0]} is missing from its "
+                          "checkpoint): it is a base model without the layer that predicts tokens, so it "
+                          "cannot generate or be distilled; pass the causal-LM checkpoint (...ForCausalLM)")
     if "device_map" not in kwargs:
         model.to(target)
     return model.eval()
+
+
+def load_model_config(name: str, revision: str | None = None) -> Any:
+    """The model's transformers config (read before the weights, to check what they would refuse later);
+    the caller decides what a config that does not load means."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(resolve_model_name(name), revision=revision)
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -87,6 +104,34 @@ def pick_device(device: str = "auto") -> torch.device:
             raise KdpipeError(f"--device {device}: only {torch.cuda.device_count()} CUDA GPU(s) are visible "
                               f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
     return picked
+
+
+# Below this many parameters a model runs on one CPU thread: thread hand-offs on tiny matrices cost more
+# than they save (10x on a busy CPU).
+SMALL_MODEL = 20_000_000
+
+
+def small_on_cpu(params: int | None, device: str | torch.device) -> bool:
+    """Whether a model of `params` parameters (None: not known, so not small) on `device` is run on one
+    thread."""
+    return torch.device(device).type == "cpu" and params is not None and params < SMALL_MODEL
+
+
+def parameter_count(model: Any) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@contextmanager
+def threads_for(params: int | None, device: str | torch.device) -> Iterator[None]:
+    """One torch thread inside the block for a small model on the CPU (`small_on_cpu`); the thread count
+    is given back after it."""
+    threads = torch.get_num_threads()
+    if small_on_cpu(params, device):
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def causal_lm(model: Any) -> Any:
@@ -110,8 +155,12 @@ def head_is_linear(model: Any) -> bool:
     return all(getattr(config, name, None) is None for name in ("final_logit_softcapping", "logit_scale"))
 
 
-def last_hidden_states(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def last_hidden_states(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                       position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """The last hidden states [B, L, D] (after the final norm), through the model's own forward.
+
+    Padded rows come with their `attention_mask`; packed rows (`kdpipe.train.packing`) with `position_ids`
+    restarting per example and no mask.
 
     Through the forward, not the body alone, so that wrappers (peft, DDP, FSDP) run their hooks; a
     forward hook on the body catches its output, and ``logits_to_keep=1`` keeps the forward's own LM
@@ -125,7 +174,9 @@ def last_hidden_states(model: Any, input_ids: torch.Tensor, attention_mask: torc
     def hook(_module: Any, _args: Any, output: Any) -> None:
         captured["hidden"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
 
-    kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+    kwargs: dict[str, Any] = {"input_ids": input_ids, "use_cache": False}
+    kwargs.update({k: v for k, v in (("attention_mask", attention_mask), ("position_ids", position_ids))
+                   if v is not None})
     if "logits_to_keep" in inspect.signature(lm.forward).parameters:
         kwargs["logits_to_keep"] = 1
     handle = lm.base_model.register_forward_hook(hook)
@@ -150,6 +201,6 @@ def model_revision(model: Any) -> str | None:
 def _load_error(what: str, name: str, resolved: str, error: Exception) -> str:
     offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
     shown = name if resolved == name else f"{name} ({resolved})"
-    reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+    reason = first_line(error)
     hint = "offline mode is on (HF_HUB_OFFLINE)" if offline else "check the name or path and your network"
     return f"could not load the {what} {shown}: {reason}. {hint}"

@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import click
+from kdpipe.errors import KdpipeError, first_line
 
-from kdpipe.errors import KdpipeError
+log = logging.getLogger(__name__)
 
 RUN_FILE = "kdpipe_run.json"  # the run record of train-student / finetune
 LOCK_FILE = ".lock"  # held by the running train-student / finetune for its whole run
@@ -34,9 +35,7 @@ def read_json(path: str | Path, missing_ok: bool = True) -> dict[str, Any] | Non
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         if missing_ok:
             return None
-        text = str(e).strip().splitlines()
-        reason = (text[0] if text else type(e).__name__)[:300]
-        raise KdpipeError(f"{path} could not be read as JSON: {reason}") from None
+        raise KdpipeError(f"{path} could not be read as JSON: {first_line(e)}") from None
 
 
 def write_json(path: Path, record: dict[str, Any]) -> None:
@@ -81,6 +80,9 @@ def run_lock(out: Path) -> Iterator[None]:
         return
     from filelock import FileLock, Timeout
 
+    from kdpipe.cache.storage import Store
+
+    Store.open(str(out)).check_writable("--output")  # a read-only mount: said now, not after hours of work
     made = [p for p in (out, *out.parents) if not p.exists()]
     out.mkdir(parents=True, exist_ok=True)
     lock = FileLock(out / LOCK_FILE)
@@ -114,7 +116,7 @@ def check_output(cfg: Any, kind: str, identity: dict[str, Any]) -> str | None:
         return last_checkpoint(out) if cfg.resume else None
     previous = read_json(out / RUN_FILE)
     if cfg.resume:
-        checkpoint = last_checkpoint(out, echo=lambda m: click.echo(m, err=True))
+        checkpoint = last_checkpoint(out, echo=log.warning)
         # an unfinished run without a checkpoint starts over; a finished one has nothing to resume
         if checkpoint is None and (previous is None or previous.get("status") == "complete"):
             raise KdpipeError(

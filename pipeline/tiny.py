@@ -62,7 +62,7 @@ def vocabulary_note(tokenizer: Any, vocab_size: int, char_level: bool = False) -
 
 
 def init_model(
-    output: str | Path,
+    output: str | Path | None,
     tokenizer: Any,
     hidden_size: int = 64,
     num_layers: int = 2,
@@ -73,31 +73,34 @@ def init_model(
     max_position_embeddings: int = 2048,
     vocab_size: int | None = None,
     seed: int = 0,
+    tie: bool = False,
+    like: Any = None,
 ) -> Any:
-    """Save a randomly initialised Qwen3 causal LM and `tokenizer` to `output`; return the model.
+    """A randomly initialised Qwen3 causal LM (or one of `like`'s architecture: a transformers config
+    whose sizes are replaced), saved with `tokenizer` to `output` unless None; returns the model.
 
     `vocab_size` may exceed the tokenizer's length (padded embedding rows, as Qwen's checkpoints have).
-    head_dim stays >= 32 so that vLLM's CPU attention accepts the model.
+    head_dim stays >= 32 so that vLLM's CPU attention accepts the model. The config's bos/eos/pad ids are
+    the tokenizer's; `tie`: the LM head is the embedding matrix.
     """
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from transformers import AutoModelForCausalLM, Qwen3Config
 
+    from kdpipe.students import like_config, token_ids
+
+    sizes = {"hidden_size": hidden_size, "intermediate_size": intermediate_size or 4 * hidden_size,
+             "num_hidden_layers": num_layers, "num_attention_heads": num_heads,
+             "num_key_value_heads": num_kv_heads, "head_dim": head_dim}
+    if like is not None:
+        config = like_config(like, sizes, tokenizer, tie)
+    else:
+        config = Qwen3Config(vocab_size=len(tokenizer), max_position_embeddings=max_position_embeddings,
+                             tie_word_embeddings=tie, **sizes, **token_ids(tokenizer))
+    if vocab_size:
+        config.vocab_size = vocab_size
     torch.manual_seed(seed)
-    config = Qwen3Config(
-        vocab_size=vocab_size or len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size or 4 * hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads,
-        head_dim=head_dim,
-        max_position_embeddings=max_position_embeddings,
-        tie_word_embeddings=False,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=None,
-    )
-    model = Qwen3ForCausalLM(config).eval()
-    Path(output).mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(output)
-    tokenizer.save_pretrained(output)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    if output is not None:
+        Path(output).mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(output)
+        tokenizer.save_pretrained(output)
     return model

@@ -12,12 +12,19 @@ This module imports neither torch nor the recipes, so `kdpipe --help` stays fast
 from __future__ import annotations
 
 import dataclasses
+import logging
 import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 Echo = Callable[[str], None]
+
+
+def log_note(message: str) -> None:
+    """The echo of a stage run as a library (no echo given): kdpipe's logger, which the command line shows
+    on stderr (`kdpipe.cli`)."""
+    logging.getLogger("kdpipe.stages").info(message)
 # `state(cfg, command, anything_ran)` -> ("skip" | "run" | "resume" | "restart", why)
 StateFn = Callable[[Any, str, bool], tuple[str, str]]
 # `runner(cfg, command, echo, state)` -> the stage's result (a manifest, a run record, results, ...); state is
@@ -40,9 +47,10 @@ class Stage:
     cache-teacher). state: skip/resume given what is on disk. summary: one line about a result.
     report: what the command prints at the end (default: the summary). trains: writes a run record
     (kdpipe_run.json), as train-student and finetune do. repeatable: list options given once per
-    value (``--model A --model B``). plan_kind: what `kdpipe.plan.estimate.step_line` predicts (or None).
+    value (``--model A --model B``). plan_kind: what `kdpipe.plan.report.step_line` predicts (or None).
     tabulates: its result is the evaluation table `kdpipe run` ends with. previous: the result a
     skipped step left behind (for that table). short_options: one-letter aliases (``output: -o``).
+    required: options without which the stage cannot start (`kdpipe run --dry-run` names them).
     """
 
     name: str
@@ -59,6 +67,7 @@ class Stage:
     tabulates: bool = False
     previous: Callable[[Any], Any] = lambda cfg: None
     short_options: dict[str, str] = field(default_factory=dict)  # field -> "-o"
+    required: tuple[str, ...] = ()
 
     def run(self, cfg: Any, command: str | None = None, echo: Echo = print, state: str | None = None) -> Any:
         """Run the stage on `cfg`; `command` is recorded in its outputs (default: rebuilt from `cfg`)."""

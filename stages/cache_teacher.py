@@ -10,14 +10,13 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import click
 from tqdm.auto import tqdm
 
 import kdpipe
 from kdpipe.cache.format import ENCODINGS, Targets, ids_hash
-from kdpipe.cache.manifest import (
+from kdpipe.cache.manifest import Manifest
+from kdpipe.cache.sections import (
     DatasetInfo,
-    Manifest,
     Sharding,
     SparseMode,
     SparseSpec,
@@ -36,6 +35,7 @@ from kdpipe.data.tokenize import tokenize_examples
 from kdpipe.errors import KdpipeError
 from kdpipe.models import (
     load_model,
+    load_model_config,
     load_tokenizer,
     model_revision,
     pick_device,
@@ -43,6 +43,7 @@ from kdpipe.models import (
     vocab_hash,
 )
 from kdpipe.precision import resolve_dtype
+from kdpipe.stages.base import Echo, log_note
 from kdpipe.stages.configs import CacheTeacherConfig
 from kdpipe.teacher.hf import HFTeacher, Sampling, TeacherBackend, make_batches
 
@@ -57,11 +58,13 @@ class CacheRun:
     elapsed_s: float
 
 
-def run(cfg: CacheTeacherConfig, command: str = "", teacher: TeacherBackend | None = None) -> CacheRun:
+def run(cfg: CacheTeacherConfig, command: str = "", teacher: TeacherBackend | None = None,
+        echo: Echo = log_note) -> CacheRun:
     """Cache the teacher's targets for `cfg`; returns the final manifest and the time taken.
 
     `teacher` is a backend already loaded for `cfg` (e.g. to cache several splits with one load);
-    otherwise the teacher is loaded here and released at the end, before any later stage.
+    otherwise the teacher is loaded here and released at the end, before any later stage. Notes (what a
+    resume repaired, a max_length lowered to the teacher's context) go to `echo`.
     """
     if not cfg.model:
         raise KdpipeError("no teacher given: pass --model (or 'model:' in the config file)")
@@ -73,7 +76,7 @@ def run(cfg: CacheTeacherConfig, command: str = "", teacher: TeacherBackend | No
     tokenizer = load_tokenizer(cfg.model, cfg.revision)
     template = get_template(cfg.resolved_template(), cfg.label_names)
     selection = load_examples(cfg)
-    _check_model_limits(cfg)
+    _check_model_limits(cfg, echo)
     examples, report = tokenize_examples(selection.examples, template, tokenizer, cfg)
 
     total_shards = -(-len(examples) // cfg.rows_per_shard)
@@ -83,7 +86,7 @@ def run(cfg: CacheTeacherConfig, command: str = "", teacher: TeacherBackend | No
     teacher = _load_teacher(cfg) if owned else teacher
     try:
         return _write(cfg, command, tokenizer, template, selection, examples, report, teacher, total_shards,
-                      assigned)
+                      assigned, echo)
     finally:
         if owned:
             getattr(teacher, "close", lambda: None)()
@@ -91,7 +94,7 @@ def run(cfg: CacheTeacherConfig, command: str = "", teacher: TeacherBackend | No
 
 def _write(cfg: CacheTeacherConfig, command: str, tokenizer: Any, template: Any, selection: Any,
            examples: list[Any], report: Any, teacher: TeacherBackend, total_shards: int,
-           assigned: list[int]) -> CacheRun:
+           assigned: list[int], echo: Echo) -> CacheRun:
     """Score and write every pending shard of this machine's part."""
     header = new_manifest(cfg, command, tokenizer, template, selection, report, teacher, total_shards)
     encode = ENCODINGS[cfg.encoding].encode
@@ -100,7 +103,7 @@ def _write(cfg: CacheTeacherConfig, command: str, tokenizer: Any, template: Any,
     rows_of = {i: examples[i * cfg.rows_per_shard : (i + 1) * cfg.rows_per_shard] for i in assigned}
     shard_ids = {i: ids_hash([e.id for e in rows]) for i, rows in rows_of.items()}
     with CacheWriter(cfg.cache_folder(), header, assigned, cfg.overwrite, shard_ids) as writer:
-        _resume_notes(writer)
+        _resume_notes(writer, echo)
         todo = writer.pending()
         todo_rows = [rows_of[i] for i in todo]
         bar = tqdm(total=sum(map(len, todo_rows)), unit="ex", desc=f"caching {cfg.model}", dynamic_ncols=True,
@@ -124,17 +127,17 @@ def _write(cfg: CacheTeacherConfig, command: str, tokenizer: Any, template: Any,
     return CacheRun(manifest, round(time.perf_counter() - start, 2))
 
 
-def _resume_notes(writer: CacheWriter) -> None:
+def _resume_notes(writer: CacheWriter, echo: Echo) -> None:
     """Say what the resume found and repaired."""
     if writer.rebuilt:
         kept = len(writer.manifest.shards)
-        click.echo(f"note: {writer.rebuilt}: rebuilt from the shards' own metadata ({kept} verified and "
-                   "kept, the rest computed again)", err=True)
+        echo(f"note: {writer.rebuilt}: rebuilt from the shards' own metadata ({kept} verified and "
+             "kept, the rest computed again)")
     if writer.rewritten:
-        click.echo(f"note: {', '.join(writer.rewritten)} missing or damaged (size or sha256 differs from the "
-                   "manifest): written again", err=True)
+        echo(f"note: {', '.join(writer.rewritten)} missing or damaged (size or sha256 differs from the "
+             "manifest): written again")
     if writer.refused:
-        click.echo(f"note: not adopted, computed again: {', '.join(writer.refused)}", err=True)
+        echo(f"note: not adopted, computed again: {', '.join(writer.refused)}")
 
 
 def _check_finite(t: Targets, example: Any, index: int, header: Manifest) -> None:
@@ -162,14 +165,11 @@ def sparse_spec(cfg: CacheTeacherConfig) -> SparseSpec:
     return SparseSpec.sampled(cfg.samples, cfg.proposal_temperature, cfg.seed)
 
 
-def _check_model_limits(cfg: CacheTeacherConfig) -> None:
+def _check_model_limits(cfg: CacheTeacherConfig, echo: Echo) -> None:
     """top_k within the teacher's vocabulary; max_length lowered to the teacher's context (positions beyond
     it are garbage or a crash)."""
-    from transformers import AutoConfig
-
     try:
-        config = AutoConfig.from_pretrained(resolve_model_name(cfg.model), revision=cfg.revision)
-        config = config.get_text_config()
+        config = load_model_config(cfg.model, cfg.revision).get_text_config()
     except Exception:  # the model load right after reports it clearly
         return
     if cfg.sparse_mode == SparseMode.TOPK and cfg.top_k > config.vocab_size:
@@ -177,9 +177,8 @@ def _check_model_limits(cfg: CacheTeacherConfig) -> None:
                           f"({config.vocab_size} tokens)")
     context = getattr(config, "max_position_embeddings", None)
     if context and cfg.max_length > context:
-        click.echo(f"note: max_length={cfg.max_length} is longer than the teacher's context ({context} "
-                   "tokens); "
-                   f"using max_length={context} (longer examples: --truncation {cfg.truncation})", err=True)
+        echo(f"note: max_length={cfg.max_length} is longer than the teacher's context ({context} tokens); "
+             f"using max_length={context} (longer examples: --truncation {cfg.truncation})")
         cfg.max_length = context
 
 
@@ -208,10 +207,8 @@ def sampling(cfg: CacheTeacherConfig) -> Sampling | None:
 
 def _vllm_model_len(cfg: CacheTeacherConfig) -> int | None:
     """max_length + 1 (vLLM counts the one generated token), capped by the model's own limit."""
-    from transformers import AutoConfig
-
     try:
-        config = AutoConfig.from_pretrained(resolve_model_name(cfg.model), revision=cfg.revision)
+        config = load_model_config(cfg.model, cfg.revision)
     except Exception:  # the engine start reports it
         return None
     limit = getattr(config.get_text_config(), "max_position_embeddings", None)

@@ -1,7 +1,7 @@
 """The stages' configs: one dataclass per stage, whose fields are its YAML keys and (with dashes) its CLI
 options. Torch-free on purpose: the CLI builds every command's options from these classes, so
-`kdpipe --help` and an option error never import torch or transformers. Each stage module re-exports
-its config (``from kdpipe.stages.train_student import TrainStudentConfig`` keeps working).
+`kdpipe --help` and an option error never import torch or transformers. Each stage's recipe module
+imports its config from here.
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ class CacheTeacherConfig(DataConfig):
             return self.cache if is_url(self.cache) else Path(self.cache)
         source = self.dataset or "data"
         stem = Path(source).stem if Path(source).suffix else re.split(r"[/:]", source)[-1]
-        return Path("cache") / re.sub(r"[^A-Za-z0-9_.-]+", "-", stem).strip("-")
+        return Path("cache") / _slug(stem)
 
 
 @dataclass
@@ -210,8 +210,9 @@ class TrainStudentConfig(TrainConfig):
         return [] if not self.cache else [self.cache] if isinstance(self.cache, str) else list(self.cache)
 
     def loss_config(self, sampled: bool = False) -> DistillLossConfig:
-        return DistillLossConfig(self.loss, self.alpha, self.temperature, self.skew, self.beta, self.tail,
-                                 self.chunk_size, sampled=sampled)
+        return DistillLossConfig(loss=self.loss, alpha=self.alpha, temperature=self.temperature,
+                                 skew=self.skew, beta=self.beta, tail=self.tail, chunk_size=self.chunk_size,
+                                 sampled=sampled)
 
     def output_folder(self) -> Path:
         if self.output:
@@ -264,7 +265,11 @@ class EvaluateConfig(DataConfig):
     max_new_tokens: int | None = option(None, "Generation length (default: longest reference + 16; 256 for "
                                               "sentiment-think).")
     lm_eval: list[str] = option([], "lm-evaluation-harness tasks, e.g. ifeval,hellaswag (needs "
-                                    "kdpipe[lm-eval]; --limit applies).")
+                                    "kdpipe[lm-eval]; --limit applies; --max-new-tokens caps generation).")
+    lm_eval_data: list[str] = option([], "TASK=FILE: run that --lm-eval task on a local JSONL/JSON/CSV/"
+                                         "Parquet file in the task's own format instead of its hub data set "
+                                         "(e.g. ifeval=ifeval.jsonl with key, prompt, instruction_id_list, "
+                                         "kwargs).")
     output: str | None = option(None, "Folder for results.json/.csv, predictions and plots (default: "
                                       "RUN/eval for a run, else eval).")
     batch_size: int = option(64, "Most sequences in one forward pass (or one generation batch).")
@@ -289,6 +294,18 @@ class EvaluateConfig(DataConfig):
         for name in ("max_new_tokens", "cache_limit"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
+        for pair in self.lm_eval_data:
+            task, _, path = pair.partition("=")
+            if not task or not path:
+                raise ValueError(f"lm_eval_data takes TASK=FILE (e.g. ifeval=ifeval.jsonl), not {pair!r}")
+            if task not in self.lm_eval:
+                raise ValueError(f"lm_eval_data names the task {task!r}, which is not among the lm_eval "
+                                 f"tasks ({', '.join(self.lm_eval) or 'none'}): add --lm-eval {task}")
+
+    @property
+    def lm_eval_files(self) -> dict[str, str]:
+        """--lm-eval-data as {task: file}."""
+        return dict(pair.partition("=")[::2] for pair in self.lm_eval_data)
 
 
 def _slug(text: str) -> str:

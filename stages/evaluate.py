@@ -41,7 +41,7 @@ def run(cfg: EvaluateConfig, command: str = "", echo: Callable[[str], None] = pr
     tasks = resolve_tasks(cfg, template)
     if not tasks and not cfg.cache and not cfg.lm_eval:
         raise KdpipeError("nothing to evaluate: pass --dataset (with --task), --cache and/or --lm-eval")
-    manager = harness.check_lm_eval(cfg.lm_eval) if cfg.lm_eval else None
+    manager = harness.check_lm_eval(cfg.lm_eval, cfg.lm_eval_files) if cfg.lm_eval else None
     examples = load_examples(cfg).examples if tasks else []
     if tasks:
         check_examples(examples, template, tasks, cfg)
@@ -52,7 +52,8 @@ def run(cfg: EvaluateConfig, command: str = "", echo: Callable[[str], None] = pr
     results: dict[str, Any] = {
         "kdpipe_version": kdpipe.__version__, "command": command,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "data": data_info(cfg, examples, template, tasks),
-        "cache": cfg.cache, "lm_eval": cfg.lm_eval, "definitions": {}, "models": [],
+        "cache": cfg.cache, "lm_eval": cfg.lm_eval, "lm_eval_data": cfg.lm_eval_files, "definitions": {},
+        "models": [],
     }
     predictions: list[dict[str, Any]] = []
     for spec in models:  # one at a time: never two models in memory
@@ -109,7 +110,9 @@ def evaluate_model(spec: Any, tokenizer: Any, cfg: EvaluateConfig, work: Work,
         fid = fidelity.fidelity(model, tokenizer, work.cache, cfg, spec)
         values.update({f"fidelity/{k}": v for k, v in fid.items()})
     if cfg.lm_eval:
-        values.update(harness.run_lm_eval(model, tokenizer, cfg, work.lm_eval_manager))
+        scores, samples = harness.run_lm_eval(model, tokenizer, cfg, work.lm_eval_manager)
+        values.update(scores)
+        predictions += [{"model": spec.name, **p} for p in samples]
     torch.set_num_threads(threads)
     del model
     gc.collect()

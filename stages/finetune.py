@@ -18,7 +18,6 @@ from kdpipe.data.templates import get_template
 from kdpipe.data.tokenize import tokenize_examples
 from kdpipe.errors import KdpipeError
 from kdpipe.stages.configs import FinetuneConfig
-from kdpipe.stages.train_student import summary  # noqa: F401  (summary is re-exported for the CLI)
 from kdpipe.train import setup as training
 
 # The config is defined torch-free in kdpipe.stages.configs (the CLI builds its options from it).

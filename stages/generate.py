@@ -30,7 +30,7 @@ def run(cfg: GenerateConfig, command: str = "") -> dict[str, Any]:
 
     from kdpipe.data.generated import GeneratedFile
     from kdpipe.data.templates import get_template
-    from kdpipe.generation.hf import check_can_generate, make_jobs, output_field
+    from kdpipe.generation.hf import check_can_generate, make_jobs
     from kdpipe.models import load_tokenizer, pick_device, resolve_model_name
     from kdpipe.precision import resolve_dtype
 
@@ -45,7 +45,7 @@ def run(cfg: GenerateConfig, command: str = "") -> dict[str, Any]:
     tokenizer = load_tokenizer(cfg.model, cfg.revision)
     template = get_template(cfg.resolved_template(), cfg.label_names)
     selection = choose_fraction(load_examples(cfg), cfg.fraction, cfg.selection_seed())
-    field = output_field(template)
+    field = template.output_field()
     jobs, slot, skipped = make_jobs(selection.examples, template, tokenizer, field, cfg.samples,
                                     cfg.max_length, cfg.truncation)
     column = cfg.resolved_columns().get(field, field)  # the file keeps the source's column names

@@ -22,238 +22,28 @@ A training step that crashed resumes from its last checkpoint (or starts over wh
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kdpipe.config import build_config, read_yaml, to_dict
+from kdpipe.config import to_dict
 from kdpipe.errors import KdpipeError
-from kdpipe.run_folder import EXPERIMENT_FILE, INIT_FILE, RUN_FILE, read_json  # noqa: F401  (re-exported)
-from kdpipe.stages import registry, rounds
-from kdpipe.stages.base import Stage, command_line
-from kdpipe.stages.init_model import InitModelConfig, changed  # noqa: F401  (InitModelConfig: re-exported)
-
-
-@dataclass
-class Step:
-    """A section of the experiment file: the stage it runs and its default output (filled in with the
-    experiment's name and the step's folder name)."""
-
-    name: str
-    stage: Stage
-    default_output: str = "runs/{name}/{folder}"
-
-    @property
-    def cls(self) -> type:
-        return self.stage.config
-
-    def output(self, experiment: str) -> str:
-        return self.default_output.format(name=experiment, folder=self.name.replace("_", "-"))
-
-
-STEPS = [
-    Step("teacher_init", registry.INIT_MODEL),
-    Step("finetune", registry.FINETUNE),
-    Step("cache", registry.CACHE_TEACHER, "cache/{name}"),
-    Step("heldout_cache", registry.CACHE_TEACHER, "cache/{name}-heldout"),
-    Step("student_init", registry.INIT_MODEL),
-    Step("train", registry.TRAIN_STUDENT),
-    Step("baseline", registry.FINETUNE),
-    Step("evaluate", registry.EVALUATE, "runs/{name}/eval"),
-]
-STEP_NAMES = [s.name for s in STEPS]
-TOP_KEYS = {"name": "experiment name: default folders runs/NAME/STEP and cache/NAME[-heldout]",
-            "seed": "default seed of every section that has one",
-            "base": "YAML file (relative to this one) whose keys this file extends",
-            "description": "free text",
-            "labels": "names of the evaluated models in the final table, by reference (e.g. '@train': "
-                      "student after KD)",
-            "rounds": "on-policy rounds after train: {count, fraction, seed, generate: {...}, cache: {...}, "
-                      "train: {...}} (README: generate)"}
-
-
-@dataclass
-class Plan:
-    """A validated experiment: the steps to run, in order, with their resolved configs."""
-
-    path: Path
-    name: str
-    steps: list[tuple[Step, Any]]  # (step, config)
-    labels: dict[str, str]
-    outputs: dict[str, str]
-    notes: list[str] = field(default_factory=list)  # lines --dry-run adds after the steps
-
-
-# ---------------------------------------------------------------- loading
-
-
-def read_experiment(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """The YAML mapping of `path`, merged over its `base:` file (sections merged key by key)."""
-    path = Path(path)
-    if path.resolve() in _seen:
-        raise KdpipeError(f"{path}: 'base' inheritance loops back to {path}")
-    data = read_yaml(path)
-    base = data.pop("base", None)
-    if base is None:
-        return data
-    parent = read_experiment(path.parent / str(base), (*_seen, path.resolve()))
-    for key, value in data.items():
-        if isinstance(value, dict) and isinstance(parent.get(key), dict):
-            parent[key] = {**parent[key], **value}
-        elif value is None and (key in STEP_NAMES or key == "rounds"):
-            parent.pop(key, None)  # `section: null` drops an inherited step
-        else:
-            parent[key] = value
-    return parent
-
-
-def plan(path: str | Path) -> Plan:
-    """Read and validate `path`; resolve defaults and references. Loads no model and no data."""
-    data = read_experiment(path)
-    source = str(path)
-    unknown = [k for k in data if k not in STEP_NAMES and k not in TOP_KEYS]
-    if unknown:
-        raise KdpipeError(f"{source}: unknown section '{unknown[0]}'; sections: {', '.join(STEP_NAMES)}; "
-                          f"other top-level keys: {', '.join(TOP_KEYS)}")
-    name = str(data.get("name") or Path(path).stem)
-    seed = data.get("seed")
-    outputs: dict[str, str] = {}
-    steps: list[tuple[Step, Any]] = []
-    spec = (rounds.read_spec(data["rounds"], seed, f"{source}: section 'rounds'")
-            if data.get("rounds") is not None else None)
-    added: list[tuple[Step, Any]] = []
-    for step in STEPS:
-        if step.name not in data:
-            continue
-        values = data[step.name]
-        if values is None:
-            continue
-        if not isinstance(values, dict):
-            raise KdpipeError(f"{source}: section '{step.name}' must be a mapping of {step.name} options")
-        values = dict(values)
-        fields = {f.name for f in dataclasses.fields(step.cls)}
-        if seed is not None and "seed" in fields and "seed" not in values:
-            values["seed"] = seed
-        values = {k: _resolve(v, outputs, f"{source}: section '{step.name}', key '{k}'")
-                  for k, v in values.items()}
-        values = {k: _beside(Path(path), k, v) for k, v in values.items()}
-        cfg = build_config(step.cls, values, source=f"{source}: section '{step.name}'")
-        outputs[step.name] = step.stage.set_output(cfg, step.output(name))
-        steps.append((step, cfg))
-        if step.name == "train" and spec:  # the on-policy rounds continue the trained student
-            added = rounds.expand(spec, steps, Step, name, f"{source}: section 'rounds'")
-            outputs.update((s.name, s.stage.output(c)) for s, c in added)
-            steps += added
-    if not steps:
-        raise KdpipeError(f"{source}: no steps; give at least one of the sections {', '.join(STEP_NAMES)}")
-    if spec and not added:
-        rounds.expand(spec, steps, Step, name, f"{source}: section 'rounds'")  # says what is missing
-    labels = {}
-    for ref, label in _label_pairs(data.get("labels"), source):
-        labels[_resolve(ref, outputs, f"{source}: labels")] = str(label)
-    rounds.add_to_evaluate(steps, added, labels)
-    notes = [line for line in [rounds.steps_line(steps)] if line]
-    return Plan(Path(path), name, steps, labels, outputs, notes)
-
-
-def _label_pairs(labels: Any, source: str) -> list[tuple[Any, Any]]:
-    """`labels:` as a mapping, or a list of one-key mappings (``- "@train": student``, an easy YAML slip)."""
-    if not labels:
-        return []
-    if isinstance(labels, list) and all(isinstance(item, dict) and len(item) == 1 for item in labels):
-        return [pair for item in labels for pair in item.items()]
-    if not isinstance(labels, dict):
-        raise KdpipeError(f"{source}: 'labels' must map a model to its name in the final table, e.g.\n"
-                          "labels:\n  \"@train\": student after KD\n  runs/old/student: previous student\n"
-                          f"(a mapping, not {type(labels).__name__} {labels!r})")
-    return list(labels.items())
-
-
-INPUT_FILES = ("dataset", "train_tokenizer_on", "template", "checker")  # keys naming a file the step reads
-INPUT_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".yaml", ".yml", ".py")  # data, template, checker
-
-
-def _beside(config: Path, key: str, value: Any) -> Any:
-    """A relative data, template or checker file of the config is found next to the config (as `base:` is).
-
-    Model, cache and output folders stay relative to the working directory: that is where the steps write
-    and where `kdpipe evaluate` and the other commands find them.
-    """
-    if key not in INPUT_FILES or not isinstance(value, str):
-        return value
-    file, sep, function = value.rpartition(":") if key == "checker" else (value, "", "")
-    local = Path(file).suffix.lower() in INPUT_SUFFIXES
-    if not local or Path(file).is_absolute() or file.startswith("~"):
-        return value
-    return os.path.normpath(config.parent / file) + sep + function
-
-
-def missing_inputs(step: Step, cfg: Any, produced: set[str]) -> list[str]:
-    """Files and folders the step reads that do not exist and that no earlier step writes (for --dry-run)."""
-    missing = []
-    for key in (*INPUT_FILES, "model", "tokenizer", "cache"):
-        value = getattr(cfg, key, None)
-        if key == step.stage.output_key:
-            continue  # the step writes it
-        for item in value if isinstance(value, list) else [value]:
-            if not isinstance(item, str) or item in produced or "://" in item:
-                continue
-            file = item.rpartition(":")[0] if key == "checker" else item
-            local = Path(file).suffix.lower() in INPUT_SUFFIXES or file.startswith(("/", ".", "~"))
-            if (local or key == "cache") and not Path(file).expanduser().exists():
-                missing.append(f"{key} {file} does not exist")
-    return missing
-
-
-def _resolve(value: Any, outputs: dict[str, str], where: str) -> Any:
-    """'@step' -> that step's output folder (also inside lists)."""
-    if isinstance(value, list):
-        return [_resolve(v, outputs, where) for v in value]
-    if isinstance(value, str) and value.startswith("@"):
-        ref = value[1:]
-        if ref not in STEP_NAMES and ref not in outputs:  # a round's step (@round1_train) once planned
-            raise KdpipeError(f"{where}: '{value}' names no step; steps: "
-                              f"{', '.join('@' + s for s in STEP_NAMES)}")
-        if ref not in outputs:
-            raise KdpipeError(f"{where}: '{value}' refers to a step that is not in this config or comes "
-                              "later")
-        return outputs[ref]
-    return value
-
-
-def standalone_command(step: Step, cfg: Any) -> str:
-    """The `kdpipe ...` command that does what this step does (recorded in the outputs, printed by
-    --dry-run): `kdpipe.stages.base.command_line`."""
-    return command_line(step.stage, cfg)
-
-
-def step_state(step: Step, cfg: Any, anything_ran: bool) -> tuple[str, str]:
-    """('skip'|'run'|'resume'|'restart', why) for this step given what is on disk."""
-    return step.stage.state(cfg, command_line(step.stage, cfg), anything_ran)
-
-
-_read_json = read_json  # old name (final_table, tests)
-_changed = changed
-
-
-# ---------------------------------------------------------------- running
-
-
-def select(p: Plan, start: str | None = None, only: str | None = None) -> list[tuple[Step, Any]]:
-    names = [s.name for s, _ in p.steps]
-    for flag, value in (("--from", start), ("--only", only)):
-        if value is not None and value not in names:
-            raise KdpipeError(f"{flag} {value}: {p.path} has no such step; its steps: {', '.join(names)}")
-    if only:
-        return [(s, c) for s, c in p.steps if s.name == only]
-    if start:
-        return p.steps[names.index(start):]
-    return list(p.steps)
+from kdpipe.run_folder import EXPERIMENT_FILE
+from kdpipe.stages import registry, seeds
+from kdpipe.stages.experiment import (
+    Plan,
+    Step,
+    missing_inputs,
+    plan,
+    select,
+    standalone_command,
+    step_state,
+    unset,
+)
+from kdpipe.stages.tables import final_table, label, params, seeds_table, train_seconds
 
 
 def describe(p: Plan, steps: list[tuple[Step, Any]]) -> str:
@@ -265,18 +55,19 @@ def describe(p: Plan, steps: list[tuple[Step, Any]]) -> str:
     first = [s.name for s, _ in p.steps].index(steps[0][0].name) if steps else 0
     produced = {p.outputs[s.name] for s, _ in p.steps[:first]}  # --from / --only: the earlier steps are done
     cache_length = None  # what train steps plan with: the sequences the cache step writes
+    width = max([15] + [len(s.name) for s, _ in steps])  # train.seed1, round1_generate.seed0 ...
     for i, (step, cfg) in enumerate(steps, 1):
         try:
             state, why = step_state(step, cfg, anything_ran=False)
         except KdpipeError as e:
             state, why = "error", e.message
-        lines.append(f"{i}. {step.name:<15} [{state}] {why}".rstrip())
+        lines.append(f"{i}. {step.name:<{width}} [{state}] {why}".rstrip())
         lines.append(f"     {standalone_command(step, cfg)}")
         lines += [f"     missing: {what}" for what in missing_inputs(step, cfg, produced)]
         produced.add(p.outputs[step.name])
         cache_length = cfg.max_length if step.name == "cache" else cache_length  # the training data's length
         predicted = (step_line(step.stage.plan_kind, cfg, cache_length, pending=set(p.outputs.values()))
-                     if step.stage.plan_kind else None)
+                     if step.stage.plan_kind and not unset(step, cfg) else None)  # no model: nothing to plan
         if predicted:
             lines.append(f"     {predicted}")
     return "\n".join(lines + p.notes)
@@ -292,8 +83,11 @@ def run(path: str | Path, start: str | None = None, only: str | None = None, dry
         echo(describe(p, steps))
         return {"plan": [s.name for s, _ in steps], "done": {}}
     write_experiment_record(p)
+    if p.threads:
+        echo(f"torch threads: {p.threads} (threads: in {p.path}; results on a CPU depend on the thread "
+             "count)")
     done: dict[str, dict[str, Any]] = {}
-    results = None
+    evaluations: dict[int | None, tuple[Any, dict[str, Any]]] = {}  # seed -> (evaluate config, results)
     anything_ran = False
     total = time.perf_counter()
     for i, (step, cfg) in enumerate(steps, 1):
@@ -302,22 +96,42 @@ def run(path: str | Path, start: str | None = None, only: str | None = None, dry
         if state == "skip":
             echo(f"[{i}/{len(steps)}] {step.name}: skipped ({why})")
             done[step.name] = {"state": "skipped", "seconds": 0.0}
-            results = step.stage.previous(cfg) if step.stage.tabulates else results
+            if step.stage.tabulates:
+                evaluations[step.seed] = (cfg, step.stage.previous(cfg))
             continue
         echo(f"[{i}/{len(steps)}] {step.name}: {command}" + (f"\n      ({why})" if why else ""))
         start_t = time.perf_counter()
-        result = _run_step(step, cfg, command, state, echo)
-        results = result if step.stage.tabulates else results
+        result = _run_step(step, cfg, command, state, echo, p.threads)
+        if step.stage.tabulates:
+            evaluations[step.seed] = (cfg, result)
         anything_ran = True
         done[step.name] = {"state": state, "seconds": round(time.perf_counter() - start_t, 1)}
         echo(f"      {step.name} done in {done[step.name]['seconds']:.1f} s")
     echo(f"experiment {p.name}: {sum(1 for d in done.values() if d['state'] != 'skipped')} step(s) run, "
          f"{sum(1 for d in done.values() if d['state'] == 'skipped')} skipped, "
          f"{time.perf_counter() - total:.1f} s")
-    if results is not None:
+    evaluations = {seed: (cfg, r) for seed, (cfg, r) in evaluations.items() if r is not None}
+    results = None
+    if p.seeds is not None and evaluations:
+        results = seed_summary(p, evaluations)
         echo("")
-        echo(final_table(p, results))
+        echo(seeds.describe(results))
+        echo(seeds_table(results))
+    elif evaluations:
+        results = evaluations[None][1]
+        echo("")
+        echo(final_table(p.labels, results))
     return {"plan": [s.name for s, _ in steps], "done": done, "results": results}
+
+
+def seed_summary(p: Plan, evaluations: dict[Any, tuple[Any, dict[str, Any]]]) -> dict[str, Any]:
+    """Mean and range over the seeds' evaluations, written to the evaluate section's own folder."""
+    summary = seeds.summarise({seed: r for seed, (_, r) in evaluations.items()}, lambda m: label(p.labels, m),
+                              train_seconds)
+    summary["evaluations"] = {seed: cfg.output for seed, (cfg, _) in sorted(evaluations.items())}
+    summary["config"] = str(p.path)
+    summary["written_to"] = str(seeds.write(summary, p.seeds_output))
+    return summary
 
 
 def write_experiment_record(p: Plan) -> None:
@@ -347,21 +161,25 @@ def write_experiment_record(p: Plan) -> None:
     (home / EXPERIMENT_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
 
-def _run_step(step: Step, cfg: Any, command: str, state: str, echo: Callable[[str], None]) -> Any:
-    """Run one step; a tiny model on a CPU uses one thread (thread hand-offs cost more than they save)."""
+def _run_step(step: Step, cfg: Any, command: str, state: str, echo: Callable[[str], None],
+              threads: int | None = None) -> Any:
+    """Run one step with `threads` torch threads (`threads:` of the file); by default a small model on a CPU
+    uses one thread (`kdpipe.models.threads_for`: thread hand-offs cost more than they save)."""
     import torch
 
-    threads = torch.get_num_threads()
-    model = getattr(cfg, "model", None)
-    if isinstance(model, str) and not torch.cuda.is_available() and (_params(model) or 10**9) < SMALL_MODEL:
-        torch.set_num_threads(1)
-    try:
-        return _run_stage(step, cfg, command, state, echo)
-    finally:
+    from kdpipe.models import threads_for
+
+    if threads:
+        before = torch.get_num_threads()
         torch.set_num_threads(threads)
-
-
-SMALL_MODEL = 20_000_000  # parameters
+        try:
+            return _run_stage(step, cfg, command, state, echo)
+        finally:
+            torch.set_num_threads(before)
+    model = getattr(cfg, "model", None)
+    with threads_for(params(model) if isinstance(model, str) else None,
+                     "cuda" if torch.cuda.is_available() else "cpu"):
+        return _run_stage(step, cfg, command, state, echo)
 
 
 def _run_stage(step: Step, cfg: Any, command: str, state: str, echo: Callable[[str], None]) -> Any:
@@ -370,70 +188,3 @@ def _run_stage(step: Step, cfg: Any, command: str, state: str, echo: Callable[[s
     if line and not step.stage.tabulates:  # the evaluation's results end the experiment as its table
         echo("      " + line)
     return result
-
-
-# ---------------------------------------------------------------- the final table
-
-
-def final_table(p: Plan, results: dict[str, Any]) -> str:
-    """A row per evaluated model: task metrics, fidelity, size and training time."""
-    columns = [("exact-match/exact_match", "exact match"), ("classify/accuracy", "accuracy"),
-               ("perplexity/perplexity", "perplexity"), ("fidelity/top1_agreement", "top-1 agree"),
-               ("fidelity/kl", "KL(T||S)")]
-    models = results.get("models", [])
-    shown = [(k, title) for k, title in columns if any(k in m["metrics"] for m in models)]
-    extra = sorted({k for m in models for k in m["metrics"]
-                    if k.startswith("lm_eval") or k.startswith("lm-eval")})
-    shown += [(k, k.split("/", 1)[-1]) for k in extra]
-    header = ["model", "params"] + [t for _, t in shown] + ["train s", "eval s"]
-    rows = []
-    for m in models:
-        label = _label(p, m)
-        size = _params(m.get("path") or m.get("source") or "")
-        train_s = (_read_json(Path(m["run"]) / RUN_FILE) or {}).get("train_seconds") if m.get("run") else None
-        cells = [label, f"{size / 1e6:.2f}M" if size else "—"]
-        cells += [_cell(m["metrics"].get(k)) for k, _ in shown]
-        cells += [f"{train_s:.0f}" if train_s is not None else "—", f"{m.get('seconds', 0):.0f}"]
-        rows.append(cells)
-    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
-    fmt = lambda r: "  ".join(c.ljust(widths[0]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(r))  # noqa: E731
-    table = [fmt(header), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows]
-    if sum(r[-2] != "—" for r in rows) > 1:  # two training times side by side invite a ratio
-        table.append("train s: each run's wall time, the runs measured one after the other (not "
-                     "alternated): a change of machine load between them moves their ratio; "
-                     "bench/bench_train.py compares step times fairly")
-    return "\n".join(table)
-
-
-def _label(p: Plan, m: dict[str, Any]) -> str:
-    for key in (m.get("source"), m.get("path")):
-        if key in p.labels:
-            return p.labels[key]
-    return m.get("name", "?")
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return "—"
-    if isinstance(value, float) and abs(value) < 1000:
-        return f"{value:.4f}"
-    return str(value)
-
-
-def _params(path: str) -> int | None:
-    """Parameters of a local model folder, from its safetensors headers (no load)."""
-    folder = Path(path)
-    if not folder.is_dir():
-        return None
-    total = 0
-    for file in folder.glob("*.safetensors"):
-        with open(file, "rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(size))
-        for key, info in header.items():
-            if key != "__metadata__":
-                n = 1
-                for d in info["shape"]:
-                    n *= d
-                total += n
-    return total or None

@@ -14,12 +14,12 @@ from typing import Any
 import numpy as np
 
 from kdpipe import run_folder
-from kdpipe.cache.manifest import SparseMode
 from kdpipe.cache.reader import Cache
-from kdpipe.cache.tools import open_checked
+from kdpipe.cache.sections import SparseMode
+from kdpipe.cache.verified import open_checked
 from kdpipe.errors import KdpipeError
 from kdpipe.losses import BiasedOnSampled, DistillLossConfig
-from kdpipe.stages.configs import TrainStudentConfig, _slug  # noqa: F401  (re-exported: old imports)
+from kdpipe.stages.configs import TrainStudentConfig
 from kdpipe.train import setup as training
 from kdpipe.vocab import routes as student_vocab
 
@@ -109,7 +109,9 @@ def sampled_loss_config(cfg: TrainStudentConfig, cache: Cache) -> DistillLossCon
 
 def check_context(cache: Cache, model: Any, name: str) -> None:
     """Every cached example fits the student's context (max_position_embeddings)."""
-    context = getattr(training.causal_lm(model).config.get_text_config(), "max_position_embeddings", None)
+    from kdpipe.models import causal_lm
+
+    context = getattr(causal_lm(model).config.get_text_config(), "max_position_embeddings", None)
     if not context or (cache.manifest.dataset.max_length or context + 1) <= context:
         return
     longest = cache.longest_example()  # through the cache's store: a local folder or an object-storage URL
@@ -123,7 +125,9 @@ def check_context(cache: Cache, model: Any, name: str) -> None:
 
 def student_vocab_size(model: Any) -> int:
     """Rows of the student's LM head: cached ids at or above it are masked out (see kdpipe.train.data)."""
-    return int(training.causal_lm(model).get_output_embeddings().weight.shape[0])
+    from kdpipe.models import output_head
+
+    return int(output_head(model).weight.shape[0])
 
 
 def summary(record: dict[str, Any], out: str | Path) -> str:

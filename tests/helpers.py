@@ -8,6 +8,17 @@ from pathlib import Path
 from click.testing import CliRunner, Result
 
 
+def dense_reference(model_dir: Path, input_ids):
+    """Full-vocabulary log-softmax of the whole model forward, float64: the independent reference."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor(input_ids, dtype=torch.long)[None]).logits[0]
+    return torch.log_softmax(logits.double(), dim=-1)
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

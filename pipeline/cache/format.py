@@ -17,18 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from kdpipe.cache import ids as ids_coding
-
-# The manifest's home is kdpipe.cache.manifest; these names stay importable from here (older imports).
-from kdpipe.cache.manifest import (  # noqa: F401
-    FORMAT,
-    FORMAT_VERSION,
-    MANIFEST,
-    DamagedManifest,
-    Manifest,
-    SparseMode,
-    read_manifest,
-    write_manifest,
-)
+from kdpipe.cache.sections import SparseMode
 
 METADATA_KEY = b"kdpipe"
 

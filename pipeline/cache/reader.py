@@ -14,7 +14,8 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from kdpipe.cache.format import ENCODINGS, CachedExample
-from kdpipe.cache.manifest import Manifest, ShardEntry, as_entry
+from kdpipe.cache.manifest import Manifest, as_entry
+from kdpipe.cache.sections import ShardEntry
 from kdpipe.cache.storage import Store
 from kdpipe.cache.values import check_decoded
 from kdpipe.errors import KdpipeError

@@ -33,7 +33,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from kdpipe.errors import KdpipeError, disk_errors
+from kdpipe.errors import KdpipeError, disk_errors, first_line
 from kdpipe.faults import fault
 
 _NATIVE = ("s3", "gs", "gcs", "hdfs", "viewfs")
@@ -77,7 +77,7 @@ class Store:
                 f"{text}: the filesystem for '{scheme}://' is not installed ({e}); install its fsspec package"
             ) from None
         except (OSError, ValueError) as e:
-            raise KdpipeError(f"cannot open {text}: {_reason(e)}") from None
+            raise KdpipeError(f"cannot open {text}: {first_line(e)}") from None
         return cls(text.rstrip("/"), fs, root.rstrip("/"), False)
 
     def __str__(self) -> str:
@@ -243,7 +243,7 @@ class Store:
         except OSError as e:
             if "not found" in str(e).lower() or "does not exist" in str(e).lower():
                 raise FileNotFoundError(self.display(name)) from None
-            raise KdpipeError(f"{self.display(name)}: {_reason(e)}") from None
+            raise KdpipeError(f"{self.display(name)}: {first_line(e)}") from None
 
 
 class Lease:
@@ -295,7 +295,7 @@ def write_atomic(path: Path, data: bytes) -> None:
     with disk_errors(path):
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
-            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 ignores the umask; an open() would honour it
+            os.fchmod(fd, 0o666 & ~umask())  # mkstemp's 0600 ignores the umask; an open() would honour it
             with os.fdopen(fd, "wb") as f:
                 view = memoryview(data)
                 f.write(view[: len(view) // 2])
@@ -312,11 +312,20 @@ def write_atomic(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
-def _umask() -> int:
+def umask() -> int:
     """The process's umask (read by setting it and putting it back: os has no getter)."""
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def honour_umask(folder: Path) -> None:
+    """Give the files a library wrote 0600 into `folder` (transformers' save_pretrained writes its weights
+    through a temp file, so they end up private) the mode the umask gives every other output."""
+    mode = 0o666 & ~umask()
+    for path in [folder] if folder.is_file() else folder.rglob("*") if folder.is_dir() else []:
+        if path.is_file() and not path.is_symlink() and (path.stat().st_mode & 0o777) == 0o600 != mode:
+            path.chmod(mode)
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -330,11 +339,6 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-def _reason(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:300] if text else type(e).__name__
 
 
 def as_store(location: str | Path | Store) -> Store:

@@ -26,8 +26,12 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from kdpipe.cache.manifest import MANIFEST, Manifest, ShardEntry
+from kdpipe.cache.checks import check_listing, incomplete, verify_shard
+from kdpipe.cache.manifest import MANIFEST, Manifest
+from kdpipe.cache.reader import Cache, open_cache
+from kdpipe.cache.sections import ShardEntry
 from kdpipe.cache.storage import Store
+from kdpipe.errors import KdpipeError
 
 RECORD = ".kdpipe-verified.json"
 VERSION = 1
@@ -36,17 +40,9 @@ Mode = Literal["fast", "full"]
 
 def check_for_use(store: Store, m: Manifest, mode: Mode = "fast") -> list[str]:
     """Problems that stop a cache from being used (empty: usable); updates the verification record."""
-    from kdpipe.cache.tools import _verify_shard, check_listing
-
     if mode not in ("fast", "full"):
         raise ValueError(f"verify must be fast or full, not {mode!r}")
-    problems = []
-    if not m.complete:
-        missing = len(set(m.part_indices()) - {s.index for s in m.shards})
-        problems.append(
-            f"{store}: incomplete, {missing} shard(s) not written yet (rerun the same command to resume)"
-        )
-    problems += check_listing(m, store.display(MANIFEST))
+    problems = incomplete(store, m) + check_listing(m, store.display(MANIFEST))
     old = read_record(store) if store.local else {}
     passed: dict[str, dict[str, Any]] = {}
     seen: dict[str, str] = {}
@@ -54,7 +50,7 @@ def check_for_use(store: Store, m: Manifest, mode: Mode = "fast") -> list[str]:
         name = shard.file
         stamp = _stamp(store, name, shard, m)
         if stamp is None:  # missing: the full check names it
-            problems += _verify_shard(store, shard, m, False, seen)
+            problems += verify_shard(store, shard, m, False, seen)
             continue
         if stamp["bytes"] != shard.bytes:
             problems.append(
@@ -65,13 +61,28 @@ def check_for_use(store: Store, m: Manifest, mode: Mode = "fast") -> list[str]:
         if mode == "fast" and old.get(name) == stamp:
             passed[name] = stamp
             continue
-        found = _verify_shard(store, shard, m, False, seen)
+        found = verify_shard(store, shard, m, False, seen)
         problems += found
         if not found:
             passed[name] = stamp
     if store.local and passed != old:
         write_record(store, passed)
     return problems
+
+
+def open_checked(path: str | Path, verify_mode: Mode = "fast") -> Cache:
+    """Open a cache that passes verification (manifest, sizes; checksums, schema, counts of the shards
+    changed since they last passed: see above; all of them with ``full``) and holds at least
+    one example."""
+    cache = open_cache(path)  # refuses a missing manifest or a newer format version
+    if len(cache) == 0:  # first: a manifest listing no shard says nothing else worth checking
+        raise KdpipeError(f"cache {path} holds no examples")
+    problems = check_for_use(cache.store, cache.manifest, verify_mode)
+    if problems:
+        raise KdpipeError(
+            f"cache {path} failed verification: {'; '.join(problems)}. See `kdpipe cache verify {path}`"
+        )
+    return cache
 
 
 def _stamp(store: Store, name: str, shard: ShardEntry, m: Manifest) -> dict[str, Any] | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -17,7 +18,9 @@ from typing import Any, Literal
 
 from kdpipe.config import option
 from kdpipe.data import arithmetic
-from kdpipe.errors import KdpipeError
+from kdpipe.errors import KdpipeError, first_line
+
+log = logging.getLogger(__name__)
 
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
@@ -204,7 +207,7 @@ def _read_local(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
     try:
         ds = datasets.load_dataset(fmt, data_files=str(path), split="train")
     except Exception as e:  # datasets raises many types; the file is the user's, so say which
-        raise KdpipeError(f"dataset file {path} could not be read as {fmt}: {_short(e)}") from None
+        raise KdpipeError(f"dataset file {path} could not be read as {fmt}: {first_line(e)}") from None
     return ds.to_list(), list(ds.column_names)
 
 
@@ -244,21 +247,16 @@ def _read_hub(name: str, split: str) -> tuple[list[dict[str, Any]], list[str]]:
         ds = datasets.load_dataset(name, split=split)
     except ValueError as e:
         if "split" in str(e).lower():
-            raise KdpipeError(f"dataset {name} has no split '{split}': {_short(e)}") from None
-        raise KdpipeError(f"dataset {name} could not be loaded: {_short(e)}") from None
+            raise KdpipeError(f"dataset {name} has no split '{split}': {first_line(e)}") from None
+        raise KdpipeError(f"dataset {name} could not be loaded: {first_line(e)}") from None
     except Exception as e:
         offline = os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
         hint = " (offline mode is on: HF_DATASETS_OFFLINE/HF_HUB_OFFLINE)" if offline else ""
         raise KdpipeError(
-            f"dataset {name} could not be loaded from the hub{hint}: {_short(e)}. "
+            f"dataset {name} could not be loaded from the hub{hint}: {first_line(e)}. "
             "Check the name, your network, or pass a local .jsonl/.csv/.parquet file"
         ) from None
     return ds.to_list(), list(ds.column_names)
-
-
-def _short(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return (text[0] if text else type(e).__name__)[:300]
 
 
 def _drop_empty_generations(cfg: DataConfig, examples: list[Example]) -> list[Example]:
@@ -270,15 +268,11 @@ def _drop_empty_generations(cfg: DataConfig, examples: list[Example]) -> list[Ex
     if name is None:
         return examples
     from kdpipe.data.templates import get_template
-    from kdpipe.generation.hf import output_field
 
-    field = output_field(get_template(name, cfg.label_names))
+    field = get_template(name, cfg.label_names).output_field()
     kept = [e for e in examples if str(e.fields.get(field) or "").strip()]
     if len(kept) < len(examples):
-        import click
-
-        click.echo(f"note: {len(examples) - len(kept)} of the {len(examples)} generated rows of "
-                   f"{cfg.dataset} have an empty '{field}' (the model stopped at once); they are left out",
-                   err=True)
+        log.warning(f"note: {len(examples) - len(kept)} of the {len(examples)} generated rows of "
+                    f"{cfg.dataset} have an empty '{field}' (the model stopped at once); they are left out")
     return kept
 

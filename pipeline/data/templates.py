@@ -65,6 +65,7 @@ class Template:
     checker: str = "exact"  # evaluate's default --checker for exact-match
     special_prefix: bool = True  # False: the rendered text carries its own (a chat template renders its BOS)
     renders_with_tokenizer: bool = False  # rendering needs the model's tokenizer (its chat template)
+    completion_field: str | None = None  # the one field its completion shows (what `kdpipe generate` fills)
 
     def render(self, fields: Fields, example_id: str, tokenizer: Any = None) -> list[Segment]:
         for name in self.required:
@@ -83,6 +84,15 @@ class Template:
         if "label" in self.required:
             self._check_label(fields["label"], example_id)
         return self.render_fn({**fields, "_labels": self.label_names}, tokenizer)
+
+    def output_field(self) -> str:
+        """The field a generated completion fills; a KdpipeError for templates without a single one."""
+        if self.completion_field is None:
+            raise KdpipeError(
+                f"template {self.name} has no single output field for kdpipe generate to fill: use alpaca, "
+                "arithmetic, chat (instruction/output rows) or a template file whose completion is one "
+                "field, e.g. completion: \" {answer}\"")
+        return self.completion_field
 
     def _check_label(self, value: Any, example_id: str) -> None:
         """The label names a label: an index of label_names (1, or 1.0 from a CSV column with a gap) or,
@@ -191,15 +201,17 @@ SENTIMENT_USE: dict[str, Any] = {"lists_labels": True, "default_tasks": ("classi
 
 # name -> (required fields, renderer, how the template is used: Template's keyword arguments)
 BUILTIN: dict[str, tuple[tuple[str, ...], Callable[[Fields, Any], list[Segment]], dict[str, Any]]] = {
-    "alpaca": (("instruction", "output"), _alpaca, {}),
+    "alpaca": (("instruction", "output"), _alpaca, {"completion_field": "output"}),
     "sentiment": (("text", "label"), _sentiment, SENTIMENT_USE),
     "sentiment-think": (("text", "label", "rationale"), _sentiment_think,
                         {**SENTIMENT_USE, "generates_label": True, "answer_tokens": 256}),
     "guanaco": (("text",), _guanaco, {}),
-    "chat": ((), _chat, {"add_eos": False, "special_prefix": False, "renders_with_tokenizer": True}),
+    "chat": ((), _chat, {"add_eos": False, "special_prefix": False, "renders_with_tokenizer": True,
+                         "completion_field": "output"}),
     "text": (("text",), _text, {}),
     "arithmetic": (("instruction", "output"), _arithmetic,
-                   {"default_tasks": ("exact-match", "perplexity"), "checker": "arithmetic"}),
+                   {"default_tasks": ("exact-match", "perplexity"), "checker": "arithmetic",
+                    "completion_field": "output"}),
 }
 
 
@@ -222,7 +234,7 @@ def _user_template(path: Path, label_names: tuple[str, ...]) -> Template:
             f"unknown keys: {', '.join(sorted(unknown)) or 'none'}"
         )
     prompt, completion = str(spec["prompt"]), str(spec["completion"])
-    required = []
+    required, fields = [], set()
     for text in (prompt, completion):
         try:
             names = [name for _, name, _, _ in string.Formatter().parse(text) if name is not None]
@@ -233,9 +245,11 @@ def _user_template(path: Path, label_names: tuple[str, ...]) -> Template:
             raise KdpipeError(f"template file {path}: fields must be plain names like {{instruction}}, "
                               f"got {names}")
         required += [n for n in names if n not in required]
+        fields = set(names)  # the completion's, after the last pass
 
     def render(f: Fields, _tok: Any) -> list[Segment]:
         values = {k: label_text(v, label_names) if k == "label" else v for k, v in f.items()}
         return [Segment(prompt.format(**values), False), Segment(completion.format(**values), True)]
 
-    return Template(str(path), tuple(required), render, bool(spec.get("add_eos", True)), label_names)
+    return Template(str(path), tuple(required), render, bool(spec.get("add_eos", True)), label_names,
+                    completion_field=fields.pop() if len(fields) == 1 else None)

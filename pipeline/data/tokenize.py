@@ -69,6 +69,15 @@ def tokenize_examples(
     return out, report
 
 
+def prompt_ids(tokenizer: Any, texts: list[str], template: Template) -> list[int]:
+    """A prompt's segments tokenized one by one and joined after the template's special prefix: exactly as
+    `tokenize_examples` does for training."""
+    ids = list(special_prefix(tokenizer)) if template.special_prefix else []
+    for piece in tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []:
+        ids += piece
+    return ids
+
+
 def special_prefix(tokenizer: Any) -> list[int]:
     """The tokens the tokenizer adds before any text (e.g. Llama's BOS; none for Qwen)."""
     with_special = tokenizer("x", add_special_tokens=True)["input_ids"]

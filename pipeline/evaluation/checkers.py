@@ -15,8 +15,7 @@ from typing import Any
 
 from kdpipe.data import arithmetic
 from kdpipe.data.templates import Template
-from kdpipe.errors import KdpipeError
-from kdpipe.evaluation.runs import first_line
+from kdpipe.errors import KdpipeError, first_line
 
 Checker = Callable[[dict[str, Any], str, str], bool]
 FIELD = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")

@@ -10,14 +10,15 @@ from typing import Any
 import numpy as np
 
 from kdpipe.errors import KdpipeError
-from kdpipe.evaluation.runs import RUN_FILE, read_json, run_caches
+from kdpipe.evaluation.runs import read_json, run_caches
+from kdpipe.run_folder import RUN_FILE
 
 
 def open_heldout(location: str, echo: Callable[[str], None] = print, specs: Sequence[Any] = (),
                  verify: str = "fast") -> Any:
     """The held-out cache (checked); a note when its examples are in a run's training cache (or, with no
     run to compare with, when nothing says it is held out)."""
-    from kdpipe.cache.tools import open_checked
+    from kdpipe.cache.verified import open_checked
 
     cache = open_checked(location, verify)
     data = cache.manifest.dataset
@@ -47,7 +48,7 @@ def example_hashes(cache: Any) -> set[bytes]:
 
 
 def _exists(location: str) -> bool:
-    from kdpipe.cache.format import read_manifest
+    from kdpipe.cache.manifest import read_manifest
 
     try:
         return bool(read_manifest(location))
@@ -60,7 +61,7 @@ def fidelity(model: Any, tokenizer: Any, cache: Any, cfg: Any, spec: Any) -> dic
     (see kdpipe.evaluation.metrics)."""
     import torch
 
-    from kdpipe.cache.manifest import SparseMode
+    from kdpipe.cache.sections import SparseMode
     from kdpipe.evaluation import metrics, scoring
     from kdpipe.models import vocab_hash
 

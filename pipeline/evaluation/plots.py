@@ -7,6 +7,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from kdpipe.run_folder import RUN_FILE
+
 
 def write_plots(results: dict[str, Any], runs: dict[str, Path], out: Path) -> tuple[list[str], str | None]:
     """metrics.png (a panel per metric, a bar per model) and training-<model>.png per run;
@@ -61,7 +63,7 @@ def metrics_plot(results: dict[str, Any], path: Path, plt: Any) -> Path | None:
 def training_history(run: Path) -> list[dict[str, Any]]:
     """The Trainer log history of a run: kdpipe_run.json's, else the last checkpoint's trainer_state.json."""
     try:
-        history = json.loads((run / "kdpipe_run.json").read_text()).get("log_history") or []
+        history = json.loads((run / RUN_FILE).read_text()).get("log_history") or []
     except (OSError, json.JSONDecodeError):
         history = []
     if not history:

@@ -14,7 +14,6 @@ from kdpipe.run_folder import EXPERIMENT_FILE, RUN_FILE
 if TYPE_CHECKING:
     from kdpipe.cache.manifest import Manifest
 
-__all__ = ["EXPERIMENT_FILE", "RUN_FILE", "read_json"]
 FINISHED = ("complete", "done")
 
 
@@ -22,11 +21,6 @@ def read_json(path: Path, quiet: bool = False) -> dict[str, Any]:
     """A JSON file as a dict; with `quiet`, {} for a missing or unreadable one (kdpipe.run_folder's
     reader)."""
     return run_folder.read_json(path, missing_ok=quiet) or {}
-
-
-def first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return (text[0] if text else type(e).__name__)[:300]
 
 
 def latest_run(root: str | Path = "runs") -> tuple[Path, dict[str, Any]]:

@@ -19,8 +19,6 @@ from kdpipe.batching import head_chunks, length_batches, pad
 from kdpipe.config import progress_disabled
 from kdpipe.models import last_hidden_states, output_head
 
-__all__ = ["greedy_generate", "length_batches", "map_positions", "progress", "target_logprobs"]
-
 
 def progress(total: int, desc: str) -> Any:
     return tqdm(total=total, desc=desc, unit="ex", dynamic_ncols=True, mininterval=1.0, leave=False,

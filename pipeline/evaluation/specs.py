@@ -9,9 +9,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kdpipe.errors import KdpipeError
+from kdpipe.errors import KdpipeError, first_line
 from kdpipe.evaluation import runs
-from kdpipe.evaluation.runs import RUN_FILE, first_line, read_json
+from kdpipe.evaluation.runs import read_json
+from kdpipe.run_folder import RUN_FILE
 
 
 @dataclass
@@ -140,11 +141,11 @@ def load_model(spec: ModelSpec, dtype: str, device: str) -> Any:
                           f"{first_line(e)}") from None
 
 
-def small_on_cpu(model: Any, limit: int = 20_000_000) -> bool:
-    """A model under `limit` parameters on the CPU (evaluated single-threaded: thread hand-offs on tiny
-    matrices cost more than they save, 10x on a busy CPU)."""
-    first = next(model.parameters())
-    return first.device.type == "cpu" and sum(p.numel() for p in model.parameters()) < limit
+def small_on_cpu(model: Any) -> bool:
+    """A loaded model that is evaluated on one CPU thread (`kdpipe.models.small_on_cpu`)."""
+    from kdpipe import models
+
+    return models.small_on_cpu(models.parameter_count(model), next(model.parameters()).device)
 
 
 def output_folder(output: str | None, specs: list[ModelSpec]) -> Path:

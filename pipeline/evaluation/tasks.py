@@ -20,7 +20,7 @@ import numpy as np
 from kdpipe.config import to_dict
 from kdpipe.data.sources import Example
 from kdpipe.data.templates import Segment, Template, label_text
-from kdpipe.data.tokenize import special_prefix, tokenize_examples
+from kdpipe.data.tokenize import prompt_ids, tokenize_examples
 from kdpipe.errors import KdpipeError
 from kdpipe.evaluation.checkers import make_checker
 
@@ -42,14 +42,6 @@ def split_prompt(segments: list[Segment]) -> tuple[list[str], str]:
             return prompt, s.text
         prompt.append(s.text)
     return prompt, ""
-
-
-def prompt_ids(tokenizer: Any, texts: list[str], template: Template) -> list[int]:
-    """Segments tokenized one by one and joined, after the special prefix: exactly as in training."""
-    ids = list(special_prefix(tokenizer)) if template.special_prefix else []
-    for piece in tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []:
-        ids += piece
-    return ids
 
 
 def classify(

@@ -15,16 +15,14 @@ torch and transformers are imported inside the functions: `kdpipe --help` import
 from __future__ import annotations
 
 import hashlib
-import string
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from kdpipe.data.tokenize import prompt_ids
 from kdpipe.errors import KdpipeError
 
 SENTINEL = "\x00kdpipe-output\x00"  # stands in for the output while a prompt is rendered
-# Templates whose completion is one field (the one generation fills); others have no such field.
-OUTPUT_FIELDS = {"alpaca": "output", "arithmetic": "output", "chat": "output"}
 
 
 @dataclass(frozen=True)
@@ -58,29 +56,9 @@ class Job:
         return self.example_id if self.sample == 0 else f"{self.example_id}#{self.sample}"
 
 
-def output_field(template: Any) -> str:
-    """The template field a completion fills; a KdpipeError for templates without a single one."""
-    if template.name in OUTPUT_FIELDS:
-        return OUTPUT_FIELDS[template.name]
-    if template.name.endswith((".yaml", ".yml", ".json")):
-        from kdpipe.config import read_yaml
-
-        completion = str(read_yaml(template.name)["completion"])
-        names = [n for _, n, _, _ in string.Formatter().parse(completion) if n is not None]
-        if len(set(names)) == 1:
-            return names[0]
-    raise KdpipeError(
-        f"template {template.name} has no single output field for kdpipe generate to fill: use alpaca, "
-        "arithmetic, chat (instruction/output rows) or a template file whose completion is one field, "
-        "e.g. completion: \" {answer}\"")
-
-
 def make_jobs(examples: Sequence[Any], template: Any, tokenizer: Any, field: str, samples: int,
               max_length: int, truncation: str) -> tuple[list[Job], Slot, dict[str, int]]:
     """Every (example, sample) with its prompt's ids, tokenized segment by segment as cache-teacher does."""
-    from kdpipe.data.tokenize import special_prefix
-
-    prefix = special_prefix(tokenizer) if template.name != "chat" else []
     jobs, slot, skipped = [], None, {"skipped (prompt too long)": 0}
     for e in examples:
         if template.name == "chat" and e.fields.get("messages"):
@@ -97,8 +75,7 @@ def make_jobs(examples: Sequence[Any], template: Any, tokenizer: Any, field: str
                               "generation cannot fill it")
         before, _, after = segments[-1].text.partition(SENTINEL)
         slot = slot or Slot(field, before, after)
-        pieces = tokenizer([s.text for s in segments[:-1]], add_special_tokens=False)["input_ids"]
-        ids = list(prefix) + [t for piece in pieces for t in piece]
+        ids = prompt_ids(tokenizer, [s.text for s in segments[:-1]], template)
         if len(ids) >= max_length:
             if truncation in ("error", "truncate"):
                 raise KdpipeError(f"example '{e.id}': its prompt has {len(ids)} tokens, not fewer than "
@@ -123,13 +100,12 @@ def row_seed(seed: int, example_id: str, sample: int) -> int:
 def check_can_generate(model: str, revision: str | None) -> None:
     """Refuse, before any weights load, a model that is not a causal LM (it has no LM head to generate
     with)."""
-    from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    from kdpipe.models import resolve_model_name
+    from kdpipe.models import load_model_config
 
     try:
-        config = AutoConfig.from_pretrained(resolve_model_name(model), revision=revision)
+        config = load_model_config(model, revision)
     except Exception:  # the model load reports it, with the offline hint
         return
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
@@ -187,7 +163,9 @@ class HFGenerator:
     @classmethod
     def load(cls, name: str, tokenizer: Any, dtype: str, device: str, revision: str | None,
              **sampling: Any) -> HFGenerator:
-        return cls(load_causal_lm(name, dtype, device, revision), tokenizer, **sampling)
+        from kdpipe.models import load_model
+
+        return cls(load_model(name, dtype, device, revision), tokenizer, **sampling)
 
     def info(self) -> dict[str, Any]:
         return {"backend": "hf", "dtype": str(self.model.dtype).removeprefix("torch.")}
@@ -195,6 +173,8 @@ class HFGenerator:
     def generate(self, jobs: Sequence[Job]) -> list[tuple[list[int], str]]:
         import torch
         from transformers import GenerationConfig, LogitsProcessorList
+
+        from kdpipe.models import parameter_count, threads_for
 
         longest = max(len(j.prompt_ids) for j in jobs)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos[0]
@@ -208,16 +188,10 @@ class HFGenerator:
                                 self.top_p, len(self.tokenizer))
         config = GenerationConfig(do_sample=False, max_new_tokens=self.max_new_tokens, eos_token_id=self.eos,
                                   pad_token_id=pad, num_beams=1)
-        threads = torch.get_num_threads()
-        if device.type == "cpu" and sum(p.numel() for p in self.model.parameters()) < 20_000_000:
-            torch.set_num_threads(1)  # tiny matrices: thread hand-offs cost more than they save on a busy CPU
-        try:
-            with torch.no_grad():
-                out = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                          generation_config=config,
-                                          logits_processor=LogitsProcessorList([sampler]))
-        finally:
-            torch.set_num_threads(threads)
+        with threads_for(parameter_count(self.model), device), torch.no_grad():
+            out = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                      generation_config=config,
+                                      logits_processor=LogitsProcessorList([sampler]))
         results = []
         for row in out[:, longest:].tolist():
             cut = next((t for t, token in enumerate(row) if token in self.eos), None)
@@ -237,29 +211,3 @@ def eos_ids(model: Any, tokenizer: Any) -> list[int]:
             ids.append(int(token))
     return ids
 
-
-def load_causal_lm(name: str, dtype: str, device: str, revision: str | None) -> Any:
-    """As `kdpipe.models.load_model`, and refused when the checkpoint has no LM-head weights: transformers
-    would load it with a random head (a warning) and it would generate noise."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from kdpipe.models import DTYPES, _load_error, pick_device, resolve_model_name
-
-    resolved = resolve_model_name(name)
-    target = pick_device(device)
-    kwargs: dict[str, Any] = {"dtype": DTYPES[dtype], "revision": revision, "output_loading_info": True}
-    if device == "auto" and torch.cuda.is_available() and torch.cuda.device_count() > 1:
-        kwargs["device_map"] = "auto"
-    try:
-        model, info = AutoModelForCausalLM.from_pretrained(resolved, **kwargs)
-    except Exception as e:
-        raise KdpipeError(_load_error("model", name, resolved, e)) from None
-    head = [k for k in info.get("missing_keys", []) if "lm_head" in k or "embed_out" in k]
-    if head:
-        raise KdpipeError(f"--model {name} has no LM head ({sorted(head)[0]} is missing from its "
-                          "checkpoint): it is a base model without the layer that predicts tokens, so it "
-                          "cannot generate; pass the causal-LM checkpoint (...ForCausalLM)")
-    if "device_map" not in kwargs:
-        model.to(target)
-    return model.eval()

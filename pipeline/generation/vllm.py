@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from kdpipe.errors import KdpipeError
+from kdpipe.errors import KdpipeError, first_line
 from kdpipe.generation.hf import Job, row_seed
 
 
@@ -29,7 +29,7 @@ class VllmGenerator:
              max_model_len: int | None, gpu_memory_utilization: float, **sampling: Any) -> VllmGenerator:
         import torch
 
-        from kdpipe.teacher.vllm import VLLM_DTYPES, _first_line, prepare_engine
+        from kdpipe.teacher.vllm import VLLM_DTYPES, prepare_engine
 
         vllm, resolved, cpu = prepare_engine(name, revision, device, 1)
         kwargs: dict[str, Any] = dict(model=resolved, revision=revision, dtype=VLLM_DTYPES[dtype],
@@ -44,7 +44,7 @@ class VllmGenerator:
         try:
             llm = vllm.LLM(**kwargs)
         except Exception as e:  # vLLM raises many types
-            raise KdpipeError(f"vLLM could not start the model {name}: {_first_line(e)}") from None
+            raise KdpipeError(f"vLLM could not start the model {name}: {first_line(e, 400)}") from None
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         generator = cls(llm, eos=eos, **sampling)
         generator._threading = threading
@@ -61,7 +61,6 @@ class VllmGenerator:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        from kdpipe.teacher.vllm import _first_line
 
         prompts = [TokensPrompt(prompt_token_ids=list(j.prompt_ids)) for j in jobs]
         params = [SamplingParams(temperature=self.temperature, top_p=self.top_p,
@@ -72,7 +71,7 @@ class VllmGenerator:
             outputs = self.llm.generate(prompts, params, use_tqdm=False)
         except Exception as e:
             raise KdpipeError(f"vLLM failed on a batch starting with example '{jobs[0].example_id}': "
-                              f"{_first_line(e)} (see --max-length and --max-new-tokens)") from None
+                              f"{first_line(e, 400)} (see --max-length and --max-new-tokens)") from None
         results = []
         for o in outputs:
             completion = o.outputs[0]

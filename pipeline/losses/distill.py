@@ -100,3 +100,26 @@ def distill_loss(
         if cfg.alpha < 1:
             total = total + (1.0 - cfg.alpha) * ce.sum()
     return total / (n if num_items is None else num_items)
+
+
+@torch.no_grad()
+def loss_terms(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor], targets: SparseTargets,
+               cfg: DistillLossConfig) -> dict[str, float]:
+    """The parts of `distill_loss` summed over the N positions, for logging (no graph, chunked): the
+    configured divergence at T (unscaled), forward and reverse KL over the same atoms, the cross-entropy of
+    the labels at T=1 (when there are labels) and the teacher's tail mass. Divided by N they are the
+    per-position means; ``alpha * T^2 * divergence + (1 - alpha) * ce`` is the loss."""
+    sums = {"divergence": 0.0, "fkl": 0.0, "rkl": 0.0, "tail_mass": float(targets.tail.float().sum())}
+    if targets.labels is not None:
+        sums["ce"] = 0.0
+    for start in range(0, len(targets), cfg.chunk_size):
+        sl = slice(start, start + cfg.chunk_size)
+        chunk = targets[sl]
+        logits = upcast(head(hidden[sl]))
+        atoms = student_atoms(logits, chunk.ids, ~chunk.logprobs.isneginf(), cfg.temperature, cfg.tail)
+        teacher = teacher_targets(chunk.logprobs, chunk.tail, cfg)
+        for name, loss in (("divergence", cfg.loss), ("fkl", "fkl"), ("rkl", "rkl")):
+            sums[name] += float(divergence(atoms, teacher, cfg, loss).sum())
+        if chunk.labels is not None:
+            sums["ce"] += float(F.cross_entropy(logits, chunk.labels, reduction="sum"))
+    return sums

@@ -79,8 +79,10 @@ DIVERGENCES: dict[str, Divergence] = {
 LOSSES = tuple(DIVERGENCES)  # the --loss names, in the order --help lists them
 
 
-def divergence(student_logp: Tensor, teacher_logp: Tensor, cfg: DistillLossConfig) -> Tensor:
-    """Per-position divergence ``cfg.loss`` [...] between teacher p and student q, log-probs [..., atoms].
+def divergence(student_logp: Tensor, teacher_logp: Tensor, cfg: DistillLossConfig,
+               loss: str | None = None) -> Tensor:
+    """Per-position divergence ``loss`` (default ``cfg.loss``) [...] between teacher p and student q,
+    log-probs [..., atoms].
 
     Atoms where both sides are 0 contribute nothing. A teacher atom that is 0 where the student's is
     not can only be a float32 underflow of the cached tail mass (a softmax is never 0; padded ids are
@@ -91,4 +93,4 @@ def divergence(student_logp: Tensor, teacher_logp: Tensor, cfg: DistillLossConfi
     teacher_logp = teacher_logp.where(~floor, UNDERFLOW_LOGP)
     dead = student_logp.isneginf() & teacher_logp.isneginf()
     q, p = student_logp.masked_fill(dead, 0.0), teacher_logp.masked_fill(dead, 0.0)
-    return DIVERGENCES[cfg.loss](p, q, cfg).masked_fill(dead, 0.0).sum(-1)
+    return DIVERGENCES[loss or cfg.loss](p, q, cfg).masked_fill(dead, 0.0).sum(-1)

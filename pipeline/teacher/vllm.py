@@ -23,7 +23,7 @@ import numpy as np
 
 from kdpipe.cache.format import Targets
 from kdpipe.data.tokenize import TokenizedExample
-from kdpipe.errors import KdpipeError
+from kdpipe.errors import KdpipeError, first_line
 
 INSTALL_HINT = (
     "the vLLM backend needs vLLM, which is not installed: on a GPU machine run "
@@ -98,7 +98,7 @@ class VllmTeacher:
         try:
             llm = vllm.LLM(**kwargs)
         except Exception as e:  # vLLM raises many types (ValueError, RuntimeError, pydantic errors ...)
-            raise KdpipeError(f"vLLM could not start the teacher {model}: {_first_line(e)}") from None
+            raise KdpipeError(f"vLLM could not start the teacher {model}: {first_line(e, 400)}") from None
         teacher = cls(llm, k)
         teacher._threading = threading
         return teacher
@@ -130,7 +130,7 @@ class VllmTeacher:
                 outputs = self.llm.generate(prompts, self.params, use_tqdm=False)
             except Exception as e:
                 raise KdpipeError(
-                    f"vLLM failed on a batch starting with example '{part[0].id}': {_first_line(e)} "
+                    f"vLLM failed on a batch starting with example '{part[0].id}': {first_line(e, 400)} "
                     "(an example must be shorter than --vllm-max-model-len and the model's context; "
                     "see --max-length)"
                 ) from None
@@ -176,13 +176,13 @@ def _assemble(ids: np.ndarray, values: np.ndarray, target: np.ndarray) -> Target
 
 def _check_model(resolved: str, revision: str | None, k: int, cpu: bool) -> None:
     """Refuse, before the engine starts, what vLLM would refuse later or less clearly."""
-    from transformers import AutoConfig
+    from kdpipe.models import load_model_config
 
     try:
-        config = AutoConfig.from_pretrained(resolved, revision=revision)
+        config = load_model_config(resolved, revision)
     except Exception as e:
         raise KdpipeError(f"vLLM cannot load the teacher {resolved}: its config does not load "
-                          f"({_first_line(e)})") from None
+                          f"({first_line(e, 400)})") from None
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     heads = getattr(text, "num_attention_heads", None)
     width = getattr(text, "hidden_size", None)
@@ -203,11 +203,6 @@ def _check_model(resolved: str, revision: str | None, k: int, cpu: bool) -> None
                 f"the teacher {resolved} has attention head size {head_dim}, which vLLM's CPU attention does "
                 f"not support (supported: {', '.join(map(str, supported))}); use --backend hf for this model"
             )
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:400] if text else type(error).__name__
 
 
 def close_engine(owner: Any) -> None:

@@ -1,5 +1,5 @@
 """The options train-student and finetune share (`TrainConfig`), torch-free so that the CLI can build its
-options (and `kdpipe --help`) without importing the training stack; `kdpipe.train.setup` re-exports it."""
+options (and `kdpipe --help`) without importing the training stack (`kdpipe.train.setup`)."""
 
 from __future__ import annotations
 

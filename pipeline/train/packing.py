@@ -104,7 +104,7 @@ def one_row(model: Any) -> bool:
     """flash-attention takes packed sequences from the position ids only in a batch of ONE row (transformers'
     `_is_packed_sequence`); with more rows it would attend across the examples of a row. There each
     micro-batch is packed into a single row: no padding at all, the variable-length kernel's best case."""
-    from kdpipe.train.setup import causal_lm
+    from kdpipe.models import causal_lm
 
     return "flash" in (getattr(causal_lm(model).config, "_attn_implementation", None) or "")
 
@@ -118,7 +118,7 @@ def packing_supported(model: Any) -> bool:
     """Whether the model keeps packed examples apart: the last hidden states of four short examples packed
     as the collator will pack them (two rows, or one for flash-attention) equal those of each run alone
     (a few tokens through the real model)."""
-    from kdpipe.train.setup import causal_lm
+    from kdpipe.models import causal_lm
 
     lm = causal_lm(model)
     body, vocab = lm.base_model, lm.config.get_text_config().vocab_size

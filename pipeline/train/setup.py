@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from kdpipe.config import progress_disabled
-from kdpipe.errors import KdpipeError
+from kdpipe.errors import KdpipeError, first_line
 from kdpipe.precision import resolve_dtype
-from kdpipe.train.config import TrainConfig  # noqa: F401  (defined torch-free, for the CLI)
+from kdpipe.train.config import TrainConfig
 
 # ---------------------------------------------------------------- model
 
@@ -43,15 +43,6 @@ def load_trainable(cfg: TrainConfig) -> Any:
     model = load_model(cfg.model, dtype, "cpu", cfg.revision)  # Trainer places it
     model.config.use_cache = False
     return add_lora(model, cfg) if cfg.lora else model
-
-
-def causal_lm(model: Any) -> Any:
-    """The transformers causal LM under DDP / accelerate / peft wrappers."""
-    while hasattr(model, "module") and not hasattr(model, "config"):
-        model = model.module
-    if hasattr(model, "get_base_model"):  # peft
-        model = model.get_base_model()
-    return model
 
 
 def resolve_precision(precision: str) -> str:
@@ -115,7 +106,7 @@ def training_arguments(cfg: TrainConfig, output: Path) -> Any:
             disable_tqdm=progress_disabled(),
         )
     except ValueError as e:
-        raise KdpipeError(f"invalid training options: {str(e).splitlines()[0]}") from None
+        raise KdpipeError(f"invalid training options: {first_line(e)}") from None
 
 
 def _multi_process_on_cpu() -> bool:

@@ -13,7 +13,6 @@ import it inside `run` and the command line stays fast.
 
 from __future__ import annotations
 
-import inspect
 import shutil
 import time
 from collections.abc import Iterator
@@ -24,12 +23,14 @@ from typing import Any
 import torch
 from transformers import Trainer
 
-from kdpipe.errors import KdpipeError
+from kdpipe.cache.storage import honour_umask
+from kdpipe.errors import KdpipeError, first_line
 from kdpipe.losses import DistillLossConfig, SparseTargets, distill_loss
+from kdpipe.losses.distill import loss_terms
+from kdpipe.models import causal_lm, last_hidden_states, output_head
 from kdpipe.run_folder import RUN_FILE, now, read_json, write_json
 from kdpipe.train.config import TrainConfig
 from kdpipe.train.packing import model_inputs
-from kdpipe.train.setup import causal_lm
 
 
 class KdpipeTrainer(Trainer):
@@ -71,13 +72,40 @@ class DistillTrainer(KdpipeTrainer):
         self.model_accepts_loss_kwargs = True  # count num_items_in_batch from our flattened labels
         self._loss_shifts_labels = False  # labels [N] are already the next tokens
         self.loss_is_scaled_for_ga = True
+        self._terms: dict[str, float] = {}  # sums since the last log (this process's batches)
+        self._since = time.perf_counter()
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
-        loss = student_distill_loss(model, inputs, self.loss_config, num_items_in_batch)
+        # the loss's parts cost one more pass of the LM head: only on the batches of a step that is logged
+        logged = model.training and (self.state.global_step + 1) % self.args.logging_steps == 0
+        if model.training:
+            if not self._terms:  # the first batch since the last log: tokens/s counts from here
+                self._since = time.perf_counter()
+            self._count("tokens", float(inputs["attention_mask"].sum()))
+            self._count("positions", float(inputs["labels"].numel()))
+        loss = student_distill_loss(model, inputs, self.loss_config, num_items_in_batch,
+                                    self._terms if logged else None)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes  # DDP averages gradients; the count was global
         return (loss, None) if return_outputs else loss
+
+    def _count(self, name: str, value: float) -> None:
+        self._terms[name] = self._terms.get(name, 0.0) + value
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """Trainer's log, plus kdpipe's own figures on the steps since the last one (what --report-to
+        sends to tensorboard / wandb and run.json's log_history keeps): the loss's parts per target
+        position on the logged step (`loss_terms`: kd/divergence, the --loss; kd/fkl, kd/rkl; kd/ce;
+        kd/tail_mass) and input and target tokens per second (this process)."""
+        if "loss" in logs and self._terms:
+            terms, self._terms = self._terms, {}
+            seconds = time.perf_counter() - self._since
+            tokens, positions, n = (terms.pop(k, 0.0) for k in ("tokens", "positions", "diag_positions"))
+            logs.update({f"kd/{k}": v / n for k, v in terms.items() if n})
+            logs["kd/tokens_per_second"] = tokens / seconds
+            logs["kd/target_tokens_per_second"] = positions / seconds
+        super().log(logs, *args, **kwargs)
 
 
 def make_trainer(distill: DistillLossConfig | None = None, **kwargs: Any) -> KdpipeTrainer:
@@ -149,9 +177,9 @@ def write_errors(target: Path) -> Iterator[None]:
     a full disk as a bare RuntimeError from its zip writer)."""
     try:
         yield
+        honour_umask(target)  # weights are written 0600 by transformers; the rest of a run honours the umask
     except (OSError, RuntimeError) as e:
-        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        reason = getattr(e, "strerror", None) or first_line
+        reason = getattr(e, "strerror", None) or first_line(e, 200)
         raise KdpipeError(
             f"could not write {target} ({reason}); is the disk full? Free some space and rerun with "
             "--resume: training continues from the last complete checkpoint"
@@ -161,36 +189,28 @@ def write_errors(target: Path) -> Iterator[None]:
 # ---------------------------------------------------------------- the student's loss on a batch
 
 
-def student_hidden(model: Any, inputs: dict[str, Any]) -> Any:
-    """The student's last hidden states [B, L, D] (after the final norm), through the model's forward."""
-    lm = causal_lm(model)
-    body = lm.base_model
-    captured: dict[str, Any] = {}
-
-    def hook(_module: Any, _args: Any, output: Any) -> None:
-        captured["hidden"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
-
-    kwargs: dict[str, Any] = {**model_inputs(inputs), "use_cache": False}  # padded or packed rows
-    if "logits_to_keep" in inspect.signature(lm.forward).parameters:
-        kwargs["logits_to_keep"] = 1
-    handle = body.register_forward_hook(hook)
-    try:
-        model(**kwargs)
-    finally:
-        handle.remove()
-    return captured["hidden"]
+def student_at_targets(model: Any, inputs: dict[str, Any]) -> tuple[torch.Tensor, Any]:
+    """The student's last hidden states at the batch's target positions [T, D], and its LM head (whole
+    again under FSDP2) to apply to them: full logits never exist."""
+    hidden = last_hidden_states(model, **model_inputs(inputs))  # padded or packed rows
+    selected = hidden[inputs["target_rows"], inputs["target_cols"]]
+    _gather_fsdp_root(model)
+    return selected, output_head(model)
 
 
 def student_distill_loss(model: Any, inputs: dict[str, Any], cfg: DistillLossConfig,
-                         num_items: Any = None) -> torch.Tensor:
-    """`distill_loss` of the student on a `DistillCollator` batch (hidden states at the targets, LM head)."""
-    hidden = student_hidden(model, inputs)
-    selected = hidden[inputs["target_rows"], inputs["target_cols"]]
+                         num_items: Any = None, terms: dict[str, float] | None = None) -> torch.Tensor:
+    """`distill_loss` of the student on a `DistillCollator` batch (hidden states at the targets, LM head);
+    with `terms`, also add the loss's parts (`loss_terms`) and the position count to it."""
+    selected, head = student_at_targets(model, inputs)
     targets = SparseTargets(inputs["topk_ids"], inputs["topk_logprobs"], inputs["tail_mass"],
                             inputs["labels"])
-    _gather_fsdp_root(model)
-    head = causal_lm(model).get_output_embeddings()
-    return distill_loss(selected, head, targets, cfg, num_items=num_items)
+    loss = distill_loss(selected, head, targets, cfg, num_items=num_items)
+    if terms is not None:
+        for name, value in loss_terms(selected.detach(), head, targets, cfg).items():
+            terms[name] = terms.get(name, 0.0) + value
+        terms["diag_positions"] = terms.get("diag_positions", 0.0) + len(targets)
+    return loss
 
 
 def _gather_fsdp_root(model: Any) -> None:

@@ -34,7 +34,6 @@ import torch
 
 from kdpipe.errors import KdpipeError
 from kdpipe.vocab import map as vm
-from kdpipe.vocab.uld import CrossTokenizerTrainer, cross_loss, uld_loss  # noqa: F401 (the route's loss)
 
 
 @dataclass

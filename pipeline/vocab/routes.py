@@ -10,16 +10,18 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import click
 import numpy as np
 
 from kdpipe.cache.format import CachedExample, Targets
 from kdpipe.errors import KdpipeError
 from kdpipe.vocab import map as vm
+
+log = logging.getLogger(__name__)
 
 COVERAGE_ROWS = 2000  # rows checked before training: enough for a share to 0.1 %, seconds to tokenize
 
@@ -67,7 +69,7 @@ def echo_coverage(what: str, vmap: vm.VocabMap, found: dict[str, Any]) -> None:
                  f"({found['rows_checked']} rows checked)")
     else:
         line += f"; {found['rows']:.2%} of {found['rows_checked']} rows tokenize identically"
-    click.echo(line, err=True)
+    log.info(line)
 
 
 def save(choice: StudentVocab, out: Path) -> None:

@@ -17,8 +17,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from kdpipe.losses import DistillLossConfig, SparseTargets, distill_loss
-from kdpipe.train.setup import causal_lm
-from kdpipe.train.trainer import DistillTrainer, _gather_fsdp_root, student_hidden
+from kdpipe.train.trainer import DistillTrainer, student_at_targets
 
 
 def _uld_chunk(head: Any, hidden: torch.Tensor, teacher_p: torch.Tensor, teacher_tail: torch.Tensor,
@@ -86,10 +85,7 @@ class CrossTokenizerTrainer(DistillTrainer):
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
-        hidden = student_hidden(model, inputs)
-        selected = hidden[inputs["target_rows"], inputs["target_cols"]]
-        _gather_fsdp_root(model)
-        head = causal_lm(model).get_output_embeddings()
+        selected, head = student_at_targets(model, inputs)
         loss = cross_loss(selected, head, inputs, self.loss_config, self.uld_weight, num_items_in_batch)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes  # as DistillTrainer: the count was global

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from helpers import kdpipe
 
-from kdpipe.cache.manifest import MANIFEST, Manifest, SparseMode
+from kdpipe.cache.manifest import MANIFEST, Manifest
+from kdpipe.cache.sections import SparseMode
 from kdpipe.errors import KdpipeError
 
 

@@ -56,6 +56,16 @@ def test_missing_shard(cache):
         list(open_cache(cache).iter_examples())
 
 
+def test_a_stray_shard_file_is_named(cache):
+    """Issue 29 item 11: a shard file the manifest does not list (a stray copy, or one written by a run killed
+    before recording it) was never reported."""
+    shutil.copy(cache / "shard-00001.parquet", cache / "shard-00007.parquet")
+    verify_fails(cache, "shard-00007.parquet: a shard file the manifest does not list", "rerun the cache-teacher "
+                 "command to adopt it; or a stray copy: delete it")
+    (cache / "shard-00007.parquet").unlink()
+    assert kdpipe("cache", "verify", cache).exit_code == 0
+
+
 def test_future_format_version_and_damaged_manifest(cache):
     manifest = json.loads((cache / "manifest.json").read_text())
     (cache / "manifest.json").write_text(json.dumps({**manifest, "format_version": 99}))
@@ -86,8 +96,8 @@ def test_insane_values_are_caught(cache):
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from kdpipe.cache.format import read_manifest
-    from kdpipe.cache.tools import check_values
+    from kdpipe.cache.checks import check_values
+    from kdpipe.cache.manifest import read_manifest
 
     table = pq.read_table(cache / "shard-00000.parquet")
     lp = table["topk_logprobs"].combine_chunks()
@@ -155,8 +165,7 @@ def hashed(monkeypatch):
 def test_fast_verification_hashes_only_changed_shards(compact, hashed):
     import os
 
-    from kdpipe.cache.tools import open_checked
-    from kdpipe.cache.verified import RECORD
+    from kdpipe.cache.verified import RECORD, open_checked
 
     open_checked(compact)
     assert hashed == ["shard-00000.parquet", "shard-00001.parquet"]  # no record yet: every shard
@@ -186,7 +195,7 @@ def test_fast_verification_hashes_only_changed_shards(compact, hashed):
 
 
 def test_fast_verification_still_checks_sizes_and_the_manifest(compact, hashed):
-    from kdpipe.cache.tools import open_checked
+    from kdpipe.cache.verified import open_checked
 
     open_checked(compact)
     shard = compact / "shard-00000.parquet"
@@ -204,8 +213,7 @@ def test_fast_verification_still_checks_sizes_and_the_manifest(compact, hashed):
 
 def test_the_record_is_not_a_cache_file(compact, tiny_model_dir, tmp_path):
     """cache-teacher (resume, --overwrite) and cache merge ignore the verification record."""
-    from kdpipe.cache.tools import open_checked
-    from kdpipe.cache.verified import RECORD
+    from kdpipe.cache.verified import RECORD, open_checked
 
     open_checked(compact)
     assert (compact / RECORD).exists()

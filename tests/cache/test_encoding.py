@@ -119,8 +119,8 @@ def test_cache_info_and_verify_name_the_encoding(caches):
 
 
 def test_verify_catches_a_bad_id_in_a_compact_cache(caches):
-    from kdpipe.cache.format import read_manifest
-    from kdpipe.cache.tools import check_values
+    from kdpipe.cache.checks import check_values
+    from kdpipe.cache.manifest import read_manifest
 
     table = pq.ParquetFile(caches / "compact" / "shard-00000.parquet").read()  # with the id rank table
     assert check_values(table, read_manifest(caches / "compact")) == []
@@ -249,7 +249,7 @@ def test_compact_cache_is_rank_coded_and_a_raw_one_still_loads(caches, tmp_path)
     before rank coding: no id_coding in its metadata) loads and verifies as before."""
     import shutil
 
-    from kdpipe.cache.format import read_manifest, write_manifest
+    from kdpipe.cache.manifest import read_manifest, write_manifest
     from kdpipe.cache.writer import shard_entry
 
     shard = caches / "compact" / "shard-00000.parquet"

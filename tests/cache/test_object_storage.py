@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from helpers import kdpipe
 
-from kdpipe.cache.format import read_manifest
+from kdpipe.cache.manifest import read_manifest
 from kdpipe.cache.storage import Store
 from kdpipe.errors import KdpipeError
 

@@ -20,7 +20,7 @@ EXPECTED = json.loads((DATA / "losses.json").read_text())
 
 @pytest.mark.parametrize("encoding", ["compact", "plain"])
 def test_previous_versions_cache_trains_to_the_same_losses(tmp_path, encoding):
-    from kdpipe.cache.tools import open_checked
+    from kdpipe.cache.verified import open_checked
     from kdpipe.stages import train_student
 
     cache = tmp_path / f"cache-{encoding}"

@@ -187,7 +187,7 @@ def sampled_cache(tmp_path_factory, tiny_model_dir):
 
 
 def test_sampled_cache_draws_from_the_teacher(sampled_cache, tiny_model_dir):
-    from test_cache_teacher import dense_reference
+    from helpers import dense_reference
 
     examples = list(open_cache(sampled_cache / "a").iter_examples())
     assert len(examples) == 20
@@ -214,7 +214,7 @@ def test_sampled_cache_is_deterministic_per_example(sampled_cache):
 
 def test_proposal_temperature_stores_importance_ratios(sampled_cache, tiny_model_dir):
     import pyarrow.parquet as pq
-    from test_cache_teacher import dense_reference
+    from helpers import dense_reference
 
     table = pq.read_table(sampled_cache / "t" / "shard-00000.parquet")
     assert "sample_log_ratio" in table.column_names and "sample_log_ratio" not in pq.read_schema(
@@ -246,8 +246,8 @@ def test_verify_catches_bad_sample_counts(sampled_cache):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from kdpipe.cache.format import read_manifest
-    from kdpipe.cache.tools import check_values
+    from kdpipe.cache.checks import check_values
+    from kdpipe.cache.manifest import read_manifest
 
     table = pq.ParquetFile(sampled_cache / "b" / "shard-00000.parquet").read()  # with the id rank table
     counts = table["sample_counts"].combine_chunks()

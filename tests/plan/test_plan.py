@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import kdpipe
+from helpers import expect_error, kdpipe
 
-from kdpipe.plan import estimate as plan
+from kdpipe.plan import estimate, hardware, report
 
-SHIPPED = sorted(p.stem for p in plan.ARCH_DIR.glob("*.json"))
+SHIPPED = sorted(p.stem for p in hardware.ARCH_DIR.glob("*.json"))
 
 # The model cards' published totals and non-embedding counts (Qwen3, Qwen2.5), the hub pages' totals
 # (DeepSeek-R1-Distill-Qwen, GPT-2 medium), in the precision they are published in (billions).
@@ -31,7 +31,7 @@ PUBLISHED = {
 def hf_config(name: str, **changes):
     from transformers import AutoConfig
 
-    raw = json.loads((plan.ARCH_DIR / f"{name}.json").read_text())
+    raw = json.loads((hardware.ARCH_DIR / f"{name}.json").read_text())
     raw = {k: v for k, v in raw.items() if not k.startswith("_") and k != "torch_dtype"} | changes
     return AutoConfig.for_model(raw.pop("model_type"), **raw)
 
@@ -42,7 +42,7 @@ def test_parameter_count_equals_the_model_built_from_the_config(name: str) -> No
 
     with torch.device("meta"):  # the real architecture, no memory
         model = AutoModelForCausalLM.from_config(hf_config(name))
-    arch = plan.load_arch(name)
+    arch = hardware.load_arch(name)
     assert arch.params() == sum(p.numel() for p in model.parameters())  # tied weights counted once
     assert arch.tied == (model.get_output_embeddings().weight is model.get_input_embeddings().weight)
     assert arch.vocab == model.config.vocab_size
@@ -56,13 +56,13 @@ def published(count: int, figure: str) -> bool:
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
 def test_shipped_configs_match_the_published_totals(name: str) -> None:
-    arch = plan.load_arch(name)
+    arch = hardware.load_arch(name)
     total, non_embedding = PUBLISHED[name]
     assert published(arch.params(), total), arch.params()
     if non_embedding:
         assert published(arch.params() - arch.embedding_params() - arch.head_params(), non_embedding)
-    hub_id = json.loads((plan.ARCH_DIR / f"{name}.json").read_text())["_name_or_path"]
-    assert plan.load_arch(hub_id).params() == plan.load_arch(name.lower()).params() == arch.params()
+    hub_id = json.loads((hardware.ARCH_DIR / f"{name}.json").read_text())["_name_or_path"]
+    assert hardware.load_arch(hub_id).params() == hardware.load_arch(name.lower()).params() == arch.params()
 
 
 @pytest.mark.parametrize("name", ["Qwen3-0.6B", "Qwen2.5-0.5B", "gpt2-medium"])
@@ -78,8 +78,8 @@ def test_lora_and_optimizer_bytes_equal_a_real_lora_models(name: str) -> None:
     if name.startswith("gpt2"):
         small = {"vocab_size": 256, "n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 32}
     cfg = hf_config(name, **small)
-    folder_config = json.loads((plan.ARCH_DIR / f"{name}.json").read_text()) | small
-    arch = plan._from_config(name, folder_config)
+    folder_config = json.loads((hardware.ARCH_DIR / f"{name}.json").read_text()) | small
+    arch = hardware._from_config(name, folder_config)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     assert arch.params() == sum(p.numel() for p in model.parameters())
@@ -92,8 +92,8 @@ def test_lora_and_optimizer_bytes_equal_a_real_lora_models(name: str) -> None:
     opt.step()
     state_bytes = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if t.dim())
     grad_bytes = sum(p.grad.numel() * p.grad.element_size() for p in trainable)
-    w = plan.Workload(examples=1, mean_length=8, targets_per_example=7, max_length=8, lora_r=4)
-    parts = plan.train_memory(arch, w, "fp32", 1, "fused")
+    w = estimate.Workload(examples=1, mean_length=8, targets_per_example=7, max_length=8, lora_r=4)
+    parts = estimate.train_memory(arch, w, "fp32", 1, "fused")
     assert parts["gradients + AdamW"] == grad_bytes + state_bytes
     assert parts["LoRA weights (fp32)"] == sum(p.numel() * p.element_size() for p in trainable)
     assert parts["weights"] == sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
@@ -143,7 +143,7 @@ def test_activation_estimate_within_25_percent_of_what_autograd_keeps(name: str,
               "topk_logprobs": torch.log_softmax(torch.randn(len(rows), k), -1) - 0.1,
               "tail_mass": torch.full((len(rows),), 0.05)}
     measured = saved_bytes(model, inputs, DistillLossConfig("fkl", 0.5, 1.0))
-    predicted = plan.train_activation_bytes(plan.load_arch(name, layers=1), batch * length, len(rows), lora, "fp32")
+    predicted = estimate.train_activation_bytes(hardware.load_arch(name, layers=1), batch * length, len(rows), lora, "fp32")
     assert abs(predicted / measured - 1) <= 0.25, (predicted, measured)
 
 
@@ -154,17 +154,17 @@ def test_cache_size_model_reproduces_the_measured_rates() -> None:
                 ("compact16", "topk", 32): 100.4, ("compact", "sampled", 6): 12.4,
                 ("compact", "sampled", 12): 17.8, ("compact", "sampled", 24): 25.6}
     for (encoding, mode, n), rate in measured.items():
-        predicted = plan.cache_bytes(1e6, 1e6, encoding, mode, k=n, samples=n) / 1e6
+        predicted = estimate.cache_bytes(1e6, 1e6, encoding, mode, k=n, samples=n) / 1e6
         assert abs(predicted / rate - 1) < 0.05, (encoding, mode, n, predicted, rate)
     # completions only: every non-distilled token still stores its input id
-    assert plan.cache_bytes(10, 110, "compact", "topk", 32) == int(10 * (8.0 + 2.343 * 32) + 100 * plan.INPUT_ID_BYTES)
+    assert estimate.cache_bytes(10, 110, "compact", "topk", 32) == int(10 * (8.0 + 2.343 * 32) + 100 * estimate.INPUT_ID_BYTES)
 
 
 def test_defaults_are_the_stages_defaults() -> None:
     from kdpipe.stages.cache_teacher import CacheTeacherConfig
     from kdpipe.stages.train_student import TrainStudentConfig
 
-    w, c, t = plan.Workload(1, 1, 1), CacheTeacherConfig(), TrainStudentConfig()
+    w, c, t = estimate.Workload(1, 1, 1), CacheTeacherConfig(), TrainStudentConfig()
     assert (w.teacher_batch_size, w.max_batch_tokens, w.teacher_chunk) == (c.batch_size, c.max_batch_tokens, c.chunk_size)
     assert (w.student_chunk, w.lora_r, w.batch_size, w.lora) == (t.chunk_size, t.lora_r, t.batch_size, t.lora)
     assert w.vllm_gpu_memory_utilization == c.vllm_gpu_memory_utilization
@@ -179,8 +179,8 @@ def test_t4_plan_json(workdir: Path) -> None:
                             "teacher fine-tune (finetune)"]
     assert p["device"]["capability"] == [7, 5] and stages["cache-teacher"]["dtype"] == "fp16"
     assert stages["train-student"]["dtype"] == "fp16"
-    assert p["models"]["teacher"]["params"] == plan.load_arch("Qwen3-4B").params()
-    assert stages["cache-teacher"]["memory"]["weights"] == plan.load_arch("Qwen3-4B").params() * 2
+    assert p["models"]["teacher"]["params"] == hardware.load_arch("Qwen3-4B").params()
+    assert stages["cache-teacher"]["memory"]["weights"] == hardware.load_arch("Qwen3-4B").params() * 2
     for s in stages.values():
         assert s["peak_bytes"] == sum(s["memory"].values())
         assert s["fits"] == (s["peak_bytes"] <= s["device_bytes"])
@@ -191,9 +191,9 @@ def test_t4_plan_json(workdir: Path) -> None:
 
 
 def test_packed_time_follows_the_mean_length_padded_the_max_length() -> None:
-    arch, gpu = plan.load_arch("Qwen3-0.6B"), plan.get_device("t4")
-    short = plan.train_plan(arch, gpu, plan.Workload(examples=1000, mean_length=300, targets_per_example=299))
-    full = plan.train_plan(arch, gpu, plan.Workload(examples=1000, mean_length=512, targets_per_example=299))
+    arch, gpu = hardware.load_arch("Qwen3-0.6B"), hardware.get_device("t4")
+    short = estimate.train_plan(arch, gpu, estimate.Workload(examples=1000, mean_length=300, targets_per_example=299))
+    full = estimate.train_plan(arch, gpu, estimate.Workload(examples=1000, mean_length=512, targets_per_example=299))
     assert short.extra["steps per epoch"] == full.extra["steps per epoch"] == 125  # batches of 8 examples either way
     assert short.extra["padded seconds"] == full.extra["padded seconds"] == full.seconds  # padded: 512 per row
     assert 300 / 512 < short.seconds / full.seconds < 0.75  # packed: the mean length (the head's share stays)
@@ -219,20 +219,20 @@ def test_measure_runs_real_steps_and_writes_nothing(workdir: Path, tiny_model_di
 
 
 def test_largest_batch_is_the_largest_that_fits() -> None:
-    arch, gpu = plan.load_arch("Qwen3-0.6B"), plan.get_device("t4")
-    w = plan.Workload(examples=100, mean_length=512, targets_per_example=511)
-    s = plan.train_plan(arch, gpu, w)
-    fits = lambda b: sum(plan.train_memory(arch, w, "fp16", b, "fused").values()) <= gpu.memory  # noqa: E731
+    arch, gpu = hardware.load_arch("Qwen3-0.6B"), hardware.get_device("t4")
+    w = estimate.Workload(examples=100, mean_length=512, targets_per_example=511)
+    s = estimate.train_plan(arch, gpu, w)
+    fits = lambda b: sum(estimate.train_memory(arch, w, "fp16", b, "fused").values()) <= gpu.memory  # noqa: E731
     assert s.largest_batch >= 1 and fits(s.largest_batch) and not fits(s.largest_batch + 1)
 
 
 def test_a_local_folder_and_the_layers_override(tmp_path: Path) -> None:
     folder = tmp_path / "model"
     folder.mkdir()
-    (folder / "config.json").write_text((plan.ARCH_DIR / "Qwen3-0.6B.json").read_text())
-    assert plan.load_arch(str(folder)).params() == plan.load_arch("Qwen3-0.6B").params()
-    two = plan.load_arch(str(folder), layers=2)
-    assert two.params() == plan.load_arch("Qwen3-0.6B").params() - 26 * two.block_params()
+    (folder / "config.json").write_text((hardware.ARCH_DIR / "Qwen3-0.6B.json").read_text())
+    assert hardware.load_arch(str(folder)).params() == hardware.load_arch("Qwen3-0.6B").params()
+    two = hardware.load_arch(str(folder), layers=2)
+    assert two.params() == hardware.load_arch("Qwen3-0.6B").params() - 26 * two.block_params()
 
 
 @pytest.mark.parametrize("args,message", [
@@ -255,8 +255,8 @@ def test_bad_input_is_a_clear_error(args: list[str], message: str, tmp_path: Pat
 
 
 def test_plan_imports_no_torch() -> None:
-    code = ("import sys; from kdpipe.plan import estimate as plan; p = plan.make_plan('Qwen3-4B', 'Qwen3-0.6B', plan.get_device('t4'), "
-            "plan.Workload(100, 300, 2)); print(plan.format_plan(p)[:40]); assert 'torch' not in sys.modules")
+    code = ("import sys; from kdpipe.plan import estimate, hardware, report; p = estimate.make_plan('Qwen3-4B', 'Qwen3-0.6B', hardware.get_device('t4'), "
+            "estimate.Workload(100, 300, 2)); print(report.format_plan(p)[:40]); assert 'torch' not in sys.modules")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1",
                          "PATH": "/usr/bin:/bin"})
     assert out.returncode == 0, out.stderr
@@ -270,24 +270,44 @@ def test_dry_run_shows_each_steps_plan(workdir: Path, tiny_model_dir: Path) -> N
         "baseline:\n  model: '@train'\n  dataset: kdpipe:arithmetic\n")
     out = kdpipe("run", "exp.yaml", "--dry-run").output
     lines = [line.strip() for line in out.splitlines() if line.strip().startswith("plan:")]
-    arch = plan.load_arch(str(tiny_model_dir))
+    arch = hardware.load_arch(str(tiny_model_dir))
     assert len(lines) == 3, out
-    assert lines[0].startswith("plan: cache-teacher: peak") and f"weights {plan._size(arch.params() * 4)}" in lines[0]
+    assert lines[0].startswith("plan: cache-teacher: peak") and f"weights {report._size(arch.params() * 4)}" in lines[0]
     assert lines[1].startswith("plan: train-student: peak") and "(fits; largest batch" in lines[1]
     assert lines[2] == "plan: once runs/exp/train exists (an earlier step writes it)"
     assert not (workdir / "runs").exists() and not (workdir / "cache").exists()
 
 
 def test_vllm_takes_its_share_and_the_kv_cache_is_the_rest() -> None:
-    arch, gpu = plan.load_arch("Qwen3-4B"), plan.get_device("t4")
-    w = plan.Workload(examples=10, mean_length=300, targets_per_example=2, backend="vllm", vllm_max_num_batched_tokens=2048)
-    s = plan.cache_teacher_plan(arch, gpu, w)
+    arch, gpu = hardware.load_arch("Qwen3-4B"), hardware.get_device("t4")
+    w = estimate.Workload(examples=10, mean_length=300, targets_per_example=2, backend="vllm", vllm_max_num_batched_tokens=2048)
+    s = estimate.cache_teacher_plan(arch, gpu, w)
     assert s.fits and s.peak == int(gpu.memory * 0.9)
     assert s.memory["prompt log-probs (fp32)"] == 2048 * arch.vocab * 8
     per_sequence = 2 * arch.layers * arch.kv_dim * 2 * 512  # K and V, fp16, 512 tokens
     assert s.largest_batch == s.memory["vLLM KV cache"] // per_sequence
-    crowded = plan.cache_teacher_plan(arch, gpu, plan.Workload(**{**w.__dict__, "vllm_max_num_batched_tokens": 8192}))
+    crowded = estimate.cache_teacher_plan(arch, gpu, estimate.Workload(**{**w.__dict__, "vllm_max_num_batched_tokens": 8192}))
     assert not crowded.fits and crowded.largest_batch == 0
     result = kdpipe("plan", "--teacher", "Qwen3-4B", "--gpu", "t4", "--limit", "5", "--backend", "vllm",
                     "--vllm-gpu-memory-utilization", "0", ok=False)
     assert result.exit_code == 2 and "--vllm-gpu-memory-utilization must be in (0, 1], not 0" in result.output
+
+
+@pytest.mark.parametrize(("key", "value", "says"), [
+    ("num_hidden_layers", -2, "num_hidden_layers / n_layer is -2"),
+    ("vocab_size", 0, "vocab_size is 0"),
+    ("hidden_size", "576", "hidden_size / n_embd is '576'"),
+    ("num_attention_heads", 0, "num_attention_heads / n_head is 0"),
+    ("num_key_value_heads", 5, "num_key_value_heads 5 does not divide num_attention_heads 16"),
+    ("intermediate_size", 3.5, "intermediate_size / n_inner is 3.5"),
+])
+def test_plan_refuses_a_config_json_with_impossible_sizes(tmp_path: Path, key: str, value, says: str) -> None:
+    """Issue 29 item 9: `num_hidden_layers: -2` printed "-49,472 parameters ... fits" with rc 0; a string
+    hidden_size was a TypeError. Every size plan reads is checked, the message names the file and the key."""
+    folder = tmp_path / "teacher"
+    folder.mkdir()
+    config = json.loads((hardware.ARCH_DIR / "Qwen3-0.6B.json").read_text()) | {key: value}
+    (folder / "config.json").write_text(json.dumps(config))
+    out = expect_error("plan", "--teacher", folder, "--student", "Qwen3-0.6B", "--gpu", "t4", "--limit", "100",
+                       match=f"{folder / 'config.json'}: {says}")
+    assert "fits" not in out.output

@@ -81,7 +81,7 @@ def test_cache_folder_holding_another_run(tmp_path, tiny_model_dir, data):
     assert result.exit_code == 2 and "holds another run (different sparse" in result.output
     assert "--overwrite" in result.output and sorted(p.name for p in cache.iterdir()) == before
     kdpipe("cache-teacher", "--model", tiny_model_dir, "--dataset", data, "--top-k", 8, "--cache", cache, "--overwrite")
-    from kdpipe.cache.format import read_manifest
+    from kdpipe.cache.manifest import read_manifest
 
     assert read_manifest(cache)["sparse"]["k"] == 8
 
@@ -112,7 +112,7 @@ def test_cli_options_override_the_config_file(tmp_path, tiny_model_dir, data):
     config = tmp_path / "c.yaml"
     config.write_text(f"model: {tiny_model_dir}\ndataset: {data}\ntop_k: 4\ncache: {tmp_path / 'from-config'}\n")
     kdpipe("cache-teacher", "--config", config, "--top-k", 6, "--cache", tmp_path / "from-cli")
-    from kdpipe.cache.format import read_manifest
+    from kdpipe.cache.manifest import read_manifest
 
     assert read_manifest(tmp_path / "from-cli")["sparse"]["k"] == 6 and not (tmp_path / "from-config").exists()
 

@@ -89,8 +89,8 @@ def test_full_is_recorded_as_full_and_the_recorded_command_replays(world, tmp_pa
 
 def test_init_model_options_are_the_run_steps_options():
     from kdpipe.cli import main
+    from kdpipe.stages.experiment import STEPS
     from kdpipe.stages.init_model import InitModelConfig
-    from kdpipe.stages.run import STEPS
 
     cli = {p.name for p in main.commands["init-model"].params} - {"config_file"}
     for step in STEPS:

@@ -26,8 +26,8 @@ import torch
 from helpers import kdpipe, write_jsonl
 
 from kdpipe.cache import open_cache
-from kdpipe.cache.format import read_manifest
-from kdpipe.cache.tools import verify
+from kdpipe.cache.commands import verify
+from kdpipe.cache.manifest import read_manifest
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
        "TOKENIZERS_PARALLELISM": "false", "KDPIPE_NO_PROGRESS": "1", "TQDM_DISABLE": "1", "PYTHONDONTWRITEBYTECODE": "1"}

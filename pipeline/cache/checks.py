@@ -1,71 +1,29 @@
-"""`kdpipe cache info | verify | merge`: what a cache holds, whether it is intact, joining split runs."""
+"""The checks of a cache's pieces that `kdpipe cache verify`, merge and the check before use share: the
+manifest's completeness and listing, one shard (present, this run's, its size, sha256, Parquet, rows and
+example ids) and the decoded values' sanity."""
 
 from __future__ import annotations
 
 import json
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from kdpipe.cache.format import ENCODINGS, METADATA_KEY, ids_hash, shard_name
-from kdpipe.cache.manifest import MANIFEST, Manifest, ShardEntry, Totals, as_manifest, now, write_manifest
+from kdpipe.cache.manifest import MANIFEST, Manifest, as_manifest
+from kdpipe.cache.sections import ShardEntry, Totals
 from kdpipe.cache.storage import Store
 from kdpipe.cache.values import nonfinite
-from kdpipe.cache.verified import RECORD
-from kdpipe.errors import KdpipeError
+from kdpipe.errors import first_line
 
 
-def info(path: str | Path) -> dict[str, Any]:
-    """A summary of a cache: teacher, data, sparse mode, encoding, sizes, completeness."""
-    m = Manifest.read(path)
-    t = Totals.of(m.shards)  # what is listed, not what the manifest's totals claim
-    problems = check_listing(m, str(path))
-    # over-long examples cut or skipped (see kdpipe.data.tokenize); none is the norm
-    cut = "; ".join(f"{n} {what}" for what, n in sorted((m.dataset.report or {}).items()) if n)
-    return {
-        "path": str(path),
-        "complete": m.complete and not problems,
-        **({"problems": f"{'; '.join(problems)}; run `kdpipe cache verify {path}`"} if problems else {}),
-        "teacher": m.teacher.model,
-        "teacher_dtype": m.teacher.dtype,
-        "backend": m.teacher.backend,
-        "tokenizer": m.tokenizer.name,
-        "dataset": f"{m.dataset.source} [{m.dataset.split}, part {m.dataset.part}]",
-        "template": m.template.name,
-        "sparse_mode": m.mode.value,
-        **({"samples": m.samples, "proposal_temperature": m.sparse.proposal_temperature}
-           if m.sampled else {"k": m.k}),
-        "encoding": m.encoding,
-        "shards": f"{t.shards} of {m.sharding.total_shards}",
-        "examples": t.rows,
-        "tokens": t.tokens,
-        "target_tokens": t.target_tokens,
-        "mean_target_tokens_per_example": round(t.target_tokens / t.rows, 1) if t.rows else 0,
-        "bytes": t.bytes,
-        "bytes_per_target_token": t.bytes_per_target_token,
-        "examples_cut_or_skipped": cut or f"none (every example fit max_length={m.max_length})",
-        "kdpipe_version": m.kdpipe_version,
-        "command": m.command,
-    }
-
-
-def verify(path: str | Path, values: bool = True) -> list[str]:
-    """Every problem found (empty when the cache is intact): checksums, schema, counts, value sanity."""
-    store = Store.open(path)
-    m = Manifest.read(store)
-    problems = []
-    if not m.complete:
-        missing = len(set(m.part_indices()) - {s.index for s in m.shards})
-        problems.append(
-            f"{store}: incomplete, {missing} shard(s) not written yet (rerun the same command to resume)"
-        )
-    problems += check_listing(m, store.display(MANIFEST))
-    seen: dict[str, str] = {}  # example id -> the shard holding it
-    for shard in m.shards:
-        problems += _verify_shard(store, shard, m, values, seen)
-    return problems
+def incomplete(store: Store, m: Manifest) -> list[str]:
+    """A problem when the manifest says shards of its part are still to be written."""
+    if m.complete:
+        return []
+    missing = len(set(m.part_indices()) - {s.index for s in m.shards})
+    return [f"{store}: incomplete, {missing} shard(s) not written yet (rerun the same command to resume)"]
 
 
 def check_listing(m: Manifest, where: str) -> list[str]:
@@ -117,7 +75,7 @@ def check_listing(m: Manifest, where: str) -> list[str]:
     return problems
 
 
-def _verify_shard(
+def verify_shard(
     store: Store, shard: ShardEntry, m: Manifest, values: bool, seen: dict[str, str] | None = None
 ) -> list[str]:
     name, file = shard.file, store.display(shard.file)
@@ -141,7 +99,7 @@ def _verify_shard(
         table = store.parquet(name).read()
         meta = json.loads(table.schema.metadata[METADATA_KEY])
     except Exception as e:
-        return [f"{file}: unreadable Parquet ({str(e).splitlines()[0][:200]})"]
+        return [f"{file}: unreadable Parquet ({first_line(e, 200)})"]
     problems = []
     if meta.get("settings_hash") != m.settings_hash:
         problems.append(f"{file}: written by another run (settings hash differs from the manifest's)")
@@ -177,24 +135,6 @@ def _identity_problems(
                 )
             seen.setdefault(example_id, shard.file)
     return problems
-
-
-def open_checked(path: str | Path, verify_mode: str = "fast") -> Any:
-    """Open a cache that passes verification (manifest, sizes; checksums, schema, counts of the shards
-    changed since they last passed: `kdpipe.cache.verified`; all of them with ``full``) and holds at least
-    one example."""
-    from kdpipe.cache.reader import open_cache
-    from kdpipe.cache.verified import check_for_use
-
-    cache = open_cache(path)  # refuses a missing manifest or a newer format version
-    if len(cache) == 0:  # first: a manifest listing no shard says nothing else worth checking
-        raise KdpipeError(f"cache {path} holds no examples")
-    problems = check_for_use(cache.store, cache.manifest, verify_mode)
-    if problems:
-        raise KdpipeError(
-            f"cache {path} failed verification: {'; '.join(problems)}. See `kdpipe cache verify {path}`"
-        )
-    return cache
 
 
 def check_values(table: Any, manifest: Manifest | dict[str, Any]) -> list[str]:
@@ -251,79 +191,3 @@ def _check_sampled(t: Any, n: int, proposal_temperature: float) -> list[str]:
     ):
         problems.append("the sampled estimate differs from counts / N")
     return problems
-
-
-def merge(parts: list[str | Path], output: str | Path) -> Manifest:
-    """Join the caches of a `--num-shards/--shard-index` split into one folder (hard links where possible).
-
-    Every part's shards are verified first (size, sha256, the shard they are); nothing is linked from a
-    damaged part. A merge that was killed leaves shard files and perhaps a temp manifest but no manifest
-    (written last): a rerun keeps the shards already in place that match, links the rest and writes it.
-    Parts and output may be local folders or object-storage URLs (objects are copied there).
-    """
-    out = Store.open(output)
-    stores = [Store.open(p) for p in parts]
-    manifests = [Manifest.read(s) for s in stores]
-    first = manifests[0]
-    for path, m in zip(parts, manifests):
-        if (
-            m.settings_hash != first.settings_hash
-            or m.sharding.rows_per_shard != first.sharding.rows_per_shard
-        ):
-            raise KdpipeError(
-                f"{path} is not a part of the same run as {parts[0]} (different settings); cannot merge"
-            )
-    shards: dict[int, tuple[Store, ShardEntry]] = {}
-    for store, m in zip(stores, manifests):
-        for s in m.shards:
-            if s.index in shards:
-                raise KdpipeError(f"shard {s.index} is in both {shards[s.index][0]} and {store}")
-            shards[s.index] = (store, s)
-    total = first.sharding.total_shards
-    missing = sorted(set(range(total)) - set(shards))
-    if missing:
-        raise KdpipeError(
-            f"the parts lack shard(s) {missing[:10]} of {total}: finish those parts first (rerun them)"
-        )
-    owner = {s.index: m for m in manifests for s in m.shards}
-    problems = [
-        p for i, (store, s) in sorted(shards.items()) for p in _verify_shard(store, s, owner[i], values=False)
-    ]
-    if problems:
-        raise KdpipeError(
-            f"cannot merge, a part is damaged: {'; '.join(problems[:5])}. Rerun that part's "
-            "cache-teacher command (it rewrites damaged shards), then merge again; "
-            "nothing was merged"
-        )
-    entries = [s for _, (_, s) in sorted(shards.items())]
-    _check_merge_output(out)
-    out.makedirs()
-    with out.writer_lock():
-        for name in [n for n in out.names() if n.startswith(".") and n.endswith(".tmp")]:
-            out.delete(name)  # a temp file of a killed merge
-        for _, (store, s) in sorted(shards.items()):
-            if out.is_file(s.file) and out.size(s.file) == s.bytes and out.sha256(s.file) == s.sha256:
-                continue  # put in place by a merge that was killed
-            out.delete(s.file)
-            out.copy_from(store, s.file)
-        merged = first.with_shards(entries, complete=True, updated=now())
-        merged = merged.replace(
-            sharding=first.sharding.replace(num_shards=1, shard_index=0),
-            merged_from=[{"path": str(p), "command": m.command} for p, m in zip(parts, manifests)],
-            dataset=first.dataset.replace(examples=merged.totals.rows),
-        )
-        write_manifest(out, merged)  # last, atomically: a folder with a manifest is a finished merge
-    return merged
-
-
-def _check_merge_output(out: Store) -> None:
-    """The output is new, or what a killed merge left: shard and temp files, no manifest (written last)."""
-    names = [n for n in out.names() if n not in (".lock", ".writer", RECORD)]
-    strays = [
-        n
-        for n in names
-        if not (n.startswith("shard-") and n.endswith(".parquet"))
-        and not (n.startswith(".") and n.endswith(".tmp"))
-    ]
-    if strays:
-        raise KdpipeError(f"{out} is not empty; merge into a new folder")
