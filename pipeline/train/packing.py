@@ -54,7 +54,8 @@ def token_batch(tokens: Sequence[np.ndarray], positions: Sequence[np.ndarray], p
 
     Padded: ``input_ids`` and ``attention_mask`` [B, L] (right padding), example b in row b. Packed:
     ``input_ids`` and ``position_ids`` [R, L'] with R <= B (no attention mask), pad tokens only at the
-    rows' ends (their positions restart too, so they form a segment of their own). Both: the targets
+    rows' ends (their positions restart too, so they form a segment of their own), ``num_tokens`` the real
+    tokens. Both: the targets
     ``target_rows``/``target_cols`` [N], example by example, ``positions`` shifted to where each
     example sits.
     """
@@ -85,6 +86,7 @@ def token_batch(tokens: Sequence[np.ndarray], positions: Sequence[np.ndarray], p
         for row, used in enumerate(fill):
             pos[row, used:] = torch.arange(width - used)
         batch["position_ids"] = pos
+        batch["num_tokens"] = torch.tensor(sum(lengths))  # the real tokens (no mask to count them from)
     else:
         mask = torch.zeros_like(ids)
         for i, n in enumerate(lengths):
@@ -112,6 +114,11 @@ def one_row(model: Any) -> bool:
 def pack_length_for(model: Any, pack_length: int | None) -> int | None:
     """The row length the collator packs to: `pack_length`, or everything in one row for flash-attention."""
     return 1 << 40 if one_row(model) else pack_length
+
+
+def real_tokens(inputs: dict[str, Any]) -> float:
+    """Tokens of a `token_batch`, padding excluded."""
+    return float(inputs["num_tokens"] if "num_tokens" in inputs else inputs["attention_mask"].sum())
 
 
 def packing_supported(model: Any) -> bool:

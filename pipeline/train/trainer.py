@@ -30,7 +30,7 @@ from kdpipe.losses.distill import loss_terms
 from kdpipe.models import causal_lm, last_hidden_states, output_head
 from kdpipe.run_folder import RUN_FILE, now, read_json, write_json
 from kdpipe.train.config import TrainConfig
-from kdpipe.train.packing import model_inputs
+from kdpipe.train.packing import model_inputs, real_tokens
 
 
 class KdpipeTrainer(Trainer):
@@ -82,7 +82,7 @@ class DistillTrainer(KdpipeTrainer):
         if model.training:
             if not self._terms:  # the first batch since the last log: tokens/s counts from here
                 self._since = time.perf_counter()
-            self._count("tokens", float(inputs["attention_mask"].sum()))
+            self._count("tokens", real_tokens(inputs))
             self._count("positions", float(inputs["labels"].numel()))
         loss = student_distill_loss(model, inputs, self.loss_config, num_items_in_batch,
                                     self._terms if logged else None)

@@ -16,7 +16,14 @@ from helpers import run_cli
 from kdpipe.cache import open_cache
 from kdpipe.losses import DistillLossConfig, SparseTargets, distill_loss
 from kdpipe.train.data import BlockShuffleSampler, DistillCollator, SFTCollator
-from kdpipe.train.packing import choose_batching, first_fit, pack_length_for, packing_supported, token_batch
+from kdpipe.train.packing import (
+    choose_batching,
+    first_fit,
+    pack_length_for,
+    packing_supported,
+    real_tokens,
+    token_batch,
+)
 
 LOSS = DistillLossConfig("jsd", 0.7, 2.0, beta=0.3, tail="bucket", chunk_size=5)
 
@@ -44,6 +51,7 @@ def test_first_fit_and_the_packed_layout():
     assert packed["input_ids"][2].tolist() == [10, 11, 12, 10, 11]
     assert packed["position_ids"][2].tolist() == [0, 1, 2, 0, 1]
     assert packed["position_ids"][1].tolist() == [0, 1, 2, 3, 0]  # the pad at the row's end: its own segment
+    assert real_tokens(padded) == real_tokens(packed) == 14
     for batch in (padded, packed):  # the targets point at the same tokens, in the same order
         at = batch["input_ids"][batch["target_rows"], batch["target_cols"]]
         assert at.tolist() == np.concatenate([t[:-1] for t in tokens]).tolist()
