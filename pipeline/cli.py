@@ -282,13 +282,15 @@ def stage_command(stage: Stage) -> click.Command:
                                                                                 "reached.")
 @click.option("--layers", type=int, default=None, help="Plan with this many layers (as bench_real_shapes "
                                                        "--layers).")
+@click.option("--measure", is_flag=True, help="Calibrate the times: load the models and run 3 real steps of "
+                                             "each stage on this machine (nothing is written).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def plan_cmd(teacher: str | None, student: str | None, gpu: str | None, gpu_memory_gb: float | None,
              dataset: str | None, limit: int | None, tokens: float | None, mean_length: float | None,
              targets_per_example: float | None, max_length: int, top_k: int, encoding: str, sparse_mode: str,
              samples: int, lora: bool, lora_r: int, batch_size: int, gradient_checkpointing: bool,
              backend: str, vllm_gpu_memory_utilization: float, vllm_max_num_batched_tokens: int, dtype: str,
-             precision: str, efficiency: float, layers: int | None, as_json: bool) -> None:
+             precision: str, efficiency: float, layers: int | None, measure: bool, as_json: bool) -> None:
     """Predict each stage's peak memory, whether it fits, the largest batch, its time and the cache's size.
 
     \b
@@ -296,7 +298,9 @@ def plan_cmd(teacher: str | None, student: str | None, gpu: str | None, gpu_memo
       kdpipe plan --teacher Qwen3-4B --student Qwen3-0.6B --gpu t4 --dataset imdb --mean-length 300 \\
         --targets-per-example 2
     From config.json only (no weights are loaded); stages: cache-teacher, train-student, and for
-    comparison online KD with both models resident and the student's SFT alone.
+    comparison online KD with both models resident, the student's SFT alone and the teacher's own
+    fine-tune. Times assume packed batches (--mean-length tokens per example); --measure calibrates
+    them with 3 real steps per stage on this machine.
     """
     from kdpipe.plan import estimate, hardware, report
 
@@ -327,6 +331,10 @@ def plan_cmd(teacher: str | None, student: str | None, gpu: str | None, gpu_memo
                       vllm_max_num_batched_tokens=vllm_max_num_batched_tokens,
                       teacher_dtype=dtype, precision=precision)
     result = estimate.make_plan(teacher, student, device, w, layers)
+    if measure:
+        from kdpipe.plan.measure import measure as run_steps
+
+        run_steps(result, teacher, student, w)
     click.echo(json.dumps(result, indent=2) if as_json else report.format_plan(result))
 
 

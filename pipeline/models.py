@@ -266,8 +266,12 @@ def head_is_linear(model: Any) -> bool:
     return all(getattr(config, name, None) is None for name in ("final_logit_softcapping", "logit_scale"))
 
 
-def last_hidden_states(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def last_hidden_states(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                       position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """The last hidden states [B, L, D] (after the final norm), through the model's own forward.
+
+    Padded rows come with their `attention_mask`; packed rows (`kdpipe.train.packing`) with `position_ids`
+    restarting per example and no mask.
 
     Through the forward, not the body alone, so that wrappers (peft, DDP, FSDP) run their hooks; a
     forward hook on the body catches its output, and ``logits_to_keep=1`` keeps the forward's own LM
@@ -281,7 +285,9 @@ def last_hidden_states(model: Any, input_ids: torch.Tensor, attention_mask: torc
     def hook(_module: Any, _args: Any, output: Any) -> None:
         captured["hidden"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
 
-    kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+    kwargs: dict[str, Any] = {"input_ids": input_ids, "use_cache": False}
+    kwargs.update({k: v for k, v in (("attention_mask", attention_mask), ("position_ids", position_ids))
+                   if v is not None})
     if "logits_to_keep" in inspect.signature(lm.forward).parameters:
         kwargs["logits_to_keep"] = 1
     handle = lm.base_model.register_forward_hook(hook)

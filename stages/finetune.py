@@ -2,7 +2,9 @@
 and the SFT-only student baseline.
 
 Recipe: tokenize the data with the loss mask exactly as cache-teacher does, load the model, train
-with `transformers.Trainer` (the model's own causal-LM loss on the trained tokens), save.
+with `transformers.Trainer` (cross-entropy on the trained tokens through the same fused LM head + loss
+path as train-student: ``train-student --alpha 0``'s loss, no full-vocabulary logits), save. Batches
+are packed by default (``--batching``, `kdpipe.train.packing`).
 """
 
 from __future__ import annotations
@@ -24,9 +26,11 @@ from kdpipe.train import setup as training
 @run_folder.locked
 def run(cfg: FinetuneConfig, command: str = "", callbacks: list[Any] | None = None) -> dict[str, Any]:
     """Fine-tune `cfg.model` on `cfg.dataset`; returns the run record (kdpipe_run.json)."""
+    from kdpipe.losses import DistillLossConfig
     from kdpipe.models import load_tokenizer, source_record
     from kdpipe.train.data import BlockShuffleSampler, SFTCollator, TokenizedDataset
-    from kdpipe.train.trainer import KdpipeTrainer, fit
+    from kdpipe.train.packing import choose_batching, pack_length_for
+    from kdpipe.train.trainer import DistillTrainer, fit
 
     if not cfg.model:
         raise KdpipeError("no model given: pass --model (or 'model:' in the config file)")
@@ -45,9 +49,13 @@ def run(cfg: FinetuneConfig, command: str = "", callbacks: list[Any] | None = No
     # only now: bad options leave no folder behind
     out = run_folder.start_run(cfg, "finetune", identity, command, checkpoint)
     dataset = TokenizedDataset(examples)
-    sampler = BlockShuffleSampler([len(dataset)], cfg.seed)
-    trainer = KdpipeTrainer(
-        model=model, args=args, train_dataset=dataset, data_collator=SFTCollator(tokenizer.pad_token_id),
-        processing_class=tokenizer, sampler=sampler, callbacks=callbacks,
+    batching = choose_batching(cfg.batching, model)
+    lengths = [len(e.input_ids) for e in examples] if batching == "grouped" else None
+    sampler = BlockShuffleSampler([len(dataset)], cfg.seed, lengths=lengths, stripe=cfg.batch_size)
+    packed = batching == "packed"
+    collator = SFTCollator(tokenizer.pad_token_id, packed, pack_length_for(model, cfg.pack_length))
+    trainer = DistillTrainer(  # cross-entropy on the trained tokens through the fused head: alpha 0
+        loss_config=DistillLossConfig(alpha=0.0), model=model, args=args, train_dataset=dataset,
+        data_collator=collator, processing_class=tokenizer, sampler=sampler, callbacks=callbacks,
     )
     return fit(trainer, cfg, out, tokenizer, checkpoint)

@@ -11,6 +11,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from kdpipe import run_folder
 from kdpipe.cache.reader import Cache
 from kdpipe.cache.sections import SparseMode
@@ -30,6 +32,7 @@ def run(cfg: TrainStudentConfig, command: str = "", callbacks: list[Any] | None 
     from kdpipe.models import load_tokenizer, source_record
     from kdpipe.train.data import BlockShuffleSampler, CacheDataset, DistillCollator
     from kdpipe.train.mix import MixedCacheDataset, cache_identity, check_distinct, check_mixable
+    from kdpipe.train.packing import choose_batching, pack_length_for
     from kdpipe.train.trainer import DistillTrainer, fit
     from kdpipe.vocab.uld import CrossTokenizerTrainer
 
@@ -59,9 +62,13 @@ def run(cfg: TrainStudentConfig, command: str = "", callbacks: list[Any] | None 
     out = run_folder.start_run(cfg, "train-student", identity, command, checkpoint)
     dataset = (CacheDataset(cache, keep_groups=cfg.shuffle_window + 1) if len(caches) == 1 else
                MixedCacheDataset(caches, keep_groups=cfg.shuffle_window + 1))
-    sampler = BlockShuffleSampler(dataset.sizes, cfg.seed, cfg.shuffle_window, **lane_layout(cfg))
-    collator = DistillCollator(tokenizer.pad_token_id, student_vocab_size(model), cache.k)
-    collator = student_vocab.collator(vocab, collator, tokenizer, cfg, student_vocab_size(model))
+    batching = choose_batching(cfg.batching, model)
+    lengths = np.concatenate([c.row_lengths() for c in caches]) if batching == "grouped" else None
+    sampler = BlockShuffleSampler(dataset.sizes, cfg.seed, cfg.shuffle_window, lengths=lengths,
+                                  **lane_layout(cfg))
+    packing = {"packed": batching == "packed", "pack_length": pack_length_for(model, cfg.pack_length)}
+    collator = DistillCollator(tokenizer.pad_token_id, student_vocab_size(model), cache.k, **packing)
+    collator = student_vocab.collator(vocab, collator, tokenizer, cfg, student_vocab_size(model), **packing)
     if vocab is not None:
         student_vocab.save(vocab, out)
     cross = vocab is not None and vocab.route == "cross"  # offsets-aligned batches: their own loss

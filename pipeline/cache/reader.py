@@ -99,16 +99,21 @@ class Cache:
                 for start, end in zip(offsets[:-1], offsets[1:]):
                     yield values[start:end].astype(np.int32)
 
-    def longest_example(self) -> int:
-        """Tokens in the longest cached example (0 for none), reading the input_ids column alone."""
+    def row_lengths(self) -> np.ndarray:
+        """Tokens per cached example (int64), in row order, reading the input_ids column alone."""
         import pyarrow.compute as pc
 
-        longest = 0
+        parts = [np.zeros(0, np.int64)]
         for shard in self.shards:
             self.check_present(shard)
             column = self.store.parquet(shard.file).read(columns=["input_ids"])["input_ids"]
-            longest = max(longest, int(pc.max(pc.list_value_length(column)).as_py() or 0))
-        return longest
+            parts.append(pc.list_value_length(column).to_numpy(zero_copy_only=False).astype(np.int64))
+        return np.concatenate(parts)
+
+    def longest_example(self) -> int:
+        """Tokens in the longest cached example (0 for none), reading the input_ids column alone."""
+        lengths = self.row_lengths()
+        return int(lengths.max()) if len(lengths) else 0
 
     def check_present(self, shard: ShardEntry | Mapping[str, Any]) -> None:
         """Refuse a shard the manifest lists but the folder lacks, pointing at `kdpipe cache verify`."""

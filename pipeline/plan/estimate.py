@@ -253,15 +253,20 @@ def train_plan(arch: Arch, gpu: Gpu, w: Workload, stage: str = "train-student", 
     factor = 2.0 if w.lora else 3.0  # forward + input gradients (+ weight gradients in a full fine-tune)
     factor += 1.0 if w.gradient_checkpointing else 0.0  # the forward again in backward
     steps = math.ceil(w.examples / w.batch_size)
-    tokens = steps * w.batch_size * w.mean_length
-    positions = w.targets if head == "fused" else tokens
-    flops = factor * 2 * (arch.matmul_params() + arch.layers * w.mean_length * arch.q_dim) * tokens \
-        + (2 + factor) * arch.hidden * arch.vocab * positions
     weights = arch.params() * BYTES[precision]
+
+    def time_at(length: float) -> float:  # every row `length` tokens long (packed rows: the mean length)
+        tokens = steps * w.batch_size * length
+        positions = w.targets if head == "fused" else tokens
+        flops = factor * 2 * (arch.matmul_params() + arch.layers * length * arch.q_dim) * tokens \
+            + (2 + factor) * arch.hidden * arch.vocab * positions
+        return seconds(flops, weights * steps * 2, gpu, precision, w)
+
     plan = StagePlan(stage, arch.name, precision, f"{w.batch_size} x {w.max_length}", memory(w.batch_size),
                      gpu.memory, _largest(lambda b: sum(memory(b).values()), gpu.memory),
-                     seconds(flops, weights * steps * 2, gpu, precision, w))
+                     time_at(w.mean_length))
     plan.extra["steps per epoch"] = steps
+    plan.extra["padded seconds"] = time_at(w.max_length)  # --batching padded: a max-length row in each batch
     return plan
 
 
@@ -352,8 +357,10 @@ def make_plan(teacher: str | None, student: str | None, gpu: Gpu, w: Workload,
         stages.append(train_plan(s_arch, gpu, w))
     if t_arch and s_arch:
         stages.append(online_plan(t_arch, s_arch, gpu, w))
-    if s_arch:
-        stages.append(train_plan(s_arch, gpu, w, "SFT alone (finetune)", head="hf"))
+    if s_arch:  # finetune trains its cross-entropy through the same fused head as train-student
+        stages.append(train_plan(s_arch, gpu, w, "SFT alone (finetune)"))
+    if t_arch:
+        stages.append(train_plan(t_arch, gpu, w, "teacher fine-tune (finetune)"))
     size = cache_bytes(w.targets, w.tokens, w.encoding, w.sparse_mode, w.top_k, w.samples)
     return {
         "device": {"name": gpu.name, "memory_bytes": gpu.memory, "peak_flops": gpu.flops,

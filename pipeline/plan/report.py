@@ -49,6 +49,13 @@ def format_plan(p: dict[str, Any]) -> str:
         span = "per epoch" if "steps per epoch" in s else "for the data"
         lines.append(f"  time: {_duration(s['seconds'])} {span} "
                      f"at {eff}{steps}")
+        if "padded seconds" in s:
+            lines.append(f"    packed rows (--batching packed, the default); --batching padded: up to "
+                         f"{_duration(s['padded seconds'])} (batches padded to --max-length)")
+        if s.get("measured_step_seconds"):
+            lines.append(f"  measured: {s['measured_step_seconds']:.2f} s per step over "
+                         f"{s['measured_steps']} steps -> {_duration(s['measured_seconds'])} {span} "
+                         f"({s['calibration']:.1f}x the estimate)")
         if s["note"]:
             lines.append(f"  note: {s['note']}")
     c = p["cache"]
@@ -129,8 +136,7 @@ def step_line(kind: str, cfg: Any, max_length: int | None = None, device: Gpu | 
                         gradient_checkpointing=cfg.gradient_checkpointing,
                         student_chunk=getattr(cfg, "chunk_size", w.student_chunk))
             arch = load_arch(cfg.model)
-            s = (train_plan(arch, device, w) if kind == "train"
-                 else train_plan(arch, device, w, "finetune", head="hf"))
+            s = train_plan(arch, device, w, "train-student" if kind == "train" else "finetune")
     except KdpipeError as e:
         return f"plan: unavailable ({e.message})"
     return "plan: " + one_line({"stage": s.stage, "memory": s.memory, "peak_bytes": s.peak,

@@ -40,6 +40,14 @@ class TrainConfig:
                 "8, "
         "fp32 on CPU), bf16, fp16, fp32."
     )
+    batching: Literal["packed", "grouped", "padded"] = option(
+        "packed", "How examples share a micro-batch: packed (side by side in shared rows, attention kept "
+                  "within each example, no padding; falls back to grouped with a note where the model "
+                  "cannot), grouped (padded batches of similar lengths), padded (each batch padded to its "
+                  "longest example)."
+    )
+    pack_length: int | None = option(None, "--batching packed: tokens per packed row (default: the batch's "
+                                           "longest example).")
     gradient_checkpointing: bool = option(False, "Recompute activations in backward (less memory, slower).")
     seed: int = option(0, "Seed of the initialisation, the data order and dropout.")
     resume: bool = option(False, "Continue the run in --output from its last checkpoint (same data order; "
@@ -71,6 +79,8 @@ class TrainConfig:
             raise ValueError(f"lora_dropout must be in [0, 1), not {self.lora_dropout}")
         if self.warmup < 0 or self.weight_decay < 0 or self.max_grad_norm < 0 or self.num_workers < 0:
             raise ValueError("warmup, weight_decay, max_grad_norm and num_workers must not be negative")
+        if self.pack_length is not None and self.pack_length < 2:
+            raise ValueError(f"pack_length must be at least 2, not {self.pack_length}")
         if self.merge and not self.lora:
             raise ValueError("merge needs lora (a full fine-tune is already a plain model)")
 

@@ -9,11 +9,12 @@ already trained, sees exactly the batches of the interrupted run, and every proc
 run (accelerate shards the batch sampler) agrees on it. In a multi-process run the row groups are
 dealt out to one lane per process, so each process reads its own part of the shards (see `lanes`).
 
-`DistillCollator` right-pads the tokens and flattens the sparse targets of a batch to its N target
-positions (``target_rows``/``target_cols`` index the padded [B, L] batch; ``labels`` [N] are the
-actual next tokens; ``topk_ids``/``topk_logprobs`` [N, k]; ``tail_mass`` [N]). A sampled cache
-comes out the same way with k = its N draws: the distinct sampled ids, log p̂ (-inf at padding) and a
-tail of 0; the loss is told by ``DistillLossConfig(sampled=True)`` to use p̂ as is.
+`DistillCollator` right-pads (or packs: `kdpipe.train.packing`) the tokens and flattens the sparse
+targets of a batch to its N target positions (``target_rows``/``target_cols`` index the [B, L]
+batch; ``labels`` [N] are the actual next tokens; ``topk_ids``/``topk_logprobs`` [N, k];
+``tail_mass`` [N]). A sampled cache comes out the same way with k = its N draws: the distinct
+sampled ids, log p̂ (-inf at padding) and a tail of 0; the loss is told by
+``DistillLossConfig(sampled=True)`` to use p̂ as is.
 
 Teacher vocabulary padded larger than the student's (e.g. Qwen checkpoints with 151936 vs 152064
 embedding rows over the same tokenizer): a cached id the student's head cannot produce
@@ -34,6 +35,7 @@ import torch
 from kdpipe.cache.format import CachedExample
 from kdpipe.cache.reader import Cache, RowGroup
 from kdpipe.data.tokenize import TokenizedExample
+from kdpipe.train.packing import token_batch
 
 
 class CacheDataset(torch.utils.data.Dataset):
@@ -79,10 +81,15 @@ class BlockShuffleSampler(torch.utils.data.Sampler[int]):
     from lane r, so each process reads only its own row groups (until the shorter lanes run out near
     the end of an epoch, when the rest comes round-robin from the lanes left). One process with
     ``lanes=L`` and ``stripe`` = its batch / L sees exactly the same global batches.
+
+    With ``lengths`` (tokens per row; ``--batching grouped``), each window's rows are sorted by length
+    (ties in their shuffled order), cut into runs of ``stripe`` rows and the runs shuffled: a batch holds
+    rows of similar length, so it pads little, and the order is still a pure function of (seed, epoch).
     """
 
     def __init__(self, block_sizes: Sequence[int], seed: int, window: int = 1, shuffle: bool = True,
-                 lanes: int = 1, stripe: int = 1):
+                 lanes: int = 1, stripe: int = 1, lengths: Sequence[int] | None = None):
+        self.lengths = None if lengths is None else np.asarray(lengths, np.int64)
         self.sizes = list(block_sizes)
         self.starts = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
         self.seed, self.window, self.shuffle = seed, max(1, window), shuffle
@@ -106,9 +113,17 @@ class BlockShuffleSampler(torch.utils.data.Sampler[int]):
             for i in range(0, len(mine), self.window):
                 group = mine[i : i + self.window]
                 rows = np.concatenate([np.arange(self.starts[b], self.starts[b + 1]) for b in group])
-                parts.append(rng.permutation(rows) if rng is not None else rows)
+                rows = rng.permutation(rows) if rng is not None else rows
+                parts.append(rows if self.lengths is None else self._grouped(rows, rng))
             streams.append(np.concatenate(parts) if parts else np.zeros(0, np.int64))
         return streams[0] if self.lanes == 1 else _interleave(streams, self.stripe)
+
+    def _grouped(self, rows: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
+        """The window's rows by length, in runs of `stripe` rows, the runs in a random order."""
+        rows = rows[np.argsort(self.lengths[rows], kind="stable")]
+        runs = [rows[i : i + self.stripe] for i in range(0, len(rows), self.stripe)]
+        order = rng.permutation(len(runs)) if rng is not None else range(len(runs))
+        return np.concatenate([runs[i] for i in order])
 
     def block_of(self, rows: np.ndarray) -> np.ndarray:
         """The block (row group) each row index lives in."""
@@ -132,28 +147,21 @@ def _interleave(streams: list[np.ndarray], stripe: int) -> np.ndarray:
             return np.concatenate(chunks) if chunks else np.zeros(0, np.int64)
 
 
-def pad_tokens(rows: Sequence[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded [B, L] ids and attention mask."""
-    longest = max(len(r) for r in rows)
-    ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), longest), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.from_numpy(np.asarray(r, np.int64))
-        mask[i, : len(r)] = 1
-    return ids, mask
-
-
 class DistillCollator:
-    """Cached rows -> a padded token batch plus the flattened sparse targets (see the module doc)."""
+    """Cached rows -> a padded or packed token batch plus the flattened sparse targets (see the module doc
+    and `kdpipe.train.packing.token_batch`)."""
 
-    def __init__(self, pad_id: int, student_vocab: int, k: int):
+    def __init__(self, pad_id: int, student_vocab: int, k: int, packed: bool = False,
+                 pack_length: int | None = None):
         self.pad_id, self.student_vocab, self.k = pad_id, student_vocab, k
+        self.packed, self.pack_length = packed, pack_length
+
+    def tokens(self, rows: Sequence[Any]) -> dict[str, torch.Tensor]:
+        return token_batch([r.input_ids for r in rows], [r.positions for r in rows], self.pad_id,
+                           self.packed, self.pack_length)
 
     def __call__(self, rows: Sequence[CachedExample]) -> dict[str, torch.Tensor]:
-        input_ids, attention_mask = pad_tokens([r.input_ids for r in rows], self.pad_id)
-        counts = [len(r.positions) for r in rows]
-        target_rows = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor(counts))
-        positions = np.concatenate([r.positions for r in rows]).astype(np.int64)
+        batch = self.tokens(rows)
         labels = np.concatenate([r.input_ids[r.positions + 1] for r in rows]).astype(np.int64)
         ids = np.concatenate([r.targets.topk_ids for r in rows]).astype(np.int64).reshape(-1, self.k)
         logprobs = np.concatenate([r.targets.topk_logprobs for r in rows]).astype(np.float32)
@@ -161,10 +169,7 @@ class DistillCollator:
         tail = np.concatenate([r.targets.tail_mass for r in rows]).astype(np.float32)
         ids, logprobs, tail = mask_out_of_vocab(ids, logprobs, tail, self.student_vocab)
         return {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "target_rows": target_rows,
-            "target_cols": torch.from_numpy(positions),
+            **batch,
             "labels": torch.from_numpy(labels),
             "topk_ids": torch.from_numpy(ids),
             "topk_logprobs": torch.from_numpy(logprobs),
@@ -200,19 +205,21 @@ class TokenizedDataset(torch.utils.data.Dataset):
         return self.examples[index]
 
 
-class SFTCollator:
-    """Tokenized examples -> right-padded ids, attention mask and labels (-100 except where trained).
+class SFTCollator(DistillCollator):
+    """Tokenized examples -> `DistillCollator`'s batch with no teacher: the trained positions as targets,
+    ``labels`` [N] their next tokens, one empty sparse slot per position (log-prob -inf, tail 0).
 
-    ``labels[j] = input_ids[j]`` where position j - 1 is trained, the usual unshifted causal-LM labels.
+    With ``DistillLossConfig(alpha=0)`` the fused head + cross-entropy path trains on it: the same loss
+    as ``train-student --alpha 0``, without full-vocabulary logits at every position.
     """
 
-    def __init__(self, pad_id: int):
-        self.pad_id = pad_id
+    def __init__(self, pad_id: int, packed: bool = False, pack_length: int | None = None):
+        super().__init__(pad_id, 0, 1, packed, pack_length)
 
     def __call__(self, rows: Sequence[Any]) -> dict[str, torch.Tensor]:
-        input_ids, attention_mask = pad_tokens([r.input_ids for r in rows], self.pad_id)
-        labels = torch.full_like(input_ids, -100)
-        for i, r in enumerate(rows):
-            trained = torch.from_numpy(np.asarray(r.positions, np.int64)) + 1
-            labels[i, trained] = input_ids[i, trained]
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        batch = self.tokens(rows)
+        labels = np.concatenate([r.input_ids[r.positions + 1] for r in rows]).astype(np.int64)
+        labels = torch.from_numpy(labels)
+        n = len(labels)
+        return {**batch, "labels": labels, "topk_ids": torch.zeros((n, 1), dtype=torch.long),
+                "topk_logprobs": torch.full((n, 1), -torch.inf), "tail_mass": torch.zeros(n)}

@@ -1,6 +1,6 @@
 """The `transformers.Trainer` subclasses of train-student and finetune, `fit`, and the student's loss.
 
-    finetune run()       ->  KdpipeTrainer (the model's own cross-entropy)  ->  fit
+    finetune run()       ->  DistillTrainer (alpha = 0: cross-entropy on the fused head path)  ->  fit
     train-student run()  ->  DistillTrainer  ->  fit
                              DistillTrainer.compute_loss  ->  student_distill_loss  ->  losses.distill_loss
 
@@ -32,6 +32,7 @@ from kdpipe.losses.distill import loss_terms
 from kdpipe.models import causal_lm, last_hidden_states, output_head
 from kdpipe.run_folder import RUN_FILE, now, read_json, write_json
 from kdpipe.train.config import TrainConfig
+from kdpipe.train.packing import model_inputs, real_tokens
 
 
 class KdpipeTrainer(Trainer):
@@ -85,7 +86,7 @@ class DistillTrainer(KdpipeTrainer):
         if model.training:
             if not self._terms:  # the first batch since the last log: tokens/s counts from here
                 self._since = time.perf_counter()
-            self._count("tokens", float(inputs["attention_mask"].sum()))
+            self._count("tokens", real_tokens(inputs))
             self._count("positions", float(inputs["labels"].numel()))
         loss = student_distill_loss(model, inputs, self.loss_config, num_items_in_batch,
                                     self._terms if logged else None)
@@ -265,7 +266,7 @@ def write_errors(target: Path) -> Iterator[None]:
 def student_at_targets(model: Any, inputs: dict[str, Any]) -> tuple[torch.Tensor, Any]:
     """The student's last hidden states at the batch's target positions [T, D], and its LM head (whole
     again under FSDP2) to apply to them: full logits never exist."""
-    hidden = last_hidden_states(model, inputs["input_ids"], inputs["attention_mask"])
+    hidden = last_hidden_states(model, **model_inputs(inputs))  # padded or packed rows
     selected = hidden[inputs["target_rows"], inputs["target_cols"]]
     _gather_fsdp_root(model)
     return selected, output_head(model)

@@ -185,13 +185,16 @@ class CrossCollator:
     """Cached rows -> the student's own tokens, CE targets at every trained position, projected teacher
     targets at the aligned ones (``kd_index``) and ULD pairs (``uld_index``)."""
 
-    def __init__(self, vmap: vm.VocabMap, teacher: Any, student: Any, student_vocab: int):
+    def __init__(self, vmap: vm.VocabMap, teacher: Any, student: Any, student_vocab: int,
+                 packed: bool = False, pack_length: int | None = None):
         self.vmap, self.teacher, self.student, self.vocab = vmap, teacher, student, student_vocab
+        self.packed, self.pack_length = packed, pack_length  # see kdpipe.train.packing
         self.added = vm.added_ids(teacher)
         self.pad = student.pad_token_id if student.pad_token_id is not None else 0
 
     def __call__(self, rows: Any) -> dict[str, torch.Tensor]:
-        from kdpipe.train.data import mask_out_of_vocab, pad_tokens
+        from kdpipe.train.data import mask_out_of_vocab
+        from kdpipe.train.packing import token_batch
 
         aligned = []
         for r in rows:
@@ -199,12 +202,12 @@ class CrossCollator:
                 aligned.append((r, align(r, self.teacher, self.student, self.vmap, self.added)))
             except RowWithoutText:  # counted before training (under 1 %): the row is left out
                 continue
-        input_ids, mask = pad_tokens([a.input_ids for _, a in aligned] or [np.zeros(1, np.int64)], self.pad)
-        rows_, cols, labels, kd_at, kd_src, pair_at, pair_src = [], [], [], [], [], [], []
+        some = [a for _, a in aligned] or [Alignment(np.zeros(1, np.int64), *[np.zeros(0, np.int64)] * 3)]
+        batch = token_batch([a.input_ids for a in some], [a.ce_positions for a in some], self.pad,
+                            self.packed, self.pack_length)
+        labels, kd_at, kd_src, pair_at, pair_src = [], [], [], [], []
         n = 0
-        for b, (r, a) in enumerate(aligned):
-            rows_ += [b] * len(a.ce_positions)
-            cols += a.ce_positions.tolist()
+        for r, a in aligned:
             labels += a.input_ids[a.ce_positions + 1].tolist()
             for i in np.flatnonzero(a.kd >= 0):
                 kd_at.append(n + i)
@@ -219,9 +222,7 @@ class CrossCollator:
         ids, lp, tail = mask_out_of_vocab(ids, lp, tail, self.vocab)
         _, uld_lp, uld_tail = self._targets(pair_src, k)
         return {
-            "input_ids": input_ids, "attention_mask": mask,
-            "target_rows": torch.tensor(rows_, dtype=torch.long),
-            "target_cols": torch.tensor(cols, dtype=torch.long),
+            **batch,
             "labels": torch.tensor(labels, dtype=torch.long),
             "kd_index": torch.tensor(kd_at, dtype=torch.long), "topk_ids": torch.from_numpy(ids),
             "topk_logprobs": torch.from_numpy(lp), "tail_mass": torch.from_numpy(tail),

@@ -116,15 +116,17 @@ class RemapCollator:
         return CachedExample(row.id, r.input_ids.astype(np.int64), r.positions.astype(np.int32), targets)
 
 
-def collator(choice: StudentVocab | None, inner: Any, student: Any, cfg: Any, model_vocab: int) -> Any:
-    """The batch collator of the route."""
+def collator(choice: StudentVocab | None, inner: Any, student: Any, cfg: Any, model_vocab: int,
+             **packing: Any) -> Any:
+    """The batch collator of the route (`packing`: `DistillCollator`'s packed and pack_length)."""
     if choice is None:
         return inner
     if choice.route == "mapped":
         return RemapCollator(inner, choice.vmap, student, choice.teacher_tokenizer)
     from kdpipe.vocab import cross_tokenizer
 
-    return cross_tokenizer.CrossCollator(choice.vmap, choice.teacher_tokenizer, student, model_vocab)
+    return cross_tokenizer.CrossCollator(choice.vmap, choice.teacher_tokenizer, student, model_vocab,
+                                         **packing)
 
 
 def check_options(cfg: Any) -> None:

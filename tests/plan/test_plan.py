@@ -175,7 +175,8 @@ def test_t4_plan_json(workdir: Path) -> None:
                     "--mean-length", "300", "--targets-per-example", "2", "--json")
     p = json.loads(result.output)
     stages = {s["stage"]: s for s in p["stages"]}
-    assert list(stages) == ["cache-teacher", "train-student", "online KD (both resident)", "SFT alone (finetune)"]
+    assert list(stages) == ["cache-teacher", "train-student", "online KD (both resident)", "SFT alone (finetune)",
+                            "teacher fine-tune (finetune)"]
     assert p["device"]["capability"] == [7, 5] and stages["cache-teacher"]["dtype"] == "fp16"
     assert stages["train-student"]["dtype"] == "fp16"
     assert p["models"]["teacher"]["params"] == hardware.load_arch("Qwen3-4B").params()
@@ -187,6 +188,34 @@ def test_t4_plan_json(workdir: Path) -> None:
     assert p["workload"]["examples"] == 25_000 and p["workload"]["targets"] == 50_000
     text = kdpipe("plan", "--teacher", "Qwen3-4B", "--student", "Qwen3-0.6B", "--gpu", "t4", "--limit", "100").output
     assert "cache-teacher [Qwen3-4B, fp16, batch 32 x 512]" in text and "largest batch that fits" in text
+
+
+def test_packed_time_follows_the_mean_length_padded_the_max_length() -> None:
+    arch, gpu = hardware.load_arch("Qwen3-0.6B"), hardware.get_device("t4")
+    short = estimate.train_plan(arch, gpu, estimate.Workload(examples=1000, mean_length=300, targets_per_example=299))
+    full = estimate.train_plan(arch, gpu, estimate.Workload(examples=1000, mean_length=512, targets_per_example=299))
+    assert short.extra["steps per epoch"] == full.extra["steps per epoch"] == 125  # batches of 8 examples either way
+    assert short.extra["padded seconds"] == full.extra["padded seconds"] == full.seconds  # padded: 512 per row
+    assert 300 / 512 < short.seconds / full.seconds < 0.75  # packed: the mean length (the head's share stays)
+
+
+def test_measure_runs_real_steps_and_writes_nothing(workdir: Path, tiny_model_dir: Path) -> None:
+    out = kdpipe("plan", "--teacher", tiny_model_dir, "--student", tiny_model_dir, "--gpu", "cpu", "--limit", 64,
+                 "--mean-length", 40, "--max-length", 64, "--measure", "--json").output
+    out = out[out.index('{\n  "device"'):]  # after transformers' loading bars (stderr, mixed in by the runner)
+    stages = {s["stage"]: s for s in json.loads(out)["stages"]}
+    measured = [name for name, s in stages.items() if "measured_step_seconds" in s]
+    assert measured == ["cache-teacher", "train-student", "SFT alone (finetune)", "teacher fine-tune (finetune)"]
+    for name in measured:
+        s = stages[name]
+        steps = 2 if name == "cache-teacher" else 8  # 64 examples: 32 rows per teacher batch, 8 per student step
+        assert s["measured_steps"] == 3 and s["measured_step_seconds"] > 0
+        assert s["measured_seconds"] == pytest.approx(s["measured_step_seconds"] * steps)
+        assert s["calibration"] == pytest.approx(s["measured_seconds"] / s["seconds"])
+    assert list(workdir.iterdir()) == []
+    text = kdpipe("plan", "--student", tiny_model_dir, "--gpu", "cpu", "--limit", 16, "--mean-length", 40,
+                  "--max-length", 64, "--measure").output
+    assert "measured: " in text and "x the estimate)" in text and "--batching padded: up to" in text
 
 
 def test_largest_batch_is_the_largest_that_fits() -> None:

@@ -48,10 +48,11 @@ def test_each_process_reads_its_own_row_groups():
 
 
 def test_two_process_ddp_matches_one_process(world, tmp_path):
-    """`torchrun --nproc-per-node 2` (gloo) with 4 rows per process = one process with 8 rows and --data-lanes 2."""
+    """`torchrun --nproc-per-node 2` (gloo) with 4 rows per process = one process with 8 rows and --data-lanes 2,
+    both with packed batches."""
     common = ["--cache", world.cache, "--model", world.student, "--full", "--max-steps", 4, "--lr", "5e-3",
               "--logging-steps", 1, "--seed", 0, "--shuffle-window", 1, "--warmup", 0, "--lr-scheduler", "constant",
-              "--save-steps", 100]
+              "--save-steps", 100, "--batching", "packed", "--pack-length", 64]  # 2-3 examples per packed row
     env = {**os.environ, "OMP_NUM_THREADS": "1", "KDPIPE_NO_PROGRESS": "1", "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": ""}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",

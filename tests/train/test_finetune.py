@@ -11,6 +11,7 @@ from helpers import run_cli
 from kdpipe.data.sources import DataConfig, load_examples
 from kdpipe.data.templates import get_template
 from kdpipe.data.tokenize import tokenize_examples
+from kdpipe.losses import DistillLossConfig
 from kdpipe.train.data import SFTCollator
 
 F32 = torch.float32
@@ -35,13 +36,13 @@ def test_sft_labels_and_loss_match_a_hand_computed_cross_entropy(world):
 
     examples = tokenized(world)
     batch = SFTCollator(world.tokenizer.pad_token_id)(examples)
-    for i, e in enumerate(examples):  # label j is the token at j where position j - 1 is trained
-        trained = np.flatnonzero(batch["labels"][i].numpy() != -100)
-        np.testing.assert_array_equal(trained, e.positions + 1)
-        np.testing.assert_array_equal(batch["labels"][i, trained].numpy(), e.input_ids[e.positions + 1])
+    # the targets: every trained position, example by example, its label the next token
+    np.testing.assert_array_equal(batch["target_cols"].numpy(), np.concatenate([e.positions for e in examples]))
+    np.testing.assert_array_equal(batch["labels"].numpy(), np.concatenate([e.input_ids[e.positions + 1] for e in examples]))
     cfg = FinetuneConfig(model=str(world.student), dataset="kdpipe:arithmetic", lora=False, output=str(world.root / "u"))
     model = training.load_trainable(cfg).eval()
-    trainer = training_loop.make_trainer(None, model=model, args=training.training_arguments(cfg, world.root / "u"))
+    trainer = training_loop.make_trainer(DistillLossConfig(alpha=0.0), model=model,
+                                         args=training.training_arguments(cfg, world.root / "u"))
     got = trainer.compute_loss(model, batch)
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()

@@ -198,8 +198,11 @@ class Crash(Exception):
     pass
 
 
-def test_resume_continues_with_the_same_data_order(world):
-    """Killed right after a checkpoint (mid-epoch 2), then --resume: the weights equal an uninterrupted run's."""
+@pytest.mark.parametrize("batching", ["packed", "grouped"])
+def test_resume_continues_with_the_same_data_order(world, batching):
+    """Killed right after a checkpoint (mid-epoch 2), then --resume: the weights equal an uninterrupted run's.
+
+    packed: rows of 64 tokens (2-3 examples each); grouped: the length-grouped order."""
     from transformers import TrainerCallback
 
     from kdpipe.stages import train_student
@@ -212,10 +215,11 @@ def test_resume_continues_with_the_same_data_order(world):
 
     # 64 rows, batch 4 x grad-accum 2: 8 steps per epoch; the crash is at step 9, in the second epoch
     common = dict(model=str(world.student), cache=str(world.cache), lora=False, max_steps=12, batch_size=4, grad_accum=2,
-                  lr=3e-3, save_steps=3, logging_steps=1, seed=5, lr_scheduler="linear", warmup=2.0, shuffle_window=2)
-    straight = world.root / "runs" / "straight"
+                  lr=3e-3, save_steps=3, logging_steps=1, seed=5, lr_scheduler="linear", warmup=2.0, shuffle_window=2,
+                  batching=batching, pack_length=64)
+    straight = world.root / "runs" / f"straight-{batching}"
     train_student.run(TrainStudentConfig(output=str(straight), **common))
-    broken = world.root / "runs" / "broken"
+    broken = world.root / "runs" / f"broken-{batching}"
     with pytest.raises(Crash):
         train_student.run(TrainStudentConfig(output=str(broken), **common), callbacks=[CrashAfterSave()])
     assert (broken / "checkpoint-9").is_dir() and not (broken / "model.safetensors").exists()
@@ -226,7 +230,8 @@ def test_resume_continues_with_the_same_data_order(world):
     assert (broken / "checkpoint-9" / "trainer_state.json").is_file()
     run_cli("train-student", "--cache", world.cache, "--model", world.student, "--output", broken, "--full", "--resume",
             "--max-steps", 12, "--batch-size", 4, "--grad-accum", 2, "--lr", "3e-3", "--save-steps", 3,
-            "--logging-steps", 1, "--seed", 5, "--lr-scheduler", "linear", "--warmup", 2, "--shuffle-window", 2)
+            "--logging-steps", 1, "--seed", 5, "--lr-scheduler", "linear", "--warmup", 2, "--shuffle-window", 2,
+            "--batching", batching, "--pack-length", 64)
     record = json.loads((broken / "kdpipe_run.json").read_text())
     assert record["resumed_from"] == ["checkpoint-9"] and record["global_step"] == 12
     a, b = load_lm(straight), load_lm(broken)
