@@ -1,7 +1,8 @@
 # Two commands set everything up on a fresh machine:
 #   make demo   install kdpipe into .venv and run the offline demo (kdpipe run configs/demo.yaml: build and
 #               train a tiny teacher, cache it, distil a student, SFT baseline, table; no hub, CPU)
-#   make test   install kdpipe with its test extras into .venv, run `ruff check .`, then the test suite
+#   make test   install kdpipe with its test extras into .venv, run `ruff check .`, build the docs site
+#               (`mkdocs build --strict`: a broken link fails), then the test suite
 #   make install  only install kdpipe (no test extras) into .venv
 PYTHON ?= python3
 VENV   ?= .venv
@@ -13,6 +14,7 @@ BIN    := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+export NO_MKDOCS_2_WARNING := 1  # mkdocs-material's notice about its successor, printed on every build
 
 .PHONY: demo test install clean-demo
 
@@ -44,7 +46,9 @@ demo: $(VENV)/.installed
 clean-demo:
 	rm -rf runs/demo cache/demo cache/demo-heldout
 
-# Lint first (ruff, from the test extras; rules in pyproject.toml): a style slip fails fast, before the suite
+# Lint first (ruff, from the test extras; rules in pyproject.toml), then the docs site (--strict: a broken
+# link or a missing page fails; site/ is git-ignored): a slip fails fast, before the suite
 test: $(VENV)/.installed-vllm
 	$(BIN)/ruff check .
+	$(BIN)/mkdocs build --strict --quiet
 	$(BIN)/python -m pytest -q

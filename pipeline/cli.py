@@ -142,9 +142,9 @@ def cache_merge_cmd(parts: tuple[str, ...], output: str) -> None:
     """Join the caches written with --num-shards/--shard-index into one."""
     from kdpipe.cache.tools import merge
 
-    merged = merge(list(parts), output)
-    click.echo(f"merged {len(parts)} part(s): {merged.totals.rows} examples in "
-               f"{merged.totals.shards} shards -> {output}")
+    merged, written = merge(list(parts), output)
+    click.echo(f"{'merged' if written else 'already merged (nothing to do)'} {len(parts)} part(s): "
+               f"{merged.totals.rows} examples in {merged.totals.shards} shards -> {output}")
 
 
 @main.command("merge-lora")
@@ -155,7 +155,7 @@ def merge_lora_cmd(adapter: str, output: str) -> None:
     """Merge a LoRA adapter folder into its base model (loadable by AutoModelForCausalLM)."""
     from kdpipe.train.lora import merge_lora
 
-    click.echo(f"merged {adapter} -> {merge_lora(adapter, output)}")
+    click.echo(f"merged {adapter} -> {merge_lora(adapter, output, echo=click.echo)}")
 
 
 # ---- the stages: one command per entry of kdpipe.stages.registry.STAGES ----

@@ -53,14 +53,25 @@ def build_config(cls: type[C], values: dict[str, Any], source: str = "config") -
     for key, value in values.items():
         name = key.replace("-", "_")
         if name not in fields:
-            close = difflib.get_close_matches(name, fields, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(sorted(fields))}"
-            raise KdpipeError(f"{source}: unknown key '{key}'{hint}")
+            raise KdpipeError(f"{source}: unknown key '{key}'{_unknown_key_hint(name, value, fields)}")
         kwargs[name] = _coerce(value, hints[name], f"{source}: '{key}'")
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as e:
         raise KdpipeError(f"{source}: {e}") from None
+
+
+def _unknown_key_hint(name: str, value: Any, fields: dict[str, dataclasses.Field]) -> str:
+    """The way out of an unknown key: the YAML spelling of a CLI off-switch (`full: true` is `lora: false`,
+    from ``--lora/--full``), else the closest key, else every key."""
+    for field in fields.values():
+        on, _, off = (field.metadata.get("flag") or "").partition("/")
+        if off and off.lstrip("-").replace("-", "_") == name:
+            yes = value if isinstance(value, bool) else True
+            return (f"; '{off}' is the command line's switch for '{field.name}': write "
+                    f"'{field.name}: {str(not yes).lower()}' in a config file")
+    close = difflib.get_close_matches(name, fields, n=1)
+    return f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(sorted(fields))}"
 
 
 def load_config(cls: type[C], config_file: str | Path | None, cli_values: dict[str, Any]) -> C:

@@ -81,6 +81,9 @@ def run_lock(out: Path) -> Iterator[None]:
         return
     from filelock import FileLock, Timeout
 
+    from kdpipe.cache.storage import Store
+
+    Store.open(str(out)).check_writable("--output")  # a read-only mount: said now, not after hours of work
     made = [p for p in (out, *out.parents) if not p.exists()]
     out.mkdir(parents=True, exist_ok=True)
     lock = FileLock(out / LOCK_FILE)

@@ -43,6 +43,7 @@ class Stage:
     value (``--model A --model B``). plan_kind: what `kdpipe.plan.estimate.step_line` predicts (or None).
     tabulates: its result is the evaluation table `kdpipe run` ends with. previous: the result a
     skipped step left behind (for that table). short_options: one-letter aliases (``output: -o``).
+    required: options without which the stage cannot start (`kdpipe run --dry-run` names them).
     """
 
     name: str
@@ -59,6 +60,7 @@ class Stage:
     tabulates: bool = False
     previous: Callable[[Any], Any] = lambda cfg: None
     short_options: dict[str, str] = field(default_factory=dict)  # field -> "-o"
+    required: tuple[str, ...] = ()
 
     def run(self, cfg: Any, command: str | None = None, echo: Echo = print, state: str | None = None) -> Any:
         """Run the stage on `cfg`; `command` is recorded in its outputs (default: rebuilt from `cfg`)."""

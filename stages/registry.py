@@ -71,7 +71,7 @@ def _cache_summary(manifest: dict[str, Any], cfg: CacheTeacherConfig) -> str:
 
 CACHE_TEACHER = Stage(
     name="cache-teacher", config=CacheTeacherConfig, runner=_cache_run, output_key="cache",
-    state=_cache_state, summary=_cache_summary, plan_kind="cache",
+    state=_cache_state, summary=_cache_summary, plan_kind="cache", required=("model", "dataset"),
     help="""Run the teacher once over a dataset and cache each target token's top-k distribution.
 
     \b
@@ -112,7 +112,7 @@ def _generate_summary(record: dict[str, Any], cfg: GenerateConfig) -> str:
 
 GENERATE = Stage(
     name="generate", config=GenerateConfig, runner=_generate_run, summary=_generate_summary,
-    state=_generate_state,
+    state=_generate_state, required=("model", "dataset"),
     help="""Write a model's completions of the template's prompts as a dataset (sequence-level or on-policy
     KD data).
 
@@ -189,7 +189,7 @@ def _training_summary(record: dict[str, Any], cfg: Any) -> str:
 FINETUNE = Stage(
     name="finetune", config=FinetuneConfig, runner=_training_runner("kdpipe.stages.finetune"),
     state=lambda cfg, command, ran: run_state("finetune", cfg, command, ran), summary=_training_summary,
-    trains=True, plan_kind="finetune",
+    trains=True, plan_kind="finetune", required=("model", "dataset"),
     help="""Supervised fine-tuning (cross-entropy only, LoRA or full): a teacher before caching, or the SFT
     baseline.
 
@@ -201,7 +201,7 @@ FINETUNE = Stage(
 TRAIN_STUDENT = Stage(
     name="train-student", config=TrainStudentConfig, runner=_training_runner("kdpipe.stages.train_student"),
     state=lambda cfg, command, ran: run_state("train-student", cfg, command, ran), summary=_training_summary,
-    trains=True, plan_kind="train", repeatable=("cache",),
+    trains=True, plan_kind="train", repeatable=("cache",), required=("cache", "model"),
     help="""Train a student (LoRA or full) against a teacher cache with a sparse distillation loss.
 
     \b

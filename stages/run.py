@@ -193,9 +193,16 @@ def _beside(config: Path, key: str, value: Any) -> Any:
     return os.path.normpath(config.parent / file) + sep + function
 
 
+def unset(step: Step, cfg: Any) -> list[str]:
+    """The options the step cannot start without that its config leaves empty."""
+    return [key for key in step.stage.required if getattr(cfg, key, None) in (None, "", [])]
+
+
 def missing_inputs(step: Step, cfg: Any, produced: set[str]) -> list[str]:
     """Files and folders the step reads that do not exist and that no earlier step writes (for --dry-run)."""
-    missing = []
+    missing = [f"{key} is not set (the step needs it: give '{key}:' in its section"
+               + (", or a 'cache:' section before it)" if key == "cache" else ")")
+               for key in unset(step, cfg)]
     for key in (*INPUT_FILES, "model", "tokenizer", "cache"):
         value = getattr(cfg, key, None)
         if key == step.stage.output_key:
@@ -276,7 +283,7 @@ def describe(p: Plan, steps: list[tuple[Step, Any]]) -> str:
         produced.add(p.outputs[step.name])
         cache_length = cfg.max_length if step.name == "cache" else cache_length  # the training data's length
         predicted = (step_line(step.stage.plan_kind, cfg, cache_length, pending=set(p.outputs.values()))
-                     if step.stage.plan_kind else None)
+                     if step.stage.plan_kind and not unset(step, cfg) else None)  # no model: nothing to plan
         if predicted:
             lines.append(f"     {predicted}")
     return "\n".join(lines + p.notes)

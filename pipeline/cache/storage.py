@@ -295,7 +295,7 @@ def write_atomic(path: Path, data: bytes) -> None:
     with disk_errors(path):
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
-            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 ignores the umask; an open() would honour it
+            os.fchmod(fd, 0o666 & ~umask())  # mkstemp's 0600 ignores the umask; an open() would honour it
             with os.fdopen(fd, "wb") as f:
                 view = memoryview(data)
                 f.write(view[: len(view) // 2])
@@ -312,11 +312,20 @@ def write_atomic(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
-def _umask() -> int:
+def umask() -> int:
     """The process's umask (read by setting it and putting it back: os has no getter)."""
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def honour_umask(folder: Path) -> None:
+    """Give the files a library wrote 0600 into `folder` (transformers' save_pretrained writes its weights
+    through a temp file, so they end up private) the mode the umask gives every other output."""
+    mode = 0o666 & ~umask()
+    for path in [folder] if folder.is_file() else folder.rglob("*") if folder.is_dir() else []:
+        if path.is_file() and not path.is_symlink() and (path.stat().st_mode & 0o777) == 0o600 != mode:
+            path.chmod(mode)
 
 
 def _fsync_dir(folder: Path) -> None:

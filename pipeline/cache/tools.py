@@ -14,6 +14,7 @@ from kdpipe.cache.manifest import MANIFEST, Manifest, ShardEntry, Totals, as_man
 from kdpipe.cache.storage import Store
 from kdpipe.cache.values import nonfinite
 from kdpipe.cache.verified import RECORD
+from kdpipe.cache.writer import differing_settings
 from kdpipe.errors import KdpipeError
 
 
@@ -65,6 +66,12 @@ def verify(path: str | Path, values: bool = True) -> list[str]:
     seen: dict[str, str] = {}  # example id -> the shard holding it
     for shard in m.shards:
         problems += _verify_shard(store, shard, m, values, seen)
+    listed = {s.file for s in m.shards}
+    strays = [n for n in store.names() if n.startswith("shard-") and n.endswith(".parquet")
+              and n not in listed]
+    problems += [f"{store.display(n)}: a shard file the manifest does not list (from a run killed before "
+                 "it recorded the shard: rerun the cache-teacher command to adopt it; or a stray copy: "
+                 "delete it)" for n in strays]
     return problems
 
 
@@ -253,8 +260,10 @@ def _check_sampled(t: Any, n: int, proposal_temperature: float) -> list[str]:
     return problems
 
 
-def merge(parts: list[str | Path], output: str | Path) -> Manifest:
-    """Join the caches of a `--num-shards/--shard-index` split into one folder (hard links where possible).
+def merge(parts: list[str | Path], output: str | Path) -> tuple[Manifest, bool]:
+    """Join the caches of a `--num-shards/--shard-index` split into one folder (hard links where possible);
+    returns the merged manifest and whether anything was written (False: a finished merge of the same
+    parts was already there, so a rerun is a no-op).
 
     Every part's shards are verified first (size, sha256, the shard they are); nothing is linked from a
     damaged part. A merge that was killed leaves shard files and perhaps a temp manifest but no manifest
@@ -266,13 +275,17 @@ def merge(parts: list[str | Path], output: str | Path) -> Manifest:
     manifests = [Manifest.read(s) for s in stores]
     first = manifests[0]
     for path, m in zip(parts, manifests):
-        if (
-            m.settings_hash != first.settings_hash
-            or m.sharding.rows_per_shard != first.sharding.rows_per_shard
-        ):
+        other_rows = m.sharding.rows_per_shard != first.sharding.rows_per_shard
+        if m.settings_hash != first.settings_hash or other_rows:
+            differ = (differing_settings(first, m, sharding=False) or ["rows_per_shard"] * other_rows
+                      or ["settings"])
             raise KdpipeError(
-                f"{path} is not a part of the same run as {parts[0]} (different settings); cannot merge"
+                f"{path} is not a part of the same run as {parts[0]} (different {', '.join(differ)}: "
+                f"`{m.command or '?'}` against `{first.command or '?'}`); cannot merge"
             )
+    done = _earlier_merge(out, manifests)
+    if done is not None and all(out.is_file(s.file) and out.size(s.file) == s.bytes for s in done.shards):
+        return done, False
     shards: dict[int, tuple[Store, ShardEntry]] = {}
     for store, m in zip(stores, manifests):
         for s in m.shards:
@@ -296,7 +309,7 @@ def merge(parts: list[str | Path], output: str | Path) -> Manifest:
             "nothing was merged"
         )
     entries = [s for _, (_, s) in sorted(shards.items())]
-    _check_merge_output(out)
+    _check_merge_output(out, repair=done is not None)
     out.makedirs()
     with out.writer_lock():
         for name in [n for n in out.names() if n.startswith(".") and n.endswith(".tmp")]:
@@ -313,12 +326,28 @@ def merge(parts: list[str | Path], output: str | Path) -> Manifest:
             dataset=first.dataset.replace(examples=merged.totals.rows),
         )
         write_manifest(out, merged)  # last, atomically: a folder with a manifest is a finished merge
-    return merged
+    return merged, True
 
 
-def _check_merge_output(out: Store) -> None:
-    """The output is new, or what a killed merge left: shard and temp files, no manifest (written last)."""
-    names = [n for n in out.names() if n not in (".lock", ".writer", RECORD)]
+def _earlier_merge(out: Store, manifests: list[Manifest]) -> Manifest | None:
+    """The output's manifest when it is an earlier merge of exactly these parts' shards (a rerun is then a
+    no-op, or puts back the shard files it lost); None when there is no manifest yet."""
+    if not out.exists() or not out.is_file(MANIFEST):
+        return None
+    old = Manifest.read(out)
+    wanted = sorted((s.index, s.sha256) for m in manifests for s in m.shards)
+    if old.complete and sorted((s.index, s.sha256) for s in old.shards) == wanted:
+        return old
+    sources = ", ".join(str(f.get("path")) for f in (old.merged_from or []) if isinstance(f, dict))
+    raise KdpipeError(f"{out} already holds a cache{f' merged from {sources}' if sources else ''}, not these "
+                      "parts' shards; merge into a new folder")
+
+
+def _check_merge_output(out: Store, repair: bool = False) -> None:
+    """The output is new, or what a killed merge left: shard and temp files, no manifest (written last), or
+    (`repair`) an earlier merge of the same shards that lost some of its files."""
+    kept = (".lock", ".writer", RECORD) + ((MANIFEST,) if repair else ())
+    names = [n for n in out.names() if n not in kept]
     strays = [
         n
         for n in names

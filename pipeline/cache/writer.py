@@ -190,12 +190,11 @@ class CacheWriter:
                 "`kdpipe cache merge PARTS... --output FOLDER` joins them"
             )
         before, after = old.to_dict(), new.to_dict()
-        sections = ("teacher", "tokenizer", "template", "dataset", "sparse", "encoding", "sharding")
-        differ = [key for key in sections if _core(before.get(key)) != _core(after.get(key))]
+        differ = differing_settings(old, new)
         raise KdpipeError(
             f"{self.folder} holds another run (different {', '.join(differ) or 'settings'}: "
-            f"it was written by `{old.command or '?'}`); use another --cache folder or --overwrite to "
-            "replace it"
+            f"it was written by `{old.command or '?'}`){_changed_file(before, after)}; use another --cache "
+            "folder or --overwrite to replace it"
         )
 
     def _intact(self, shard: ShardEntry, names: list[str]) -> bool:
@@ -271,6 +270,27 @@ def _is_shard(name: str) -> bool:
 def totals(shards: Sequence[ShardEntry | Mapping[str, Any]]) -> dict[str, Any]:
     """The totals section of these shard entries, as JSON (see `Totals.of`)."""
     return Totals.of(as_entry(s) for s in shards).to_dict()
+
+
+def differing_settings(a: Manifest, b: Manifest, sharding: bool = True) -> list[str]:
+    """The manifest sections in which two runs' settings differ (teacher, tokenizer, template, dataset,
+    sparse, encoding, and with `sharding` the split), informational keys aside."""
+    before, after = a.to_dict(), b.to_dict()
+    sections = ("teacher", "tokenizer", "template", "dataset", "sparse", "encoding") + (
+        ("sharding",) if sharding else ())
+    return [key for key in sections if _core(before.get(key)) != _core(after.get(key))]
+
+
+def _changed_file(before: dict[str, Any], after: dict[str, Any]) -> str:
+    """", and why": the same local data file whose bytes changed since the cache was written."""
+    was, now = (m.get("dataset") or {} for m in (before, after))
+    old_file, new_file = was.get("file") or {}, now.get("file") or {}
+    if not old_file or old_file.get("path") != new_file.get("path") or old_file.get("sha256") == new_file.get(
+            "sha256"):
+        return ""
+    rows = f", {was.get('examples')} examples then, {now.get('examples')} now" if was.get("examples") else ""
+    return (f": the data file {new_file['path']} changed since the cache was written (sha256 "
+            f"{str(old_file.get('sha256'))[:12]}... then, {str(new_file.get('sha256'))[:12]}... now{rows})")
 
 
 def _core(section: Any) -> Any:

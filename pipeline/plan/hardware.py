@@ -88,8 +88,40 @@ class Arch:
         return 2 * self.layers * self.kv_dim * dtype_bytes
 
 
-def _from_config(name: str, c: dict[str, Any]) -> Arch:
-    """An `Arch` from config.json's keys (GPT-2's n_embd/n_layer/... included)."""
+# config.json keys `kdpipe plan` reads as sizes, by the Arch field they fill (GPT-2's names after the slash)
+_SIZE_KEYS = {"vocab": "vocab_size", "hidden": "hidden_size / n_embd",
+              "layers": "num_hidden_layers / n_layer", "heads": "num_attention_heads / n_head",
+              "kv_heads": "num_key_value_heads", "head_dim": "head_dim",
+              "intermediate": "intermediate_size / n_inner", "positions": "n_positions"}
+
+
+def _checked(arch: Arch, where: str) -> Arch:
+    """The sizes a plan multiplies must be whole positive numbers: a config.json saying
+    `num_hidden_layers: -2` or `hidden_size: "576"` would otherwise print a negative plan that "fits"."""
+    for field, key in _SIZE_KEYS.items():
+        value = getattr(arch, field)
+        if field == "positions" and value == 0 and not arch.gpt2:
+            continue  # RoPE models have no learned positions
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise KdpipeError(f"{where}: {key} is {value!r}; kdpipe plan needs a whole number of at least 1 "
+                              "(fix the model's config.json)")
+    if arch.kv_heads > arch.heads or arch.heads % arch.kv_heads:
+        raise KdpipeError(f"{where}: num_key_value_heads {arch.kv_heads} does not divide num_attention_heads "
+                          f"{arch.heads} (fix the model's config.json)")
+    if not isinstance(arch.tied, bool):
+        raise KdpipeError(f"{where}: tie_word_embeddings is {arch.tied!r}, not true or false")
+    return arch
+
+
+def _from_config(name: str, c: dict[str, Any], where: str | None = None) -> Arch:
+    """An `Arch` from config.json's keys (GPT-2's n_embd/n_layer/... included), every size checked."""
+    where = where or name
+    if not isinstance(c, dict):
+        raise KdpipeError(f"{where}: config.json holds {type(c).__name__}, not an object of model settings")
+    return _checked(_arch_of(name, c), where)
+
+
+def _arch_of(name: str, c: dict[str, Any]) -> Arch:
     model_type = c.get("model_type", "")
     try:
         if model_type == "gpt2":
@@ -109,6 +141,9 @@ def _from_config(name: str, c: dict[str, Any]) -> Arch:
     except KeyError as e:
         raise KdpipeError(f"{name}: config.json has no {e.args[0]} (model type {model_type or 'unknown'}); "
                           "kdpipe plan knows decoder-only Llama/Qwen-style and GPT-2 configs") from None
+    except (TypeError, ZeroDivisionError) as e:  # hidden_size "576", num_attention_heads 0 ...
+        raise KdpipeError(f"{name}: config.json has a size that is not a positive whole number ({e}); "
+                          "fix the model's config.json") from None
 
 
 def shipped_configs() -> dict[str, Path]:
@@ -137,7 +172,7 @@ def load_arch(name: str, layers: int | None = None) -> Arch:
         config = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise KdpipeError(f"cannot read {path}: {e}") from None
-    arch = _from_config(name, config)
+    arch = _from_config(name, config, str(path))
     if layers is not None:
         if layers < 1:
             raise KdpipeError(f"--layers must be at least 1, not {layers}")

@@ -6,9 +6,13 @@ No torch or peft at import: they load when a model is adapted or merged.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from kdpipe.cache.storage import Store, honour_umask
 from kdpipe.errors import KdpipeError
 
 # LoRA target modules per model type: every linear projection of the blocks (not the LM head).
@@ -59,14 +63,18 @@ def add_lora(model: Any, cfg: Any) -> Any:
                           "(check --lora-target-modules)") from None
 
 
-def merge_lora(adapter: str | Path, output: str | Path) -> Path:
+def merge_lora(adapter: str | Path, output: str | Path, echo: Callable[[str], None] = print) -> Path:
     """Merge a LoRA adapter folder into its base model (peft `merge_and_unload`); save it with its
-    tokenizer."""
+    tokenizer. Atomic: the model is written into a temp folder beside `output` and renamed, so a killed or
+    failed merge leaves no half-written folder (a rerun removes its temp folder); a folder torn by an
+    older, non-atomic merge (model config without weights) is recognised and replaced."""
     adapter, output = Path(adapter), Path(output)
     config_file = adapter / "adapter_config.json"
     if not config_file.is_file():
         raise KdpipeError(f"{adapter} is not a LoRA adapter folder (no adapter_config.json)")
-    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+    Store.open(str(output)).check_writable("--output")  # before the base model loads
+    torn = _torn_model_folder(output)
+    if output.exists() and not torn and (not output.is_dir() or any(output.iterdir())):
         raise KdpipeError(f"output folder {output} is not empty; choose another --output")
     from peft import AutoPeftModelForCausalLM
 
@@ -82,7 +90,31 @@ def merge_lora(adapter: str | Path, output: str | Path) -> Path:
     has_tokenizer = any((adapter / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
     tokenizer = load_tokenizer(str(adapter) if has_tokenizer else base)
     merged = model.merge_and_unload()
-    output.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(output)
-    tokenizer.save_pretrained(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".{output.name}.merging")
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a merge that was killed
+    try:
+        merged.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        honour_umask(tmp)  # transformers writes the weights 0600
+    except (OSError, RuntimeError) as e:  # a full disk is a bare RuntimeError from safetensors' writer
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = getattr(e, "strerror", None) or (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise KdpipeError(f"could not write the merged model to {output} ({reason}); nothing was left there: "
+                          "free some space and rerun the same command") from None
+    if torn:
+        echo(f"{output} held a torn merge (a model config without weights, from an interrupted merge-lora); "
+             "replacing it")
+    if output.exists():
+        shutil.rmtree(output) if output.is_dir() else output.unlink()
+    os.replace(tmp, output)  # killed before this: the temp folder (removed by the rerun), never a torn output
     return output
+
+
+def _torn_model_folder(folder: Path) -> bool:
+    """A folder an interrupted merge left behind: a model's config.json without any weight file."""
+    if not folder.is_dir() or not (folder / "config.json").is_file():
+        return False
+    weights = [p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin") or p.name.endswith(
+        ".safetensors.index.json")]
+    return not weights and not (folder / "adapter_config.json").exists()

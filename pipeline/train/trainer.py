@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from transformers import Trainer
 
+from kdpipe.cache.storage import honour_umask
 from kdpipe.errors import KdpipeError
 from kdpipe.losses import DistillLossConfig, SparseTargets, distill_loss
 from kdpipe.run_folder import RUN_FILE, now, read_json, write_json
@@ -148,6 +149,7 @@ def write_errors(target: Path) -> Iterator[None]:
     a full disk as a bare RuntimeError from its zip writer)."""
     try:
         yield
+        honour_umask(target)  # weights are written 0600 by transformers; the rest of a run honours the umask
     except (OSError, RuntimeError) as e:
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         reason = getattr(e, "strerror", None) or first_line

@@ -56,6 +56,16 @@ def test_missing_shard(cache):
         list(open_cache(cache).iter_examples())
 
 
+def test_a_stray_shard_file_is_named(cache):
+    """Issue 29 item 11: a shard file the manifest does not list (a stray copy, or one written by a run killed
+    before recording it) was never reported."""
+    shutil.copy(cache / "shard-00001.parquet", cache / "shard-00007.parquet")
+    verify_fails(cache, "shard-00007.parquet: a shard file the manifest does not list", "rerun the cache-teacher "
+                 "command to adopt it; or a stray copy: delete it")
+    (cache / "shard-00007.parquet").unlink()
+    assert kdpipe("cache", "verify", cache).exit_code == 0
+
+
 def test_future_format_version_and_damaged_manifest(cache):
     manifest = json.loads((cache / "manifest.json").read_text())
     (cache / "manifest.json").write_text(json.dumps({**manifest, "format_version": 99}))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import kdpipe
+from helpers import expect_error, kdpipe
 
 from kdpipe.plan import estimate as plan
 
@@ -262,3 +262,23 @@ def test_vllm_takes_its_share_and_the_kv_cache_is_the_rest() -> None:
     result = kdpipe("plan", "--teacher", "Qwen3-4B", "--gpu", "t4", "--limit", "5", "--backend", "vllm",
                     "--vllm-gpu-memory-utilization", "0", ok=False)
     assert result.exit_code == 2 and "--vllm-gpu-memory-utilization must be in (0, 1], not 0" in result.output
+
+
+@pytest.mark.parametrize(("key", "value", "says"), [
+    ("num_hidden_layers", -2, "num_hidden_layers / n_layer is -2"),
+    ("vocab_size", 0, "vocab_size is 0"),
+    ("hidden_size", "576", "hidden_size / n_embd is '576'"),
+    ("num_attention_heads", 0, "num_attention_heads / n_head is 0"),
+    ("num_key_value_heads", 5, "num_key_value_heads 5 does not divide num_attention_heads 16"),
+    ("intermediate_size", 3.5, "intermediate_size / n_inner is 3.5"),
+])
+def test_plan_refuses_a_config_json_with_impossible_sizes(tmp_path: Path, key: str, value, says: str) -> None:
+    """Issue 29 item 9: `num_hidden_layers: -2` printed "-49,472 parameters ... fits" with rc 0; a string
+    hidden_size was a TypeError. Every size plan reads is checked, the message names the file and the key."""
+    folder = tmp_path / "teacher"
+    folder.mkdir()
+    config = json.loads((plan.ARCH_DIR / "Qwen3-0.6B.json").read_text()) | {key: value}
+    (folder / "config.json").write_text(json.dumps(config))
+    out = expect_error("plan", "--teacher", folder, "--student", "Qwen3-0.6B", "--gpu", "t4", "--limit", "100",
+                       match=f"{folder / 'config.json'}: {says}")
+    assert "fits" not in out.output

@@ -426,8 +426,9 @@ def test_a_killed_merge_is_rerunnable(parts, good, tmp_path):
     kdpipe("cache", "merge", parts / "part0", parts / "part1", "--output", out)
     assert shas(out) == shas(good) and verify(out) == []
     assert not list(out.glob(".*.tmp"))
-    again = kdpipe("cache", "merge", parts / "part0", parts / "part1", "--output", out, ok=False)  # a finished merge
-    assert f"{out} is not empty; merge into a new folder" in again.output
+    # a finished merge: rerunning it is a no-op (issue 29 item 11; it used to refuse with "not empty")
+    again = kdpipe("cache", "merge", parts / "part0", parts / "part1", "--output", out)
+    assert again.output.startswith("already merged (nothing to do)") and shas(out) == shas(good)
 
 
 # ---------------------------------------------------------------- 9: a bad --cache, named before the teacher loads

@@ -181,3 +181,28 @@ def test_base_inheritance_and_bad_flags(workdir):
     assert "no such step" in kdpipe("run", "child.yaml", "--only", "baseline", ok=False).output
     (workdir / "loop.yaml").write_text("base: loop.yaml\n")
     assert "loops back" in kdpipe("run", "loop.yaml", ok=False).output
+
+
+def test_dry_run_names_a_train_section_without_a_cache(workdir, tiny_model_dir):
+    """Issue 29 item 11: a `train:` section with no cache (and no `cache:` step) planned as a plain [run]; the
+    real run then stopped at "no cache given". The dry run now names what is missing, for each stage that needs
+    it; the same section with a cache does not."""
+    (workdir / "exp.yaml").write_text(f"name: x\ntrain:\n  model: {tiny_model_dir}\n")
+    out = kdpipe("run", "exp.yaml", "--dry-run").output
+    assert "missing: cache is not set (the step needs it: give 'cache:' in its section, or a 'cache:' section " \
+           "before it)" in out, out
+    (workdir / "ft.yaml").write_text("name: y\nfinetune:\n  dataset: kdpipe:arithmetic\n")
+    assert "missing: model is not set" in kdpipe("run", "ft.yaml", "--dry-run").output
+    (workdir / "ok.yaml").write_text(f"name: z\ncache:\n  model: {tiny_model_dir}\n  dataset: kdpipe:arithmetic\n"
+                                     f"train:\n  model: {tiny_model_dir}\n  cache: '@cache'\n")
+    assert "missing" not in kdpipe("run", "ok.yaml", "--dry-run").output
+
+
+@pytest.mark.parametrize(("value", "write"), [("true", "lora: false"), ("false", "lora: true")])
+def test_a_cli_off_switch_in_yaml_says_how_to_write_it(workdir, value, write):
+    """Issue 29 item 11: `full: true` (the CLI's --lora/--full) in a config got only the list of known keys."""
+    (workdir / "f.yaml").write_text(f"name: x\ntrain:\n  model: m\n  cache: c\n  full: {value}\n")
+    out = kdpipe("run", "f.yaml", "--dry-run", ok=False)
+    assert out.exit_code != 0
+    assert f"section 'train': unknown key 'full'; '--full' is the command line's switch for 'lora': write " \
+           f"'{write}' in a config file" in out.output, out.output

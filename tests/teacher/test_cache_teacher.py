@@ -143,6 +143,17 @@ def test_shard_split_and_merge_equals_one_run(tmp_path, tiny_model_dir, arith_ca
     assert merged["complete"] and merged["totals"] == single["totals"]
     assert [s["sha256"] for s in merged["shards"]] == [s["sha256"] for s in single["shards"]]
     assert kdpipe("cache", "verify", tmp_path / "merged").exit_code == 0
+    # issue 29 item 11: a rerun of a finished merge is a no-op (exit 0, nothing rewritten), and a merge that
+    # lost a shard file is completed by the same command
+    files = sorted((tmp_path / "merged").iterdir())
+    stamps = [f.stat().st_mtime_ns for f in files]
+    again = kdpipe("cache", "merge", tmp_path / "part0", tmp_path / "part1", "--output", tmp_path / "merged")
+    assert again.output.startswith("already merged (nothing to do) 2 part(s)"), again.output
+    assert [f.stat().st_mtime_ns for f in sorted((tmp_path / "merged").iterdir())] == stamps
+    (tmp_path / "merged" / merged["shards"][1]["file"]).unlink()
+    assert kdpipe("cache", "merge", tmp_path / "part0", tmp_path / "part1", "--output",
+                  tmp_path / "merged").output.startswith("merged 2 part(s)")
+    assert kdpipe("cache", "verify", tmp_path / "merged").exit_code == 0
 
 
 def test_merge_refuses_incomplete_or_foreign_parts(tmp_path, tiny_model_dir, arith_cache):
@@ -153,6 +164,11 @@ def test_merge_refuses_incomplete_or_foreign_parts(tmp_path, tiny_model_dir, ari
     assert result.exit_code != 0 and "lack shard(s) [1]" in result.output
     result = kdpipe("cache", "merge", tmp_path / "part0", arith_cache, "--output", tmp_path / "m2", ok=False)
     assert result.exit_code != 0 and "shard 0 is in both" in result.output
+    # issue 29 item 11: the message names the setting that differs
+    kdpipe("cache-teacher", *common[:7], K + 1, *common[8:], "--shard-index", 1, "--cache", tmp_path / "part1k")
+    result = kdpipe("cache", "merge", tmp_path / "part0", tmp_path / "part1k", "--output", tmp_path / "m3", ok=False)
+    assert result.exit_code != 0 and "is not a part of the same run as" in result.output
+    assert "(different sparse: `kdpipe cache-teacher" in result.output, result.output
 
 
 def test_scores_do_not_depend_on_batching(tmp_path, tiny_model_dir, arith_cache):
@@ -207,3 +223,18 @@ def test_tail_mass_keeps_relative_precision_when_tiny():
     torch.testing.assert_close(tail.double(), ref_tail, rtol=1e-5, atol=0)
     torch.testing.assert_close(logprobs.double(), ref_top, rtol=0, atol=1e-5)
     torch.testing.assert_close(target.double(), ref.gather(1, labels[:, None]).squeeze(1), rtol=0, atol=1e-4)
+
+
+def test_a_changed_data_file_is_named_as_the_reason_a_cache_is_refused(tmp_path, tiny_model_dir):
+    """Issue 29 item 11: rerunning cache-teacher after the data file was edited refused with "different dataset"
+    only; the message now says the file changed, with both checksums and the row counts."""
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": f"row {i} of the data"} for i in range(6)])
+    args = ("cache-teacher", "--model", tiny_model_dir, "--dataset", data, "--template", "text", "--top-k", "4",
+            "--cache", tmp_path / "c", "--device", "cpu")
+    kdpipe(*args)
+    with data.open("a") as f:
+        f.write(json.dumps({"text": "one more row"}) + "\n")
+    out = kdpipe(*args, ok=False)
+    assert out.exit_code != 0
+    assert f"the data file {data} changed since the cache was written (sha256 " in out.output, out.output
+    assert "6 examples then, 7 now); use another --cache folder or --overwrite" in out.output, out.output

@@ -54,6 +54,22 @@ def test_a_held_lock_refuses_finetune_too_and_a_refused_run_leaves_no_folder(wor
     assert not (tmp_path / "a").exists()
 
 
+def test_an_output_that_cannot_be_written_is_named_before_the_model_loads(world, tmp_path, monkeypatch):
+    """Issue 29 item 7: train-student and finetune on an output they cannot write ended in a traceback (after
+    the model loaded). As root a read-only folder is still writable, so the path runs through a file here;
+    the check (Store.check_writable) writes a temp file, the truth for read-only mounts too."""
+    import kdpipe.models
+
+    (tmp_path / "notes").write_text("mine")
+    monkeypatch.setattr(kdpipe.models, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    target = tmp_path / "notes" / "run"
+    expect_error("train-student", "--cache", world.cache, "--model", world.student, "--output", target,
+                 match=f"--output {target} runs through the file {tmp_path / 'notes'}, not a folder")
+    expect_error("finetune", "--model", world.student, "--dataset", "kdpipe:arithmetic", "--output", target,
+                 match=f"--output {target} runs through the file {tmp_path / 'notes'}, not a folder")
+    assert (tmp_path / "notes").read_text() == "mine"
+
+
 @pytest.mark.parametrize("option, value", [
     ("--lr", "inf"), ("--temperature", "inf"), ("--max-grad-norm", "nan"), ("--warmup", "nan"), ("--alpha", "nan"),
     ("--skew", "nan"), ("--beta", "-inf"), ("--weight-decay", "nan"), ("--lora-alpha", "nan"), ("--epochs", "inf"),

@@ -318,3 +318,51 @@ def test_output_folder_of_another_run_is_refused(world, lora_run):
     assert sorted(p.name for p in lora_run.iterdir()) == before
     expect_error("merge-lora", world.student, "--output", lora_run / "x", match="not a LoRA adapter folder")
     expect_error("merge-lora", lora_run / "adapter", "--output", lora_run, match="is not empty")
+
+
+def test_merge_lora_is_atomic_replaces_a_torn_folder_and_honours_the_umask(world, lora_run, tmp_path, monkeypatch):
+    """Issue 29 items 8 and 11: merge-lora wrote straight into --output (a kill or a full disk left config files
+    without weights, and the rerun said only "not empty"); weights came out 0600 while other outputs honour the
+    umask; a read-only output failed with a traceback after the model loaded."""
+    import os
+    import stat
+
+    from transformers import PreTrainedModel
+
+    out = tmp_path / "merged"
+    real_save = PreTrainedModel.save_pretrained
+
+    def full_disk(self, folder, *a, **k):
+        real_save(self, folder, *a, **k)  # config and weights written, then the disk fills
+        raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", full_disk)
+    expect_error("merge-lora", lora_run / "adapter", "--output", out,
+                 match=f"could not write the merged model to {out} (PytorchStreamWriter failed")
+    assert not out.exists() and not any(p.name.startswith(".merged") for p in tmp_path.iterdir())
+    monkeypatch.undo()
+    # a folder torn by an older, non-atomic merge: the model config, no weights
+    out.mkdir()
+    (out / "config.json").write_text((world.student / "config.json").read_text())
+    result = run_cli("merge-lora", lora_run / "adapter", "--output", out)
+    assert "held a torn merge" in result.output
+    umask = os.umask(0o022)
+    os.umask(umask)  # read, and put back
+    mode = 0o666 & ~umask
+    for f in out.iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == mode, (f.name, oct(f.stat().st_mode))
+    assert any(f.suffix == ".safetensors" for f in out.iterdir())
+    # the trained run's own weights too
+    assert stat.S_IMODE((lora_run / "model.safetensors").stat().st_mode) == mode
+    # an output that cannot be written: said before the base model loads
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "ro").chmod(0o555)
+    try:
+        if os.access(tmp_path / "ro", os.W_OK):  # root ignores the mode bits: a file in the path instead
+            (tmp_path / "ro" / "file").write_text("x")
+            target, says = tmp_path / "ro" / "file" / "m", "runs through the file"
+        else:
+            target, says = tmp_path / "ro" / "m", "cannot be written"
+        expect_error("merge-lora", lora_run / "adapter", "--output", target, match=f"--output {target} {says}")
+    finally:
+        (tmp_path / "ro").chmod(0o755)
