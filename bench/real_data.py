@@ -62,9 +62,11 @@ def lexicon() -> dict[str, int]:
     return words
 
 
-def sentiment_rows(train: int, test: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
+def sentiment_rows(train: int, test: int, seed: int = 0, plain: bool = False) -> tuple[list[dict], list[dict]]:
     """(train rows, test rows) of {"id", "text", "label"}, balanced labels, words of the two parts disjoint
-    (a word is a test word when its sha256 says so: 1 in 4)."""
+    (a word is a test word when its sha256 says so: 1 in 4). plain: only the templates without a
+    negation or a turn (the word's own sentiment is the label)."""
+    templates = [t for t in TEMPLATES if not plain or (t[1] == 1 and not t[2])]
     words = lexicon()
     part = {w: "test" if hashlib.sha256(w.encode()).digest()[0] < 64 else "train" for w in words}
     rng = random.Random(seed)
@@ -73,7 +75,7 @@ def sentiment_rows(train: int, test: int, seed: int = 0) -> tuple[list[dict], li
         pool = {label: [w for w, y in sorted(words.items()) if part[w] == name and y == label] for label in (0, 1)}
         while len(out[name]) < n:
             label = len(out[name]) % 2
-            text, decides, flips = rng.choice(TEMPLATES)
+            text, decides, flips = rng.choice(templates)
             decisive = label if not flips else 1 - label
             other = rng.choice(pool[rng.randint(0, 1)])
             word = rng.choice(pool[decisive])
