@@ -29,9 +29,10 @@ from pathlib import Path
 def config(args: argparse.Namespace, model: str, backend: str) -> object:
     from kdpipe.stages.cache_teacher import CacheTeacherConfig
 
-    return CacheTeacherConfig(model=model, dataset="kdpipe:arithmetic", limit=args.examples, top_k=args.top_k,
-                              batch_size=args.batch_size, rows_per_shard=args.rows_per_shard, dtype="fp32",
-                              device="cpu", distill_prompt=args.distill_prompt, backend=backend)
+    return CacheTeacherConfig(model=model, dataset=args.dataset, template=args.template, max_length=args.max_length,
+                              limit=args.examples, top_k=args.top_k, batch_size=args.batch_size,
+                              rows_per_shard=args.rows_per_shard, dtype="fp32", device="cpu",
+                              distill_prompt=args.distill_prompt, backend=backend)
 
 
 def child(args: argparse.Namespace) -> None:
@@ -82,6 +83,10 @@ def main() -> None:
     p.add_argument("--rows-per-shard", type=int, default=1000, help="examples per vLLM call (the stage default)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--distill-prompt", action="store_true", help="distill every token (default: completions only)")
+    p.add_argument("--teacher", help="an existing HF model folder (default: build the tiny Qwen3 above)")
+    p.add_argument("--dataset", default="kdpipe:arithmetic", help="the data (a kdpipe --dataset)")
+    p.add_argument("--template", default="auto")
+    p.add_argument("--max-length", type=int, default=2048)
     p.add_argument("--child", choices=["hf", "vllm"], help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -93,14 +98,15 @@ def main() -> None:
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1"}
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = str(Path(tmp) / "teacher")
-        texts = [f"{e.fields['instruction']} {e.fields['output']}" for e in load_examples(config(args, model_dir, "hf")).examples]
-        tok = tiny.train_tokenizer(texts, 512)
-        tiny.init_model(model_dir, tok, hidden_size=args.hidden, num_layers=args.layers, num_heads=4, num_kv_heads=2,
-                        head_dim=64, vocab_size=args.vocab)
+        model_dir = args.teacher or str(Path(tmp) / "teacher")
+        if not args.teacher:
+            rows = load_examples(config(args, model_dir, "hf")).examples
+            tok = tiny.train_tokenizer([f"{e.fields['instruction']} {e.fields['output']}" for e in rows], 512)
+            tiny.init_model(model_dir, tok, hidden_size=args.hidden, num_layers=args.layers, num_heads=4,
+                            num_kv_heads=2, head_dim=64, vocab_size=args.vocab)
         results, procs = {}, {}
         for backend in ("hf", "vllm"):
-            cmd = [sys.executable, __file__, "--child", backend, "--model", model_dir, *sys.argv[1:]]
+            cmd = [sys.executable, __file__, *sys.argv[1:], "--child", backend, "--model", model_dir]
             procs[backend] = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                               stderr=subprocess.DEVNULL, text=True)
             results[backend] = {**read_json(procs[backend], backend), "times": []}
@@ -116,8 +122,9 @@ def main() -> None:
             r["score_s"] = min(r["times"])
 
     hf, vl = results["hf"], results["vllm"]
-    print(f"teacher: Qwen3 hidden {args.hidden}, {args.layers} layers, head_dim 64, vocab {args.vocab}, fp32, CPU; "
-          f"top-k {args.top_k}; {hf['examples']} examples of kdpipe:arithmetic, {hf['tokens']:,} tokens, "
+    what = args.teacher or f"Qwen3 hidden {args.hidden}, {args.layers} layers, head_dim 64, vocab {args.vocab}"
+    print(f"teacher: {what}, fp32, CPU; "
+          f"top-k {args.top_k}; {hf['examples']} examples of {args.dataset}, {hf['tokens']:,} tokens, "
           f"{hf['targets']:,} target tokens; torch {hf['torch_threads']} thread(s) (HF), vLLM {vl['backend_version']}")
     print(f"{'backend':<8} {'start s':>8} {'score s':>8} {'target tok/s':>13} {'tok/s':>9}")
     for r in (hf, vl):

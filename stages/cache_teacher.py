@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from tqdm.auto import tqdm
 
 import kdpipe
@@ -111,6 +112,7 @@ def _write(cfg: CacheTeacherConfig, command: str, tokenizer: Any, template: Any,
         bar = tqdm(total=sum(map(len, todo_rows)), unit="ex", desc=f"caching {cfg.model}", dynamic_ncols=True,
                    mininterval=1.0, disable=progress_disabled())
         tokens = 0
+        said = TeacherConfidence(sampled=cfg.sparse_mode == SparseMode.SAMPLED)
         for index, rows in zip(todo, todo_rows):
             targets = [None] * len(rows)
             for batch in _batches(teacher, rows, cfg):
@@ -120,13 +122,56 @@ def _write(cfg: CacheTeacherConfig, command: str, tokenizer: Any, template: Any,
                 tokens += sum(len(rows[i].input_ids) for i in batch)
                 bar.update(len(batch))
                 bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - start, 1e-9):,.0f}")
+            said.add(targets)
             own = {"shard_index": index, "ids_sha256": shard_ids[index], "stats": value_stats(targets)}
             table = encode([(e.id, e.input_ids, e.positions, t) for e, t in zip(rows, targets)], width(cfg),
                            {**meta, **own})
             writer.write(index, table)
         bar.close()
         manifest = writer.manifest
+    for line in said.notes():
+        echo(line)
     return CacheRun(manifest, round(time.perf_counter() - start, 2))
+
+
+LOW_TARGET_PROB = 0.1  # below: the teacher does not say the completions it is asked to teach
+ONE_HOT_TOP1 = 0.99  # above: a near one-hot teacher, whose targets carry little beyond the label
+
+
+@dataclass
+class TeacherConfidence:
+    """How much the teacher itself says the cached completions, over the positions scored in this run: the
+    mean probability of the actual next token and (top-k caches) of its top-1 token. A real chat teacher
+    asked zero-shot for a one-word label put 0.0016 on it (docs/results/real-teacher.md): distilling it
+    teaches its own answer format, not the labels; a fine-tuned teacher near one-hot makes KD act as SFT."""
+
+    sampled: bool
+    positions: int = 0
+    target_prob: float = 0.0
+    top1_prob: float = 0.0
+
+    def add(self, targets: list[Targets]) -> None:
+        for t in targets:
+            self.positions += len(t.target_logprob)
+            self.target_prob += float(np.exp(np.asarray(t.target_logprob, np.float64)).sum())
+            if not self.sampled and len(t.target_logprob):
+                self.top1_prob += float(np.exp(np.asarray(t.topk_logprobs[:, 0], np.float64)).sum())
+
+    def notes(self) -> list[str]:
+        if not self.positions:
+            return []
+        target, top1 = self.target_prob / self.positions, self.top1_prob / self.positions
+        if target < LOW_TARGET_PROB:
+            return [f"note: over the {self.positions:,} cached positions the teacher gives the actual next "
+                    f"token a mean probability of {target:.4f} (under {LOW_TARGET_PROB}): it does not say "
+                    "these completions, so distilling it teaches its own answers rather than yours; "
+                    "fine-tune it on the task first (kdpipe finetune) or write the completions as it says "
+                    "them (its label words, its chat format)"]
+        if not self.sampled and top1 > ONE_HOT_TOP1:
+            return [f"note: over the {self.positions:,} cached positions the teacher is near one-hot (mean "
+                    f"top-1 probability {top1:.4f}): its targets carry little beyond the completions, so KD "
+                    "will act much like SFT; --temperature above 1 at train time spreads what it has"]
+        return []
 
 
 def _resume_notes(writer: CacheWriter, echo: Echo) -> None:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from helpers import dense_reference, kdpipe, write_jsonl
 
-from kdpipe.cache import open_cache
+from kdpipe.cache import Targets, open_cache
 from kdpipe.cache.manifest import read_manifest
 
 K = 8
@@ -228,3 +228,28 @@ def test_a_changed_data_file_is_named_as_the_reason_a_cache_is_refused(tmp_path,
     assert out.exit_code != 0
     assert f"the data file {data} changed since the cache was written (sha256 " in out.output, out.output
     assert "6 examples then, 7 now); use another --cache folder or --overwrite" in out.output, out.output
+
+
+def test_a_teacher_that_does_not_say_the_completions_is_named(tmp_path, tiny_model_dir):
+    """The real-teacher bench found a chat teacher giving its one-word labels a mean probability of 0.0016:
+    distilling it teaches its answer format, not the labels. cache-teacher now says so, with the figure, which
+    equals the mean of exp(target_logprob) read back from the cache (a random tiny teacher says almost
+    nothing of the arithmetic answers). A teacher that does say them gets no note."""
+    folder = tmp_path / "c"
+    out = kdpipe("cache-teacher", "--model", tiny_model_dir, "--dataset", "kdpipe:arithmetic", "--limit", 12,
+                 "--top-k", 4, "--cache", folder, "--dtype", "fp32").output
+    probs = np.concatenate([np.exp(e.targets.target_logprob.astype(np.float64))
+                            for e in open_cache(folder).iter_examples()])
+    assert f"note: over the {len(probs):,} cached positions the teacher gives the actual next token a mean " \
+           f"probability of {probs.mean():.4f} (under 0.1): it does not say these completions" in out, out
+
+    from kdpipe.stages.cache_teacher import TeacherConfidence
+
+    confident = TeacherConfidence(sampled=False)
+    confident.add([Targets(np.array([[0, 1]], np.int32), np.log(np.array([[0.6, 0.3]])).astype(np.float16),
+                           np.log(np.array([0.6])), np.array([0.1]))])
+    assert confident.notes() == []
+    one_hot = TeacherConfidence(sampled=False)
+    one_hot.add([Targets(np.array([[0, 1]], np.int32), np.log(np.array([[0.999, 0.0005]])).astype(np.float16),
+                         np.log(np.array([0.999])), np.array([0.0005]))])
+    assert one_hot.notes()[0].startswith("note: over the 1 cached positions the teacher is near one-hot")
