@@ -66,8 +66,9 @@ def describe(p: Plan, steps: list[tuple[Step, Any]]) -> str:
         lines += [f"     missing: {what}" for what in missing_inputs(step, cfg, produced)]
         produced.add(p.outputs[step.name])
         cache_length = cfg.max_length if step.name == "cache" else cache_length  # the training data's length
+        plannable = step.stage.plan_kind and "model" not in unset(step, cfg)  # without a model: no plan
         predicted = (step_line(step.stage.plan_kind, cfg, cache_length, pending=set(p.outputs.values()))
-                     if step.stage.plan_kind and not unset(step, cfg) else None)  # no model: nothing to plan
+                     if plannable else None)
         if predicted:
             lines.append(f"     {predicted}")
     return "\n".join(lines + p.notes)

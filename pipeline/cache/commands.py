@@ -68,11 +68,12 @@ def verify(path: str | Path, values: bool = True) -> list[str]:
     seen: dict[str, str] = {}  # example id -> the shard holding it
     for shard in m.shards:
         problems += verify_shard(store, shard, m, values, seen)
-    # a complete cache lists every shard of its part; in an unfinished one, a shard written by a run killed
-    # before it recorded it is adopted by the rerun, which the "incomplete" problem already asks for
+    # a complete, intact cache lists every shard of its part: a file it does not list is a stray. In an
+    # unfinished one the rerun adopts a shard its killed run did not record ("incomplete" asks for the
+    # rerun); where a listed shard is already wrong (a replaced manifest), that problem explains the rest
     listed = {s.file for s in m.shards}
     strays = [n for n in store.names() if n.startswith("shard-") and n.endswith(".parquet")
-              and n not in listed] if m.complete else []
+              and n not in listed] if m.complete and not problems else []
     problems += [f"{store.display(n)}: a shard file the manifest does not list (a stray copy, or left by "
                  "another run: delete it)" for n in strays]
     return problems

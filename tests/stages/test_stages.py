@@ -40,6 +40,8 @@ def other_values(f: dataclasses.Field, hint: typing.Any, default: typing.Any) ->
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if hint is bool:
         return [not default]
+    if set(args) == {bool, type(None)}:  # a switch whose default is decided later (evaluate --plot)
+        return [v for v in (True, False) if v != default]
     if origin is typing.Literal:
         return [a for a in args if a != default]
     plain = [a for a in args if a is not type(None)] if origin not in (dict, list) and args else [hint]

@@ -6,7 +6,6 @@ packed as padded."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -165,8 +164,10 @@ def test_packing_falls_back_with_a_note(world, capsys):
 def test_routes_train_the_same_packed_as_padded(world, tmp_path, route):
     common = ["--model", world.student, "--cache", world.cache, "--max-steps", 3, "--batch-size", 8, "--lr", "5e-3",
               "--logging-steps", 1, "--warmup", 0, "--lr-scheduler", "constant", "--lora-dropout", 0]
-    shutil.copytree(world.cache, tmp_path / "copy")
-    extra = {"lora": ["--lora"], "two-caches": ["--full", "--cache", tmp_path / "copy"],
+    if route == "two-caches":  # a second cache of the same teacher on other examples (a copy is refused)
+        run_cli("cache-teacher", "--model", world.teacher, "--dataset", "kdpipe:arithmetic", "--split", "test",
+                "--limit", 16, "--top-k", 8, "--cache", tmp_path / "second", "--device", "cpu")
+    extra = {"lora": ["--lora"], "two-caches": ["--full", "--cache", tmp_path / "second"],
              "cross-tokenizer": ["--full", "--cross-tokenizer", "--alpha", 0.5]}[route]
     if route == "cross-tokenizer":
         common[1] = world.other_student
