@@ -61,7 +61,7 @@ def format_plan(p: dict[str, Any]) -> str:
     c = p["cache"]
     mode = f"k = {c['k']}" if "k" in c else f"N = {c['samples']} samples"
     lines += ["", f"cache on disk: {_size(c['bytes'])} ({c['encoding']}, {c['sparse_mode']} {mode}: "
-                  f"{c['bytes_per_target']} bytes per distilled token, measured rates; see README)"]
+                  f"{c['bytes_per_target']} bytes per distilled token, measured rates: docs/benchmarks.md)"]
     if p["note"]:
         lines.append(f"note: {p['note']}")
     return "\n".join(lines)

@@ -1,7 +1,7 @@
 """Cross-tokenizer distillation on a cache (``--cross-tokenizer``): alignment by character offsets,
 projection of the teacher's top-k through the string map, and the ULD term.
 
-Per cached row (see README, "A student with another tokenizer"):
+Per cached row (docs/guides/other-tokenizers.md):
 
 1. The row is cut into pieces (`kdpipe.vocab.map.text_pieces`): added tokens alone, the rest where the
    trained flag changes (the template's segments); each ordinary piece is decoded to text with the

@@ -185,6 +185,10 @@ def test_t4_plan_json(workdir: Path) -> None:
         assert s["peak_bytes"] == sum(s["memory"].values())
         assert s["fits"] == (s["peak_bytes"] <= s["device_bytes"])
     assert stages["online KD (both resident)"]["memory"]["teacher weights"] == stages["cache-teacher"]["memory"]["weights"]
+    for s in stages.values():  # padded rows never train faster than packed ones (online KD: the teacher in both)
+        assert "padded seconds" not in s or s["padded seconds"] >= s["seconds"], s["stage"]
+    online, alone = stages["online KD (both resident)"], stages["train-student"]
+    assert online["padded seconds"] - alone["padded seconds"] == pytest.approx(online["seconds"] - alone["seconds"])
     assert p["workload"]["examples"] == 25_000 and p["workload"]["targets"] == 50_000
     text = kdpipe("plan", "--teacher", "Qwen3-4B", "--student", "Qwen3-0.6B", "--gpu", "t4", "--limit", "100").output
     assert "cache-teacher [Qwen3-4B, fp16, batch 32 x 512]" in text and "largest batch that fits" in text
