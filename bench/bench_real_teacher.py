@@ -42,6 +42,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).parent))
 import real_data  # noqa: E402
+from bench_onpolicy import kdpipe  # noqa: E402  (the same in-process runner: prints, times, exits on failure)
 
 CHAT = "<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
 TASKS = {
@@ -75,20 +76,6 @@ SIZES = {  # "full": about 3 h on the shared 2-core CPU (see docs/results/real-t
 }
 ARMS = {"sft": "SFT", "kd-default": "KD, defaults", "kd-best": "KD, best recipe", "seq-kd": "seq-KD"}
 START = time.time()
-
-
-def kdpipe(*args: object) -> None:
-    from kdpipe.cli import main
-
-    words = [str(a) for a in args]
-    print("$ kdpipe " + " ".join(words), flush=True)
-    t = time.time()
-    try:
-        main.main(words, standalone_mode=False)
-    except SystemExit as e:
-        if e.code:
-            sys.exit(f"failed: kdpipe {' '.join(words)}")
-    print(f"  ({time.time() - t:.0f} s)", flush=True)
 
 
 def complete(path: Path) -> bool:
