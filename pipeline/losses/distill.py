@@ -108,18 +108,22 @@ def loss_terms(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor
     """The parts of `distill_loss` summed over the N positions, for logging (no graph, chunked): the
     configured divergence at T (unscaled), forward and reverse KL over the same atoms, the cross-entropy of
     the labels at T=1 (when there are labels) and the teacher's tail mass. Divided by N they are the
-    per-position means; ``alpha * T^2 * divergence + (1 - alpha) * ce`` is the loss."""
-    sums = {"divergence": 0.0, "fkl": 0.0, "rkl": 0.0, "tail_mass": float(targets.tail.float().sum())}
+    per-position means; ``alpha * T^2 * divergence + (1 - alpha) * ce`` is the loss. With alpha 0 (SFT
+    through the same head: `kdpipe finetune`) there is no teacher, so only the cross-entropy is given."""
+    sft = cfg.alpha == 0
+    sums = {} if sft else {"divergence": 0.0, "fkl": 0.0, "rkl": 0.0,
+                           "tail_mass": float(targets.tail.float().sum())}
     if targets.labels is not None:
         sums["ce"] = 0.0
     for start in range(0, len(targets), cfg.chunk_size):
         sl = slice(start, start + cfg.chunk_size)
         chunk = targets[sl]
         logits = upcast(head(hidden[sl]))
-        atoms = student_atoms(logits, chunk.ids, ~chunk.logprobs.isneginf(), cfg.temperature, cfg.tail)
-        teacher = teacher_targets(chunk.logprobs, chunk.tail, cfg)
-        for name, loss in (("divergence", cfg.loss), ("fkl", "fkl"), ("rkl", "rkl")):
-            sums[name] += float(divergence(atoms, teacher, cfg, loss).sum())
+        if not sft:
+            atoms = student_atoms(logits, chunk.ids, ~chunk.logprobs.isneginf(), cfg.temperature, cfg.tail)
+            teacher = teacher_targets(chunk.logprobs, chunk.tail, cfg)
+            for name, loss in (("divergence", cfg.loss), ("fkl", "fkl"), ("rkl", "rkl")):
+                sums[name] += float(divergence(atoms, teacher, cfg, loss).sum())
         if chunk.labels is not None:
             sums["ce"] += float(F.cross_entropy(logits, chunk.labels, reduction="sum"))
     return sums

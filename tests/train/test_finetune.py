@@ -62,6 +62,10 @@ def test_finetune_full_end_to_end(world, tmp_path):
     assert record["config"]["batch_size"] == 8 and record["config"]["limit"] == 64  # the CLI wins over the file
     losses = [h["loss"] for h in record["log_history"] if "loss" in h]
     assert len(losses) == 12 and np.mean(losses[-3:]) < np.mean(losses[:3])
+    # SFT has no teacher: its logged parts are the cross-entropy only, never a NaN divergence
+    logged = [h for h in record["log_history"] if "loss" in h]
+    assert all("kd/ce" in h and "kd/divergence" not in h and "kd/tail_mass" not in h for h in logged), logged[0]
+    assert all(np.isfinite(v) for h in logged for k, v in h.items() if k.startswith("kd/")), logged[0]
     from transformers import AutoTokenizer
 
     assert AutoTokenizer.from_pretrained(str(out)).get_vocab() == world.tokenizer.get_vocab()
