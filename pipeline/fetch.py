@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kdpipe.cache.storage import honour_umask, umask
 from kdpipe.errors import KdpipeError
 
 SOURCE_FILE = "kdpipe_source.json"  # in the output folder: where it came from (the GGUF's sha256)
@@ -100,7 +101,8 @@ def convert_gguf(file: str | Path, output: str | Path, echo: Callable[[str], Non
         (tmp / GGUF_FOLDER).mkdir()
         shutil.copy2(source.file, tmp / GGUF_FOLDER / source.file.name)
         write_json(tmp / SOURCE_FILE, _record(source.file.name, sha256, origin, model, now()))
-        tmp.chmod(0o755)  # mkdtemp made it private
+        tmp.chmod(0o777 & ~umask())  # mkdtemp made it private; the folder honours the umask as every output
+        honour_umask(tmp)  # and so do the weights transformers wrote 0600
         os.rename(tmp, out)  # atomic: a reader sees the whole folder or none
     except OSError as e:
         if out.is_dir() and _complete(out, sha256, echo):  # another process finished first

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kdpipe.cache.storage import honour_umask
 from kdpipe.config import option, to_dict
 from kdpipe.errors import KdpipeError
 from kdpipe.run_folder import INIT_FILE, RUN_FILE, holds_other_files, read_json, write_json
@@ -119,6 +120,7 @@ def run(cfg: InitModelConfig, command: str = "", echo: Echo = print) -> Any:
     model.save_pretrained(partial)
     tok.save_pretrained(partial)
     write_json(partial / INIT_FILE, record)
+    honour_umask(partial)  # transformers writes the weights 0600, as for a trained or merged model
     if out.exists():
         shutil.rmtree(out)  # empty, or --overwrite (check_output refused everything else)
     os.replace(partial, out)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -70,6 +71,10 @@ def test_a_cut_student_is_the_teachers_chosen_layers(teachers, tmp_path, tiny_to
     result = run_cli("init-model", "--from", teachers / name, *args, "--output", out)
     assert f"keeping {len(layer_ids)} of its {6 if name == 'llama' else 5} decoder layers" in result.output
     assert ", ".join(map(str, layer_ids)) in result.output
+    umask = os.umask(0o022)
+    os.umask(umask)  # read, and put back: the weights honour it as every other output (issue 29 item 11)
+    assert {f.name: oct(f.stat().st_mode & 0o777) for f in out.iterdir() if f.is_file()} == {
+        f.name: oct(0o666 & ~umask) for f in out.iterdir() if f.is_file()}
     teacher = AutoModelForCausalLM.from_pretrained(teachers / name, dtype=torch.float32).eval()
     student = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     assert type(student) is type(teacher) and student.config.num_hidden_layers == len(layer_ids)
