@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kdpipe.cache.storage import honour_umask, umask
 from kdpipe.errors import KdpipeError
+from kdpipe.filemode import honour_umask, umask
 
 SOURCE_FILE = "kdpipe_source.json"  # in the output folder: where it came from (the GGUF's sha256)
 GGUF_FOLDER = "gguf"  # in the output folder: the GGUF it was converted from, loadable as --model too

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kdpipe.cache.storage import honour_umask
 from kdpipe.config import option, to_dict
 from kdpipe.errors import KdpipeError
+from kdpipe.filemode import honour_umask
 from kdpipe.run_folder import INIT_FILE, RUN_FILE, holds_other_files, read_json, write_json
 from kdpipe.stages.base import Echo, Stage
 

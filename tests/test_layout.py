@@ -33,7 +33,8 @@ MAX_LINES = 400
 #   the cross-tokenizer routes train with train's trainer and collator, so teacher and train sit below
 #   generation and vocab.
 LAYERS = [
-    {"kdpipe", "errors", "config", "precision", "faults", "batching", "models", "tiny", "students"},
+    {"kdpipe", "errors", "config", "precision", "faults", "batching", "models", "tiny", "students",
+     "filemode"},
     {"cache", "losses"},
     {"data", "run_folder"},
     {"teacher", "train", "fetch"},  # fetch: writes its model folder through run_folder

@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 
 from kdpipe.errors import KdpipeError, disk_errors, first_line
 from kdpipe.faults import fault
+from kdpipe.filemode import umask
 
 _NATIVE = ("s3", "gs", "gcs", "hdfs", "viewfs")
 
@@ -310,22 +311,6 @@ def write_atomic(path: Path, data: bytes) -> None:
             raise
     fault("renamed", path.name)
     _fsync_dir(path.parent)
-
-
-def umask() -> int:
-    """The process's umask (read by setting it and putting it back: os has no getter)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def honour_umask(folder: Path) -> None:
-    """Give the files a library wrote 0600 into `folder` (transformers' save_pretrained writes its weights
-    through a temp file, so they end up private) the mode the umask gives every other output."""
-    mode = 0o666 & ~umask()
-    for path in [folder] if folder.is_file() else folder.rglob("*") if folder.is_dir() else []:
-        if path.is_file() and not path.is_symlink() and (path.stat().st_mode & 0o777) == 0o600 != mode:
-            path.chmod(mode)
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -12,8 +12,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kdpipe.cache.storage import Store, honour_umask
+from kdpipe.cache.storage import Store
 from kdpipe.errors import KdpipeError, first_line
+from kdpipe.filemode import honour_umask
 
 # LoRA target modules per model type: every linear projection of the blocks (not the LM head).
 _DECODER_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

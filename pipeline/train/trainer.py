@@ -25,8 +25,8 @@ import torch
 from transformers import Trainer
 from transformers.trainer_utils import TrainOutput
 
-from kdpipe.cache.storage import honour_umask
 from kdpipe.errors import KdpipeError, first_line
+from kdpipe.filemode import honour_umask
 from kdpipe.losses import DistillLossConfig, SparseTargets, distill_loss
 from kdpipe.losses.distill import loss_terms
 from kdpipe.models import causal_lm, last_hidden_states, output_head
