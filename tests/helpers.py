@@ -40,14 +40,9 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def kdpipe(*args: str, ok: bool = True) -> Result:
-    """Run the `kdpipe` CLI in-process; with ok=True, fail the test on a non-zero exit."""
-    from kdpipe.cli import main
-
-    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-    if ok:
-        assert result.exit_code == 0, result.output
-    return result
+def kdpipe(*args: object, ok: bool = True) -> Result:
+    """`run_cli` letting exceptions through: a traceback fails the test where it happens."""
+    return run_cli(*args, ok=ok, catch_exceptions=False)
 
 
 def student_kwargs() -> dict:
@@ -61,16 +56,25 @@ def texts(n: int) -> list[str]:
     return [ARITHMETIC.format(instruction=r["instruction"]) + " " + r["output"] for r in arithmetic.generate("train")[:n]]
 
 
-def run_cli(*args: object, ok: bool = True):
+def run_cli(*args: object, ok: bool = True, catch_exceptions: bool = True) -> Result:
     """`kdpipe ARGS` in-process; with ok=True, fail the test on a non-zero exit."""
-    from click.testing import CliRunner
-
     from kdpipe.cli import main
 
-    result = CliRunner().invoke(main, [str(a) for a in args])
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=catch_exceptions)
     if ok:
         assert result.exit_code == 0, (result.output, result.exception)
     return result
+
+
+def dry_run_refuses(folder: Path, config: str, edit: tuple[str, str], words: list[str]) -> None:
+    """`kdpipe run --dry-run` on `config` with one edit (old, new) fails naming each of `words`."""
+    old, new = edit
+    assert old in config
+    (folder / "bad.yaml").write_text(config.replace(old, new, 1))
+    result = kdpipe("run", folder / "bad.yaml", "--dry-run", ok=False)
+    assert result.exit_code != 0
+    for word in words:
+        assert word in result.output, result.output
 
 
 def expect_error(*args: object, match: str):

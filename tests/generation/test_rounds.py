@@ -6,7 +6,7 @@ import json
 import shutil
 
 import pytest
-from helpers import kdpipe
+from helpers import dry_run_refuses, kdpipe
 
 from kdpipe.errors import KdpipeError
 
@@ -132,13 +132,7 @@ def test_two_rounds_plan_run_rerun_and_resume(workdir):
     (("  train: {max_steps: 3}", "  train: {max_steps: 0}"), ["round 1", "max_steps"]),
 ])
 def test_bad_rounds_are_clear_errors(workdir, edit, words):
-    old, new = edit
-    assert old in ROUNDS
-    (workdir / "bad.yaml").write_text(ROUNDS.replace(old, new, 1))
-    result = kdpipe("run", "bad.yaml", "--dry-run", ok=False)
-    assert result.exit_code != 0
-    for word in words:
-        assert word in result.output, result.output
+    dry_run_refuses(workdir, ROUNDS, edit, words)
 
 
 def test_rounds_without_train_lora_merge_and_fraction_zero(workdir):

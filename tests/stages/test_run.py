@@ -6,7 +6,7 @@ import json
 import textwrap
 
 import pytest
-from helpers import kdpipe
+from helpers import dry_run_refuses, kdpipe
 
 MINI = """\
 name: mini
@@ -155,13 +155,7 @@ def test_dry_run_loads_nothing_and_shows_commands(workdir):
     ],
 )
 def test_bad_config_is_a_clear_error(workdir, edit, words):
-    old, new = edit
-    assert old in MINI
-    (workdir / "bad.yaml").write_text(MINI.replace(old, new, 1))
-    result = kdpipe("run", "bad.yaml", "--dry-run", ok=False)
-    assert result.exit_code != 0
-    for word in words:
-        assert word in result.output, result.output
+    dry_run_refuses(workdir, MINI, edit, words)
 
 
 def test_base_inheritance_and_bad_flags(workdir):
