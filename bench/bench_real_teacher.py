@@ -16,7 +16,8 @@ bench can run in pieces. Per task (`TASKS`; the sizes in `SIZES`):
      the completion tokens are described (top-1 mass, tail mass, entropy over the top-k) from the cache;
   4. students: `init-model --from TEACHER --layers N` (depth-pruned: embeddings, N evenly spaced layers,
      norm and head copied) and, at the full size, a random-init student with the teacher's tokenizer;
-  5. recipe search (first task, first student, seed 0): `train-student` under each recipe of `SEARCH`;
+  5. recipe search (first task, first student, seed 0): `train-student` under each recipe of `SEARCH` (the
+     prompt recipes train on a second cache of the train part with every token, `--distill-prompt`);
      the best = highest task metric, then lowest held-out KL;
   6. per seed: SFT (`finetune --full`), KD with train-student's defaults, KD with the best recipe, and
      seq-KD (the teacher's greedy answers to the train prompts, `generate` then `cache-teacher`, then
@@ -64,6 +65,9 @@ SEARCH = {  # recipe name -> train-student options (first task, first student, s
     "lr x3": {"lr": "x3"},
     "skew-rkl": {"loss": "skew-rkl"},
     "jsd": {"loss": "jsd"},
+    # prompt distillation: a second train cache with every token's distribution (--distill-prompt), pure KD
+    "prompt, alpha 1": {"cache": "prompt", "alpha": 1.0},
+    "prompt, T 2, alpha 1": {"cache": "prompt", "temperature": 2.0, "alpha": 1.0},
 }
 SIZES = {  # "full": about 3 h on the shared 2-core CPU (see docs/results/real-teacher.md for the sizing)
     "full": {"tasks": ["sentiment", "arithmetic"], "train": 1024, "test": 200, "teacher_steps": 64,
@@ -73,7 +77,8 @@ SIZES = {  # "full": about 3 h on the shared 2-core CPU (see docs/results/real-t
     "medium": {"tasks": ["sentiment", "arithmetic"], "train": 512, "test": 200, "teacher_steps": 64,
                "teacher_batch": 8, "teacher_lr": 1e-3, "steps": 120, "batch": 8, "lr": 3e-4, "layers": [6],
                "random_student": False, "plain": False,
-               "search": ["defaults (fkl, a=0.5, T=1)", "alpha 1", "T 2, alpha 1", "rkl"],
+               "search": ["defaults (fkl, a=0.5, T=1)", "alpha 1", "T 2, alpha 1", "rkl", "prompt, alpha 1",
+                          "prompt, T 2, alpha 1"],
                "arms": ["sft", "kd-default", "kd-best", "seq-kd"]},  # the full size less its random student,
     # half the train rows, four recipes: about 2 h on one core of the shared 2-core CPU
     "reduced": {"tasks": ["sentiment"], "train": 64, "test": 40, "teacher_steps": 6, "teacher_batch": 8,
@@ -144,7 +149,7 @@ def train_options(recipe: dict, size: dict) -> list[object]:
     """train-student options of a recipe ('lr': 'x3' scales the shared learning rate)."""
     out: list[object] = []
     for key, value in recipe.items():
-        if key == "lr":
+        if key in ("lr", "cache"):
             continue
         out += [f"--{key}"] + ([] if value is None else [value])
     return out
@@ -180,6 +185,10 @@ def run_task(name: str, a: argparse.Namespace, size: dict, root: Path, recipe: d
         kdpipe("cache-teacher", *caching, *train, "--cache", caches["train"])
     if not complete(caches["test"]):
         kdpipe("cache-teacher", *caching, *test, "--cache", caches["test"], "--heldout")
+    caches["prompt"] = w / "cache-train-prompt"  # every token (prompt distillation), for the recipes that name it
+    if any(SEARCH[r].get("cache") for r in size["search"]) or (recipe or {}).get("cache"):
+        if not complete(caches["prompt"]):
+            kdpipe("cache-teacher", *caching, *train, "--cache", caches["prompt"], "--distill-prompt")
     shape = describe_cache(caches["train"])
     check_time(a)
     students = {}
@@ -203,7 +212,7 @@ def run_task(name: str, a: argparse.Namespace, size: dict, root: Path, recipe: d
             out = w / "search" / label.replace(" ", "_").replace(",", "").replace("=", "").replace("(", "").replace(")", "")
             if not complete(out):
                 r = SEARCH[label]
-                kdpipe("train-student", "--model", first, "--cache", caches["train"], *common, "--seed", 0,
+                kdpipe("train-student", "--model", first, "--cache", caches[r.get("cache", "train")], *common, "--seed", 0,
                        "--lr", lr_of(r, size), *train_options(r, size), "--output", out)
             search[label] = evaluate([out], out / "eval", name, test, template, caches["test"])[0]
             search_runs[id(SEARCH[label])] = out
@@ -236,7 +245,7 @@ def run_task(name: str, a: argparse.Namespace, size: dict, root: Path, recipe: d
                     kdpipe("train-student", "--model", student, "--cache", seq_cache, *run, "--lr", size["lr"])
                 else:
                     r = DEFAULT if arm == "kd-default" else recipe
-                    kdpipe("train-student", "--model", student, "--cache", caches["train"], *run,
+                    kdpipe("train-student", "--model", student, "--cache", caches[r.get("cache", "train")], *run,
                            "--lr", lr_of(r, size), *train_options(r, size))
                 check_time(a)
             metrics = [evaluate([run], run / "eval", name, test, template, caches["test"])[0] for run in runs.values()]
