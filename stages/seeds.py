@@ -3,7 +3,8 @@
 With ``seeds: [0, 1, 2]`` the experiment's steps split in two:
 
 - shared, run once: the caches (`cache`, `heldout_cache`) and every step they are computed from (the
-  teacher's `teacher_init` and `finetune`), with the experiment's `seed`;
+  teacher's `teacher_init` and `finetune`), with the experiment's `seed`; and a `student_init` that cuts
+  a model (``from_model``), which draws nothing at random;
 - per seed: every other step (`student_init`, `train`, `baseline`, the `rounds`, `evaluate`, and
   `finetune` when no cache is computed from it), with `seed: S`, each into its own folder: the step's
   output with ``-seedS`` appended (``runs/demo/student-kd-seed1``; the rounds' ``runs/NAME/seedS/round-R``).
@@ -43,6 +44,7 @@ def shared_sections(data: dict[str, Any]) -> set[str]:
     """The sections run once: the caches and, transitively, the sections their `@step` references name."""
     shared: set[str] = set()
     todo = [name for name in SHARED_ROOTS if isinstance(data.get(name), dict)]
+    todo += [name for name, values in data.items() if isinstance(values, dict) and draws_nothing(name, values)]
     while todo:
         name = todo.pop()
         if name in shared:
@@ -50,6 +52,12 @@ def shared_sections(data: dict[str, Any]) -> set[str]:
         shared.add(name)
         todo += [ref for ref in _references(data.get(name)) if isinstance(data.get(ref), dict)]
     return shared
+
+
+def draws_nothing(section: str, values: dict[str, Any]) -> bool:
+    """A section no seed changes: init-model cutting a model (``from_model``) copies its weights. It runs
+    once, and no default seed is given to it (init-model refuses one with --from)."""
+    return section == "student_init" and bool(values.get("from_model"))
 
 
 def _references(value: Any) -> list[str]:

@@ -85,3 +85,19 @@ def test_a_seeded_section_with_its_own_seed_and_bad_seed_lists_are_refused(seede
         assert result.exit_code != 0 and message in result.output, result.output
     (seeded / "threads.yaml").write_text(SEEDED.replace("threads: 1", "threads: 0"))
     assert "'threads' must be a positive integer" in kdpipe("run", "threads.yaml", "--dry-run", ok=False).output
+
+
+def test_a_cut_student_is_made_once_and_without_a_seed(seeded):
+    """init-model --from copies weights (no seed changes it, and it refuses one): shared by the seeds."""
+    from kdpipe.stages import run
+
+    cut = SEEDED.replace('  tokenizer: "@finetune"\n  hidden_size: 32\n  layers: 1\n  heads: 1\n  kv_heads: 1\n',
+                         '  from_model: "@finetune"\n  layers: 1\n')
+    assert cut != SEEDED
+    (seeded / "cut.yaml").write_text(cut)
+    names = {step.name: cfg for step, cfg in run.plan(seeded / "cut.yaml").steps}
+    assert "student_init" in names and not any(n.startswith("student_init.seed") for n in names)
+    assert names["student_init"].seed == 0 == type(names["student_init"])().seed  # the default: none given
+    assert {names[f"train.seed{s}"].model for s in (3, 5)} == {names["student_init"].output}
+    out = kdpipe("run", "cut.yaml", "--dry-run").output
+    assert "student_init    [run]" in out and "--from-model" in out and "[error]" not in out
