@@ -144,7 +144,8 @@ def _plan_steps(p: Plan, data: dict[str, Any], wanted: list[Step], seed: int | N
             seeds.check_section(values, step.name, source)
         values = dict(values)
         fields = {f.name for f in dataclasses.fields(step.cls)}
-        if seed is not None and "seed" in fields and "seed" not in values and not seeds.draws_nothing(step.name, values):
+        seeded = "seed" in fields and not seeds.draws_nothing(step.name, values)
+        if seed is not None and seeded and "seed" not in values:
             values["seed"] = seed
         values = {k: _resolve(v, outputs, f"{source}: section '{step.name}', key '{k}'")
                   for k, v in values.items()}

@@ -44,7 +44,7 @@ def shared_sections(data: dict[str, Any]) -> set[str]:
     """The sections run once: the caches and, transitively, the sections their `@step` references name."""
     shared: set[str] = set()
     todo = [name for name in SHARED_ROOTS if isinstance(data.get(name), dict)]
-    todo += [name for name, values in data.items() if isinstance(values, dict) and draws_nothing(name, values)]
+    todo += [name for name, v in data.items() if isinstance(v, dict) and draws_nothing(name, v)]
     while todo:
         name = todo.pop()
         if name in shared:

@@ -60,7 +60,8 @@ def run(cfg: TrainStudentConfig, command: str = "", callbacks: list[Any] | None 
     args = training.training_arguments(cfg, Path(cfg.output))
     # only now: bad options leave no folder behind
     batching = choose_batching(cfg.batching, model)  # packed, or the fallback with a note
-    out = run_folder.start_run(cfg, "train-student", identity, command, checkpoint, used={"batching": batching})
+    used = {"batching": batching}
+    out = run_folder.start_run(cfg, "train-student", identity, command, checkpoint, used=used)
     dataset = (CacheDataset(cache, keep_groups=cfg.shuffle_window + 1) if len(caches) == 1 else
                MixedCacheDataset(caches, keep_groups=cfg.shuffle_window + 1))
     lengths = np.concatenate([c.row_lengths() for c in caches]) if batching == "grouped" else None
