@@ -4,6 +4,7 @@
 #   make test   install kdpipe with its test extras into .venv, run `ruff check .`, build the docs site
 #               (`mkdocs build --strict`: a broken link fails), then the test suite
 #   make install  only install kdpipe (no test extras) into .venv
+#   make demo-real  the demo on a real teacher (SmolLM2-135M-Instruct from PyPI, configs/demo-real.yaml)
 PYTHON ?= python3
 VENV   ?= .venv
 TORCH  ?= torch==2.13.0
@@ -21,7 +22,7 @@ export NO_MKDOCS_2_WARNING := 1  # mkdocs-material's notice about its successor,
 SMOLLM2 ?= $(HOME)/.cache/kdpipe/models/SmolLM2-135M-Instruct
 export KDPIPE_SMOLLM2 := $(SMOLLM2)
 
-.PHONY: demo test install clean-demo smollm2
+.PHONY: demo demo-real test install clean-demo smollm2
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -49,7 +50,13 @@ demo: $(VENV)/.installed
 	$(BIN)/kdpipe run configs/demo.yaml
 
 clean-demo:
-	rm -rf runs/demo cache/demo cache/demo-heldout
+	rm -rf runs/demo cache/demo cache/demo-heldout runs/demo-real cache/demo-real cache/demo-real-heldout
+
+# The real teacher's demo: its model folder must be there (configs/demo-real.yaml names the default SMOLLM2
+# path), so here a failed fetch stops the demo, with the fetch's own message
+demo-real: $(VENV)/.installed
+	test -f $(SMOLLM2)/kdpipe_source.json || $(BIN)/kdpipe fetch-model smollm2-135m-instruct --output $(SMOLLM2)
+	$(BIN)/kdpipe run configs/demo-real.yaml
 
 smollm2: $(SMOLLM2)/kdpipe_source.json
 
