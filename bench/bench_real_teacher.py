@@ -71,8 +71,8 @@ SEARCH = {  # recipe name -> train-student options (first task, first student, s
 }
 SIZES = {  # "full": about 3 h on the shared 2-core CPU (see docs/results/real-teacher.md for the sizing)
     "full": {"tasks": ["sentiment", "arithmetic"], "train": 1024, "test": 200, "teacher_steps": 64,
-             "teacher_batch": 8, "teacher_lr": 1e-3, "steps": 120, "batch": 8, "lr": 3e-4, "layers": [6],
-             "random_student": True, "plain": False,
+             "teacher_batch": 8, "teacher_lr": 1e-3, "steps": 120, "batch": 8, "lr": 3e-4, "layers": [],
+             "cuts": {"cut to 20 layers": "0-8,19-29"}, "random_student": True, "plain": False,
              "search": list(SEARCH), "arms": ["sft", "kd-default", "kd-best", "seq-kd"]},
     "medium": {"tasks": ["sentiment", "arithmetic"], "train": 512, "test": 200, "teacher_steps": 64,
                "teacher_batch": 8, "teacher_lr": 1e-3, "steps": 80, "batch": 8, "lr": 3e-4, "layers": [],

@@ -13,6 +13,7 @@ import it inside `run` and the command line stays fast.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import sys
 import time
@@ -133,8 +134,7 @@ def fit(trainer: Any, cfg: TrainConfig, out: Path, tokenizer: Any, checkpoint: s
         trainer._load_from_checkpoint(checkpoint)
         trainer.state = finished_state(checkpoint)
         result = TrainOutput(trainer.state.global_step, logged_mean_loss(trainer.state), {})
-        with write_errors(out):
-            return _save(trainer, cfg, out, tokenizer, result, start)
+        return _save_or_fail(trainer, cfg, out, tokenizer, result, start)
     try:
         result = trainer.train(resume_from_checkpoint=checkpoint)
         check_finite(trainer.model, trainer.state.global_step)
@@ -151,8 +151,25 @@ def fit(trainer: Any, cfg: TrainConfig, out: Path, tokenizer: Any, checkpoint: s
                    "last one")
         _mark_failed(trainer, out, message)
         raise KdpipeError(message) from None
-    with write_errors(out):
-        return _save(trainer, cfg, out, tokenizer, result, start)
+    return _save_or_fail(trainer, cfg, out, tokenizer, result, start)
+
+
+def _save_or_fail(trainer: Any, cfg: TrainConfig, out: Path, tokenizer: Any, result: Any,
+                  start: float) -> dict[str, Any]:
+    """`_save`; a failed write (a full disk) marks the run failed and says what --resume will do: the
+    weights trained since the last checkpoint leave with the process."""
+    try:
+        with write_errors(out):
+            return _save(trainer, cfg, out, tokenizer, result, start)
+    except KdpipeError as e:
+        message = e.message
+        if not any(out.glob("checkpoint-*")):
+            message = message.replace("training continues from the last complete checkpoint",
+                                      f"there is no checkpoint (--save-steps {cfg.save_steps}), so it trains again "
+                                      "from the start")
+        with contextlib.suppress(OSError):  # the record's own write may not fit either
+            _mark_failed(trainer, out, message)
+        raise KdpipeError(message) from None
 
 
 def check_finite(model: Any, step: int) -> None:
@@ -249,10 +266,12 @@ class Diverged(Exception):
 def write_errors(target: Path) -> Iterator[None]:
     """A failed write of a checkpoint or of the trained model -> a KdpipeError naming it (torch.save reports
     a full disk as a bare RuntimeError from its zip writer)."""
+    from safetensors import SafetensorError  # safetensors' own: its "I/O error: No space left on device"
+
     try:
         yield
         honour_umask(target)  # weights are written 0600 by transformers; the rest of a run honours the umask
-    except (OSError, RuntimeError) as e:
+    except (OSError, RuntimeError, SafetensorError) as e:
         reason = getattr(e, "strerror", None) or first_line(e, 200)
         raise KdpipeError(
             f"could not write {target} ({reason}); is the disk full? Free some space and rerun with "

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import kdpipe, write_jsonl
+from helpers import kdpipe, run_cli, write_jsonl
 
 from kdpipe.cache import open_cache
 from kdpipe.cache.commands import verify
@@ -341,3 +341,34 @@ def test_train_student_disk_full_then_resume(reference, student, tmp_path):
     kdpipe(*args, "--resume")  # space is back; no complete checkpoint was left, so the run starts over
     record = json.loads((out / "kdpipe_run.json").read_text())
     assert record["status"] == "complete" and record["global_step"] == 4 and "resumed_from" not in record
+
+
+def test_final_save_on_a_full_disk_is_a_message_and_a_failed_run(reference, student, tmp_path, monkeypatch):
+    """The model does not fit at the end (safetensors reports a full disk as its own SafetensorError, not an
+    OSError: it was a traceback): a message, the run marked failed, and --resume saves the last step's
+    checkpoint without training again."""
+    from safetensors import SafetensorError
+
+    from kdpipe.train import trainer
+
+    real, calls = trainer._save, []
+
+    def full_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "_save", full_once)
+    out = tmp_path / "run"
+    args = ("train-student", "--cache", reference(), "--model", student, "--output", out, "--full", "--max-steps", 2,
+            "--batch-size", 8)
+    result = run_cli(*args, ok=False)
+    assert result.exit_code != 0 and isinstance(result.exception, SystemExit), result.exception
+    assert f"could not write {out} (Error while serializing: I/O error: No space left on device" in result.output
+    assert "is the disk full? Free some space and rerun with --resume" in result.output
+    assert json.loads((out / "kdpipe_run.json").read_text())["status"] == "failed"
+    assert (out / "checkpoint-2").is_dir()  # Trainer's checkpoint at the last step: --resume saves it
+    resumed = run_cli(*args, "--resume")
+    assert "is the last step's checkpoint; saving its weights" in resumed.output
+    assert json.loads((out / "kdpipe_run.json").read_text())["status"] == "complete"
