@@ -164,7 +164,7 @@ def _save_or_fail(trainer: Any, cfg: TrainConfig, out: Path, tokenizer: Any, res
     except KdpipeError as e:
         message = e.message
         if not any(out.glob("checkpoint-*")):
-            none = f"there is no checkpoint (--save-steps {cfg.save_steps}), so it trains again from the start"
+            none = f"there is no checkpoint (--save-steps {cfg.save_steps}), so it trains again from scratch"
             message = message.replace("training continues from the last complete checkpoint", none)
         with contextlib.suppress(OSError):  # the record's own write may not fit either
             _mark_failed(trainer, out, message)
