@@ -112,7 +112,8 @@ def _write(cfg: CacheTeacherConfig, command: str, tokenizer: Any, template: Any,
         bar = tqdm(total=sum(map(len, todo_rows)), unit="ex", desc=f"caching {cfg.model}", dynamic_ncols=True,
                    mininterval=1.0, disable=progress_disabled())
         tokens = 0
-        said = TeacherConfidence(sampled=cfg.sparse_mode == SparseMode.SAMPLED)
+        said = TeacherConfidence(sampled=cfg.sparse_mode == SparseMode.SAMPLED,
+                                 heldout=cfg.heldout or cfg.part == "heldout")
         for index, rows in zip(todo, todo_rows):
             targets = [None] * len(rows)
             for batch in _batches(teacher, rows, cfg):
@@ -146,6 +147,7 @@ class TeacherConfidence:
     teaches its own answer format, not the labels; a fine-tuned teacher near one-hot makes KD act as SFT."""
 
     sampled: bool
+    heldout: bool = False  # a cache to score fidelity on, not to train from: the one-hot note does not apply
     positions: int = 0
     target_prob: float = 0.0
     top1_prob: float = 0.0
@@ -167,7 +169,7 @@ class TeacherConfidence:
                     "these completions, so distilling it teaches its own answers rather than yours; "
                     "fine-tune it on the task first (kdpipe finetune) or write the completions as it says "
                     "them (its label words, its chat format)"]
-        if not self.sampled and top1 > ONE_HOT_TOP1:
+        if not self.sampled and not self.heldout and top1 > ONE_HOT_TOP1:
             return [f"note: over the {self.positions:,} cached positions the teacher is near one-hot (mean "
                     f"top-1 probability {top1:.4f}): its targets carry little beyond the completions, so KD "
                     "will act much like SFT; --temperature above 1 at train time spreads what it has"]

@@ -253,3 +253,7 @@ def test_a_teacher_that_does_not_say_the_completions_is_named(tmp_path, tiny_mod
     one_hot.add([Targets(np.array([[0, 1]], np.int32), np.log(np.array([[0.999, 0.0005]])).astype(np.float16),
                          np.log(np.array([0.999])), np.array([0.0005]))])
     assert one_hot.notes()[0].startswith("note: over the 1 cached positions the teacher is near one-hot")
+    scoring = TeacherConfidence(sampled=False, heldout=True)  # a held-out cache is not trained from
+    scoring.add([Targets(np.array([[0, 1]], np.int32), np.log(np.array([[0.999, 0.0005]])).astype(np.float16),
+                         np.log(np.array([0.999])), np.array([0.0005]))])
+    assert scoring.notes() == []
