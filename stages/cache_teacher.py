@@ -113,7 +113,7 @@ def _write(cfg: CacheTeacherConfig, command: str, tokenizer: Any, template: Any,
                    mininterval=1.0, disable=progress_disabled())
         tokens = 0
         said = TeacherConfidence(sampled=cfg.sparse_mode == SparseMode.SAMPLED,
-                                 heldout=cfg.heldout or cfg.part == "heldout")
+                                 heldout=cfg.is_heldout())
         for index, rows in zip(todo, todo_rows):
             targets = [None] * len(rows)
             for batch in _batches(teacher, rows, cfg):
@@ -300,7 +300,7 @@ def new_manifest(cfg: CacheTeacherConfig, command: str, tokenizer: Any, template
             seed=cfg.seed, limit=cfg.limit, columns=cfg.resolved_columns(), fingerprint=selection.fingerprint,
             max_length=cfg.max_length, truncation=cfg.truncation,
             examples=report.examples, report=dict(report.counts),
-            heldout=cfg.heldout or cfg.part == "heldout", file=selection.file),
+            heldout=cfg.is_heldout(), file=selection.file),
         sparse=sparse_spec(cfg),
         encoding=cfg.encoding,
         sharding=Sharding(rows_per_shard=cfg.rows_per_shard, total_shards=total_shards,

@@ -88,6 +88,10 @@ class CacheTeacherConfig(DataConfig):
             raise ValueError(f"shard_index must be in [0, num_shards={self.num_shards}), not "
                              f"{self.shard_index}")
 
+    def is_heldout(self) -> bool:
+        """A cache of held-out data (--heldout or --part heldout): scored against, not trained from."""
+        return bool(self.heldout or self.part == "heldout")
+
     def cache_folder(self) -> Path | str:
         """The cache's folder, or its object-storage URL (s3://bucket/prefix, gs://..., kept as a string)."""
         if self.cache:

@@ -158,17 +158,15 @@ def _save_or_fail(trainer: Any, cfg: TrainConfig, out: Path, tokenizer: Any, res
                   start: float) -> dict[str, Any]:
     """`_save`; a failed write (a full disk) marks the run failed and says what --resume will do: the
     weights trained since the last checkpoint leave with the process."""
+    resume = ("training continues from the last complete checkpoint" if any(out.glob("checkpoint-*")) else
+              f"there is no checkpoint (--save-steps {cfg.save_steps}), so it trains again from scratch")
     try:
-        with write_errors(out):
+        with write_errors(out, resume):
             return _save(trainer, cfg, out, tokenizer, result, start)
     except KdpipeError as e:
-        message = e.message
-        if not any(out.glob("checkpoint-*")):
-            none = f"there is no checkpoint (--save-steps {cfg.save_steps}), so it trains again from scratch"
-            message = message.replace("training continues from the last complete checkpoint", none)
         with contextlib.suppress(OSError):  # the record's own write may not fit either
-            _mark_failed(trainer, out, message)
-        raise KdpipeError(message) from None
+            _mark_failed(trainer, out, e.message)
+        raise
 
 
 def check_finite(model: Any, step: int) -> None:
@@ -262,9 +260,10 @@ class Diverged(Exception):
 
 
 @contextmanager
-def write_errors(target: Path) -> Iterator[None]:
+def write_errors(target: Path, resume: str = "training continues from the last complete checkpoint"
+                 ) -> Iterator[None]:
     """A failed write of a checkpoint or of the trained model -> a KdpipeError naming it (torch.save reports
-    a full disk as a bare RuntimeError from its zip writer)."""
+    a full disk as a bare RuntimeError from its zip writer); `resume` says what --resume will then do."""
     from safetensors import SafetensorError  # safetensors' own: its "I/O error: No space left on device"
 
     try:
@@ -274,7 +273,7 @@ def write_errors(target: Path) -> Iterator[None]:
         reason = getattr(e, "strerror", None) or first_line(e, 200)
         raise KdpipeError(
             f"could not write {target} ({reason}); is the disk full? Free some space and rerun with "
-            "--resume: training continues from the last complete checkpoint"
+            f"--resume: {resume}"
         ) from None
 
 
