@@ -14,12 +14,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from torch import Tensor
 
-    from kdpipe.losses.config import DistillLossConfig
+
+class Settings(Protocol):
+    """What a divergence reads of the loss config (`kdpipe.losses.config.DistillLossConfig`, which imports
+    this module's names: a protocol rather than an import back)."""
+
+    loss: str
+    skew: float
+    beta: float
 
 # log of float32's smallest positive value: the cache's resolution of a tail mass
 UNDERFLOW_LOGP = -149 * math.log(2.0)
@@ -41,45 +48,45 @@ def log_mix(log_a: Tensor, log_b: Tensor, w: float) -> Tensor:
     return (log_a + math.log(w)).logaddexp(log_b + math.log1p(-w))
 
 
-def fkl(p: Tensor, q: Tensor, cfg: DistillLossConfig) -> Tensor:
+def fkl(p: Tensor, q: Tensor, cfg: Settings) -> Tensor:
     """Forward KL(p || q): the classic distillation loss; mass-covering."""
     return kl_terms(p, q)
 
 
-def rkl(p: Tensor, q: Tensor, cfg: DistillLossConfig) -> Tensor:
+def rkl(p: Tensor, q: Tensor, cfg: Settings) -> Tensor:
     """Reverse KL(q || p): mode-seeking."""
     return kl_terms(q, p)
 
 
-def skew_fkl(p: Tensor, q: Tensor, cfg: DistillLossConfig) -> Tensor:
+def skew_fkl(p: Tensor, q: Tensor, cfg: Settings) -> Tensor:
     """Skewed forward KL(p || l*p + (1-l)*q), l = ``cfg.skew`` (DistiLLM's definition)."""
     return kl_terms(p, log_mix(p, q, cfg.skew))
 
 
-def skew_rkl(p: Tensor, q: Tensor, cfg: DistillLossConfig) -> Tensor:
+def skew_rkl(p: Tensor, q: Tensor, cfg: Settings) -> Tensor:
     """Skewed reverse KL(q || l*q + (1-l)*p), l = ``cfg.skew`` (DistiLLM's definition)."""
     return kl_terms(q, log_mix(q, p, cfg.skew))
 
 
-def jsd(p: Tensor, q: Tensor, cfg: DistillLossConfig) -> Tensor:
+def jsd(p: Tensor, q: Tensor, cfg: Settings) -> Tensor:
     """Generalized JSD b*KL(p||m) + (1-b)*KL(q||m), m = b*p + (1-b)*q, b = ``cfg.beta``."""
     m = log_mix(p, q, cfg.beta)
     return cfg.beta * kl_terms(p, m) + (1.0 - cfg.beta) * kl_terms(q, m)
 
 
-def tvd(p: Tensor, q: Tensor, cfg: DistillLossConfig) -> Tensor:
+def tvd(p: Tensor, q: Tensor, cfg: Settings) -> Tensor:
     """Total variation 0.5 * sum |p - q|."""
     return 0.5 * (p.exp() - q.exp()).abs()
 
 
-Divergence = Callable[["Tensor", "Tensor", "DistillLossConfig"], "Tensor"]
+Divergence = Callable[["Tensor", "Tensor", Settings], "Tensor"]
 DIVERGENCES: dict[str, Divergence] = {
     "fkl": fkl, "rkl": rkl, "skew-fkl": skew_fkl, "skew-rkl": skew_rkl, "jsd": jsd, "tvd": tvd,
 }
 LOSSES = tuple(DIVERGENCES)  # the --loss names, in the order --help lists them
 
 
-def divergence(student_logp: Tensor, teacher_logp: Tensor, cfg: DistillLossConfig,
+def divergence(student_logp: Tensor, teacher_logp: Tensor, cfg: Settings,
                loss: str | None = None) -> Tensor:
     """Per-position divergence ``loss`` (default ``cfg.loss``) [...] between teacher p and student q,
     log-probs [..., atoms].
