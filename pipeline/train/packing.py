@@ -22,6 +22,7 @@ apart, and compares; where they differ, the run falls back to ``grouped`` with a
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,6 +30,8 @@ import numpy as np
 import torch
 
 BATCHINGS = ("packed", "grouped", "padded")
+
+log = logging.getLogger(__name__)
 
 
 def first_fit(lengths: Sequence[int], capacity: int) -> list[int]:
@@ -152,8 +155,6 @@ def packing_supported(model: Any) -> bool:
 
 def choose_batching(wanted: str, model: Any, why_not: str | None = None) -> str:
     """`wanted`, or ``grouped`` with a note when packing was asked for but cannot apply."""
-    import click
-
     if wanted != "packed":
         return wanted
     if why_not is None and not packing_supported(model):
@@ -161,6 +162,6 @@ def choose_batching(wanted: str, model: Any, why_not: str | None = None) -> str:
                    "position ids differ from the examples run one by one)")
     if why_not is None:
         return "packed"
-    click.echo(f"note: --batching packed does not apply: {why_not}; training with --batching grouped "
-               "(padded batches of similar lengths) instead", err=True)
+    log.info(f"note: --batching packed does not apply: {why_not}; training with --batching grouped "
+             "(padded batches of similar lengths) instead")
     return "grouped"

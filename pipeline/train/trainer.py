@@ -14,8 +14,8 @@ import it inside `run` and the command line stays fast.
 from __future__ import annotations
 
 import contextlib
+import logging
 import shutil
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,6 +34,8 @@ from kdpipe.models import causal_lm, last_hidden_states, output_head
 from kdpipe.run_folder import RUN_FILE, now, read_json, write_json
 from kdpipe.train.config import TrainConfig
 from kdpipe.train.packing import model_inputs, real_tokens
+
+log = logging.getLogger(__name__)
 
 
 class KdpipeTrainer(Trainer):
@@ -129,8 +131,8 @@ def fit(trainer: Any, cfg: TrainConfig, out: Path, tokenizer: Any, checkpoint: s
         # killed after the last step's checkpoint, before the record said complete: Trainer would train one
         # step more from it, so its weights are saved as they are
         if trainer.is_world_process_zero():
-            print(f"note: {checkpoint} is the last step's checkpoint; saving its weights as the model "
-                  "without training further", file=sys.stderr)
+            log.info(f"note: {checkpoint} is the last step's checkpoint; saving its weights as the model "
+                     "without training further")
         trainer._load_from_checkpoint(checkpoint)
         trainer.state = finished_state(checkpoint)
         result = TrainOutput(trainer.state.global_step, logged_mean_loss(trainer.state), {})
