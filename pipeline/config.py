@@ -22,12 +22,12 @@ from kdpipe.errors import KdpipeError
 C = TypeVar("C")
 
 
-def option(default: Any, help: str, flag: str | None = None) -> Any:
+def option(default: Any, help: str, flag: str | None = None, hf: str | None = None) -> Any:
     """A config field with its ``--help`` text; `flag` overrides the option spelling (e.g.
-    "--lora/--full")."""
+    "--lora/--full"); `hf` names the `transformers.TrainingArguments` field it is passed to."""
     factory = isinstance(default, (dict, list))
     kwargs = {"default_factory": (lambda d=default: type(d)(d))} if factory else {"default": default}
-    return dataclasses.field(metadata={"help": help, "flag": flag}, **kwargs)
+    return dataclasses.field(metadata={"help": help, "flag": flag, "hf": hf}, **kwargs)
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

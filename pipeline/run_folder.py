@@ -12,6 +12,7 @@ import functools
 import json
 import logging
 import os
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,6 +26,11 @@ RUN_FILE = "kdpipe_run.json"  # the run record of train-student / finetune
 LOCK_FILE = ".lock"  # held by the running train-student / finetune for its whole run
 INIT_FILE = "kdpipe_init.json"  # written by init-model: the options the model was built with
 EXPERIMENT_FILE = "kdpipe_experiment.json"  # written by `kdpipe run` above its step folders, read by evaluate
+
+
+def slug(text: str) -> str:
+    """`text` as a folder name: runs of anything but letters, digits, `_`, `.` and `-` become one `-`."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-")
 
 
 def read_json(path: str | Path, missing_ok: bool = True) -> dict[str, Any] | None:

@@ -2,9 +2,10 @@
 `kdpipe run`'s planner are both built from the list of them (`kdpipe.stages.registry.STAGES`), so the
 boundary of a stage is drawn once.
 
-A stage is: its config class (torch-free: its fields are the YAML keys and the CLI options), a
-`run` that imports the recipe module only when the stage runs, its output folder (a field of the
-config), its skip/resume `state` given what is on disk, and a one-line `summary` of what it did.
+A stage is one module of `kdpipe.stages` holding its config class (torch-free: its fields are the YAML
+keys and the CLI options), its recipe (`run`, which imports torch and the data path only when it runs)
+and its `STAGE`: the output folder (a field of the config), the skip/resume `state` given what is on
+disk, and a one-line `summary` of what it did.
 
 This module imports neither torch nor the recipes, so `kdpipe --help` stays fast.
 """
@@ -19,6 +20,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 Echo = Callable[[str], None]
+
+# --verify of train-student and evaluate (the check is kdpipe.cache.verified.check_for_use)
+VERIFY_HELP = ("Cache check before use: fast (manifest and sizes; sha256 only of shards changed since they "
+               "last passed, see .kdpipe-verified.json) or full (sha256 of every shard).")
 
 
 def log_note(message: str) -> None:

@@ -1,55 +1,117 @@
-"""Stage one: run the teacher once over a dataset and cache each target token's sparse distribution.
+"""Stage one, `kdpipe cache-teacher`: run the teacher once over a dataset and cache each target token's
+sparse distribution. Its config, its recipe and its registration (`STAGE`) are all here.
 
 Recipe: load the tokenizer and data, tokenize with the loss mask, load the teacher alone, then
 shard by shard: batch by length, score, encode, write (atomically), update the manifest.
+
+The config is torch-free and this module imports numpy, pyarrow and torch only inside the functions that
+use them: the CLI builds `kdpipe cache-teacher --help` from `CacheTeacherConfig`.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
-import numpy as np
-from tqdm.auto import tqdm
-
-import kdpipe
-from kdpipe.cache.format import ENCODINGS, Targets, ids_hash
-from kdpipe.cache.manifest import Manifest
-from kdpipe.cache.sections import (
-    DatasetInfo,
-    Sharding,
-    SparseMode,
-    SparseSpec,
-    TeacherInfo,
-    TemplateInfo,
-    TokenizerInfo,
-)
-from kdpipe.cache.storage import Store
-from kdpipe.cache.values import RECOMPUTE, nonfinite, value_stats
-from kdpipe.cache.writer import CacheWriter
-from kdpipe.config import progress_disabled
+from kdpipe.config import option, progress_disabled
 from kdpipe.data.generated import check_unedited, provenance
-from kdpipe.data.sources import load_examples
+from kdpipe.data.sources import DataConfig, load_examples
 from kdpipe.data.templates import get_template
-from kdpipe.data.tokenize import tokenize_examples
 from kdpipe.errors import KdpipeError
-from kdpipe.models import (
-    load_model,
-    load_model_config,
-    load_tokenizer,
-    model_revision,
-    pick_device,
-    resolve_model_name,
-    source_record,
-    vocab_hash,
-)
 from kdpipe.precision import resolve_dtype
-from kdpipe.stages.base import Echo, log_note
-from kdpipe.stages.configs import CacheTeacherConfig
-from kdpipe.teacher.hf import HFTeacher, Sampling, TeacherBackend, make_batches
+from kdpipe.run_folder import slug
+from kdpipe.stages.base import Echo, Stage, log_note
 
-# The config is defined torch-free in kdpipe.stages.configs (the CLI builds its options from it).
+if TYPE_CHECKING:
+    from kdpipe.cache.manifest import Manifest
+    from kdpipe.cache.sections import SparseSpec
+    from kdpipe.teacher.hf import Sampling, TeacherBackend
+
+SAMPLED = "sampled"  # kdpipe.cache.sections.SparseMode.SAMPLED (a str enum), without importing pyarrow here
+
+
+@dataclass
+class CacheTeacherConfig(DataConfig):
+    """Options of `kdpipe cache-teacher` (YAML keys; CLI options with dashes)."""
+
+    model: str | None = option(None, "Teacher: hub id, local path or short name (Qwen3-4B).")
+    revision: str | None = option(None, "Hub revision (branch, tag or commit) of the teacher.")
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = option(
+        "auto", "Teacher dtype, the same on both backends: auto = fp16 on GPUs before compute capability 8 "
+                "(T4, V100), bf16 from 8, fp32 on CPU.")
+    device: str = option("auto", "Device: auto (CUDA if present), cpu, cuda, cuda:1 ...")
+    backend: Literal["hf", "vllm"] = option("hf", "Teacher runtime: hf (transformers) or vllm.")
+    cache: str | None = option(None, "Cache folder or object-storage URL (s3://bucket/prefix, gs://...; "
+                                     "default: cache/<dataset name>).")
+    top_k: int = option(32, "Teacher token ids and log-probs kept per position.")
+    sparse_mode: Literal["topk", "sampled"] = option(
+        "topk", "What is stored per position: topk (the k most likely ids) or sampled (N draws from the "
+                "teacher: unbiased).")
+    samples: int = option(12, "Sampled mode: draws N per position (1-255); distinct ids are stored with "
+                              "their counts.")
+    proposal_temperature: float = option(
+        1.0, "Sampled mode: draw from p^(1/T) renormalised; T != 1 stores importance ratios so the estimate "
+             "stays unbiased.")
+    encoding: Literal["plain", "compact", "compact16"] = option(
+        "plain", "Column encoding: plain (int32 ids, fp16 log-probs), compact (narrow ids, 8-bit log-prob "
+                 "codes) or compact16.")
+    rows_per_shard: int = option(1000, "Examples per shard (the unit of resume and of multi-machine splits).")
+    batch_size: int = option(32, "Most examples in one teacher batch.")
+    max_batch_tokens: int = option(16384, "Most tokens (rows × longest row, padding included) in one batch.")
+    chunk_size: int = option(2048, "Positions per LM-head chunk (bounds the fp32 full-vocabulary scratch).")
+    num_shards: int = option(1, "Split the work across this many machines ...")
+    shard_index: int = option(0, "... and do this machine's part (0-based); join the parts with `kdpipe "
+                                 "cache merge`.")
+    overwrite: bool = option(False, "Replace an existing cache of another run in the folder.")
+    heldout: bool = option(False, "Mark this data as held out from training (e.g. a separate test file): "
+                                  "evaluate --cache then uses it for fidelity without the training-data note "
+                                  "(it still checks the overlap with the run's training cache).")
+    vllm_tensor_parallel_size: int = option(1, "vLLM backend: GPUs the teacher is split across (tensor "
+                                               "parallel).")
+    vllm_max_model_len: int | None = option(None, "vLLM backend: context length (default: max_length + 1, "
+                                                  "capped by the model's).")
+    vllm_gpu_memory_utilization: float = option(0.9, "vLLM backend: fraction of GPU memory for weights and "
+                                                     "KV cache.")
+    vllm_max_num_batched_tokens: int | None = option(None, "vLLM backend: most tokens in one engine step "
+                                                           "(default: vLLM's).")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        positive = ("top_k", "samples", "rows_per_shard", "batch_size", "max_batch_tokens", "chunk_size",
+                    "num_shards", "vllm_tensor_parallel_size")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
+        for name in ("vllm_max_model_len", "vllm_max_num_batched_tokens"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
+        if self.samples > 255:
+            raise ValueError(f"samples must be at most 255 (counts are stored as uint8), not {self.samples}")
+        if not self.proposal_temperature > 0:
+            raise ValueError(f"proposal_temperature must be > 0, not {self.proposal_temperature}")
+        if not 0 < self.vllm_gpu_memory_utilization <= 1:
+            raise ValueError("vllm_gpu_memory_utilization must be in (0, 1], not "
+                             f"{self.vllm_gpu_memory_utilization}")
+        if not 0 <= self.shard_index < self.num_shards:
+            raise ValueError(f"shard_index must be in [0, num_shards={self.num_shards}), not "
+                             f"{self.shard_index}")
+
+    def is_heldout(self) -> bool:
+        """A cache of held-out data (--heldout or --part heldout): scored against, not trained from."""
+        return bool(self.heldout or self.part == "heldout")
+
+    def cache_folder(self) -> Path | str:
+        """The cache's folder, or its object-storage URL (s3://bucket/prefix, gs://..., kept as a string)."""
+        if self.cache:
+            from kdpipe.cache.storage import is_url  # pyarrow: imported when used, not by `kdpipe --help`
+
+            return self.cache if is_url(self.cache) else Path(self.cache)
+        source = self.dataset or "data"
+        stem = Path(source).stem if Path(source).suffix else re.split(r"[/:]", source)[-1]
+        return Path("cache") / slug(stem)
 
 
 @dataclass(frozen=True)
@@ -68,9 +130,13 @@ def run(cfg: CacheTeacherConfig, command: str = "", teacher: TeacherBackend | No
     otherwise the teacher is loaded here and released at the end, before any later stage. Notes (what a
     resume repaired, a max_length lowered to the teacher's context) go to `echo`.
     """
+    from kdpipe.cache.storage import Store
+    from kdpipe.data.tokenize import tokenize_examples
+    from kdpipe.models import load_tokenizer, pick_device
+
     if not cfg.model:
         raise KdpipeError("no teacher given: pass --model (or 'model:' in the config file)")
-    if cfg.backend == "vllm" and cfg.sparse_mode == SparseMode.SAMPLED:
+    if cfg.backend == "vllm" and cfg.sparse_mode == SAMPLED:
         raise KdpipeError("--sparse-mode sampled needs the teacher's full distribution, but --backend vllm "
                           "only returns the top-k prompt log-probs: use --backend hf for sampled caches (or "
                           "--sparse-mode topk with vllm)")
@@ -99,6 +165,12 @@ def _write(cfg: CacheTeacherConfig, command: str, tokenizer: Any, template: Any,
            examples: list[Any], report: Any, teacher: TeacherBackend, total_shards: int,
            assigned: list[int], echo: Echo) -> CacheRun:
     """Score and write every pending shard of this machine's part."""
+    from tqdm.auto import tqdm
+
+    from kdpipe.cache.format import ENCODINGS, ids_hash
+    from kdpipe.cache.values import TeacherConfidence, check_finite, value_stats
+    from kdpipe.cache.writer import CacheWriter
+
     header = new_manifest(cfg, command, tokenizer, template, selection, report, teacher, total_shards)
     encode = ENCODINGS[cfg.encoding].encode
     meta = header.file_metadata()
@@ -106,19 +178,20 @@ def _write(cfg: CacheTeacherConfig, command: str, tokenizer: Any, template: Any,
     rows_of = {i: examples[i * cfg.rows_per_shard : (i + 1) * cfg.rows_per_shard] for i in assigned}
     shard_ids = {i: ids_hash([e.id for e in rows]) for i, rows in rows_of.items()}
     with CacheWriter(cfg.cache_folder(), header, assigned, cfg.overwrite, shard_ids) as writer:
-        _resume_notes(writer, echo)
+        for line in writer.resume_notes():
+            echo(line)
         todo = writer.pending()
         todo_rows = [rows_of[i] for i in todo]
         bar = tqdm(total=sum(map(len, todo_rows)), unit="ex", desc=f"caching {cfg.model}", dynamic_ncols=True,
                    mininterval=1.0, disable=progress_disabled())
         tokens = 0
-        said = TeacherConfidence(sampled=cfg.sparse_mode == SparseMode.SAMPLED,
+        said = TeacherConfidence(sampled=cfg.sparse_mode == SAMPLED,
                                  heldout=cfg.is_heldout())
         for index, rows in zip(todo, todo_rows):
             targets = [None] * len(rows)
             for batch in _batches(teacher, rows, cfg):
                 for i, t in zip(batch, teacher.score([rows[i] for i in batch])):
-                    _check_finite(t, rows[i], index, header)
+                    check_finite(t, rows[i], index, header.teacher.dtype)
                     targets[i] = t
                 tokens += sum(len(rows[i].input_ids) for i in batch)
                 bar.update(len(batch))
@@ -135,81 +208,17 @@ def _write(cfg: CacheTeacherConfig, command: str, tokenizer: Any, template: Any,
     return CacheRun(manifest, round(time.perf_counter() - start, 2))
 
 
-LOW_TARGET_PROB = 0.1  # below: the teacher does not say the completions it is asked to teach
-ONE_HOT_TOP1 = 0.99  # above: a near one-hot teacher, whose targets carry little beyond the label
-
-
-@dataclass
-class TeacherConfidence:
-    """How much the teacher itself says the cached completions, over the positions scored in this run: the
-    mean probability of the actual next token and (top-k caches) of its top-1 token. A real chat teacher
-    asked zero-shot for a one-word label put 0.0016 on it (docs/results/real-teacher.md): distilling it
-    teaches its own answer format, not the labels; a fine-tuned teacher near one-hot makes KD act as SFT."""
-
-    sampled: bool
-    heldout: bool = False  # a cache to score fidelity on, not to train from: the one-hot note does not apply
-    positions: int = 0
-    target_prob: float = 0.0
-    top1_prob: float = 0.0
-
-    def add(self, targets: list[Targets]) -> None:
-        for t in targets:
-            self.positions += len(t.target_logprob)
-            self.target_prob += float(np.exp(np.asarray(t.target_logprob, np.float64)).sum())
-            if not self.sampled and len(t.target_logprob):
-                self.top1_prob += float(np.exp(np.asarray(t.topk_logprobs[:, 0], np.float64)).sum())
-
-    def notes(self) -> list[str]:
-        if not self.positions:
-            return []
-        target, top1 = self.target_prob / self.positions, self.top1_prob / self.positions
-        if target < LOW_TARGET_PROB:
-            return [f"note: over the {self.positions:,} cached positions the teacher gives the actual next "
-                    f"token a mean probability of {target:.4f} (under {LOW_TARGET_PROB}): it does not say "
-                    "these completions, so distilling it teaches its own answers rather than yours; "
-                    "fine-tune it on the task first (kdpipe finetune) or write the completions as it says "
-                    "them (its label words, its chat format)"]
-        if not self.sampled and not self.heldout and top1 > ONE_HOT_TOP1:
-            return [f"note: over the {self.positions:,} cached positions the teacher is near one-hot (mean "
-                    f"top-1 probability {top1:.4f}): its targets carry little beyond the completions, so KD "
-                    "will act much like SFT; --temperature above 1 at train time spreads what it has"]
-        return []
-
-
-def _resume_notes(writer: CacheWriter, echo: Echo) -> None:
-    """Say what the resume found and repaired."""
-    if writer.rebuilt:
-        kept = len(writer.manifest.shards)
-        echo(f"note: {writer.rebuilt}: rebuilt from the shards' own metadata ({kept} verified and "
-             "kept, the rest computed again)")
-    if writer.rewritten:
-        echo(f"note: {', '.join(writer.rewritten)} missing or damaged (size or sha256 differs from the "
-             "manifest): written again")
-    if writer.refused:
-        echo(f"note: not adopted, computed again: {', '.join(writer.refused)}")
-
-
-def _check_finite(t: Targets, example: Any, index: int, header: Manifest) -> None:
-    """Refuse a non-finite teacher value where it appears (before anything of its shard is written)."""
-    problem = nonfinite(t, example.positions)
-    if problem:
-        dtype = header.teacher.dtype
-        hint = (f"A {dtype} teacher can overflow: rerun with {RECOMPUTE}" if dtype != "float32" else
-                "The teacher already runs in float32 (--dtype fp32), so its checkpoint itself gives them "
-                "(NaN or inf weights?): check the model")
-        raise KdpipeError(f"the teacher gave example '{example.id}' (shard {index}) {problem}; nothing was "
-                          f"cached for that shard. {hint}")
-
-
 def width(cfg: CacheTeacherConfig) -> int:
     """Ids stored per position: k (top-k) or at most N distinct ids (sampled)."""
-    return cfg.samples if cfg.sparse_mode == SparseMode.SAMPLED else cfg.top_k
+    return cfg.samples if cfg.sparse_mode == SAMPLED else cfg.top_k
 
 
 def sparse_spec(cfg: CacheTeacherConfig) -> SparseSpec:
     """The manifest's `sparse` section (top-k caches keep the version-1 keys, so their settings hash is
     unchanged)."""
-    if cfg.sparse_mode == SparseMode.TOPK:
+    from kdpipe.cache.sections import SparseSpec
+
+    if cfg.sparse_mode != SAMPLED:
         return SparseSpec.topk(cfg.top_k)
     return SparseSpec.sampled(cfg.samples, cfg.proposal_temperature, cfg.seed)
 
@@ -217,11 +226,13 @@ def sparse_spec(cfg: CacheTeacherConfig) -> SparseSpec:
 def _check_model_limits(cfg: CacheTeacherConfig, echo: Echo) -> None:
     """top_k within the teacher's vocabulary; max_length lowered to the teacher's context (positions beyond
     it are garbage or a crash)."""
+    from kdpipe.models import load_model_config
+
     try:
         config = load_model_config(cfg.model, cfg.revision).get_text_config()
     except Exception:  # the model load right after reports it clearly
         return
-    if cfg.sparse_mode == SparseMode.TOPK and cfg.top_k > config.vocab_size:
+    if cfg.sparse_mode != SAMPLED and cfg.top_k > config.vocab_size:
         raise KdpipeError(f"top_k={cfg.top_k} is larger than the teacher's vocabulary "
                           f"({config.vocab_size} tokens)")
     context = getattr(config, "max_position_embeddings", None)
@@ -232,6 +243,9 @@ def _check_model_limits(cfg: CacheTeacherConfig, echo: Echo) -> None:
 
 
 def _load_teacher(cfg: CacheTeacherConfig) -> TeacherBackend:
+    from kdpipe.models import load_model
+    from kdpipe.teacher.hf import HFTeacher
+
     dtype = resolve_dtype(cfg.dtype, cfg.device)  # one rule for "auto" on both backends
     if cfg.backend == "vllm":
         from kdpipe.teacher.vllm import VllmTeacher
@@ -249,13 +263,17 @@ def _load_teacher(cfg: CacheTeacherConfig) -> TeacherBackend:
 
 def sampling(cfg: CacheTeacherConfig) -> Sampling | None:
     """The HF backend's sampler for sampled mode (None for top-k)."""
-    if cfg.sparse_mode != SparseMode.SAMPLED:
+    from kdpipe.teacher.hf import Sampling
+
+    if cfg.sparse_mode != SAMPLED:
         return None
     return Sampling(cfg.samples, cfg.proposal_temperature, cfg.seed)
 
 
 def _vllm_model_len(cfg: CacheTeacherConfig) -> int | None:
     """max_length + 1 (vLLM counts the one generated token), capped by the model's own limit."""
+    from kdpipe.models import load_model_config
+
     try:
         config = load_model_config(cfg.model, cfg.revision)
     except Exception:  # the engine start reports it
@@ -266,6 +284,8 @@ def _vllm_model_len(cfg: CacheTeacherConfig) -> int | None:
 
 def _batches(teacher: TeacherBackend, rows: list[Any], cfg: CacheTeacherConfig) -> list[list[int]]:
     """A whole shard for backends that batch internally (vLLM), else length-sorted batches."""
+    from kdpipe.teacher.hf import make_batches
+
     if getattr(teacher, "whole_shard", False):
         return [list(range(len(rows)))]
     return make_batches(rows, cfg.max_batch_tokens, cfg.batch_size)
@@ -274,6 +294,11 @@ def _batches(teacher: TeacherBackend, rows: list[Any], cfg: CacheTeacherConfig) 
 def new_manifest(cfg: CacheTeacherConfig, command: str, tokenizer: Any, template: Any, selection: Any,
                  report: Any, teacher: Any, total_shards: int) -> Manifest:
     """The new cache's header from the facts of this run: settings, teacher, tokenizer, data read."""
+    import kdpipe
+    from kdpipe.cache.manifest import Manifest
+    from kdpipe.cache.sections import DatasetInfo, Sharding, TeacherInfo, TemplateInfo, TokenizerInfo
+    from kdpipe.models import model_revision, resolve_model_name, source_record, vocab_hash
+
     model = getattr(teacher, "model", None)
     config = getattr(model, "config", None)
     teacher_info = {  # the backend's own facts (backend, its version, perhaps its dtype) override these
@@ -317,3 +342,36 @@ def summary(result: CacheRun) -> str:
         f"{result.elapsed_s:.1f} s"
         + "".join(f"; {n} {what}" for what, n in sorted((m.dataset.report or {}).items()))
     )
+
+
+# ---------------------------------------------------------------- the stage: a command, a `kdpipe run` step
+
+
+def state(cfg: CacheTeacherConfig, command: str, anything_ran: bool) -> tuple[str, str]:
+    """From the cache's manifest: complete with the same command: skip; partly written: resume."""
+    from kdpipe.cache.manifest import Manifest
+
+    manifest = Manifest.read_if_any(cfg.cache)
+    if manifest is None:
+        return "run", ""
+    if manifest.command == command and manifest.complete:
+        return "skip", f"{cfg.cache} is complete with the same settings"
+    if manifest.command == command:
+        return "resume", (f"{cfg.cache} is partly written; cache-teacher continues after its last "
+                          "complete shard")
+    return "run", (f"{cfg.cache} holds another cache; cache-teacher decides (same settings resume, others "
+                   "are refused unless overwrite)")
+
+
+STAGE = Stage(
+    name="cache-teacher", config=CacheTeacherConfig, output_key="cache", plan_kind="cache",
+    runner=lambda cfg, command, echo, state: run(cfg, command, echo=echo), state=state,
+    summary=lambda result, cfg: f"cached {summary(result)} -> {cfg.cache_folder()}",
+    required=("model", "dataset"),
+    help="""Run the teacher once over a dataset and cache each target token's top-k distribution.
+
+    \b
+    Example:
+      kdpipe cache-teacher --model Qwen3-4B --dataset imdb --top-k 32 --cache cache/imdb
+    Rerunning the same command resumes after the last complete shard.
+    """)

@@ -12,7 +12,7 @@ from typing import Any
 
 from kdpipe.config import build_config, read_yaml
 from kdpipe.errors import KdpipeError
-from kdpipe.stages import registry, rounds, seeds
+from kdpipe.stages import cache_teacher, evaluate, finetune, init_model, rounds, seeds, train_student
 from kdpipe.stages.base import Stage, command_line
 
 
@@ -35,14 +35,14 @@ class Step:
 
 
 STEPS = [
-    Step("teacher_init", registry.INIT_MODEL),
-    Step("finetune", registry.FINETUNE),
-    Step("cache", registry.CACHE_TEACHER, "cache/{name}"),
-    Step("heldout_cache", registry.CACHE_TEACHER, "cache/{name}-heldout"),
-    Step("student_init", registry.INIT_MODEL),
-    Step("train", registry.TRAIN_STUDENT),
-    Step("baseline", registry.FINETUNE),
-    Step("evaluate", registry.EVALUATE, "runs/{name}/eval"),
+    Step("teacher_init", init_model.STAGE),
+    Step("finetune", finetune.STAGE),
+    Step("cache", cache_teacher.STAGE, "cache/{name}"),
+    Step("heldout_cache", cache_teacher.STAGE, "cache/{name}-heldout"),
+    Step("student_init", init_model.STAGE),
+    Step("train", train_student.STAGE),
+    Step("baseline", finetune.STAGE),
+    Step("evaluate", evaluate.STAGE, "runs/{name}/eval"),
 ]
 STEP_NAMES = [s.name for s in STEPS]
 TOP_KEYS = {"name": "experiment name: default folders runs/NAME/STEP and cache/NAME[-heldout]",

@@ -8,21 +8,75 @@ append to the JSONL file. A rerun continues after the last complete row (see kdp
 Each row is the example's own columns with the completion in the template's output field, an ``id``
 (the example's, ``ID#j`` for its sample j > 0) and ``kdpipe_generate`` (source example, sample, model,
 settings hash, why it stopped, new tokens).
+
+Its config, recipe and registration (`STAGE`) are all here; torch loads inside `run` only.
 """
 
 from __future__ import annotations
 
+import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from kdpipe.config import progress_disabled
-from kdpipe.data.generated import check_not_an_input
-from kdpipe.data.sources import load_examples
+from kdpipe.config import option, progress_disabled
+from kdpipe.data.generated import check_not_an_input, sidecar_path
+from kdpipe.data.sources import DataConfig, load_examples
 from kdpipe.errors import KdpipeError
-from kdpipe.stages.configs import GenerateConfig
+from kdpipe.run_folder import read_json
+from kdpipe.stages.base import Stage
 
-# The config is defined torch-free in kdpipe.stages.configs (the CLI builds its options from it).
+
+@dataclass
+class GenerateConfig(DataConfig):
+    """Options of `kdpipe generate` (YAML keys; CLI options with dashes)."""
+
+    model: str | None = option(None, "Model that writes the completions: hub id, local path or short name.")
+    revision: str | None = option(None, "Hub revision (branch, tag or commit) of the model.")
+    output: str | None = option(None, "The JSONL file to write (e.g. data/NAME.jsonl); a rerun continues it.")
+    backend: Literal["hf", "vllm"] = option("hf", "Runtime: hf (transformers, anywhere) or vllm (fast on "
+                                                  "GPU).")
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = option(
+        "auto", "Model dtype: auto = fp16 on GPUs before compute capability 8, bf16 from 8, fp32 on CPU.")
+    device: str = option("auto", "Device: auto (CUDA if present), cpu, cuda, cuda:1 ...")
+    samples: int = option(1, "Completions per prompt (sample j of example ID gets the id ID#j).")
+    temperature: float = option(1.0, "Sampling temperature (0: greedy).")
+    top_p: float = option(1.0, "Nucleus sampling: keep the smallest set of tokens whose probability reaches "
+                               "top_p.")
+    max_new_tokens: int = option(256, "Most tokens generated per completion.")
+    batch_size: int = option(16, "Completions per batch (the unit of resume).")
+    fraction: float = option(1.0, "Generate for a seeded random share of the selected prompts: "
+                                  "ceil(fraction x N) of them, in their dataset order (on-policy rounds).")
+    fraction_seed: int | None = option(None, "Seed of the --fraction choice (default --seed; another value "
+                                             "picks other prompts without moving the held-out split).")
+    overwrite: bool = option(False, "Start the output file again (otherwise a rerun continues it).")
+    vllm_max_model_len: int | None = option(None, "vLLM backend: context length (default: the model's).")
+    vllm_gpu_memory_utilization: float = option(0.9, "vLLM backend: fraction of GPU memory for weights and "
+                                                      "KV cache.")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("samples", "max_new_tokens", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"--temperature must be a finite number >= 0 (0: greedy), "
+                             f"not {self.temperature}")
+        if not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
+            raise ValueError(f"--top-p must be in (0, 1], not {self.top_p}")
+        if not (math.isfinite(self.fraction) and 0 < self.fraction <= 1):
+            raise ValueError(f"--fraction must be in (0, 1] (a share of the prompts), not {self.fraction}")
+        if not 0 < self.vllm_gpu_memory_utilization <= 1:
+            raise ValueError(f"--vllm-gpu-memory-utilization must be in (0, 1], not "
+                             f"{self.vllm_gpu_memory_utilization}")
+
+    def selection_seed(self) -> int:
+        return self.seed if self.fraction_seed is None else self.fraction_seed
+
+    def sampling(self) -> dict[str, Any]:
+        return {"samples": self.samples, "temperature": self.temperature, "top_p": self.top_p,
+                "max_new_tokens": self.max_new_tokens, "seed": self.seed}
 
 
 def run(cfg: GenerateConfig, command: str = "") -> dict[str, Any]:
@@ -177,3 +231,32 @@ def summary(record: dict[str, Any], output: str | Path) -> str:
     return (f"generated {this.get('rows', 0)} completions ({this.get('new_tokens', 0):,} tokens; "
             f"{finish.get('eos', 0)} ended, {finish.get('length', 0)} hit --max-new-tokens{cut_note}) in "
             f"{this.get('elapsed_s', 0):.1f} s; {record.get('rows')} rows -> {output}")
+
+
+# ---------------------------------------------------------------- the stage: a command, a `kdpipe run` step
+
+
+def state(cfg: GenerateConfig, command: str, anything_ran: bool) -> tuple[str, str]:
+    """From the output's sidecar: complete with the same command: skip; partly written: resume."""
+    record = read_json(sidecar_path(cfg.output)) if cfg.output else None
+    if record is None:
+        return "run", ""
+    if record.get("complete") and record.get("command") == command:
+        return "skip", f"{cfg.output} is complete with the same settings"
+    if not record.get("complete"):
+        return "resume", f"{cfg.output} is partly written; generate continues after its last complete row"
+    return "run", (f"{cfg.output} was written by another command; generate decides (same settings: nothing "
+                   "to do)")
+
+
+STAGE = Stage(
+    name="generate", config=GenerateConfig, runner=lambda cfg, command, echo, state: run(cfg, command),
+    summary=lambda record, cfg: summary(record, cfg.output), state=state, required=("model", "dataset"),
+    help="""Write a model's completions of the template's prompts as a dataset (sequence-level or on-policy
+    KD data).
+
+    \b
+    Example:
+      kdpipe generate --model runs/demo/teacher --dataset kdpipe:arithmetic --output data/teacher-gen.jsonl
+    Rerunning the same command continues after the last complete row.
+    """)

@@ -25,8 +25,10 @@ from typing import Any
 
 from kdpipe.config import build_config, to_dict
 from kdpipe.errors import KdpipeError
-from kdpipe.stages import registry
-from kdpipe.stages.configs import CacheTeacherConfig, GenerateConfig, TrainStudentConfig
+from kdpipe.stages import cache_teacher, generate, train_student
+from kdpipe.stages.cache_teacher import CacheTeacherConfig
+from kdpipe.stages.generate import GenerateConfig
+from kdpipe.stages.train_student import TrainStudentConfig
 
 KEYS = {
     "count": "number of rounds (at least 1)",
@@ -119,14 +121,14 @@ def expand(spec: Spec, steps: list[tuple[Any, Any]], step_cls: type, name: str, 
             gen = _generate_config(spec, r, cache_cfg, previous, f"{folder}/generated.jsonl", where)
             teacher = _cache_config(spec, r, cache_cfg, gen.output, f"{folder}/cache", where)
             out.append((step_cls(f"round{r}_generate", _checked_generate(cache_cfg.model, train_cfg)), gen))
-            out.append((step_cls(f"round{r}_cache", registry.CACHE_TEACHER), teacher))
+            out.append((step_cls(f"round{r}_cache", cache_teacher.STAGE), teacher))
             caches.append(teacher.cache)
         values = {k: v for k, v in to_dict(train_cfg).items() if k not in FIXED["train"]}
         values.update(spec.train, model=previous, cache=caches, output=f"{folder}/train")
         train = build_config(TrainStudentConfig, values, source=f"{where}, key 'train' (round {r})")
         if train.lora and not train.merge:
             train.merge = True
-        out.append((step_cls(f"round{r}_train", registry.TRAIN_STUDENT), train))
+        out.append((step_cls(f"round{r}_train", train_student.STAGE), train))
         previous = train.output
     return out
 
@@ -153,9 +155,9 @@ def _checked_generate(teacher: str, train_cfg: TrainStudentConfig) -> Any:
 
     def runner(cfg: GenerateConfig, command: str, echo: Any, state: Any) -> Any:
         check_tokenizers(teacher, cfg.model)
-        return registry.GENERATE.runner(cfg, command, echo, state)
+        return generate.STAGE.runner(cfg, command, echo, state)
 
-    return dataclasses.replace(registry.GENERATE, runner=runner)
+    return dataclasses.replace(generate.STAGE, runner=runner)
 
 
 def check_tokenizers(teacher: str, student: str) -> None:

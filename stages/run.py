@@ -32,7 +32,7 @@ from typing import Any
 from kdpipe.config import to_dict
 from kdpipe.errors import KdpipeError
 from kdpipe.run_folder import EXPERIMENT_FILE
-from kdpipe.stages import registry, seeds
+from kdpipe.stages import cache_teacher, seeds
 from kdpipe.stages.experiment import (
     Plan,
     Step,
@@ -147,7 +147,7 @@ def write_experiment_record(p: Plan) -> None:
     home = Path(os.path.commonpath(folders))
     while str(home) in folders:  # never inside a step's own folder (a training step wants it empty)
         home = home.parent
-    teacher = next((cfg.model for step, cfg in p.steps if step.stage is registry.CACHE_TEACHER), None)
+    teacher = next((cfg.model for step, cfg in p.steps if step.stage is cache_teacher.STAGE), None)
     evaluate = next((to_dict(cfg) for step, cfg in p.steps if step.stage.tabulates), None)
     if evaluate:
         for key in ("cache", "dataset", "template"):

@@ -99,6 +99,17 @@ class Manifest(Section):
         """The manifest of a cache folder (a path or a URL), checked for format, version and structure."""
         return cls.from_dict(read_manifest(folder))
 
+    @classmethod
+    def read_if_any(cls, location: str | Path | None) -> Manifest | None:
+        """The manifest at `location`, or None where there is none to read: not written yet, moved or
+        deleted since, or unreadable (the stage that opens it for use says why)."""
+        if not location:
+            return None
+        try:
+            return cls.read(location)
+        except (KdpipeError, OSError, ValueError):
+            return None
+
     def write(self, folder: str | Path | Store) -> None:
         write_manifest(folder, self.to_dict())
 

@@ -127,6 +127,19 @@ class CacheWriter:
         self._record(entry)
         return entry
 
+    def resume_notes(self) -> list[str]:
+        """What the resume found and repaired, a line each (none for a fresh cache)."""
+        notes = []
+        if self.rebuilt:
+            notes.append(f"note: {self.rebuilt}: rebuilt from the shards' own metadata "
+                         f"({len(self.manifest.shards)} verified and kept, the rest computed again)")
+        if self.rewritten:
+            notes.append(f"note: {', '.join(self.rewritten)} missing or damaged (size or sha256 differs from "
+                         "the manifest): written again")
+        if self.refused:
+            notes.append(f"note: not adopted, computed again: {', '.join(self.refused)}")
+        return notes
+
     def _record(self, entry: ShardEntry | Mapping[str, Any]) -> None:
         entry = as_entry(entry)
         shards = [s for s in self.manifest.shards if s.index != entry.index] + [entry]

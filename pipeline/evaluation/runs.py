@@ -5,14 +5,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from kdpipe import run_folder
 from kdpipe.errors import KdpipeError
 from kdpipe.run_folder import EXPERIMENT_FILE, RUN_FILE
-
-if TYPE_CHECKING:
-    from kdpipe.cache.manifest import Manifest
 
 FINISHED = ("complete", "done")
 
@@ -59,19 +56,6 @@ def settings_from_experiment(cfg: Any, settings: dict[str, Any]) -> None:
             setattr(cfg, name, value)
 
 
-def cache_manifest(location: str | None) -> Manifest | None:
-    """The manifest of the cache at `location` (a folder or an object-storage URL), or None where there
-    is none to read: a run's cache may have been moved or deleted since it trained."""
-    if not location:
-        return None
-    from kdpipe.cache.reader import open_cache
-
-    try:
-        return open_cache(location).manifest
-    except (KdpipeError, OSError, ValueError):
-        return None
-
-
 def run_caches(record: dict[str, Any]) -> list[str]:
     """The caches a run trained on: one, or several pooled (train-student --cache A --cache B)."""
     cache = (record.get("config") or {}).get("cache")
@@ -80,17 +64,21 @@ def run_caches(record: dict[str, Any]) -> list[str]:
 
 def run_teacher(record: dict[str, Any]) -> str | None:
     """The teacher of a train-student run: the model its (first) cache was written with."""
-    manifest = cache_manifest((run_caches(record) or [None])[0])
+    from kdpipe.cache.manifest import Manifest
+
+    manifest = Manifest.read_if_any((run_caches(record) or [None])[0])
     return manifest.teacher.model if manifest else None
 
 
 def data_from_run(cfg: Any, record: dict[str, Any], echo: Callable[[str], None]) -> None:
     """No --dataset: evaluate on the run's data, its held-out part (or the test split of
     kdpipe:arithmetic)."""
+    from kdpipe.cache.manifest import Manifest
+
     run_cfg = record.get("config") or {}
     data = dict(run_cfg)
     if record.get("kind") == "train-student" and run_cfg.get("cache"):
-        manifest = cache_manifest(run_caches(record)[0])
+        manifest = Manifest.read_if_any(run_caches(record)[0])
         data = {}
         if manifest:
             data = {**manifest.dataset.to_dict(), "template": manifest.template.name,

@@ -17,9 +17,13 @@ parses its options): they load inside the functions that use them.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import os
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from kdpipe.config import progress_disabled
 from kdpipe.errors import KdpipeError, first_line
@@ -62,7 +66,20 @@ def model_identity(name: str) -> str:
 # ---------------------------------------------------------------- TrainingArguments
 
 
+# Set by kdpipe itself (the run folder, precision, the data path it builds); not for --training-args.
+OWNED = ("output_dir", "bf16", "fp16", "use_cpu", "data_seed", "remove_unused_columns", "save_strategy",
+         "logging_nan_inf_filter", "dataloader_pin_memory", "disable_tqdm", "gradient_checkpointing",
+         "gradient_checkpointing_kwargs", "activation_checkpointing", "activation_checkpointing_kwargs")
+
+
+def mirrored(cfg_class: type = TrainConfig) -> dict[str, str]:
+    """kdpipe option -> the TrainingArguments field it is passed as (the options declared with `hf=`)."""
+    return {f.name: f.metadata["hf"] for f in dataclasses.fields(cfg_class) if f.metadata.get("hf")}
+
+
 def training_arguments(cfg: TrainConfig, output: Path) -> Any:
+    """The TrainingArguments of a run: the mirrored options by their transformers names, kdpipe's own
+    settings, then `cfg.training_args` (checked against the fields TrainingArguments has)."""
     import torch
     from transformers import TrainingArguments
 
@@ -75,38 +92,61 @@ def training_arguments(cfg: TrainConfig, output: Path) -> Any:
             "through `accelerate launch` or `torchrun --nproc-per-node N` (DDP), or pick one GPU with "
             "CUDA_VISIBLE_DEVICES"
         )
+    kwargs = {hf: getattr(cfg, name) for name, hf in mirrored(type(cfg)).items()}
+    kwargs.update(
+        learning_rate=cfg.learning_rate,  # the default depends on --lora
+        report_to=cfg.report_to or "none",
+        output_dir=str(output),
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        **_checkpointing_args(cfg.gradient_checkpointing),
+        dataloader_pin_memory=torch.cuda.is_available(),
+        use_cpu=_multi_process_on_cpu(),
+        data_seed=cfg.seed,
+        logging_nan_inf_filter=False,  # a non-finite loss stops the run (KdpipeTrainer.training_step)
+        save_strategy="steps",
+        remove_unused_columns=False,
+        disable_tqdm=progress_disabled(),
+    )
+    kwargs.update(extra_training_args(cfg, {f.name: f for f in dataclasses.fields(TrainingArguments)}))
     try:
-        return TrainingArguments(
-            output_dir=str(output),
-            num_train_epochs=cfg.epochs,
-            max_steps=cfg.max_steps,
-            learning_rate=cfg.learning_rate,
-            per_device_train_batch_size=cfg.batch_size,
-            gradient_accumulation_steps=cfg.grad_accum,
-            lr_scheduler_type=cfg.lr_scheduler,
-            warmup_steps=cfg.warmup,
-            weight_decay=cfg.weight_decay,
-            max_grad_norm=cfg.max_grad_norm,
-            bf16=precision == "bf16",
-            fp16=precision == "fp16",
-            **_checkpointing_args(cfg.gradient_checkpointing),
-            dataloader_pin_memory=torch.cuda.is_available(),
-            use_cpu=_multi_process_on_cpu(),
-            seed=cfg.seed,
-            data_seed=cfg.seed,
-            logging_steps=cfg.logging_steps,
-            logging_nan_inf_filter=False,  # a non-finite loss stops the run (KdpipeTrainer.training_step)
-            save_strategy="steps",
-            save_steps=cfg.save_steps,
-            save_total_limit=cfg.save_total_limit,
-            report_to=cfg.report_to or "none",
-            run_name=cfg.run_name,
-            remove_unused_columns=False,
-            dataloader_num_workers=cfg.num_workers,
-            disable_tqdm=progress_disabled(),
-        )
-    except ValueError as e:
+        return TrainingArguments(**kwargs)
+    except (ValueError, TypeError) as e:
         raise KdpipeError(f"invalid training options: {first_line(e)}") from None
+
+
+def extra_training_args(cfg: TrainConfig, fields: dict[str, dataclasses.Field]) -> dict[str, Any]:
+    """`--training-args name=value,...`: each name a TrainingArguments field that kdpipe neither mirrors nor
+    sets itself; each value read as a YAML scalar (true, adamw_torch_fused), as a number where the
+    field's default is one (YAML reads 1e-6 as text)."""
+    by_hf = {hf: name for name, hf in mirrored(type(cfg)).items()}
+    extra = {}
+    for key, text in cfg.training_args.items():
+        where = f"--training-args {key}"
+        if key in by_hf:
+            raise KdpipeError(f"{where}: set it with --{by_hf[key].replace('_', '-')} "
+                              f"('{by_hf[key]}:' in a config file)")
+        if key in OWNED:
+            raise KdpipeError(f"{where}: kdpipe sets {key} itself (see --precision, "
+                              "--gradient-checkpointing, --output, --seed)")
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise KdpipeError(f"{where}: transformers.TrainingArguments has no field {key!r}{hint}")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = text
+        default = fields[key].default
+        number = type(default) if type(default) in (int, float) else None
+        if number and not isinstance(value, bool):
+            try:
+                value = number(value)
+            except (TypeError, ValueError):
+                raise KdpipeError(f"{where}: {text!r} is not {'an integer' if number is int else 'a number'} "
+                                  f"(default {default})") from None
+        extra[key] = value
+    return extra
 
 
 def _multi_process_on_cpu() -> bool:
@@ -122,8 +162,6 @@ def _multi_process_on_cpu() -> bool:
 
 def _checkpointing_args(enabled: bool) -> dict[str, Any]:
     """Activation checkpointing, under its transformers >= 5.2x name where it has one."""
-    import dataclasses
-
     from transformers import TrainingArguments
 
     names = {f.name for f in dataclasses.fields(TrainingArguments)}

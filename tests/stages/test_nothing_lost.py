@@ -212,9 +212,9 @@ def poison(monkeypatch, example_ids: list[int], value: float) -> None:
     (a forward hook on the decoder, as an overflowing fp16 teacher would give)."""
     import torch
 
-    from kdpipe.stages import cache_teacher
+    from kdpipe import models
 
-    real = cache_teacher.load_model
+    real = models.load_model
 
     def load(*a, **kw):
         model = real(*a, **kw)
@@ -231,7 +231,7 @@ def poison(monkeypatch, example_ids: list[int], value: float) -> None:
         model.base_model.register_forward_hook(hook, with_kwargs=True)
         return model
 
-    monkeypatch.setattr(cache_teacher, "load_model", load)
+    monkeypatch.setattr(models, "load_model", load)  # imported by the recipe when it loads
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])

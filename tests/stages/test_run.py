@@ -114,12 +114,17 @@ def test_miniature_experiment_runs_then_rerun_skips_everything(workdir):
 def test_changed_settings_are_refused_and_interrupted_run_restarts(workdir):
     kdpipe("run", "mini.yaml", "--only", "teacher_init")
     kdpipe("run", "mini.yaml", "--only", "finetune")
+    # a run recorded before an option existed (training_args) is the same run: its default changes nothing
+    record_file = workdir / "runs/mini/finetune/kdpipe_run.json"
+    record = json.loads(record_file.read_text())
+    del record["config"]["training_args"]
+    record_file.write_text(json.dumps(record))
+    assert "skipped (" in kdpipe("run", "mini.yaml", "--only", "finetune").output
     (workdir / "mini.yaml").write_text(MINI.replace("lr: 0.003\n  save_steps: 2\ncache:", "lr: 0.001\n  save_steps: 2\ncache:"))
     result = kdpipe("run", "mini.yaml", "--only", "finetune", ok=False)
     assert result.exit_code != 0 and "other settings" in result.output and "lr" in result.output
     # a run left 'running' without a checkpoint (crash before the first save) is started over
     (workdir / "mini.yaml").write_text(MINI)
-    record_file = workdir / "runs/mini/finetune/kdpipe_run.json"
     record = json.loads(record_file.read_text())
     record["status"] = "running"
     record_file.write_text(json.dumps(record))

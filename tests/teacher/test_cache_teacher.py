@@ -243,7 +243,7 @@ def test_a_teacher_that_does_not_say_the_completions_is_named(tmp_path, tiny_mod
     assert f"note: over the {len(probs):,} cached positions the teacher gives the actual next token a mean " \
            f"probability of {probs.mean():.4f} (under 0.1): it does not say these completions" in out, out
 
-    from kdpipe.stages.cache_teacher import TeacherConfidence
+    from kdpipe.cache.values import TeacherConfidence
 
     confident = TeacherConfidence(sampled=False)
     confident.add([Targets(np.array([[0, 1]], np.int32), np.log(np.array([[0.6, 0.3]])).astype(np.float16),

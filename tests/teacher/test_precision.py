@@ -42,7 +42,7 @@ def test_auto_rule(monkeypatch: pytest.MonkeyPatch, capability: tuple[int, int] 
 def test_cache_teacher_gives_both_backends_the_same_dtype(monkeypatch, tiny_model_dir, workdir, backend: str,
                                                           capability, expected: str) -> None:
     """`--dtype auto` reaches the HF loader and the vLLM engine as the same concrete dtype."""
-    from kdpipe.stages import cache_teacher
+    from kdpipe import models
     from kdpipe.teacher.vllm import VllmTeacher
 
     seen = []
@@ -52,7 +52,7 @@ def test_cache_teacher_gives_both_backends_the_same_dtype(monkeypatch, tiny_mode
         seen.append(args[1] if backend == "vllm" else args[0])
         raise KdpipeError("stopped by the test after loading")
 
-    monkeypatch.setattr(cache_teacher, "load_model", spy)
+    monkeypatch.setattr(models, "load_model", spy)  # imported by the recipe when it loads
     monkeypatch.setattr(VllmTeacher, "load", classmethod(lambda cls, model, *a, **k: spy(model, *a, **k)))
     gpu(monkeypatch, capability)
     result = kdpipe("cache-teacher", "--model", tiny_model_dir, "--dataset", "kdpipe:arithmetic",
