@@ -30,8 +30,6 @@ if TYPE_CHECKING:
     from kdpipe.cache.sections import SparseSpec
     from kdpipe.teacher.hf import Sampling, TeacherBackend
 
-SAMPLED = "sampled"  # kdpipe.cache.sections.SparseMode.SAMPLED (a str enum), without importing pyarrow here
-
 
 @dataclass
 class CacheTeacherConfig(DataConfig):
@@ -99,6 +97,10 @@ class CacheTeacherConfig(DataConfig):
             raise ValueError(f"shard_index must be in [0, num_shards={self.num_shards}), not "
                              f"{self.shard_index}")
 
+    def is_sampled(self) -> bool:
+        """--sparse-mode sampled (kdpipe.cache.sections.SparseMode, whose module loads pyarrow)."""
+        return self.sparse_mode == "sampled"
+
     def is_heldout(self) -> bool:
         """A cache of held-out data (--heldout or --part heldout): scored against, not trained from."""
         return bool(self.heldout or self.part == "heldout")
@@ -136,7 +138,7 @@ def run(cfg: CacheTeacherConfig, command: str = "", teacher: TeacherBackend | No
 
     if not cfg.model:
         raise KdpipeError("no teacher given: pass --model (or 'model:' in the config file)")
-    if cfg.backend == "vllm" and cfg.sparse_mode == SAMPLED:
+    if cfg.backend == "vllm" and cfg.is_sampled():
         raise KdpipeError("--sparse-mode sampled needs the teacher's full distribution, but --backend vllm "
                           "only returns the top-k prompt log-probs: use --backend hf for sampled caches (or "
                           "--sparse-mode topk with vllm)")
@@ -185,7 +187,7 @@ def _write(cfg: CacheTeacherConfig, command: str, tokenizer: Any, template: Any,
         bar = tqdm(total=sum(map(len, todo_rows)), unit="ex", desc=f"caching {cfg.model}", dynamic_ncols=True,
                    mininterval=1.0, disable=progress_disabled())
         tokens = 0
-        said = TeacherConfidence(sampled=cfg.sparse_mode == SAMPLED,
+        said = TeacherConfidence(sampled=cfg.is_sampled(),
                                  heldout=cfg.is_heldout())
         for index, rows in zip(todo, todo_rows):
             targets = [None] * len(rows)
@@ -210,7 +212,7 @@ def _write(cfg: CacheTeacherConfig, command: str, tokenizer: Any, template: Any,
 
 def width(cfg: CacheTeacherConfig) -> int:
     """Ids stored per position: k (top-k) or at most N distinct ids (sampled)."""
-    return cfg.samples if cfg.sparse_mode == SAMPLED else cfg.top_k
+    return cfg.samples if cfg.is_sampled() else cfg.top_k
 
 
 def sparse_spec(cfg: CacheTeacherConfig) -> SparseSpec:
@@ -218,7 +220,7 @@ def sparse_spec(cfg: CacheTeacherConfig) -> SparseSpec:
     unchanged)."""
     from kdpipe.cache.sections import SparseSpec
 
-    if cfg.sparse_mode != SAMPLED:
+    if not cfg.is_sampled():
         return SparseSpec.topk(cfg.top_k)
     return SparseSpec.sampled(cfg.samples, cfg.proposal_temperature, cfg.seed)
 
@@ -232,7 +234,7 @@ def _check_model_limits(cfg: CacheTeacherConfig, echo: Echo) -> None:
         config = load_model_config(cfg.model, cfg.revision).get_text_config()
     except Exception:  # the model load right after reports it clearly
         return
-    if cfg.sparse_mode != SAMPLED and cfg.top_k > config.vocab_size:
+    if not cfg.is_sampled() and cfg.top_k > config.vocab_size:
         raise KdpipeError(f"top_k={cfg.top_k} is larger than the teacher's vocabulary "
                           f"({config.vocab_size} tokens)")
     context = getattr(config, "max_position_embeddings", None)
@@ -265,7 +267,7 @@ def sampling(cfg: CacheTeacherConfig) -> Sampling | None:
     """The HF backend's sampler for sampled mode (None for top-k)."""
     from kdpipe.teacher.hf import Sampling
 
-    if cfg.sparse_mode != SAMPLED:
+    if not cfg.is_sampled():
         return None
     return Sampling(cfg.samples, cfg.proposal_temperature, cfg.seed)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -118,7 +119,7 @@ def training_arguments(cfg: TrainConfig, output: Path) -> Any:
 def extra_training_args(cfg: TrainConfig, fields: dict[str, dataclasses.Field]) -> dict[str, Any]:
     """`--training-args name=value,...`: each name a TrainingArguments field that kdpipe neither mirrors nor
     sets itself; each value read as a YAML scalar (true, adamw_torch_fused), as a number where the
-    field's default is one (YAML reads 1e-6 as text)."""
+    field is one (YAML reads 1e-6 as text)."""
     by_hf = {hf: name for name, hf in mirrored(type(cfg)).items()}
     extra = {}
     for key, text in cfg.training_args.items():
@@ -137,14 +138,16 @@ def extra_training_args(cfg: TrainConfig, fields: dict[str, dataclasses.Field]) 
             value = yaml.safe_load(text)
         except yaml.YAMLError:
             value = text
-        default = fields[key].default
-        number = type(default) if type(default) in (int, float) else None
+        default, declared = fields[key].default, fields[key].type
+        number = next((t for t in (declared, type(default)) if t in (int, float)), None)
         if number and not isinstance(value, bool):
             try:
                 value = number(value)
             except (TypeError, ValueError):
                 raise KdpipeError(f"{where}: {text!r} is not {'an integer' if number is int else 'a number'} "
                                   f"(default {default})") from None
+        if isinstance(value, float) and not math.isfinite(value):
+            raise KdpipeError(f"{where}: must be a finite number, not {text!r}")
         extra[key] = value
     return extra
 

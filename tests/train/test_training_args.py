@@ -49,6 +49,9 @@ def test_training_args_reach_training_arguments_as_typed_values(tmp_path):
     ("output_dir=elsewhere", ["kdpipe sets output_dir itself"]),
     ("adam_epsilom=0.9", ["TrainingArguments has no field 'adam_epsilom'", "did you mean 'adam_epsilon'"]),
     ("adam_beta1=high", ["--training-args adam_beta1: 'high' is not a number"]),
+    ("adam_beta2=nan", ["--training-args adam_beta2: must be a finite number, not 'nan'"]),
+    ("max_grad_norm=.inf", ["--training-args max_grad_norm: set it with --max-grad-norm"]),
+    ("eval_delay=.inf", ["--training-args eval_delay: must be a finite number, not '.inf'"]),
     ("optim=no_such_optimizer", ["invalid training options", "no_such_optimizer"]),
 ])
 def test_a_wrong_training_arg_is_named_before_the_model_loads(world, tmp_path, pair, words, monkeypatch):
