@@ -160,7 +160,7 @@ def _save_or_fail(trainer: Any, cfg: TrainConfig, out: Path, tokenizer: Any, res
                   start: float) -> dict[str, Any]:
     """`_save`; a failed write (a full disk) marks the run failed and says what --resume will do: the
     weights trained since the last checkpoint leave with the process."""
-    resume = ("training continues from the last complete checkpoint" if any(out.glob("checkpoint-*")) else
+    resume = (FROM_CHECKPOINT if any(out.glob("checkpoint-*")) else
               f"there is no checkpoint (--save-steps {cfg.save_steps}), so it trains again from scratch")
     try:
         with write_errors(out, resume):
@@ -261,9 +261,12 @@ class Diverged(Exception):
         self.bad_from = bad_from
 
 
+# what --resume does after a failed write of a checkpoint or the model
+FROM_CHECKPOINT = "training continues from the last complete checkpoint"
+
+
 @contextmanager
-def write_errors(target: Path, resume: str = "training continues from the last complete checkpoint"
-                 ) -> Iterator[None]:
+def write_errors(target: Path, resume: str = FROM_CHECKPOINT) -> Iterator[None]:
     """A failed write of a checkpoint or of the trained model -> a KdpipeError naming it (torch.save reports
     a full disk as a bare RuntimeError from its zip writer); `resume` says what --resume will then do."""
     from safetensors import SafetensorError  # safetensors' own: its "I/O error: No space left on device"
